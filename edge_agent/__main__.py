@@ -1,0 +1,4 @@
+from edge_agent.cli import main
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""The agent: builds the components from a config, starts them in order,
+stops them in reverse, from one list.
+
+Order: model store and manager (models must be loaded before frames flow),
+MQTT transport, then per source its capture thread and its inference worker.
+The agent runs until SIGTERM/SIGINT, or until every source has ended (a file
+or folder without ``loop``); then each worker finishes the frame in flight,
+``stopped`` is published, and ``run`` returns 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from typing import Any, Callable
+
+from edge_agent.config import AgentConfig
+from edge_agent.errors import EdgeAgentError, SourceError
+from edge_agent.models.manager import ModelManager
+from edge_agent.models.store import ModelStore
+from edge_agent.pipeline import LogSink, Sink, SourceWorker
+from edge_agent.sources import FrameSource, open_source
+
+log = logging.getLogger(__name__)
+
+
+class Agent:
+    """Owns every long-lived component. ``stop_event`` is shared by all."""
+
+    def __init__(self, config: AgentConfig, *, extra_sinks: list[Sink] | None = None) -> None:
+        self.config = config
+        self.stop_event = threading.Event()
+        self.store = ModelStore(config.store.path)
+        self.models = ModelManager(self.store, config.models)
+        self.sinks: list[Sink] = [LogSink(), *(extra_sinks or [])]
+        self.transport = None
+        if config.mqtt is not None:
+            from edge_agent.comms.mqtt import MqttResultSink, MqttTransport
+
+            self.transport = MqttTransport(config.mqtt, config.device_id, status_provider=self.models.status)
+            self.sinks.append(MqttResultSink(self.transport))
+        self.sources: list[FrameSource] = []
+        self.workers: list[SourceWorker] = []
+        self._started: list[tuple[str, Callable[[], None]]] = []
+
+    def start(self) -> None:
+        """Start everything; on failure, stop what was started and re-raise."""
+        try:
+            self._step("models", self.models.start, self.models.stop)
+            if self.transport is not None:
+                self._step("mqtt", self.transport.start, self.transport.stop)
+            for cfg in self.config.sources:
+                try:
+                    source = open_source(cfg)
+                except SourceError as exc:
+                    log.error("%s", exc)
+                    continue
+                worker = SourceWorker(source, self.models, self.sinks, self.stop_event)
+                self._step(f"source {cfg.name}", source.start, source.stop)
+                self._step(f"worker {cfg.name}", worker.start, worker.join)
+                self.sources.append(source)
+                self.workers.append(worker)
+        except BaseException:
+            self.shutdown()
+            raise
+        if self.config.sources and not self.workers:
+            self.shutdown()
+            raise EdgeAgentError("no source could be started (see the errors above)", code="no_sources")
+
+    def _step(self, name: str, start: Callable[[], None], stop: Callable[[], None]) -> None:
+        start()
+        self._started.append((name, stop))
+
+    def wait(self, poll_s: float = 0.5) -> None:
+        """Block until stop is requested or every source has ended."""
+        while not self.stop_event.wait(poll_s):
+            if self.workers and all(w.done for w in self.workers):
+                log.info("all sources have ended")
+                break
+
+    def shutdown(self) -> None:
+        """Stop components in reverse start order; safe to call twice."""
+        self.stop_event.set()
+        while self._started:
+            name, stop = self._started.pop()
+            try:
+                stop()
+            except Exception:
+                log.exception("stopping %s failed", name)
+
+    def status(self) -> dict[str, Any]:
+        return {"models": self.models.status(), "sources": {w.source.name: w.source.stats() for w in self.workers}}
+
+
+def run_agent(config: AgentConfig) -> int:
+    """Run until SIGTERM/SIGINT or the sources end; returns the exit code."""
+    agent = Agent(config)
+
+    def _on_signal(signum: int, _frame: Any) -> None:
+        log.info("received %s: finishing the frame in flight", signal.Signals(signum).name)
+        agent.stop_event.set()
+
+    previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        agent.start()
+        log.info(
+            "edge-agent running as %s: %d model(s), %d source(s)%s",
+            config.device_id,
+            len(config.models),
+            len(agent.workers),
+            "" if config.mqtt else " (offline: no [mqtt] section)",
+        )
+        agent.wait()
+    finally:
+        agent.shutdown()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    log.info("edge-agent stopped")
+    return 0

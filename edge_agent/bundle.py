@@ -1,0 +1,311 @@
+"""Model bundles: open and verify them, and make them (``edge-agent pack``).
+
+A bundle is a directory with ``manifest.json`` at its root and the files the
+manifest lists, each with its sha256 and size; for transport it is a tar
+archive (``.tar`` or ``.tar.gz``) of that directory's contents. Opening a
+bundle verifies every file before anything else may read it, and refuses:
+
+* an archive member that would land outside the bundle (absolute paths, ``..``,
+  links, devices),
+* a manifest that does not validate,
+* a listed file that is missing, of another size or another sha256,
+* a file that is present but not listed (only the manifest and its signature
+  may be unlisted).
+
+Each refusal is a :class:`~edge_agent.errors.BundleError` with a specific code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tarfile
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from edge_agent import __version__
+from edge_agent.errors import BundleError
+from edge_agent.manifest import (
+    MANIFEST_NAME,
+    SIGNATURE_NAME,
+    ClassifyParams,
+    DetectParams,
+    FileEntry,
+    Manifest,
+    Preprocessing,
+    TensorSpec,
+)
+
+ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+_CHUNK = 1 << 20
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def is_archive(path: Path) -> bool:
+    return path.name.endswith(ARCHIVE_SUFFIXES)
+
+
+@dataclass
+class Bundle:
+    """A verified bundle on disk. ``root`` holds ``manifest.json``.
+
+    When opened from an archive the bundle owns a temporary extraction
+    directory, removed by :meth:`close` (or the context manager).
+    """
+
+    root: Path
+    manifest: Manifest
+    _tmpdir: Path | None = field(default=None, repr=False)
+
+    @property
+    def model_path(self) -> Path:
+        return self.root / self.manifest.model_file
+
+    def labels(self) -> list[str] | None:
+        if self.manifest.labels is None:
+            return None
+        text = (self.root / self.manifest.labels).read_text(encoding="utf-8")
+        return [line.strip() for line in text.splitlines()]
+
+    def close(self) -> None:
+        if self._tmpdir is not None:
+            shutil.rmtree(self._tmpdir, ignore_errors=True)
+            self._tmpdir = None
+
+    def __enter__(self) -> "Bundle":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_bundle(path: Path | str, *, workdir: Path | None = None) -> Bundle:
+    """Open a bundle directory or archive and verify it completely.
+
+    An archive is extracted (safely) into a new temporary directory under
+    ``workdir`` (default: the system temp dir), owned by the returned Bundle.
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise BundleError(f"bundle {path}: not found", code="bundle_not_found")
+    if path.is_dir():
+        return Bundle(path, verify_dir(path))
+    if not is_archive(path):
+        raise BundleError(
+            f"bundle {path}: expected a directory or a .tar/.tar.gz archive", code="bad_archive"
+        )
+    tmp = Path(tempfile.mkdtemp(prefix="bundle-", dir=workdir))
+    try:
+        extract_archive(path, tmp)
+        return Bundle(tmp, verify_dir(tmp), _tmpdir=tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def extract_archive(archive: Path, dest: Path) -> None:
+    """Extract regular files and directories only; anything else is refused."""
+    try:
+        with tarfile.open(archive, "r:*") as tar:
+            members = tar.getmembers()
+            for member in members:
+                name = member.name.removeprefix("./")
+                parts = name.split("/")
+                if member.name.startswith("/") or ".." in parts:
+                    raise BundleError(
+                        f"bundle {archive}: member {member.name!r} would be written outside the bundle",
+                        code="bad_archive",
+                    )
+                if not (member.isfile() or member.isdir()):
+                    raise BundleError(
+                        f"bundle {archive}: member {member.name!r} is not a regular file", code="bad_archive"
+                    )
+            if hasattr(tarfile, "data_filter"):
+                tar.extractall(dest, members=members, filter="data")
+            else:  # pragma: no cover - Python < 3.10.12
+                tar.extractall(dest, members=members)
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        if isinstance(exc, OSError) and exc.errno is not None and exc.errno in (28,):  # ENOSPC
+            raise BundleError(f"bundle {archive}: no space left on device while extracting", code="disk_full") from None
+        raise BundleError(f"bundle {archive}: not a readable tar archive ({exc})", code="bad_archive") from None
+
+
+def read_manifest(root: Path) -> Manifest:
+    path = root / MANIFEST_NAME
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BundleError(f"bundle {root}: no {MANIFEST_NAME}", code="bad_manifest") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"bundle {root}: {MANIFEST_NAME} is not valid JSON ({exc})", code="bad_manifest") from None
+    try:
+        return Manifest.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'manifest'}: {e['msg']}" for e in exc.errors()
+        )
+        raise BundleError(f"bundle {root}: invalid {MANIFEST_NAME}: {problems}", code="bad_manifest") from None
+
+
+def verify_dir(root: Path) -> Manifest:
+    """Validate the manifest and check every file's presence, size and sha256."""
+    manifest = read_manifest(root)
+    listed = {entry.path for entry in manifest.files}
+    for entry in manifest.files:
+        target = root / entry.path
+        if not target.is_file() or target.is_symlink():
+            raise BundleError(f"bundle {root}: listed file {entry.path!r} is missing", code="missing_file")
+        size = target.stat().st_size
+        if size != entry.size:
+            raise BundleError(
+                f"bundle {root}: {entry.path!r} is {size} bytes, the manifest says {entry.size}",
+                code="size_mismatch",
+            )
+        digest = sha256_file(target)
+        if digest != entry.sha256:
+            raise BundleError(
+                f"bundle {root}: sha256 of {entry.path!r} is {digest[:12]}..., the manifest says "
+                f"{entry.sha256[:12]}...: the file was changed or corrupted",
+                code="checksum_mismatch",
+            )
+    for found in root.rglob("*"):
+        rel = found.relative_to(root).as_posix()
+        if found.is_dir() and not found.is_symlink():
+            continue
+        if rel not in listed and rel not in (MANIFEST_NAME, SIGNATURE_NAME):
+            raise BundleError(f"bundle {root}: file {rel!r} is not listed in the manifest", code="unexpected_file")
+    return manifest
+
+
+# --------------------------------------------------------------------- packing
+
+
+def default_preprocessing(inp: TensorSpec, **overrides: Any) -> Preprocessing:
+    """Preprocessing for a model input: explicit options win, the rest is read
+    off the input's shape (layout from where the channel axis is, size from
+    the spatial dims). Raises BundleError when the size cannot be known."""
+    shape = inp.shape
+    opts = {k: v for k, v in overrides.items() if v is not None}
+    if "layout" not in opts and len(shape) == 4:
+        opts["layout"] = "nhwc" if shape[3] in (1, 3) and shape[1] not in (1, 3) else "nchw"
+    layout = opts.get("layout", "nchw")
+    if len(shape) == 4:
+        channels = shape[1] if layout == "nchw" else shape[3]
+        if channels == 1 and "color" not in opts:
+            opts["color"] = "gray"
+    if "size" not in opts:
+        if len(shape) != 4:
+            raise BundleError(f"input {inp.name!r} has shape {shape}: give --size WxH", code="unsupported_model")
+        h, w = (shape[2], shape[3]) if layout == "nchw" else (shape[1], shape[2])
+        if h is None or w is None:
+            raise BundleError(
+                f"input {inp.name!r} has dynamic spatial dimensions {shape}: give --size WxH", code="unsupported_model"
+            )
+        opts["size"] = (w, h)
+    return Preprocessing(**opts)
+
+
+def pack(
+    model: Path | str,
+    *,
+    name: str,
+    version: int,
+    out: Path | str,
+    preprocessing: dict[str, Any] | None = None,
+    labels: Path | str | None = None,
+    task: str = "classify",
+    postprocessing: dict[str, Any] | None = None,
+    metadata: dict[str, Any] | None = None,
+    extra_files: dict[str, Path] | None = None,
+) -> Path:
+    """Wrap an .onnx or .tflite file into a bundle at ``out`` (a directory, or
+    an archive when ``out`` ends in .tar/.tar.gz). Returns ``out``.
+
+    The model is opened with its runtime to read the input/output specs, so a
+    file the runtime cannot read is refused here rather than on the device.
+    """
+    from edge_agent.runtimes import describe_model, runtime_for_file
+
+    model = Path(model).expanduser()
+    out = Path(out).expanduser()
+    if not model.is_file():
+        raise BundleError(f"model {model}: not found", code="bundle_not_found")
+    runtime = runtime_for_file(model)
+    inputs, outputs = describe_model(model, runtime)
+    if len(inputs) != 1:
+        raise BundleError(
+            f"model {model}: has {len(inputs)} inputs; a camera model takes exactly one image", code="unsupported_model"
+        )
+    pre = default_preprocessing(inputs[0], **(preprocessing or {}))
+    post_cls = DetectParams if task == "detect" else ClassifyParams
+    post = post_cls.model_validate(postprocessing or {})
+
+    with tempfile.TemporaryDirectory(prefix="pack-", dir=out.parent if out.parent.exists() else None) as tmp:
+        stage = Path(tmp) / "bundle"
+        stage.mkdir()
+        files = {model.name: model}
+        label_name = None
+        if labels is not None:
+            labels = Path(labels).expanduser()
+            if not labels.is_file():
+                raise BundleError(f"labels {labels}: not found", code="bundle_not_found")
+            label_name = "labels.txt"
+            files[label_name] = labels
+        files.update(extra_files or {})
+        entries = []
+        for rel, src in files.items():
+            shutil.copyfile(src, stage / rel)
+            entries.append(FileEntry(path=rel, sha256=sha256_file(stage / rel), size=(stage / rel).stat().st_size))
+        try:
+            manifest = Manifest(
+                name=name,
+                version=version,
+                runtime=runtime,
+                model_file=model.name,
+                files=entries,
+                inputs=inputs,
+                outputs=outputs,
+                preprocessing=pre,
+                task=task,
+                postprocessing=post,
+                labels=label_name,
+                created_at=time.time(),
+                created_by=f"edge-agent {__version__}",
+                metadata=metadata or {},
+            )
+        except ValidationError as exc:
+            raise BundleError(f"cannot pack {model}: {exc.errors()[0]['msg']}", code="bad_manifest") from None
+        (stage / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
+        write_bundle(stage, out)
+    return out
+
+
+def write_bundle(stage: Path, out: Path) -> None:
+    """Move a staged bundle directory to ``out`` (dir or archive), replacing
+    nothing: an existing ``out`` is an error rather than silently overwritten."""
+    if out.exists():
+        raise BundleError(f"{out} already exists; remove it or choose another --out", code="bad_usage")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if is_archive(out):
+        mode = "w:gz" if out.name.endswith((".gz", ".tgz")) else "w"
+        tmp_out = out.with_name(out.name + ".partial")
+        with tarfile.open(tmp_out, mode) as tar:
+            for item in sorted(stage.iterdir()):
+                tar.add(item, arcname=item.name)
+        os.replace(tmp_out, out)
+    else:
+        shutil.copytree(stage, out)

@@ -1,0 +1,180 @@
+"""The ``edge-agent`` command line (CONTRACT §1).
+
+Heavy modules are imported inside each command, so ``edge-agent run`` on a Pi
+loads only what serving needs. Exit codes: 0 success, 1 runtime failure, 2 bad
+usage or bad config. A user error prints one clear message, never a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+import click
+
+from edge_agent import __version__
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+CONFIG_HELP = "Agent config file (TOML)."
+DEFAULT_CONFIG = "/etc/edge-agent/agent.toml"
+
+
+def _user_errors(func: F) -> F:
+    """Turn our own errors into a message and their exit code."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from edge_agent.errors import ConfigError, EdgeAgentError
+
+        try:
+            return func(*args, **kwargs)
+        except ConfigError as exc:
+            for problem in exc.problems:
+                click.echo(f"error: {problem}", err=True)
+            sys.exit(exc.exit_code)
+        except EdgeAgentError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", prog_name="edge-agent", message="%(prog)s %(version)s")
+def main() -> None:
+    """edge-agent: run int8 vision models on fleets of edge devices."""
+
+
+@main.command()
+@click.option("--config", "config_path", default=DEFAULT_CONFIG, show_default=True, help=CONFIG_HELP)
+@_user_errors
+def run(config_path: str) -> None:
+    """Run the agent (what systemd starts)."""
+    from edge_agent.agent import run_agent
+    from edge_agent.config import load_config
+
+    config = load_config(config_path)
+    _setup_logging(config.log_level)
+    sys.exit(run_agent(config))
+
+
+@main.command("validate-config")
+@click.argument("path", required=False)
+@click.option("--config", "config_path", default=None, help=CONFIG_HELP + f" [default: {DEFAULT_CONFIG}]")
+@_user_errors
+def validate_config(path: str | None, config_path: str | None) -> None:
+    """Check a config file and print every problem in it."""
+    from edge_agent.config import load_config
+
+    target = path or config_path or DEFAULT_CONFIG
+    config = load_config(target)
+    click.echo(
+        f"{target}: OK (device {config.device_id}, {len(config.models)} model(s), "
+        f"{len(config.sources)} source(s), mqtt {'on' if config.mqtt else 'off'})"
+    )
+
+
+def _parse_size(_ctx: Any, _param: Any, value: str | None) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    try:
+        w, h = (int(v) for v in value.lower().split("x"))
+        if w < 1 or h < 1:
+            raise ValueError
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected WxH, e.g. 224x224") from None
+    return w, h
+
+
+def _parse_triple(_ctx: Any, _param: Any, value: str | None) -> tuple[float, float, float] | None:
+    if value is None:
+        return None
+    try:
+        parts = tuple(float(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected three numbers a,b,c") from None
+    if len(parts) != 3:
+        raise click.BadParameter(f"{value!r}: expected three numbers a,b,c")
+    return parts  # type: ignore[return-value]
+
+
+def preprocessing_options(func: F) -> F:
+    """The preprocessing options shared by ``pack`` and ``quantize``."""
+    options = [
+        click.option("--size", callback=_parse_size, help="Model input size WxH (default: from the model)."),
+        click.option("--resize", type=click.Choice(["stretch", "crop", "letterbox"]), help="How a frame is fitted."),
+        click.option(
+            "--crop-fraction",
+            type=click.FloatRange(0, 1, min_open=True),
+            help="With --resize crop: the short side is scaled to size/fraction before the centre crop "
+            "(ImageNet: 0.875, i.e. 256 then 224).",
+        ),
+        click.option("--mean", callback=_parse_triple, help="Per-channel mean of pixels in [0, 1]."),
+        click.option("--std", callback=_parse_triple, help="Per-channel std of pixels in [0, 1]."),
+        click.option("--layout", type=click.Choice(["nchw", "nhwc"]), help="Tensor layout."),
+        click.option("--color", type=click.Choice(["rgb", "bgr", "gray"]), help="Channel order."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--name", required=True, help="Model name (as sources refer to it).")
+@click.option("--version", "version", required=True, type=click.IntRange(min=1), help="Integer version.")
+@click.option("--out", required=True, type=click.Path(), help="Bundle directory, or .tar / .tar.gz archive.")
+@preprocessing_options
+@click.option("--labels", type=click.Path(dir_okay=False), help="Text file, one label per line in class order.")
+@click.option("--task", type=click.Choice(["classify", "detect"]), default="classify", show_default=True)
+@click.option("--top-k", type=click.IntRange(min=1), help="Classes reported per result (classify).")
+@click.option("--threshold", type=click.FloatRange(0, 1), help="Minimum score reported.")
+@_user_errors
+def pack(
+    model: str,
+    name: str,
+    version: int,
+    out: str,
+    labels: str | None,
+    task: str,
+    top_k: int | None,
+    threshold: float | None,
+    **pre: Any,
+) -> None:
+    """Wrap an .onnx or .tflite MODEL into a model bundle."""
+    from edge_agent.bundle import pack as pack_bundle
+
+    post: dict[str, Any] = {}
+    if top_k is not None:
+        if task != "classify":
+            raise click.UsageError("--top-k applies to --task classify")
+        post["top_k"] = top_k
+    if threshold is not None:
+        post["threshold"] = threshold
+    path = pack_bundle(
+        Path(model),
+        name=name,
+        version=version,
+        out=Path(out),
+        preprocessing=pre,
+        labels=Path(labels) if labels else None,
+        task=task,
+        postprocessing=post,
+    )
+    click.echo(f"wrote bundle {name} v{version} to {path}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,1 @@
+"""Communication: the MQTT transport and what rides on it."""

@@ -1,0 +1,267 @@
+"""The agent's configuration: typed models that reject unknown keys.
+
+``load_config(path)`` reads a TOML file and returns an :class:`AgentConfig`, or
+raises :class:`~edge_agent.errors.ConfigError` listing *every* problem, each
+naming the file, the key and what is wrong. Relative paths in the file are
+resolved against the file's own directory and ``~`` is expanded, so a config
+works the same whichever directory the agent was started from.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from edge_agent.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+DEFAULT_CONFIG_PATH = Path("/etc/edge-agent/agent.toml")
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def _check_name(value: str) -> str:
+    """Names end up in MQTT topics and directory names: keep them tame."""
+    if not _NAME_RE.fullmatch(value):
+        raise ValueError(
+            f"{value!r} is not a valid name: use 1-64 letters, digits, '_', '.' or '-', "
+            "starting with a letter or digit"
+        )
+    return value
+
+
+def _resolve_path(value: Path, info: ValidationInfo) -> Path:
+    """Expand ``~`` and make a relative path relative to the config file."""
+    value = Path(value).expanduser()
+    base = (info.context or {}).get("base_dir")
+    if not value.is_absolute() and base is not None:
+        value = Path(base) / value
+    return value
+
+
+Name = Annotated[str, AfterValidator(_check_name)]
+ConfigPath = Annotated[Path, AfterValidator(_resolve_path)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TlsConfig(_Section):
+    ca_certs: ConfigPath | None = Field(None, description="CA bundle that signed the broker's certificate.")
+    certfile: ConfigPath | None = Field(None, description="Client certificate (PEM) for mutual TLS.")
+    keyfile: ConfigPath | None = Field(None, description="Private key of the client certificate.")
+    insecure: bool = Field(False, description="Skip the broker host-name check (testing only).")
+
+    @model_validator(mode="after")
+    def _cert_and_key(self) -> "TlsConfig":
+        if (self.certfile is None) != (self.keyfile is None):
+            raise ValueError("certfile and keyfile must be given together")
+        return self
+
+
+class MqttConfig(_Section):
+    host: str = Field("127.0.0.1", description="Broker host name or address.")
+    port: int = Field(1883, ge=1, le=65535, description="Broker port.")
+    topic_prefix: str = Field("edge", min_length=1, description="First level of every topic.")
+    telemetry_interval_s: float = Field(10.0, gt=0, description="Seconds between telemetry messages.")
+    username: str | None = Field(None, description="Broker user name.")
+    password: str | None = Field(None, description="Broker password.")
+    keepalive_s: int = Field(30, ge=5, le=3600, description="MQTT keep-alive interval.")
+    protocol: Literal["5", "3.1.1"] = Field("5", description="MQTT protocol version.")
+    results_qos: Literal[0, 1] = Field(0, description="QoS of per-frame result messages.")
+    tls: TlsConfig | None = Field(None, description="TLS settings; absent means plain TCP.")
+
+    @model_validator(mode="after")
+    def _prefix(self) -> "MqttConfig":
+        if any(ch in self.topic_prefix for ch in "+#") or self.topic_prefix.strip("/") != self.topic_prefix:
+            raise ValueError("topic_prefix must not contain '+' or '#' nor start or end with '/'")
+        return self
+
+
+class StoreConfig(_Section):
+    path: ConfigPath = Field(Path("/var/lib/edge-agent/models"), description="Directory of the versioned model store.")
+    keep_versions: int = Field(3, ge=1, description="Old versions kept for rollback.")
+
+
+class ModelConfig(_Section):
+    name: Name = Field(description="The model's name; sources refer to it.")
+    bundle: ConfigPath | None = Field(
+        None,
+        description="Bundle (directory or .tar/.tar.gz) installed into the store at start "
+        "when the store holds no version of this model yet.",
+    )
+    threads: int = Field(2, ge=1, le=64, description="Runtime intra-op threads.")
+    providers: list[str] = Field(
+        default_factory=lambda: ["CPUExecutionProvider"],
+        min_length=1,
+        description="ONNX Runtime execution providers, in order of preference.",
+    )
+
+
+class SourceConfig(_Section):
+    name: Name = Field(description="The source's name; results go to results/<name>.")
+    uri: str = Field(
+        min_length=1,
+        description="A camera index ('0') or /dev/videoN, an rtsp:// or http(s):// stream, "
+        "a video file or a folder of images.",
+    )
+    model: Name = Field(description="The model that serves this source.")
+
+    @field_validator("uri")
+    @classmethod
+    def _file_uri(cls, value: str, info: ValidationInfo) -> str:
+        """A file or folder path is resolved like every other path in the file."""
+        value = value.strip()
+        if value.isdigit() or "://" in value or value.startswith("/dev/"):
+            return value
+        return str(_resolve_path(Path(value), info))
+
+    fps: float | None = Field(None, gt=0, description="Inference rate cap; frames in between are skipped.")
+    loop: bool = Field(False, description="Replay a file or folder when it ends.")
+    realtime: bool = Field(
+        True,
+        description="Play a file or folder at its own frame rate, skipping what inference cannot keep up "
+        "with, as a camera would. false: hand every frame to inference (benchmarks, batch jobs).",
+    )
+    source_fps: float | None = Field(
+        None, gt=0, description="Replay rate of a file or folder in realtime mode (default: the video's own, 5 for a folder)."
+    )
+    top_k: int | None = Field(
+        None, ge=1, le=1000, description="Classes (or detections) reported per result (default: the bundle's)."
+    )
+    threshold: float | None = Field(
+        None, ge=0, le=1, description="Minimum score for a reported class or detection (default: the bundle's)."
+    )
+
+
+class HttpConfig(_Section):
+    enabled: bool = Field(False, description="Serve the local HTTP API.")
+    host: str = Field("127.0.0.1", description="Address to bind.")
+    port: int = Field(8501, ge=1, le=65535, description="Port to bind.")
+
+
+class AgentConfig(_Section):
+    device_id: Name = Field(default_factory=lambda: _default_device_id(), description="This device's id in topics.")
+    groups: list[Name] = Field(default_factory=list, description="Fleet groups this device answers to.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log verbosity.")
+    mqtt: MqttConfig | None = Field(None, description="Broker connection; absent: run offline, log results only.")
+    store: StoreConfig = Field(default_factory=StoreConfig, description="The versioned model store.")
+    models: list[ModelConfig] = Field(default_factory=list, description="Models the agent serves.")
+    sources: list[SourceConfig] = Field(default_factory=list, description="Cameras and streams.")
+    http: HttpConfig = Field(default_factory=HttpConfig, description="Local HTTP API.")
+
+    def model(self, name: str) -> ModelConfig:
+        return next(m for m in self.models if m.name == name)
+
+
+def _default_device_id() -> str:
+    host = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname())[:64].lstrip("-_.")
+    return host or "edge-device"
+
+
+def _format_loc(loc: tuple[Any, ...], data: dict[str, Any]) -> str:
+    """('sources', 0, 'fps') -> 'sources[0].fps', adding the item's name when it has one."""
+    out = ""
+    node: Any = data
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+            try:
+                node = node[part]
+                if isinstance(node, dict) and isinstance(node.get("name"), str):
+                    out += f" ({node['name']})"
+            except (IndexError, KeyError, TypeError):
+                node = None
+        else:
+            if part.startswith(("function-", "constrained-")) or part in ("str", "int", "float", "bool"):
+                continue
+            out += f".{part}" if out else str(part)
+            node = node.get(part) if isinstance(node, dict) else None
+    return out
+
+
+def _format_error(err: dict[str, Any], data: dict[str, Any]) -> str:
+    loc = _format_loc(tuple(err["loc"]), data)
+    if err["type"] == "extra_forbidden":
+        return f"{loc}: unknown key"
+    if err["type"] == "missing":
+        return f"{loc}: required key is missing"
+    msg = err["msg"].removeprefix("Value error, ")
+    if "input" in err and err["type"] not in ("value_error",) and not isinstance(err["input"], (dict, list)):
+        msg += f" (got {err['input']!r})"
+    return f"{loc}: {msg}" if loc else msg
+
+
+def _cross_problems(data: dict[str, Any]) -> list[str]:
+    """Checks across sections, run on the raw mapping so that they are reported
+    together with the per-key problems rather than after those are fixed."""
+    problems = []
+    sections = {k: data.get(k) for k in ("models", "sources")}
+    for kind, items in sections.items():
+        seen: set[str] = set()
+        for i, item in enumerate(items if isinstance(items, list) else []):
+            name = item.get("name") if isinstance(item, dict) else None
+            if isinstance(name, str):
+                if name in seen:
+                    problems.append(f"{kind}[{i}].name: {name!r} is used twice")
+                seen.add(name)
+    models = sections["models"] if isinstance(sections["models"], list) else []
+    model_names = {m.get("name") for m in models if isinstance(m, dict)}
+    sources = sections["sources"] if isinstance(sections["sources"], list) else []
+    for i, src in enumerate(sources):
+        if isinstance(src, dict) and isinstance(src.get("model"), str) and src["model"] not in model_names:
+            known = ", ".join(sorted(n for n in model_names if isinstance(n, str))) or "none configured"
+            problems.append(f"sources[{i}] ({src.get('name')}).model: no model named {src['model']!r} (models: {known})")
+    return problems
+
+
+def parse_config(data: dict[str, Any], *, source: str = "<config>", base_dir: Path | None = None) -> AgentConfig:
+    """Validate an already-parsed mapping; errors name ``source`` as the file."""
+    problems: list[str] = []
+    config = None
+    try:
+        config = AgentConfig.model_validate(data, context={"base_dir": base_dir})
+    except ValidationError as exc:
+        problems = [_format_error(e, data) for e in exc.errors()]
+    problems += _cross_problems(data)
+    if problems:
+        raise ConfigError([f"{source}: {p}" for p in problems])
+    assert config is not None
+    return config
+
+
+def load_config(path: Path | str) -> AgentConfig:
+    """Read and validate a TOML config file. Raises ConfigError (exit code 2)."""
+    path = Path(path).expanduser()
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError([f"{path}: file not found"]) from None
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError([f"{path}: not UTF-8 text"]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{path}: invalid TOML: {exc}"]) from None
+    return parse_config(data, source=str(path), base_dir=path.resolve().parent)

@@ -1,0 +1,1 @@
+"""Models: the versioned on-disk store and the manager that serves them."""

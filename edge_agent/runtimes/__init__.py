@@ -1,0 +1,104 @@
+"""Inference runtimes behind one small protocol.
+
+Construction is cheap and touches no file; :meth:`Runtime.load` does the heavy
+work (session/interpreter creation) and one warm-up inference so the first
+real frame is not slow; :meth:`Runtime.infer` runs one input tensor;
+:meth:`Runtime.close` releases it. Backends are imported only when a model of
+their kind is used, so a device serving ONNX never imports LiteRT.
+"""
+
+from __future__ import annotations
+
+import abc
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from edge_agent.errors import BundleError
+from edge_agent.manifest import TensorSpec
+
+RUNTIME_SUFFIXES = {".onnx": "onnx", ".tflite": "tflite"}
+
+
+class Runtime(abc.ABC):
+    """One loaded model.
+
+    ``infer`` takes the single input tensor already shaped and typed per the
+    manifest (int8 inputs are quantized here when the spec says so) and
+    returns the outputs as float32 arrays in the manifest's output order,
+    dequantized where the model emits int8. Thread-safety: ``infer`` may be
+    called from several threads; backends that need it serialise internally.
+    """
+
+    def __init__(
+        self,
+        model_path: Path,
+        inputs: Sequence[TensorSpec],
+        outputs: Sequence[TensorSpec],
+        *,
+        threads: int = 2,
+        providers: Sequence[str] = ("CPUExecutionProvider",),
+    ) -> None:
+        self.model_path = Path(model_path)
+        self.inputs = list(inputs)
+        self.outputs = list(outputs)
+        self.threads = threads
+        self.providers = list(providers)
+
+    @abc.abstractmethod
+    def load(self) -> None:
+        """Create the session/interpreter and run one warm-up inference."""
+
+    @abc.abstractmethod
+    def infer(self, tensor: np.ndarray) -> list[np.ndarray]:
+        """Run one input; raises InferenceError."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release the model; safe to call twice."""
+
+    def warm_up(self) -> None:
+        spec = self.inputs[0]
+        shape = [d if d is not None else 1 for d in spec.shape]
+        dtype = np.float32 if spec.quantization is not None else np.dtype(spec.dtype)
+        self.infer(np.zeros(shape, dtype=dtype))
+
+
+def runtime_for_file(path: Path) -> str:
+    try:
+        return RUNTIME_SUFFIXES[path.suffix.lower()]
+    except KeyError:
+        raise BundleError(
+            f"model {path}: unsupported file type {path.suffix!r} (expected .onnx or .tflite)",
+            code="unsupported_model",
+        ) from None
+
+
+def runtime_class(runtime: str) -> type[Runtime]:
+    if runtime == "onnx":
+        from edge_agent.runtimes.onnx import OnnxRuntime
+
+        return OnnxRuntime
+    if runtime == "tflite":
+        from edge_agent.runtimes.litert import LiteRTRuntime
+
+        return LiteRTRuntime
+    raise BundleError(f"unknown runtime {runtime!r}", code="unsupported_model")
+
+
+def describe_model(path: Path, runtime: str) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """Read a model file's input and output specs with its own runtime."""
+    return runtime_class(runtime).describe(path)  # type: ignore[attr-defined]
+
+
+def create_runtime(
+    runtime: str,
+    model_path: Path,
+    inputs: Sequence[TensorSpec],
+    outputs: Sequence[TensorSpec],
+    *,
+    threads: int = 2,
+    providers: Sequence[str] = ("CPUExecutionProvider",),
+) -> Runtime:
+    return runtime_class(runtime)(model_path, inputs, outputs, threads=threads, providers=providers)

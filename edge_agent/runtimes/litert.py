@@ -1,0 +1,110 @@
+"""LiteRT (TensorFlow Lite) backend.
+
+Imports ``ai_edge_litert`` and falls back to ``tflite_runtime`` where only that
+is installed (older Pi images). int8/uint8 inputs are quantized from the
+manifest's scale/zero-point; quantized outputs are dequantized, so callers
+always see float32.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_agent.errors import InferenceError, ModelLoadError, RuntimeUnavailable
+from edge_agent.manifest import Quantization, TensorSpec
+from edge_agent.runtimes import Runtime
+
+
+def interpreter_class() -> Any:
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:
+        try:
+            from tflite_runtime.interpreter import Interpreter
+        except ImportError:
+            raise RuntimeUnavailable(
+                "this bundle needs a TFLite runtime, and neither ai-edge-litert nor tflite-runtime is "
+                "installed: pip install 'edge-agent[tflite]'"
+            ) from None
+    return Interpreter
+
+
+def _spec(detail: dict[str, Any]) -> TensorSpec:
+    scale, zero_point = detail.get("quantization", (0.0, 0))
+    dtype = np.dtype(detail["dtype"]).name
+    quant = Quantization(scale=float(scale), zero_point=int(zero_point)) if scale else None
+    shape = [int(d) if d > 0 else None for d in detail.get("shape_signature", detail["shape"])]
+    return TensorSpec(name=detail["name"], shape=shape, dtype=dtype, quantization=quant)
+
+
+def quantize(x: np.ndarray, q: Quantization, dtype: np.dtype) -> np.ndarray:
+    info = np.iinfo(dtype)
+    return np.clip(np.round(x / q.scale) + q.zero_point, info.min, info.max).astype(dtype)
+
+
+class LiteRTRuntime(Runtime):
+    """A TFLite ``Interpreter``. Interpreters are not thread-safe: ``infer``
+    holds a lock, so sources sharing this model take turns."""
+
+    _interp: Any = None
+
+    @staticmethod
+    def describe(path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
+        interp = LiteRTRuntime._open(Path(path), threads=1)
+        return [_spec(d) for d in interp.get_input_details()], [_spec(d) for d in interp.get_output_details()]
+
+    @staticmethod
+    def _open(path: Path, *, threads: int) -> Any:
+        cls = interpreter_class()
+        try:
+            interp = cls(model_path=str(path), num_threads=threads)
+            interp.allocate_tensors()
+        except Exception as exc:
+            raise ModelLoadError(f"LiteRT cannot load {path.name}: {exc}") from None
+        return interp
+
+    def load(self) -> None:
+        self._lock = threading.Lock()
+        self._interp = self._open(self.model_path, threads=self.threads)
+        self._in = self._interp.get_input_details()[0]
+        by_name = {d["name"]: d for d in self._interp.get_output_details()}
+        try:
+            self._out = [by_name[o.name] for o in self.outputs]
+        except KeyError as exc:
+            raise ModelLoadError(f"{self.model_path.name}: manifest names output {exc} the model lacks") from None
+        spec = self.inputs[0]
+        self._in_dtype = np.dtype(self._in["dtype"])
+        self._in_quant = spec.quantization or (_spec(self._in).quantization)
+        self.warm_up()
+
+    def infer(self, tensor: np.ndarray) -> list[np.ndarray]:
+        if self._interp is None:
+            raise InferenceError("model is not loaded")
+        if self._in_dtype.kind in "iu" and tensor.dtype.kind == "f":
+            if self._in_quant is None:
+                tensor = tensor.astype(self._in_dtype)
+            else:
+                tensor = quantize(tensor, self._in_quant, self._in_dtype)
+        elif tensor.dtype != self._in_dtype:
+            tensor = tensor.astype(self._in_dtype)
+        try:
+            with self._lock:
+                self._interp.set_tensor(self._in["index"], tensor)
+                self._interp.invoke()
+                raw = [self._interp.get_tensor(d["index"]) for d in self._out]
+        except Exception as exc:
+            raise InferenceError(f"LiteRT failed on {self.model_path.name}: {exc}") from None
+        outs = []
+        for detail, value in zip(self._out, raw):
+            scale, zero_point = detail.get("quantization", (0.0, 0))
+            if value.dtype.kind in "iu" and scale:
+                value = (value.astype(np.float32) - zero_point) * scale
+            outs.append(np.asarray(value, dtype=np.float32))
+        return outs
+
+    def close(self) -> None:
+        self._interp = None

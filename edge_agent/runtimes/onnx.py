@@ -1,0 +1,81 @@
+"""ONNX Runtime backend."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from edge_agent.errors import BundleError, InferenceError, ModelLoadError
+from edge_agent.manifest import TensorSpec
+from edge_agent.runtimes import Runtime
+
+_ORT_TYPES = {
+    "tensor(float)": "float32",
+    "tensor(float16)": "float16",
+    "tensor(int8)": "int8",
+    "tensor(uint8)": "uint8",
+    "tensor(int32)": "int32",
+    "tensor(int64)": "int64",
+}
+
+
+def _spec(arg: "ort.NodeArg") -> TensorSpec:
+    shape = [d if isinstance(d, int) and d > 0 else None for d in arg.shape]
+    dtype = _ORT_TYPES.get(arg.type)
+    if dtype is None:
+        raise BundleError(f"tensor {arg.name!r} has unsupported type {arg.type}", code="unsupported_model")
+    return TensorSpec(name=arg.name, shape=shape, dtype=dtype)
+
+
+class OnnxRuntime(Runtime):
+    """An ``onnxruntime.InferenceSession``; ``run`` is thread-safe in ORT.
+
+    ``threads`` sets intra-op threads; inter-op is 1 (sequential execution),
+    which is what a small device wants.
+    """
+
+    _session: "ort.InferenceSession | None" = None
+
+    @staticmethod
+    def describe(path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
+        session = OnnxRuntime._open(Path(path), threads=1, providers=["CPUExecutionProvider"])
+        return [_spec(a) for a in session.get_inputs()], [_spec(a) for a in session.get_outputs()]
+
+    @staticmethod
+    def _open(path: Path, *, threads: int, providers: list[str]) -> "ort.InferenceSession":
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.log_severity_level = 3
+        available = set(ort.get_available_providers())
+        chosen = [p for p in providers if p in available]
+        if not chosen:
+            raise ModelLoadError(
+                f"none of the providers {providers} is available here (available: {sorted(available)})",
+                code="provider_unavailable",
+            )
+        try:
+            return ort.InferenceSession(str(path), sess_options=opts, providers=chosen)
+        except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types
+            raise ModelLoadError(f"onnxruntime cannot load {path.name}: {exc}") from None
+
+    def load(self) -> None:
+        self._session = self._open(self.model_path, threads=self.threads, providers=self.providers)
+        self._input_name = self._session.get_inputs()[0].name
+        self._output_names = [o.name for o in self.outputs]
+        self.warm_up()
+
+    def infer(self, tensor: np.ndarray) -> list[np.ndarray]:
+        if self._session is None:
+            raise InferenceError("model is not loaded")
+        try:
+            outs = self._session.run(self._output_names, {self._input_name: tensor})
+        except Exception as exc:
+            raise InferenceError(f"onnxruntime failed on {self.model_path.name}: {exc}") from None
+        return [np.asarray(o, dtype=np.float32) for o in outs]
+
+    def close(self) -> None:
+        self._session = None
