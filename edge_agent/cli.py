@@ -65,9 +65,17 @@ def run(config_path: str) -> None:
     from edge_agent.agent import run_agent
     from edge_agent.config import load_config
 
+    from edge_agent.errors import EdgeAgentError
+
     config = load_config(config_path)
     _setup_logging(config.log_level)
-    sys.exit(run_agent(config))
+    try:
+        code = run_agent(config)
+    except EdgeAgentError as exc:
+        # The config was valid: whatever stops the agent now is a runtime failure.
+        logging.getLogger("edge_agent").error("cannot run: %s", exc)
+        code = 1
+    sys.exit(code)
 
 
 @main.command("validate-config")

@@ -3,7 +3,7 @@
 
 The machines this project runs on reach PyPI, Debian packages and npm only
 (no model hub), so every asset is derived from something those registries
-ship (see ``/work/shared/DATA.md``):
+ship (see the project's DATA.md notes):
 
 ============== ===============================================================
 name           output (under the cache dir unless noted)

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Set up edge-agent on a fresh Debian / Ubuntu / Raspberry Pi OS machine:
+# the Debian packages it needs, a virtual environment in .venv, and the
+# package itself. Idempotent: a second run only checks.
+#
+#   scripts/setup.sh demo   # what the demo needs (agent + model export tools)
+#   scripts/setup.sh dev    # + test tools and a mosquitto broker binary
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+mode=${1:-demo}
+case "$mode" in demo|dev) ;; *) echo "usage: $0 demo|dev" >&2; exit 2 ;; esac
+
+PYTHON=${PYTHON:-python3}
+VENV=${VENV:-.venv}
+# torch only exports the demo/test model; the agent never imports it.
+TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+
+sudo_cmd=()
+[ "$(id -u)" -eq 0 ] || sudo_cmd=(sudo)
+
+apt_missing=()
+"$PYTHON" -c 'import ensurepip, venv' 2>/dev/null || apt_missing+=(python3-venv)
+[ -f /usr/share/darknet/data/dog.jpg ] || apt_missing+=(darknet)
+if [ "$mode" = dev ]; then
+  [ -x /usr/sbin/mosquitto ] || command -v mosquitto >/dev/null || apt_missing+=(mosquitto)
+  command -v mosquitto_pub >/dev/null || apt_missing+=(mosquitto-clients)
+fi
+if [ ${#apt_missing[@]} -gt 0 ]; then
+  echo "setup: installing Debian packages: ${apt_missing[*]}"
+  "${sudo_cmd[@]}" apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends "${apt_missing[@]}" >/dev/null
+fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "setup: creating $VENV"
+  "$PYTHON" -m venv "$VENV"
+fi
+pip=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
+
+extras=tflite
+[ "$mode" = dev ] && extras=dev,tflite
+stamp="$VENV/.edge-agent-setup-$mode"
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  echo "setup: installing edge-agent[$extras] and $TORCH_SPEC into $VENV"
+  "${pip[@]}" install --upgrade pip >/dev/null
+  # torch first and alone, so no other requirement can pull a CUDA build.
+  "$VENV/bin/python" -c 'import torch' 2>/dev/null || "${pip[@]}" install "$TORCH_SPEC"
+  "${pip[@]}" install -e ".[$extras]" scikit-image scikit-learn
+  touch "$stamp"
+fi
+echo "setup: ready ($("$VENV/bin/edge-agent" --version))"

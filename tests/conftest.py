@@ -1,0 +1,122 @@
+"""Shared fixtures: the real models and photos, bundles, and a real broker.
+
+* ``assets``: the cached real assets (MobileNetV2 ONNX, BlazeFace TFLite, real
+  photos, the demo video) built by ``scripts/build_assets.py``; tests that
+  need them are skipped, with the reason, only where a build tool is missing.
+* ``mobilenet_bundle`` / ``blazeface_bundle``: those models packed as the
+  agent would receive them.
+* ``broker``: a mosquitto started for this test session on a free loopback
+  port, with a config file of our own.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+
+import build_assets  # noqa: E402
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CAT_CLASSES = {"Egyptian cat", "tabby", "tiger cat"}
+
+
+@pytest.fixture(scope="session")
+def assets() -> dict[str, Path]:
+    try:
+        return build_assets.build(build_assets.default_cache_dir())
+    except build_assets.AssetError as exc:
+        pytest.skip(f"real assets unavailable: {exc} (scripts/test.sh installs what they need)")
+    except ImportError as exc:
+        pytest.skip(f"a build tool for the real assets is missing: {exc} (run scripts/setup.sh dev)")
+
+
+@pytest.fixture(scope="session")
+def mobilenet_bundle(assets: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from edge_agent.bundle import pack
+
+    out = tmp_path_factory.mktemp("bundles") / "mobilenet_v2"
+    return pack(
+        assets["mobilenet_v2"],
+        name="mobilenet_v2",
+        version=1,
+        out=out,
+        preprocessing={
+            "resize": "crop",
+            "crop_fraction": 0.875,
+            "mean": IMAGENET_MEAN,
+            "std": IMAGENET_STD,
+            "layout": "nchw",
+            "color": "rgb",
+        },
+        labels=assets["imagenet_labels"],
+    )
+
+
+@pytest.fixture(scope="session")
+def blazeface_bundle(assets: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from edge_agent.bundle import pack
+
+    labels = tmp_path_factory.mktemp("labels") / "face.txt"
+    labels.write_text("face\n")
+    return pack(
+        assets["blazeface"],
+        name="blazeface",
+        version=1,
+        out=tmp_path_factory.mktemp("bundles") / "blazeface",
+        preprocessing={"resize": "letterbox", "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)},
+        labels=labels,
+        task="detect",
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Broker:
+    host: str
+    port: int
+
+
+@pytest.fixture(scope="session")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Broker:
+    exe = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
+    if exe is None:
+        pytest.skip("mosquitto is not installed (scripts/test.sh installs it with apt)")
+    port = free_port()
+    folder = tmp_path_factory.mktemp("mosquitto")
+    conf = folder / "mosquitto.conf"
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nlog_dest stderr\n")
+    log = open(folder / "mosquitto.log", "wb")
+    proc = subprocess.Popen([exe, "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"mosquitto did not start: {(folder / 'mosquitto.log').read_text()}")
+            time.sleep(0.05)
+    yield Broker("127.0.0.1", port)
+    proc.terminate()
+    try:
+        proc.wait(5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
