@@ -58,7 +58,7 @@ class Agent:
                     continue
                 worker = SourceWorker(source, self.models, self.sinks, self.stop_event)
                 self._step(f"source {cfg.name}", source.start, source.stop)
-                self._step(f"worker {cfg.name}", worker.start, worker.join)
+                self._step(f"worker {cfg.name}", worker.start, lambda w=worker: w.join(timeout=10.0))
                 self.sources.append(source)
                 self.workers.append(worker)
         except BaseException:
@@ -112,9 +112,13 @@ def run_agent(config: AgentConfig) -> int:
             "" if config.mqtt else " (offline: no [mqtt] section)",
         )
         agent.wait()
+        failed = [s.name for s in agent.sources if s.failed]
     finally:
         agent.shutdown()
         for s, handler in previous.items():
             signal.signal(s, handler)
+    if failed:
+        log.error("edge-agent stopped; source(s) that could not be read: %s", ", ".join(failed))
+        return 1
     log.info("edge-agent stopped")
     return 0

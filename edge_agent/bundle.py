@@ -31,7 +31,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from edge_agent import __version__
-from edge_agent.errors import BundleError
+from edge_agent.errors import BundleError, ModelLoadError
 from edge_agent.manifest import (
     MANIFEST_NAME,
     SIGNATURE_NAME,
@@ -112,6 +112,10 @@ def open_bundle(path: Path | str, *, workdir: Path | None = None) -> Bundle:
     try:
         extract_archive(path, tmp)
         return Bundle(tmp, verify_dir(tmp), _tmpdir=tmp)
+    except BundleError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        # Name the archive the user gave, not the temporary extraction folder.
+        raise BundleError(str(exc).replace(f"bundle {tmp}:", f"bundle {path}:"), code=exc.code) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -245,7 +249,12 @@ def pack(
     if not model.is_file():
         raise BundleError(f"model {model}: not found", code="bundle_not_found")
     runtime = runtime_for_file(model)
-    inputs, outputs = describe_model(model, runtime)
+    try:
+        inputs, outputs = describe_model(model, runtime)
+    except ModelLoadError as exc:
+        # The file given to pack is not a model its runtime can read: the
+        # user's mistake (exit 2), not a runtime failure on the device.
+        raise BundleError(f"model {model}: not a usable model file ({exc})", code="unsupported_model") from None
     if len(inputs) != 1:
         raise BundleError(
             f"model {model}: has {len(inputs)} inputs; a camera model takes exactly one image", code="unsupported_model"

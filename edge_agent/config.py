@@ -58,11 +58,14 @@ def _resolve_path(value: Path, info: ValidationInfo) -> Path:
 
 
 Name = Annotated[str, AfterValidator(_check_name)]
-ConfigPath = Annotated[Path, AfterValidator(_resolve_path)]
+# Paths are written as TOML strings: the one place a str is converted.
+ConfigPath = Annotated[Path, Field(strict=False), AfterValidator(_resolve_path)]
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: TOML values are typed, so a quoted number or ``port = true`` is a
+    # mistake to report, not something to coerce (true would become port 1).
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class TlsConfig(_Section):
@@ -92,6 +95,8 @@ class MqttConfig(_Section):
 
     @model_validator(mode="after")
     def _prefix(self) -> "MqttConfig":
+        if self.password is not None and self.username is None:
+            raise ValueError("password is set without a username")
         if any(ch in self.topic_prefix for ch in "+#") or self.topic_prefix.strip("/") != self.topic_prefix:
             raise ValueError("topic_prefix must not contain '+' or '#' nor start or end with '/'")
         return self

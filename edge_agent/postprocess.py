@@ -108,9 +108,13 @@ class Detector:
         self.labels = labels
         self.width, self.height = input_size
         self.anchors = ssd_anchors(params, self.width, self.height)
-        default_boxes = int(np.argmax([s.shape[-1] or 0 for s in outputs])) if len(outputs) > 1 else 0
-        self.boxes_index = _output_index(outputs, params.boxes_output, default_boxes)
-        self.scores_index = _output_index(outputs, params.scores_output, 1 - default_boxes if len(outputs) > 1 else 0)
+        # Unnamed outputs: the widest last axis holds the box regressors, the
+        # narrowest the class scores.
+        widths = [s.shape[-1] or 0 for s in outputs]
+        self.boxes_index = _output_index(outputs, params.boxes_output, int(np.argmax(widths)))
+        self.scores_index = _output_index(outputs, params.scores_output, int(np.argmin(widths)))
+        if self.boxes_index == self.scores_index:
+            raise ValueError("a detector needs separate box and score outputs")
 
     def __call__(
         self,

@@ -112,7 +112,8 @@ class Preprocessor:
         elif self.spec.color == "gray":
             img = cv2.cvtColor(img, cv2.COLOR_BGR2GRAY)[:, :, None]
         if self._raw_pixels:
-            x = img.astype(self._out_dtype)
+            # uint8: the pixels as they are; int8 without a scale: centred on 0.
+            x = img.astype(self._out_dtype) if self._out_dtype == np.uint8 else (img.astype(np.int16) - 128).astype(np.int8)
         else:
             x = img.astype(np.float32) * self._a + self._b
         if self.spec.layout == "nchw":

@@ -26,6 +26,8 @@ from edge_agent.config import MqttConfig
 
 log = logging.getLogger(__name__)
 
+MAX_QUEUED = 1000
+
 
 class MqttTransport:
     """One connection to the broker for one device.
@@ -60,8 +62,11 @@ class MqttTransport:
                 cert_reqs=ssl.CERT_REQUIRED,
             )
             self.client.tls_insecure_set(cfg.tls.insecure)
-        self.client.will_set(self.topic("status"), json.dumps({"state": "offline"}), qos=1, retain=True)
+        self.client.will_set(self.topic("status"), json.dumps({"state": "offline"}, separators=(",", ":")), qos=1, retain=True)
         self.client.reconnect_delay_set(min_delay=1, max_delay=60)
+        # Bound what paho buffers while the broker is away (QoS 1 results):
+        # beyond this, publishes are refused rather than growing memory.
+        self.client.max_queued_messages_set(MAX_QUEUED)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
 
@@ -79,7 +84,7 @@ class MqttTransport:
     def stop(self, timeout: float = 5.0) -> None:
         """Publish ``stopped`` (when connected) and disconnect cleanly."""
         if self.connected.is_set():
-            info = self.client.publish(self.topic("status"), json.dumps(self.status("stopped")), qos=1, retain=True)
+            info = self.publish("status", self.status("stopped"), qos=1, retain=True)
             try:
                 info.wait_for_publish(timeout)
             except (RuntimeError, ValueError):
@@ -87,8 +92,12 @@ class MqttTransport:
         self.client.disconnect()
         self.client.loop_stop()
 
-    def publish(self, suffix: str, payload: dict[str, Any], *, qos: int = 0, retain: bool = False) -> None:
-        self.client.publish(self.topic(suffix), json.dumps(payload, separators=(",", ":")), qos=qos, retain=retain)
+    def publish(
+        self, suffix: str, payload: dict[str, Any], *, qos: int = 0, retain: bool = False
+    ) -> mqtt.MQTTMessageInfo:
+        return self.client.publish(
+            self.topic(suffix), json.dumps(payload, separators=(",", ":")), qos=qos, retain=retain
+        )
 
     # -- paho callbacks (network thread) -------------------------------------
 

@@ -20,7 +20,7 @@ import numpy as np
 from edge_agent.bundle import Bundle, open_bundle
 from edge_agent.config import ModelConfig
 from edge_agent.errors import EdgeAgentError, ModelNotAvailable
-from edge_agent.manifest import Manifest
+from edge_agent.manifest import Manifest, Preprocessing, TensorSpec
 from edge_agent.models.store import ModelStore
 from edge_agent.postprocess import Classifier, Detector, make_postprocessor
 from edge_agent.preprocess import Preprocessor
@@ -36,6 +36,18 @@ class Inference:
     payload: dict[str, Any]
     latency_ms: float
     infer_ms: float
+
+
+def concrete_input(spec: TensorSpec, pre: Preprocessing) -> TensorSpec:
+    """The input spec with dynamic dimensions filled in from the preprocessing
+    (batch 1, the configured size), so warm-up runs on a real shape."""
+    if len(spec.shape) != 4 or all(d is not None for d in spec.shape):
+        return spec
+    w, h = pre.size
+    channels = 1 if pre.color == "gray" else 3
+    filled = [1, channels, h, w] if pre.layout == "nchw" else [1, h, w, channels]
+    shape = [d if d is not None else f for d, f in zip(spec.shape, filled)]
+    return spec.model_copy(update={"shape": shape})
 
 
 @dataclass
@@ -56,8 +68,9 @@ class LoadedModel:
     @classmethod
     def load(cls, bundle: Bundle, cfg: ModelConfig) -> "LoadedModel":
         m = bundle.manifest
+        inputs = [concrete_input(m.inputs[0], m.preprocessing)]
         runtime = create_runtime(
-            m.runtime, bundle.model_path, m.inputs, m.outputs, threads=cfg.threads, providers=cfg.providers
+            m.runtime, bundle.model_path, inputs, m.outputs, threads=cfg.threads, providers=cfg.providers
         )
         runtime.load()
         return cls(
@@ -102,7 +115,7 @@ class ModelManager:
                 raise ModelNotAvailable(
                     f"model {cfg.name}: the store {self.store.root} holds no version and no bundle is configured"
                 )
-            with open_bundle(cfg.bundle, workdir=self.store.root) as bundle:
+            with open_bundle(cfg.bundle, workdir=self.store.staging()) as bundle:
                 if bundle.manifest.name != cfg.name:
                     raise EdgeAgentError(
                         f"model {cfg.name}: bundle {cfg.bundle} is named {bundle.manifest.name!r}",

@@ -43,6 +43,13 @@ class ModelStore:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
 
+    def staging(self) -> Path:
+        """Scratch space on the store's filesystem (archives are extracted here),
+        emptied whenever the store is opened."""
+        path = self.root / STAGING
+        path.mkdir(exist_ok=True)
+        return path
+
     def versions(self, name: str) -> list[int]:
         """Installed versions of ``name``, ascending."""
         folder = self.root / name
@@ -64,16 +71,14 @@ class ModelStore:
         dest = self.path(m.name, m.version)
         if dest.exists():
             existing = verify_dir(dest)
-            if existing != m:
+            if existing.model_copy(update={"created_at": None}) != m.model_copy(update={"created_at": None}):
                 raise BundleError(
                     f"{m.name} version {m.version} is already installed with different contents; "
                     "give the new bundle a new version",
                     code="version_exists",
                 )
             return dest
-        staging = self.root / STAGING
-        staging.mkdir(exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f"{m.name}-{m.version}-", dir=staging))
+        tmp = Path(tempfile.mkdtemp(prefix=f"{m.name}-{m.version}-", dir=self.staging()))
         try:
             work = tmp / "bundle"
             shutil.copytree(bundle.root, work)

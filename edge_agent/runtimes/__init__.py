@@ -16,7 +16,7 @@ from typing import Sequence
 import numpy as np
 
 from edge_agent.errors import BundleError
-from edge_agent.manifest import TensorSpec
+from edge_agent.manifest import Quantization, TensorSpec
 
 RUNTIME_SUFFIXES = {".onnx": "onnx", ".tflite": "tflite"}
 
@@ -63,6 +63,23 @@ class Runtime(abc.ABC):
         shape = [d if d is not None else 1 for d in spec.shape]
         dtype = np.float32 if spec.quantization is not None else np.dtype(spec.dtype)
         self.infer(np.zeros(shape, dtype=dtype))
+
+
+def quantize(x: np.ndarray, q: Quantization, dtype: np.dtype) -> np.ndarray:
+    """Affine quantization ``q = round(x / scale) + zero_point``, saturated."""
+    info = np.iinfo(dtype)
+    return np.clip(np.round(x / q.scale) + q.zero_point, info.min, info.max).astype(dtype)
+
+
+def prepare_input(tensor: np.ndarray, spec: TensorSpec) -> np.ndarray:
+    """Bring a preprocessed float tensor to the model's input type: quantize
+    it when the input is int8/uint8 with a scale/zero-point, else cast."""
+    dtype = np.dtype(spec.dtype)
+    if tensor.dtype == dtype:
+        return tensor
+    if dtype.kind in "iu" and tensor.dtype.kind == "f" and spec.quantization is not None:
+        return quantize(tensor, spec.quantization, dtype)
+    return tensor.astype(dtype)
 
 
 def runtime_for_file(path: Path) -> str:

@@ -16,7 +16,7 @@ import numpy as np
 
 from edge_agent.errors import InferenceError, ModelLoadError, RuntimeUnavailable
 from edge_agent.manifest import Quantization, TensorSpec
-from edge_agent.runtimes import Runtime
+from edge_agent.runtimes import Runtime, prepare_input, quantize  # noqa: F401 (quantize re-exported)
 
 
 def interpreter_class() -> Any:
@@ -39,11 +39,6 @@ def _spec(detail: dict[str, Any]) -> TensorSpec:
     quant = Quantization(scale=float(scale), zero_point=int(zero_point)) if scale else None
     shape = [int(d) if d > 0 else None for d in detail.get("shape_signature", detail["shape"])]
     return TensorSpec(name=detail["name"], shape=shape, dtype=dtype, quantization=quant)
-
-
-def quantize(x: np.ndarray, q: Quantization, dtype: np.dtype) -> np.ndarray:
-    info = np.iinfo(dtype)
-    return np.clip(np.round(x / q.scale) + q.zero_point, info.min, info.max).astype(dtype)
 
 
 class LiteRTRuntime(Runtime):
@@ -76,21 +71,16 @@ class LiteRTRuntime(Runtime):
             self._out = [by_name[o.name] for o in self.outputs]
         except KeyError as exc:
             raise ModelLoadError(f"{self.model_path.name}: manifest names output {exc} the model lacks") from None
-        spec = self.inputs[0]
-        self._in_dtype = np.dtype(self._in["dtype"])
-        self._in_quant = spec.quantization or (_spec(self._in).quantization)
+        # The interpreter's own quant params are the truth; the manifest's are
+        # used where the interpreter reports none.
+        actual = _spec(self._in)
+        self._in_spec = actual.model_copy(update={"quantization": actual.quantization or self.inputs[0].quantization})
         self.warm_up()
 
     def infer(self, tensor: np.ndarray) -> list[np.ndarray]:
         if self._interp is None:
             raise InferenceError("model is not loaded")
-        if self._in_dtype.kind in "iu" and tensor.dtype.kind == "f":
-            if self._in_quant is None:
-                tensor = tensor.astype(self._in_dtype)
-            else:
-                tensor = quantize(tensor, self._in_quant, self._in_dtype)
-        elif tensor.dtype != self._in_dtype:
-            tensor = tensor.astype(self._in_dtype)
+        tensor = prepare_input(tensor, self._in_spec)
         try:
             with self._lock:
                 self._interp.set_tensor(self._in["index"], tensor)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +10,9 @@ import onnxruntime as ort
 
 from edge_agent.errors import BundleError, InferenceError, ModelLoadError
 from edge_agent.manifest import TensorSpec
-from edge_agent.runtimes import Runtime
+from edge_agent.runtimes import Runtime, prepare_input
+
+log = logging.getLogger(__name__)
 
 _ORT_TYPES = {
     "tensor(float)": "float32",
@@ -64,13 +67,20 @@ class OnnxRuntime(Runtime):
 
     def load(self) -> None:
         self._session = self._open(self.model_path, threads=self.threads, providers=self.providers)
+        used = self._session.get_providers()
+        if used[0] != self.providers[0]:
+            log.warning("%s: %s is not usable here; running on %s", self.model_path.name, self.providers[0], used[0])
+        else:
+            log.info("%s: running on %s with %d thread(s)", self.model_path.name, used[0], self.threads)
         self._input_name = self._session.get_inputs()[0].name
+        self._input = self.inputs[0]
         self._output_names = [o.name for o in self.outputs]
         self.warm_up()
 
     def infer(self, tensor: np.ndarray) -> list[np.ndarray]:
         if self._session is None:
             raise InferenceError("model is not loaded")
+        tensor = prepare_input(tensor, self._input)
         try:
             outs = self._session.run(self._output_names, {self._input_name: tensor})
         except Exception as exc:

@@ -7,7 +7,8 @@ slow model sees fresh frames rather than an ever-growing backlog.
 
 ``open_source`` picks the kind from the URI:
 
-* ``"0"``, ``"/dev/video0"`` -> a camera (reopened with back-off when it vanishes)
+* ``"0"``, ``"/dev/video0"``, ``/dev/v4l/by-id/...`` -> a camera (reopened with
+  back-off when it vanishes)
 * ``rtsp://``, ``rtsps://``, ``http(s)://``, ``udp://`` ... -> a network stream (same)
 * an existing directory -> the images in it, in name order
 * anything else -> a video file
@@ -32,6 +33,12 @@ log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 _STREAM_RE = re.compile(r"^(rtsp|rtsps|rtmp|http|https|udp|tcp|srt)://", re.IGNORECASE)
+_CREDENTIALS_RE = re.compile(r"(?<=://)[^/@\s]+@")
+
+
+def redact(uri: str) -> str:
+    """``rtsp://user:secret@cam/stream`` -> ``rtsp://***@cam/stream`` for logs."""
+    return _CREDENTIALS_RE.sub("***@", uri)
 
 
 @dataclass(frozen=True)
@@ -64,11 +71,13 @@ class FrameSource:
         self.cfg = cfg
         self.name = cfg.name
         self.uri = cfg.uri
+        self.display_uri = redact(cfg.uri)
         self._cond = threading.Condition()
         self._latest: Frame | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.finished = False
+        self.failed = False  # a file/folder that could not be opened
         self.captured = 0
         self.skipped = 0
         self.errors = 0
@@ -150,13 +159,18 @@ class FrameSource:
                     self._error(str(exc))
                     if not self.live:
                         log.error("source %s: %s", self.name, exc)
+                        self.failed = True
                         return
                     log.warning("source %s: %s; retrying in %.1fs", self.name, exc, backoff)
                     self._stop.wait(backoff)
                     backoff = min(backoff * 2, self.reconnect_max_s)
                     continue
-                backoff = self.reconnect_initial_s
+                before = self.captured
                 ended = self._capture_until_end()
+                if self.captured > before:
+                    # Only a source that delivered frames counts as recovered:
+                    # a camera that opens but stays silent keeps backing off.
+                    backoff = self.reconnect_initial_s
                 self._close()
                 if self._stop.is_set():
                     return
@@ -166,7 +180,7 @@ class FrameSource:
                     log.info("source %s: end of input after %d frames", self.name, self.captured)
                     return
                 self._error("stream ended or camera vanished")
-                log.warning("source %s: no frame from %s; reopening in %.1fs", self.name, self.uri, backoff)
+                log.warning("source %s: no frame from %s; reopening in %.1fs", self.name, self.display_uri, backoff)
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, self.reconnect_max_s)
         except Exception as exc:  # never let a capture thread die silently
@@ -207,7 +221,7 @@ class VideoSource(FrameSource):
         cap = cv2.VideoCapture(self.target)
         if not cap.isOpened():
             cap.release()
-            raise SourceError(f"cannot open {self.uri}")
+            raise SourceError(f"cannot open {self.display_uri}")
         self._fps = float(cap.get(cv2.CAP_PROP_FPS) or 0.0)
         self._cap = cap
 
@@ -266,7 +280,7 @@ def open_source(cfg: SourceConfig) -> FrameSource:
     uri = cfg.uri.strip()
     if uri.isdigit():
         return VideoSource(cfg, int(uri), live=True)
-    if uri.startswith("/dev/video"):
+    if uri.startswith("/dev/"):
         return VideoSource(cfg, uri, live=True)
     if _STREAM_RE.match(uri):
         return VideoSource(cfg, uri, live=True)
@@ -274,5 +288,5 @@ def open_source(cfg: SourceConfig) -> FrameSource:
     if path.is_dir():
         return FolderSource(cfg, path)
     if not path.is_file():
-        raise SourceError(f"source {cfg.name}: {uri} is not a camera, a stream URL, a file or a folder")
+        raise SourceError(f"source {cfg.name}: {redact(uri)} is not a camera, a stream URL, a file or a folder")
     return VideoSource(cfg, str(path), live=False)
