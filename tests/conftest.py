@@ -80,6 +80,31 @@ def blazeface_bundle(assets: dict[str, Path], tmp_path_factory: pytest.TempPathF
     )
 
 
+def _loaded(bundle_path: Path, name: str):
+    from edge_agent.bundle import open_bundle
+    from edge_agent.config import ModelConfig
+    from edge_agent.models.manager import LoadedModel
+
+    with open_bundle(bundle_path) as bundle:
+        return LoadedModel.load(bundle, ModelConfig(name=name, threads=2))
+
+
+@pytest.fixture(scope="session")
+def mobilenet(mobilenet_bundle: Path):
+    """The real MobileNetV2, loaded (ONNX Runtime) as the agent serves it."""
+    model = _loaded(mobilenet_bundle, "mobilenet_v2")
+    yield model
+    model.runtime.close()
+
+
+@pytest.fixture(scope="session")
+def blazeface(blazeface_bundle: Path):
+    """The real BlazeFace, loaded (LiteRT) as the agent serves it."""
+    model = _loaded(blazeface_bundle, "blazeface")
+    yield model
+    model.runtime.close()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -33,20 +33,6 @@ def photo(assets: dict[str, Path], name: str) -> np.ndarray:
     return img
 
 
-@pytest.fixture(scope="module")
-def mobilenet(mobilenet_bundle: Path):
-    with open_bundle(mobilenet_bundle) as bundle:
-        model = LoadedModel.load(bundle, ModelConfig(name="mobilenet_v2", threads=2))
-    yield model
-    model.runtime.close()
-
-
-@pytest.fixture(scope="module")
-def blazeface(blazeface_bundle: Path):
-    with open_bundle(blazeface_bundle) as bundle:
-        model = LoadedModel.load(bundle, ModelConfig(name="blazeface", threads=2))
-    yield model
-    model.runtime.close()
 
 
 # ------------------------------------------------------------ ONNX Runtime

@@ -76,12 +76,6 @@ def drain(source: FrameSource, limit: int = 1000, timeout: float = 5.0, pause: f
     return frames
 
 
-@pytest.fixture(scope="module")
-def mobilenet(mobilenet_bundle: Path):
-    with open_bundle(mobilenet_bundle) as bundle:
-        model = LoadedModel.load(bundle, ModelConfig(name="mobilenet_v2", threads=2))
-    yield model
-    model.runtime.close()
 
 
 # ------------------------------------------------------------------- sources
