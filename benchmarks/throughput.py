@@ -13,7 +13,9 @@ preprocessing: crop 0.875, ImageNet mean/std, NCHW RGB):
     with ``realtime = false`` (every frame is handed to inference, none is
     skipped), no ``fps`` cap, ``loop = false``. Logging at WARNING, so the
     LogSink's per-result INFO line is not written. A counting sink passed as
-    ``extra_sinks`` timestamps every result.
+    ``extra_sinks`` timestamps every result. The loaded model's
+    ``preprocess`` and ``runtime.infer`` are wrapped with a timer (two clock
+    reads per call) to split the agent's per-frame time into stages.
 ``agent_info``
     The same with logging at INFO, written with the CLI's format to a file in
     the temporary directory (one line per result, as ``edge-agent run`` writes
@@ -33,7 +35,9 @@ Every variant is timed the same way: from its first result to its last, i.e.
 creation, warm-up, opening the video) is outside that window and reported
 separately for the agent. Each variant is run ``--repeats`` times, interleaved
 (agent, agent_info, bare_infer, bare_full, agent, ...), and the median fps is
-reported, with the ratios between medians. The agent's top-1 class per frame
+reported, with the ratios between medians and the median of the per-repeat
+ratios (more robust on a machine shared with other work). Process CPU time
+per frame (all threads) is reported too. The agent's top-1 class per frame
 is checked against the bare loop's, and its source counters against the frame
 count, so the variants demonstrably process the same frames.
 
@@ -46,7 +50,7 @@ Run it from the repository root::
 The model and the video are taken from the asset cache (``$EDGE_AGENT_CACHE``
 or ``~/.cache/edge-agent``, or ``--cache DIR``) and built there by
 ``scripts/build_assets.py`` when missing. A JSON object is printed on stdout
-(machine, parameters, per-variant fps lists and medians, ratios), then a
+(machine, parameters, per-variant fps lists and medians, ratios, checks), then a
 readable table (not with ``--json-only``); progress goes to stderr.
 """
 

@@ -39,11 +39,19 @@ class Transform:
 
 
 def _resize(img: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Resize with little aliasing at a low cost: shrink by the largest whole
+    factor with pixel averaging (OpenCV's fast integer INTER_AREA path), then
+    bilinear for the remaining factor below 2. A general INTER_AREA costs
+    ~10x more per frame for about the same picture."""
     h, w = img.shape[:2]
     if (w, h) == (width, height):
         return img
-    shrinking = width * height < w * h
-    return cv2.resize(img, (width, height), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+    k = int(min(w / width, h / height))
+    if k >= 2:
+        img = cv2.resize(img, (w // k, h // k), interpolation=cv2.INTER_AREA)
+        if img.shape[1] == width and img.shape[0] == height:
+            return img
+    return cv2.resize(img, (width, height), interpolation=cv2.INTER_LINEAR)
 
 
 class Preprocessor:
