@@ -25,6 +25,7 @@ apt_missing=()
 if [ "$mode" = dev ]; then
   [ -x /usr/sbin/mosquitto ] || command -v mosquitto >/dev/null || apt_missing+=(mosquitto)
   command -v mosquitto_pub >/dev/null || apt_missing+=(mosquitto-clients)
+  [ -f /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz ] || apt_missing+=(dataset-fashion-mnist)
 fi
 if [ ${#apt_missing[@]} -gt 0 ]; then
   echo "setup: installing Debian packages: ${apt_missing[*]}"
