@@ -10,7 +10,9 @@ bundle verifies every file before anything else may read it, and refuses:
 * a manifest that does not validate,
 * a listed file that is missing, of another size or another sha256,
 * a file that is present but not listed (only the manifest and its signature
-  may be unlisted).
+  may be unlisted),
+* when trusted keys are given: a missing, invalid or untrusted signature
+  (checked after the files; see :mod:`edge_agent.signing`).
 
 Each refusal is a :class:`~edge_agent.errors.BundleError` with a specific code.
 """
@@ -26,7 +28,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from pydantic import ValidationError
 
@@ -70,6 +72,7 @@ class Bundle:
     root: Path
     manifest: Manifest
     _tmpdir: Path | None = field(default=None, repr=False)
+    signed_by: str | None = None  # key id, when opened with trusted_keys
 
     @property
     def model_path(self) -> Path:
@@ -93,17 +96,31 @@ class Bundle:
         self.close()
 
 
-def open_bundle(path: Path | str, *, workdir: Path | None = None) -> Bundle:
+def open_bundle(
+    path: Path | str,
+    *,
+    workdir: Path | None = None,
+    trusted_keys: Sequence[Path | str] | None = None,
+) -> Bundle:
     """Open a bundle directory or archive and verify it completely.
 
     An archive is extracted (safely) into a new temporary directory under
     ``workdir`` (default: the system temp dir), owned by the returned Bundle.
+
+    With ``trusted_keys`` (public key files), the bundle must also carry a
+    signature by one of them, checked after every file's sha256; the
+    signer's key id is ``Bundle.signed_by``. ``None`` checks no signature.
     """
     path = Path(path).expanduser()
+    trusted = None
+    if trusted_keys is not None:
+        from edge_agent.signing import load_trusted_keys
+
+        trusted = load_trusted_keys(trusted_keys)
     if not path.exists():
         raise BundleError(f"bundle {path}: not found", code="bundle_not_found")
     if path.is_dir():
-        return Bundle(path, verify_dir(path))
+        return Bundle(path, verify_dir(path), signed_by=_check_signature(path, trusted))
     if not is_archive(path):
         raise BundleError(
             f"bundle {path}: expected a directory or a .tar/.tar.gz archive", code="bad_archive"
@@ -111,7 +128,7 @@ def open_bundle(path: Path | str, *, workdir: Path | None = None) -> Bundle:
     tmp = Path(tempfile.mkdtemp(prefix="bundle-", dir=workdir))
     try:
         extract_archive(path, tmp)
-        return Bundle(tmp, verify_dir(tmp), _tmpdir=tmp)
+        return Bundle(tmp, verify_dir(tmp), _tmpdir=tmp, signed_by=_check_signature(tmp, trusted))
     except BundleError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         # Name the archive the user gave, not the temporary extraction folder.
@@ -119,6 +136,14 @@ def open_bundle(path: Path | str, *, workdir: Path | None = None) -> Bundle:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _check_signature(root: Path, trusted: Any) -> str | None:
+    if trusted is None:
+        return None
+    from edge_agent.signing import check_signature
+
+    return check_signature(root, trusted)
 
 
 def extract_archive(archive: Path, dest: Path) -> None:
@@ -235,9 +260,13 @@ def pack(
     postprocessing: dict[str, Any] | None = None,
     metadata: dict[str, Any] | None = None,
     extra_files: dict[str, Path] | None = None,
+    sign_key: Path | str | None = None,
 ) -> Path:
     """Wrap an .onnx or .tflite file into a bundle at ``out`` (a directory, or
     an archive when ``out`` ends in .tar/.tar.gz). Returns ``out``.
+
+    With ``sign_key`` (an Ed25519 private key file) the staged bundle is
+    signed (``manifest.sig``) before it is written out or archived.
 
     The model is opened with its runtime to read the input/output specs, so a
     file the runtime cannot read is refused here rather than on the device.
@@ -248,6 +277,11 @@ def pack(
     out = Path(out).expanduser()
     if not model.is_file():
         raise BundleError(f"model {model}: not found", code="bundle_not_found")
+    private_key = None
+    if sign_key is not None:  # a bad key fails before any work is done
+        from edge_agent.signing import load_private_key
+
+        private_key = load_private_key(sign_key)
     runtime = runtime_for_file(model)
     try:
         inputs, outputs = describe_model(model, runtime)
@@ -299,6 +333,10 @@ def pack(
         except ValidationError as exc:
             raise BundleError(f"cannot pack {model}: {exc.errors()[0]['msg']}", code="bad_manifest") from None
         (stage / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
+        if private_key is not None:
+            from edge_agent.signing import sign_dir
+
+            sign_dir(stage, private_key)
         write_bundle(stage, out)
     return out
 

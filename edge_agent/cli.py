@@ -149,6 +149,11 @@ def preprocessing_options(func: F) -> F:
 @click.option("--task", type=click.Choice(["classify", "detect"]), default="classify", show_default=True)
 @click.option("--top-k", type=click.IntRange(min=1), help="Classes reported per result (classify).")
 @click.option("--threshold", type=click.FloatRange(0, 1), help="Minimum score reported.")
+@click.option(
+    "--sign-key",
+    type=click.Path(dir_okay=False),
+    help="Ed25519 private key (from edge-agent keygen): sign the bundle (manifest.sig).",
+)
 @_user_errors
 def pack(
     model: str,
@@ -159,6 +164,7 @@ def pack(
     task: str,
     top_k: int | None,
     threshold: float | None,
+    sign_key: str | None,
     **pre: Any,
 ) -> None:
     """Wrap an .onnx or .tflite MODEL into a model bundle."""
@@ -180,8 +186,39 @@ def pack(
         labels=Path(labels) if labels else None,
         task=task,
         postprocessing=post,
+        sign_key=Path(sign_key) if sign_key else None,
     )
-    click.echo(f"wrote bundle {name} v{version} to {path}")
+    signed = ""
+    if sign_key:
+        from edge_agent.signing import key_id, load_private_key
+
+        signed = f", signed with key {key_id(load_private_key(Path(sign_key)).public_key())}"
+    click.echo(f"wrote bundle {name} v{version} to {path}{signed}")
+
+
+@main.command()
+@click.option(
+    "--out",
+    "prefix",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="Path prefix: writes PREFIX.key (private, mode 0600) and PREFIX.pub (public).",
+)
+@_user_errors
+def keygen(prefix: str) -> None:
+    """Make an Ed25519 key pair for signing bundles.
+
+    Sign with the private key (pack --sign-key PREFIX.key); give the devices
+    the public key (PREFIX.pub). Existing files are never overwritten.
+    """
+    from edge_agent.signing import generate_keypair
+
+    if not Path(prefix).name or prefix.endswith("/"):
+        raise click.BadParameter(f"{prefix!r}: give a file name prefix, e.g. keys/fleet", param_hint="--out")
+    private, public = Path(prefix + ".key"), Path(prefix + ".pub")
+    kid = generate_keypair(private, public)
+    click.echo(f"wrote private key {private} (keep it secret) and public key {public}")
+    click.echo(f"key id {kid}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -53,7 +53,9 @@ class BundleError(EdgeAgentError):
 
     Codes: ``bundle_not_found``, ``bad_archive``, ``bad_manifest``,
     ``missing_file``, ``size_mismatch``, ``checksum_mismatch``,
-    ``unexpected_file``, ``unsupported_model``.
+    ``unexpected_file``, ``unsupported_model``; with trusted keys (see
+    :mod:`edge_agent.signing`): ``signature_missing``, ``signature_invalid``,
+    ``untrusted_key``.
     """
 
     code = "bad_bundle"

@@ -31,14 +31,26 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 CAT_CLASSES = {"Egyptian cat", "tabby", "tiger cat"}
 
 
+CORE_ASSETS = {"mobilenet_v2", "imagenet_labels", "blazeface", "photos", "demo_video"}
+
+
 @pytest.fixture(scope="session")
 def assets() -> dict[str, Path]:
     try:
-        return build_assets.build(build_assets.default_cache_dir())
+        return build_assets.build(build_assets.default_cache_dir(), only=CORE_ASSETS)
     except build_assets.AssetError as exc:
         pytest.skip(f"real assets unavailable: {exc} (scripts/test.sh installs what they need)")
     except ImportError as exc:
         pytest.skip(f"a build tool for the real assets is missing: {exc} (run scripts/setup.sh dev)")
+
+
+@pytest.fixture(scope="session")
+def fashion_mnist() -> Path:
+    """The Fashion-MNIST CNN (trained once, cached) and its real test images."""
+    try:
+        return build_assets.build(build_assets.default_cache_dir(), only={"fashion_mnist"})["fashion_mnist"]
+    except build_assets.AssetError as exc:
+        pytest.skip(f"Fashion-MNIST unavailable: {exc}")
 
 
 @pytest.fixture(scope="session")
