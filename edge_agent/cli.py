@@ -221,5 +221,59 @@ def keygen(prefix: str) -> None:
     click.echo(f"key id {kid}")
 
 
+@main.command()
+@click.argument("model", metavar="MODEL_OR_BUNDLE", type=click.Path())
+@click.option("--calibration", required=True, type=click.Path(), help="Folder of images (or class folders), video or .npz.")
+@click.option("--out", required=True, type=click.Path(), help="Output directory: bundles, report.json, report.html.")
+@click.option("--eval", "evaluation", type=click.Path(), help="Evaluation pictures, disjoint from calibration "
+              "(default: every 5th calibration picture, held out). Class folders give labels and accuracy.")
+@click.option("--name", help="Bundle name (default: the input bundle's, or the file name).")
+@click.option("--version", "version", type=click.IntRange(min=1), help="Bundle version (default: input bundle's + 1, or 1).")
+@preprocessing_options
+@click.option("--labels", type=click.Path(dir_okay=False), help="Labels file (for a plain .onnx input).")
+@click.option("--task", type=click.Choice(["classify", "detect"]), help="Task (for a plain .onnx input; default classify).")
+@click.option("--method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax", show_default=True,
+              help="Calibration method for activation ranges.")
+@click.option("--per-tensor", is_flag=True, help="Per-tensor weights instead of per-channel.")
+@click.option("--min-agreement", type=click.FloatRange(0, 1), default=0.95, show_default=True,
+              help="Quality gate: minimum top-1 agreement with fp32 of every int8 artifact.")
+@click.option("--no-mixed-precision", is_flag=True, help="Do not keep sensitive layers in float to meet the gate.")
+@click.option("--target", "targets", multiple=True, type=click.Choice(["onnx", "tflite"]),
+              help="Artifacts to make (default: both).")
+@click.option("--prune", help="magnitude:S (zero the smallest weights, sparsity S) or channels:R (remove a fraction R of conv channels).")
+@click.option("--sign-key", type=click.Path(dir_okay=False), help="Ed25519 private key: sign the bundles.")
+@click.option("--calibration-limit", type=click.IntRange(min=1), default=300, show_default=True,
+              help="Use at most this many calibration pictures (evenly spaced).")
+@_user_errors
+def quantize(model: str, calibration: str, out: str, evaluation: str | None, name: str | None, version: int | None,
+             labels: str | None, task: str | None, method: str, per_tensor: bool, min_agreement: float,
+             no_mixed_precision: bool, targets: tuple[str, ...], prune: str | None, sign_key: str | None,
+             calibration_limit: int, **pre: Any) -> None:
+    """Make int8 ONNX and int8 TFLite bundles from an fp32 ONNX model, with a
+    measured report and a quality gate (exit 1 when it fails)."""
+    import contextlib
+
+    from quantize.pipeline import QuantizeOptions, run as run_quantize
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    # ONNX Runtime's quantizer logs advice on the root logger; ours are named.
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(lambda record: record.name != "root")
+
+    @contextlib.contextmanager
+    def progress(label: str, total: int):
+        with click.progressbar(length=total, label=f"{label:<18}", file=sys.stderr) as bar:
+            yield bar.update
+
+    opts = QuantizeOptions(
+        model=Path(model), calibration=Path(calibration), out=Path(out),
+        evaluation=Path(evaluation) if evaluation else None, name=name, version=version, preprocessing=pre,
+        labels=Path(labels) if labels else None, task=task, method=method, per_channel=not per_tensor,
+        min_agreement=min_agreement, mixed_precision=not no_mixed_precision, targets=targets or ("onnx", "tflite"),
+        prune=prune, sign_key=Path(sign_key) if sign_key else None, calibration_limit=calibration_limit,
+    )
+    run_quantize(opts, progress=progress, echo=click.echo)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -1,0 +1,179 @@
+"""int8 ONNX by ONNX Runtime's static quantization (QDQ, per-channel weights).
+
+The model is first run through ORT's quantization pre-processing (shape
+inference and graph optimisation), calibrated once (MinMax, Entropy or
+Percentile; the ranges are cached in a file), then quantized as often as the
+mixed-precision search needs, each time with another set of nodes kept in
+float. :func:`quantize_static` is the one-call form, shaped like
+``onnxruntime.quantization.quantize_static``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import onnx
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    CalibrationMethod,
+    QuantFormat,
+    QuantType,
+)
+from onnxruntime.quantization import quantize_static as ort_quantize_static
+from onnxruntime.quantization.shape_inference import quant_pre_process
+
+from quantize.errors import QuantizeError, QuantizeInputError
+
+log = logging.getLogger(__name__)
+
+CALIBRATION_METHODS = {
+    "minmax": CalibrationMethod.MinMax,
+    "entropy": CalibrationMethod.Entropy,
+    "percentile": CalibrationMethod.Percentile,
+}
+# The ops whose quantization decides accuracy and speed; the rest (Add,
+# pooling, reshapes) follow their neighbours in QDQ form.
+WEIGHTED_OPS = ("Conv", "Gemm", "MatMul", "ConvTranspose")
+
+
+def load_onnx(path: Path) -> onnx.ModelProto:
+    """Load and check an FP32 ONNX model; a clear error for anything else."""
+    try:
+        model = onnx.load(str(path))
+        onnx.checker.check_model(model)
+    except FileNotFoundError:
+        raise QuantizeInputError(f"{path}: no such file") from None
+    except Exception as exc:  # onnx raises DecodeError, ValidationError, ...
+        raise QuantizeInputError(f"{path}: not a valid ONNX model ({str(exc).splitlines()[0][:200]})") from None
+    inits = {i.name for i in model.graph.initializer}
+    if not [i for i in model.graph.input if i.name not in inits]:
+        raise QuantizeInputError(f"{path}: the model has no input")
+    return model
+
+
+def fix_input_shape(model: onnx.ModelProto, shape: Sequence[int]) -> onnx.ModelProto:
+    """Make the (single) image input static, e.g. [1, 3, 224, 224]."""
+    inits = {i.name for i in model.graph.initializer}
+    inp = next(i for i in model.graph.input if i.name not in inits)
+    dims = inp.type.tensor_type.shape.dim
+    if len(dims) != len(shape):
+        raise QuantizeInputError(f"input {inp.name!r} has rank {len(dims)}, cannot give it shape {list(shape)}")
+    for dim, value in zip(dims, shape):
+        dim.ClearField("dim_param")
+        dim.dim_value = int(value)
+    return model
+
+
+def input_shape(model: onnx.ModelProto) -> tuple[str, list[int | None]]:
+    inits = {i.name for i in model.graph.initializer}
+    inp = next(i for i in model.graph.input if i.name not in inits)
+    dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in inp.type.tensor_type.shape.dim]
+    return inp.name, dims
+
+
+class OnnxInt8Quantizer:
+    """Calibrate once, quantize many times.
+
+    ``workdir`` holds the pre-processed model and the calibration cache;
+    the caller owns it. Not thread-safe.
+    """
+
+    def __init__(
+        self,
+        fp32_path: Path,
+        workdir: Path,
+        *,
+        method: str = "minmax",
+        per_channel: bool = True,
+        activation_type: str = "uint8",
+    ) -> None:
+        if method not in CALIBRATION_METHODS:
+            raise QuantizeInputError(f"unknown calibration method {method!r} (use {', '.join(CALIBRATION_METHODS)})")
+        self.fp32_path = Path(fp32_path)
+        self.workdir = Path(workdir)
+        self.method = method
+        self.per_channel = per_channel
+        self.activation_type = QuantType.QUInt8 if activation_type == "uint8" else QuantType.QInt8
+        self.prepared = self.workdir / "fp32.pre.onnx"
+        self.cache = self.workdir / f"calibration-{method}.json"
+        self._calibrated = False
+
+    def prepare(self) -> Path:
+        """ORT's pre-processing pass: symbolic shape inference + optimisation."""
+        try:
+            quant_pre_process(str(self.fp32_path), str(self.prepared), skip_symbolic_shape=False)
+        except Exception as exc:
+            log.warning("pre-processing with symbolic shapes failed (%s); retrying without", exc)
+            quant_pre_process(str(self.fp32_path), str(self.prepared), skip_symbolic_shape=True)
+        return self.prepared
+
+    def weighted_nodes(self) -> list[str]:
+        """Names of the nodes the mixed-precision search may keep in float."""
+        model = onnx.load(str(self.prepared))
+        return [n.name for n in model.graph.node if n.op_type in WEIGHTED_OPS and n.name]
+
+    def calibrate(self, reader: CalibrationDataReader) -> None:
+        """Run the calibration data through the model once; ranges are cached."""
+        if not self.prepared.exists():
+            self.prepare()
+        self.cache.unlink(missing_ok=True)
+        self._quantize(self.workdir / "calibrated.onnx", (), reader)
+        self._calibrated = True
+
+    def quantize(self, out: Path, exclude: Sequence[str] = ()) -> Path:
+        """Write the int8 model with ``exclude`` nodes kept in float."""
+        if not self._calibrated:
+            raise QuantizeError("calibrate() first")
+        self._quantize(out, exclude, None)
+        return out
+
+    def _quantize(self, out: Path, exclude: Sequence[str], reader: CalibrationDataReader | None) -> None:
+        # Keep Relu/Clip nodes even where the quantized range makes them
+        # redundant: a tensor put back into float (mixed precision) still
+        # needs its clamp. ONNX Runtime fuses them again when it loads the model.
+        extra: dict = {"QDQKeepRemovableActivations": True}
+        if self.method == "percentile":
+            extra["CalibPercentile"] = 99.999
+        try:
+            ort_quantize_static(
+                str(self.prepared),
+                str(out),
+                reader,
+                quant_format=QuantFormat.QDQ,
+                per_channel=self.per_channel,
+                reduce_range=False,
+                activation_type=self.activation_type,
+                weight_type=QuantType.QInt8,
+                nodes_to_exclude=list(exclude),
+                calibrate_method=CALIBRATION_METHODS[self.method],
+                calibration_cache_path=str(self.cache),
+                extra_options=extra,
+            )
+        except (ValueError, RuntimeError) as exc:
+            raise QuantizeError(f"ONNX Runtime quantization failed: {exc}") from None
+
+
+def quantize_static(
+    model_input: Path | str,
+    model_output: Path | str,
+    calibration_data_reader: CalibrationDataReader,
+    *,
+    calibrate_method: str = "minmax",
+    per_channel: bool = True,
+    nodes_to_exclude: Sequence[str] = (),
+    activation_type: str = "uint8",
+    workdir: Path | str | None = None,
+) -> Path:
+    """``onnxruntime.quantization.quantize_static`` with this project's
+    defaults (pre-processing pass, QDQ, per-channel int8 weights)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="edge-quant-", dir=workdir) as tmp:
+        q = OnnxInt8Quantizer(
+            Path(model_input), Path(tmp), method=calibrate_method, per_channel=per_channel, activation_type=activation_type
+        )
+        q.prepare()
+        q.calibrate(calibration_data_reader)
+        return q.quantize(Path(model_output), nodes_to_exclude)

@@ -1,0 +1,395 @@
+"""``edge-agent quantize``: FP32 ONNX in; int8 ONNX and int8 TFLite bundles
+and a measured report out.
+
+Steps: resolve the model and its preprocessing (from a bundle's manifest or
+the command-line options) -> make the input static -> optionally prune ->
+calibrate on real pictures -> int8 ONNX (ORT static QDQ, per-channel) ->
+mixed precision when agreement falls short -> int8 TFLite (onnx2tf, in its
+own environment) -> evaluate everything on pictures disjoint from the
+calibration set -> quality gate -> bundles (with ``report.json``), signed
+when a key is given.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import onnx
+
+from edge_agent import __version__
+from edge_agent.bundle import default_preprocessing, is_archive, open_bundle, pack
+from edge_agent.errors import BundleError
+from edge_agent.manifest import Preprocessing, TensorSpec
+from edge_agent.runtimes import describe_model
+from quantize import report as report_mod
+from quantize.data import SampleSet, TensorReader, load_samples, preprocess_all
+from quantize.errors import QualityGateFailed, QuantizeError, QuantizeInputError
+from quantize.evaluate import Artifact, Metrics, Runner, evaluate
+from quantize.mixed import MixedPrecisionResult, rank_sensitivity, search
+from quantize.onnx_int8 import OnnxInt8Quantizer, fix_input_shape, input_shape, load_onnx
+from quantize.qdq import QdqEditor
+
+log = logging.getLogger(__name__)
+
+# A progress factory: (label, total) -> context manager yielding update(n).
+Progress = Callable[[str, int], "contextlib.AbstractContextManager[Callable[[int], None]]"]
+
+
+@contextlib.contextmanager
+def _no_progress(label: str, total: int) -> Iterator[Callable[[int], None]]:
+    yield lambda n: None
+
+
+@dataclass
+class QuantizeOptions:
+    model: Path
+    calibration: Path
+    out: Path
+    evaluation: Path | None = None
+    name: str | None = None
+    version: int | None = None
+    preprocessing: dict[str, Any] = field(default_factory=dict)
+    labels: Path | None = None
+    task: str | None = None
+    method: str = "minmax"
+    per_channel: bool = True
+    min_agreement: float = 0.95
+    mixed_precision: bool = True
+    targets: tuple[str, ...] = ("onnx", "tflite")
+    prune: str | None = None
+    sign_key: Path | None = None
+    calibration_limit: int | None = 300
+    search_samples: int = 32
+    threads: int = 1
+
+
+@dataclass
+class _Source:
+    fp32: Path  # static-shape fp32 ONNX in the work dir
+    name: str
+    version: int
+    preprocessing: Preprocessing
+    input: TensorSpec
+    labels_path: Path | None
+    labels: list[str] | None
+    task: str
+    postprocessing: dict[str, Any]
+
+
+def _resolve(opts: QuantizeOptions, work: Path) -> _Source:
+    """The fp32 model (static input), its preprocessing, labels and identity."""
+    path = Path(opts.model).expanduser()
+    overrides = {k: v for k, v in opts.preprocessing.items() if v is not None}
+    if path.is_dir() or is_archive(path):
+        with open_bundle(path, workdir=work) as bundle:
+            m = bundle.manifest
+            if m.runtime != "onnx":
+                raise QuantizeInputError(f"{path}: the quantizer takes an fp32 ONNX bundle, this one is {m.runtime}")
+            model_file = work / "source.onnx"
+            shutil.copyfile(bundle.model_path, model_file)
+            labels_path = None
+            if m.labels:
+                labels_path = work / "labels.txt"
+                shutil.copyfile(bundle.root / m.labels, labels_path)
+            pre = m.preprocessing.model_copy(update=overrides)
+            name, version = m.name, m.version + 1
+            task, post = m.task, m.postprocessing.model_dump()
+    else:
+        model_file = path
+        labels_path = Path(opts.labels).expanduser() if opts.labels else None
+        name, version, task, post = path.stem.replace(" ", "_"), 1, opts.task or "classify", {}
+        pre = None
+    model = load_onnx(model_file)
+    input_name, dims = input_shape(model)
+    try:
+        inputs, _ = describe_model(model_file, "onnx")
+    except Exception as exc:
+        raise QuantizeInputError(f"{model_file}: ONNX Runtime cannot load it ({exc})") from None
+    if pre is None:
+        try:
+            pre = default_preprocessing(inputs[0], **overrides)
+        except BundleError as exc:
+            raise QuantizeInputError(str(exc)) from None
+    w, h = pre.size
+    channels = 1 if pre.color == "gray" else 3
+    static = [1, channels, h, w] if pre.layout == "nchw" else [1, h, w, channels]
+    if any(d is not None and d != s for d, s in zip(dims, static)):
+        raise QuantizeInputError(f"{model_file}: input {input_name!r} has shape {dims}, the preprocessing gives {static}")
+    fixed = work / "fp32.onnx"
+    onnx.save(fix_input_shape(model, static), str(fixed))
+    labels = labels_path.read_text(encoding="utf-8").splitlines() if labels_path else None
+    spec = TensorSpec(name=input_name, shape=static, dtype="float32")
+    return _Source(
+        fixed,
+        opts.name or name,
+        opts.version or version,
+        pre,
+        spec,
+        labels_path,
+        labels,
+        opts.task or task,
+        post,
+    )
+
+
+def _split(calibration: SampleSet, evaluation: SampleSet | None) -> tuple[SampleSet, SampleSet]:
+    """Without an evaluation set, every fifth calibration picture is held out."""
+    if evaluation is not None:
+        return calibration, evaluation
+    if len(calibration) < 5:
+        raise QuantizeInputError(
+            f"{calibration.source}: {len(calibration)} picture(s) cannot be split into calibration and "
+            "evaluation; give at least 5, or an evaluation set with --eval"
+        )
+    held = [s for i, s in enumerate(calibration.samples) if i % 5 == 4]
+    kept = [s for i, s in enumerate(calibration.samples) if i % 5 != 4]
+    return (
+        SampleSet(kept, calibration.source, calibration.skipped),
+        SampleSet(held, f"{calibration.source} (every 5th picture, held out)"),
+    )
+
+
+def _onnx_int8(
+    src: _Source,
+    base: Path,
+    calib: np.ndarray,
+    opts: QuantizeOptions,
+    work: Path,
+    progress: Progress,
+) -> tuple[Path, dict[str, Any]]:
+    quantizer = OnnxInt8Quantizer(base, work / "ort", method=opts.method, per_channel=opts.per_channel)
+    quantizer.workdir.mkdir(exist_ok=True)
+    t0 = time.perf_counter()
+    quantizer.prepare()
+    quantizer.calibrate(TensorReader(src.input.name, calib))
+    full = quantizer.quantize(work / "int8_full.onnx")
+    info: dict[str, Any] = {
+        "method": opts.method,
+        "per_channel": opts.per_channel,
+        "format": "QDQ",
+        "activations": "uint8",
+        "weights": "int8",
+        "calibration_s": round(time.perf_counter() - t0, 1),
+    }
+    if not opts.mixed_precision:
+        return full, info
+    subset = calib[:: max(1, len(calib) // opts.search_samples)][: opts.search_samples]
+    ref_runner = Runner(Artifact("fp32", base, src.preprocessing), threads=2)
+    try:
+        reference = ref_runner.outputs(subset)
+        reference_all = ref_runner.outputs(calib)
+    finally:
+        ref_runner.close()
+    editor = QdqEditor(onnx.load(str(full)), onnx.load(str(quantizer.prepared)))
+
+    def build(ids: Sequence[str]) -> Path:
+        path = work / "candidate.onnx"
+        onnx.save(editor.with_float(list(ids)), str(path))
+        return path
+
+    def outputs_on(x: np.ndarray) -> Callable[[Path], np.ndarray]:
+        def run(path: Path) -> np.ndarray:
+            runner = Runner(Artifact("candidate", path, src.preprocessing), threads=2)
+            try:
+                return runner.outputs(x)
+            finally:
+                runner.close()
+
+        return run
+
+    full_agreement = float(np.mean(outputs_on(calib)(full).argmax(1) == reference_all.argmax(1)))
+    info["agreement_on_calibration_full_int8"] = round(full_agreement, 4)
+    if full_agreement >= opts.min_agreement:
+        info["mixed_precision"] = {"needed": False}
+        return full, info
+    ids = [c.id for c in editor.candidates]
+    t0 = time.perf_counter()
+    with progress("sensitivity", len(ids)) as tick:
+        ranking = rank_sensitivity(ids, build, outputs_on(subset), reference, progress=tick, mode="isolated")
+    result: MixedPrecisionResult = search(ranking, build, outputs_on(calib), reference_all, opts.min_agreement)
+    mixed = work / "int8_mixed.onnx"
+    onnx.save(editor.with_float(result.float_nodes), str(mixed))
+    consumers = {c.id: c.consumers for c in editor.candidates}
+    info["mixed_precision"] = {
+        "needed": True,
+        "search_s": round(time.perf_counter() - t0, 1),
+        **result.to_dict(),
+        "float_nodes_consumers": sorted({n for cid in result.float_nodes for n in consumers[cid]}),
+        "candidates": len(ids),
+    }
+    return mixed, info
+
+
+def _tflite_int8(
+    src: _Source, base: Path, calib_samples: SampleSet, opts: QuantizeOptions, work: Path, progress: Progress
+) -> tuple[Path | None, dict[str, Any]]:
+    try:
+        from quantize import tflite
+    except ImportError as exc:  # pragma: no cover - the module ships with the package
+        return None, {"skipped": f"TFLite conversion unavailable: {exc}"}
+    try:
+        env = tflite.find_converter_env()
+    except QuantizeError as exc:
+        log.warning("%s", exc)
+        return None, {"skipped": str(exc)}
+    nhwc = src.preprocessing.model_copy(update={"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0), "layout": "nhwc"})
+    w, h = src.preprocessing.size
+    channels = 1 if src.preprocessing.color == "gray" else 3
+    spec = TensorSpec(name=src.input.name, shape=[1, h, w, channels], dtype="float32")
+    calib = preprocess_all(calib_samples.samples, nhwc, spec)
+    tfl_pre = src.preprocessing.model_copy(update={"layout": "nhwc"})
+    out = work / "model_int8.tflite"
+    t0 = time.perf_counter()
+    kwargs: dict[str, Any] = dict(per_channel=opts.per_channel, env=env, progress=lambda msg: log.info("onnx2tf: %s", msg))
+    if opts.mixed_precision and hasattr(tflite, "convert_int8_mixed"):
+        ref = Runner(Artifact("fp32", base, src.preprocessing), threads=2)
+        try:
+            reference = ref.outputs(preprocess_all(calib_samples.samples, src.preprocessing, src.input)).argmax(1)
+        finally:
+            ref.close()
+
+        def agreement(path: Path) -> float:
+            runner = Runner(Artifact("tflite", path, tfl_pre), threads=2)
+            try:
+                got = runner.outputs(runner.tensors(calib_samples.samples)).argmax(1)
+            finally:
+                runner.close()
+            return float(np.mean(got == reference))
+
+        artifact = tflite.convert_int8_mixed(
+            base, calib, src.preprocessing.mean, src.preprocessing.std, out, evaluate=agreement, target=opts.min_agreement, **kwargs
+        )
+    else:
+        artifact = tflite.convert_int8(base, calib, src.preprocessing.mean, src.preprocessing.std, out, **kwargs)
+    info = {"conversion_s": round(time.perf_counter() - t0, 1)}
+    for key in ("ops", "float_nodes"):
+        if hasattr(artifact, key):
+            info[key] = list(getattr(artifact, key))
+    return artifact.path, info
+
+
+def run(opts: QuantizeOptions, *, progress: Progress = _no_progress, echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """Do the whole job; returns the report. Raises QualityGateFailed (exit
+    1) after writing the report when an artifact misses the agreement target."""
+    out = Path(opts.out).expanduser()
+    if out.exists() and any(out.iterdir()):
+        raise QuantizeInputError(f"{out} exists and is not empty; choose another --out")
+    unknown = set(opts.targets) - {"onnx", "tflite"}
+    if unknown:
+        raise QuantizeInputError(f"unknown target(s) {sorted(unknown)} (use onnx, tflite)")
+    with tempfile.TemporaryDirectory(prefix="edge-quantize-") as tmp:
+        work = Path(tmp)
+        src = _resolve(opts, work)
+        calib_set = load_samples(opts.calibration, labels=src.labels, limit=None)
+        eval_set = load_samples(opts.evaluation, labels=src.labels) if opts.evaluation else None
+        calib_set, eval_set = _split(calib_set, eval_set)
+        if opts.calibration_limit and len(calib_set) > opts.calibration_limit:
+            step = len(calib_set) / opts.calibration_limit
+            calib_set = SampleSet([calib_set.samples[int(i * step)] for i in range(opts.calibration_limit)], calib_set.source, calib_set.skipped)
+        echo(f"calibration: {len(calib_set)} pictures ({len(calib_set.skipped)} unreadable skipped); evaluation: {len(eval_set)} pictures")
+
+        with progress("calibration data", len(calib_set)) as tick:
+            calib = preprocess_all(calib_set.samples, src.preprocessing, src.input, tick)
+
+        base = src.fp32
+        prune_info = None
+        if opts.prune:
+            from quantize.prune import PruneSpec
+
+            try:
+                spec = PruneSpec.parse(opts.prune)
+            except (ValueError, QuantizeError) as exc:
+                raise QuantizeInputError(f"--prune {opts.prune}: {exc}") from None
+            model = onnx.load(str(base))
+            prune_report = spec.apply(model)
+            base = work / "fp32_pruned.onnx"
+            onnx.save(prune_report.model if hasattr(prune_report, "model") and prune_report.model is not None else model, str(base))
+            prune_info = prune_report.to_dict()
+
+        artifacts = [Artifact("fp32", src.fp32, src.preprocessing)]
+        if opts.prune:
+            artifacts.append(Artifact(f"fp32 pruned {opts.prune}", base, src.preprocessing))
+        infos: dict[str, Any] = {}
+        if "onnx" in opts.targets:
+            echo("int8 ONNX: calibrating and quantizing ...")
+            path, infos["onnx"] = _onnx_int8(src, base, calib, opts, work, progress)
+            artifacts.append(Artifact("int8 onnx", path, src.preprocessing, infos["onnx"]))
+        if "tflite" in opts.targets:
+            echo("int8 TFLite: converting with onnx2tf ...")
+            path, infos["tflite"] = _tflite_int8(src, base, calib_set, opts, work, progress)
+            if path is not None:
+                artifacts.append(Artifact("int8 tflite", path, src.preprocessing.model_copy(update={"layout": "nhwc"}), infos["tflite"]))
+
+        @contextlib.contextmanager
+        def eval_progress() -> Iterator[Callable[[str, int], None]]:
+            with progress("evaluation", len(eval_set) * len(artifacts)) as tick:
+                yield lambda label, n: tick(n)
+
+        with eval_progress() as tick:
+            metrics = evaluate(artifacts, eval_set.samples, threads=opts.threads, progress=tick)
+
+        int8 = [m for m in metrics if m.label.startswith("int8")]
+        failing = [m.label for m in int8 if (m.agreement_top1 or 0) < opts.min_agreement]
+        report: dict[str, Any] = {
+            "tool": f"edge-agent {__version__}",
+            "created_at": time.time(),
+            "model": {"name": src.name, "version": src.version, "source": str(opts.model), "input": src.input.model_dump()},
+            "calibration": {"source": calib_set.source, "samples": len(calib_set), "skipped": calib_set.skipped, "method": opts.method},
+            "evaluation": {"source": eval_set.source, "samples": len(eval_set), "labelled": eval_set.labelled},
+            "gate": {"min_agreement": opts.min_agreement, "passed": not failing and bool(int8), "failing": failing},
+            "artifacts": [m.to_dict() for m in metrics],
+            "details": infos,
+            "prune": prune_info,
+        }
+        echo(report_mod.table(metrics))
+        out.mkdir(parents=True, exist_ok=True)
+        if not failing and int8:
+            report["bundles"] = _package(src, artifacts, report, opts, out, work)
+        json_path, html_path = report_mod.write(out, report, metrics)
+        echo(f"report: {json_path} and {html_path}")
+        if not int8:
+            raise QuantizeError("no int8 artifact was produced (see the messages above)")
+        if failing:
+            raise QualityGateFailed(
+                f"quality gate failed: top-1 agreement with fp32 below {opts.min_agreement:.0%} for {', '.join(failing)}; "
+                "no bundle was written (the report says why)"
+            )
+        return report
+
+
+def _package(src: _Source, artifacts: Sequence[Artifact], report: dict[str, Any], opts: QuantizeOptions, out: Path, work: Path) -> list[str]:
+    import json
+
+    report_file = work / "report.json"
+    report_file.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    written = []
+    for art in artifacts:
+        if not art.label.startswith("int8"):
+            continue
+        runtime = art.runtime
+        suffix = "onnx" if runtime == "onnx" else "tflite"
+        model_file = work / f"{src.name}_int8.{suffix}"
+        shutil.copyfile(art.path, model_file)
+        path = pack(
+            model_file,
+            name=src.name,
+            version=src.version,
+            out=out / f"{src.name}-v{src.version}-int8-{suffix}",
+            preprocessing=art.preprocessing.model_dump(),
+            labels=src.labels_path,
+            task=src.task,
+            postprocessing=src.postprocessing,
+            metadata={"quantization": {"precision": "int8", **art.notes}, "source_model": str(opts.model)},
+            extra_files={"report.json": report_file},
+            sign_key=opts.sign_key,
+        )
+        written.append(str(path))
+    return written

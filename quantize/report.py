@@ -1,0 +1,79 @@
+"""The quantization report: ``report.json``, a terminal table and an HTML page
+with bar charts (inline SVG, no plotting library needed)."""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+from quantize.evaluate import Metrics
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.1f}%"
+
+
+def table(metrics: Sequence[Metrics]) -> str:
+    """A readable table, fp32 first; ratios are against fp32."""
+    base = metrics[0]
+    head = f"{'artifact':<22} {'agree top1':>10} {'fp32 in top5':>12} {'accuracy':>9} {'size MB':>8} {'size x':>7} {'gzip MB':>8} {'latency ms':>10} {'speed x':>8}"
+    lines = [head, "-" * len(head)]
+    for m in metrics:
+        lines.append(
+            f"{m.label:<22} {_pct(m.agreement_top1):>10} {_pct(m.fp32_top1_in_top5):>12} {_pct(m.accuracy):>9} "
+            f"{m.size_bytes / 1e6:>8.2f} {m.size_bytes / base.size_bytes:>7.2f} {m.compressed_bytes / 1e6:>8.2f} "
+            f"{m.latency_ms:>10.2f} {base.latency_ms / m.latency_ms:>8.2f}"
+        )
+    return "\n".join(lines)
+
+
+def _bars(title: str, items: Sequence[tuple[str, float]], fmt: str, *, limit: float | None = None) -> str:
+    width, row = 520, 26
+    top = max([v for _, v in items] + [limit or 0, 1e-9])
+    height = row * len(items) + 30
+    parts = [f'<svg width="{width + 200}" height="{height}" role="img" aria-label="{html.escape(title)}">']
+    parts.append(f'<text x="0" y="16" font-weight="bold">{html.escape(title)}</text>')
+    for i, (name, value) in enumerate(items):
+        y = 26 + i * row
+        w = max(1, int(width * value / top))
+        parts.append(f'<text x="0" y="{y + 15}">{html.escape(name)}</text>')
+        parts.append(f'<rect x="170" y="{y}" width="{w}" height="18" fill="#4a7fb5"/>')
+        parts.append(f'<text x="{175 + w}" y="{y + 14}">{fmt.format(value)}</text>')
+    if limit is not None:
+        x = 170 + int(width * limit / top)
+        parts.append(f'<line x1="{x}" y1="22" x2="{x}" y2="{height}" stroke="#c33" stroke-dasharray="4"/>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def html_page(report: dict[str, Any], metrics: Sequence[Metrics]) -> str:
+    charts = [
+        _bars("Top-1 agreement with fp32", [(m.label, m.agreement_top1 or 0) for m in metrics], "{:.1%}", limit=report["gate"]["min_agreement"]),
+        _bars("Median latency (ms, 1 thread)", [(m.label, m.latency_ms) for m in metrics], "{:.2f}"),
+        _bars("Model size (MB)", [(m.label, m.size_bytes / 1e6) for m in metrics], "{:.2f}"),
+    ]
+    if all(m.accuracy is not None for m in metrics):
+        charts.insert(1, _bars("Accuracy (labelled evaluation set)", [(m.label, m.accuracy or 0) for m in metrics], "{:.1%}"))
+    gate = report["gate"]
+    status = "passed" if gate["passed"] else "FAILED"
+    return f"""<!doctype html><meta charset="utf-8"><title>edge-agent quantize: {html.escape(report['model']['name'])}</title>
+<style>body{{font-family:sans-serif;margin:2em;max-width:60em}} pre{{background:#f4f4f4;padding:1em;overflow:auto}}</style>
+<h1>{html.escape(report['model']['name'])} v{report['model']['version']}: quantization report</h1>
+<p>Quality gate (min top-1 agreement {gate['min_agreement']:.0%}): <b>{status}</b>.
+Calibration: {report['calibration']['samples']} pictures from {html.escape(report['calibration']['source'])};
+evaluation: {report['evaluation']['samples']} other pictures from {html.escape(report['evaluation']['source'])}.</p>
+{''.join(f'<p>{c}</p>' for c in charts)}
+<pre>{html.escape(table(metrics))}</pre>
+<pre>{html.escape(json.dumps(report, indent=2))}</pre>
+"""
+
+
+def write(out_dir: Path, report: dict[str, Any], metrics: Sequence[Metrics]) -> tuple[Path, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path = out_dir / "report.json"
+    json_path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    html_path = out_dir / "report.html"
+    html_path.write_text(html_page(report, metrics), encoding="utf-8")
+    return json_path, html_path
