@@ -51,3 +51,5 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   touch "$stamp"
 fi
 echo "setup: ready ($("$VENV/bin/edge-agent" --version))"
+# dev: the ONNX -> int8 TFLite converter env (Python >= 3.12, onnx2tf, TensorFlow); optional, its tests skip without it.
+if [ "$mode" = dev ]; then scripts/setup_onnx2tf.sh || echo "setup: warning: the onnx2tf converter env was not created (exit $?); int8 TFLite builds and tests are skipped until scripts/setup_onnx2tf.sh succeeds" >&2; fi
