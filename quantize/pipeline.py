@@ -246,6 +246,7 @@ def _tflite_int8(
     spec = TensorSpec(name=src.input.name, shape=[1, h, w, channels], dtype="float32")
     calib = preprocess_all(calib_samples.samples, nhwc, spec)
     tfl_pre = src.preprocessing.model_copy(update={"layout": "nhwc"})
+    mean, std = src.preprocessing.mean[:channels], src.preprocessing.std[:channels]
     out = work / "model_int8.tflite"
     t0 = time.perf_counter()
     kwargs: dict[str, Any] = dict(per_channel=opts.per_channel, env=env, progress=lambda msg: log.info("onnx2tf: %s", msg))
@@ -265,10 +266,10 @@ def _tflite_int8(
             return float(np.mean(got == reference))
 
         artifact = tflite.convert_int8_mixed(
-            base, calib, src.preprocessing.mean, src.preprocessing.std, out, evaluate=agreement, target=opts.min_agreement, **kwargs
+            base, calib, mean, std, out, evaluate=agreement, target=opts.min_agreement, **kwargs
         )
     else:
-        artifact = tflite.convert_int8(base, calib, src.preprocessing.mean, src.preprocessing.std, out, **kwargs)
+        artifact = tflite.convert_int8(base, calib, mean, std, out, **kwargs)
     info = {"conversion_s": round(time.perf_counter() - t0, 1)}
     for key in ("ops", "float_nodes"):
         if hasattr(artifact, key):
@@ -309,10 +310,13 @@ def run(opts: QuantizeOptions, *, progress: Progress = _no_progress, echo: Calla
             except (ValueError, QuantizeError) as exc:
                 raise QuantizeInputError(f"--prune {opts.prune}: {exc}") from None
             model = onnx.load(str(base))
-            prune_report = spec.apply(model)
+            echo(f"pruning {spec} ...")
+            # Channel pruning picks channels and re-fits the next layer on the
+            # calibration pictures (least squares, no training); magnitude
+            # pruning ignores the data.
+            prune_info = spec.apply(model, calibration=TensorReader(src.input.name, calib)).to_dict()
             base = work / "fp32_pruned.onnx"
-            onnx.save(prune_report.model if hasattr(prune_report, "model") and prune_report.model is not None else model, str(base))
-            prune_info = prune_report.to_dict()
+            onnx.save(model, str(base))
 
         artifacts = [Artifact("fp32", src.fp32, src.preprocessing)]
         if opts.prune:

@@ -18,11 +18,12 @@ def _pct(v: float | None) -> str:
 def table(metrics: Sequence[Metrics]) -> str:
     """A readable table, fp32 first; ratios are against fp32."""
     base = metrics[0]
-    head = f"{'artifact':<22} {'agree top1':>10} {'fp32 in top5':>12} {'accuracy':>9} {'size MB':>8} {'size x':>7} {'gzip MB':>8} {'latency ms':>10} {'speed x':>8}"
+    width = max(22, *(len(m.label) for m in metrics))
+    head = f"{'artifact':<{width}} {'agree top1':>10} {'fp32 in top5':>12} {'accuracy':>9} {'size MB':>8} {'size x':>7} {'gzip MB':>8} {'latency ms':>10} {'speed x':>8}"
     lines = [head, "-" * len(head)]
     for m in metrics:
         lines.append(
-            f"{m.label:<22} {_pct(m.agreement_top1):>10} {_pct(m.fp32_top1_in_top5):>12} {_pct(m.accuracy):>9} "
+            f"{m.label:<{width}} {_pct(m.agreement_top1):>10} {_pct(m.fp32_top1_in_top5):>12} {_pct(m.accuracy):>9} "
             f"{m.size_bytes / 1e6:>8.2f} {m.size_bytes / base.size_bytes:>7.2f} {m.compressed_bytes / 1e6:>8.2f} "
             f"{m.latency_ms:>10.2f} {base.latency_ms / m.latency_ms:>8.2f}"
         )
