@@ -91,6 +91,34 @@ def rank_sensitivity(
     return sorted(scores, key=lambda item: -item[1])
 
 
+def smallest_prefix(limit: int, agree: Callable[[int], float], target: float) -> tuple[int, bool]:
+    """The smallest k in [0, limit] with ``agree(k) >= target``: doubling k,
+    then bisecting between the last miss and the first hit. ``agree`` should
+    cache. Returns (k, True), or (the best k tried, False) when none reaches
+    the target (on a tie, the fewest float nodes)."""
+    tried: dict[int, float] = {}
+
+    def score(k: int) -> float:
+        tried[k] = agree(k)
+        return tried[k]
+
+    if score(0) >= target:
+        return 0, True
+    lo, hi = 0, 1
+    while hi < limit and score(hi) < target:
+        lo, hi = hi, hi * 2
+    hi = min(hi, limit)
+    if hi > lo and score(hi) >= target:
+        while hi - lo > 1:  # agree(lo) < target <= agree(hi)
+            mid = (lo + hi) // 2
+            if score(mid) >= target:
+                hi = mid
+            else:
+                lo = mid
+        return hi, True
+    return max(tried, key=lambda k: (tried[k], -k)), False
+
+
 def search(
     ranking: Sequence[tuple[str, float]],
     build: Build,
@@ -112,20 +140,5 @@ def search(
             log.info("mixed precision: %d node(s) in float -> agreement %.3f", k, cache[k])
         return cache[k]
 
-    if agree(0) >= target:
-        return MixedPrecisionResult([], cache[0], target, True, list(ranking), sorted(cache.items()))
-    lo, hi = 0, 1
-    while hi <= limit and agree(hi) < target:
-        lo, hi = hi, hi * 2
-    if hi > limit:
-        hi = limit
-        if agree(hi) < target:
-            best = max(cache, key=lambda k: (cache[k], -k))
-            return MixedPrecisionResult(order[:best], cache[best], target, False, list(ranking), sorted(cache.items()))
-    while hi - lo > 1:  # agree(lo) < target <= agree(hi)
-        mid = (lo + hi) // 2
-        if agree(mid) >= target:
-            hi = mid
-        else:
-            lo = mid
-    return MixedPrecisionResult(order[:hi], cache[hi], target, True, list(ranking), sorted(cache.items()))
+    k, met = smallest_prefix(limit, agree, target)
+    return MixedPrecisionResult(order[:k], cache[k], target, met, list(ranking), sorted(cache.items()))

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+
 import json
 import os
 import queue
@@ -53,6 +54,7 @@ from typing import Any, Callable, Literal, Sequence
 import numpy as np
 
 from quantize.errors import QuantizeError, QuantizeInputError
+from quantize.mixed import smallest_prefix
 
 ENV_VAR = "EDGE_AGENT_ONNX2TF_VENV"
 DEFAULT_ENV = Path("~/.cache/edge-agent/onnx2tf-venv")
@@ -620,28 +622,13 @@ class TfliteConverter:
                     self.progress(f"mixed precision: {k} layer(s) in float -> agreement {tried[k]:.3f}")
             return tried[k]
 
-        best_k: int | None = None
         if agree(0) >= target:
-            best_k = 0
+            best_k, met = 0, True
         else:
             if ranking is None:
                 ranking = self.sensitivity(method=method)
             order = [s.layer.name for s in ranking][: max(0, max_float_nodes)]
-            lo, hi = 0, 1
-            while hi < len(order) and agree(hi) < target:
-                lo, hi = hi, hi * 2
-            hi = min(hi, len(order))
-            if hi > lo and agree(hi) >= target:
-                while hi - lo > 1:  # agree(lo) < target <= agree(hi)
-                    mid = (lo + hi) // 2
-                    if agree(mid) >= target:
-                        hi = mid
-                    else:
-                        lo = mid
-                best_k = hi
-        met = best_k is not None
-        if best_k is None:
-            best_k = max(tried, key=lambda k: (tried[k], -k))
+            best_k, met = smallest_prefix(len(order), agree, target)
         result = self.quantize(out, order[:best_k], per_channel=per_channel)
         return dataclasses.replace(
             result,
