@@ -82,8 +82,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import os
-import platform
 import shutil
 import statistics
 import sys
@@ -96,20 +94,18 @@ from typing import Any, Callable, Iterator
 
 import cv2
 import numpy as np
-import onnxruntime as ort
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-SCRIPTS = REPO / "scripts"
+sys.path.insert(0, str(HERE))
+from _bench import MODEL_NAME, PREPROCESSING, loadavg, machine_info as _machine_info  # noqa: E402
+
 # This file is named like the ``quantize`` package: when run as a script its
-# own folder is sys.path[0] and would shadow the package, so drop it.
+# own folder is sys.path[0] and would shadow the package, so drop it (the
+# helper module above is already imported).
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
-sys.path.insert(0, str(REPO))  # the checkout's packages, even without installing
-sys.path.insert(0, str(SCRIPTS))
 
 import build_assets  # noqa: E402  (scripts/build_assets.py)
 
-import edge_agent  # noqa: E402
 from edge_agent.bundle import pack  # noqa: E402
 from quantize.data import Sample, make_views  # noqa: E402
 from quantize.errors import QualityGateFailed  # noqa: E402
@@ -117,13 +113,6 @@ from quantize.evaluate import Artifact, Runner  # noqa: E402
 import quantize.pipeline as pipeline_mod  # noqa: E402
 from quantize.pipeline import QuantizeOptions, run as run_quantize  # noqa: E402
 
-MODEL_NAME = "mobilenet_v2"
-PREPROCESSING = {
-    "resize": "crop",
-    "crop_fraction": 0.875,
-    "mean": (0.485, 0.456, 0.406),
-    "std": (0.229, 0.224, 0.225),
-}
 # Photos of things an ImageNet classifier is meant for, split into two
 # disjoint sets. Textures, microscopy and text pages are left out of both:
 # fp32's own top-1 on them is a near tie, and top-1 agreement on near ties
@@ -154,47 +143,14 @@ def progress(message: str) -> None:
 # ------------------------------------------------------------------ machine
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def loadavg() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
-
-
 def machine_info() -> dict[str, Any]:
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        usable = os.cpu_count()
     try:
         import onnx
 
         onnx_version = onnx.__version__
     except ImportError:  # pragma: no cover
         onnx_version = None
-    return {
-        "cpu_count": os.cpu_count(),
-        "cpu_usable": usable,
-        "cpu_model": cpu_model(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "onnxruntime": ort.__version__,
-        "onnx": onnx_version,
-        "opencv": cv2.__version__,
-        "numpy": np.__version__,
-        "edge_agent": edge_agent.__version__,
-        "loadavg_at_start": loadavg(),
-    }
+    return _machine_info(onnx=onnx_version)
 
 
 # ------------------------------------------------------------------ data

@@ -60,7 +60,6 @@ import argparse
 import json
 import logging
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -73,27 +72,16 @@ import cv2
 import numpy as np
 import onnxruntime as ort
 
-REPO = Path(__file__).resolve().parent.parent
-SCRIPTS = REPO / "scripts"
-if str(REPO) not in sys.path:  # run from a checkout without installing
-    sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(SCRIPTS))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _bench import MODEL_NAME, PREPROCESSING, machine_info  # noqa: E402  (puts the checkout on sys.path)
 
 import build_assets  # noqa: E402  (scripts/build_assets.py)
 
-import edge_agent  # noqa: E402
 from edge_agent.agent import Agent  # noqa: E402
 from edge_agent.bundle import open_bundle, pack  # noqa: E402
 from edge_agent.config import parse_config  # noqa: E402
 from edge_agent.preprocess import Preprocessor  # noqa: E402
 
-MODEL_NAME = "mobilenet_v2"
-PREPROCESSING = {
-    "resize": "crop",
-    "crop_fraction": 0.875,
-    "mean": (0.485, 0.456, 0.406),
-    "std": (0.229, 0.224, 0.225),
-}
 VARIANTS = ("agent", "agent_info", "bare_infer", "bare_full")
 LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"  # as edge_agent.cli
 
@@ -115,39 +103,6 @@ def cpu_ms_per_frame(first: float, last: float, n: int) -> float:
 
 
 # ------------------------------------------------------------------ machine
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine_info() -> dict[str, Any]:
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        usable = os.cpu_count()
-    try:
-        load = [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        load = None
-    return {
-        "cpu_count": os.cpu_count(),
-        "cpu_usable": usable,
-        "cpu_model": cpu_model(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "onnxruntime": ort.__version__,
-        "opencv": cv2.__version__,
-        "numpy": np.__version__,
-        "edge_agent": edge_agent.__version__,
-        "loadavg_at_start": load,
-    }
 
 
 # ------------------------------------------------------------------ the agent

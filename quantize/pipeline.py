@@ -32,7 +32,7 @@ from edge_agent.runtimes import describe_model
 from quantize import report as report_mod
 from quantize.data import SampleSet, TensorReader, load_samples, preprocess_all
 from quantize.errors import QualityGateFailed, QuantizeError, QuantizeInputError
-from quantize.evaluate import Artifact, Metrics, Runner, evaluate
+from quantize.evaluate import Artifact, Runner, evaluate
 from quantize.mixed import MixedPrecisionResult, rank_sensitivity, search
 from quantize.onnx_int8 import OnnxInt8Quantizer, fix_input_shape, input_shape, load_onnx
 from quantize.qdq import QdqEditor

@@ -12,8 +12,7 @@ import cv2
 import numpy as np
 import pytest
 
-from edge_agent.bundle import open_bundle
-from edge_agent.config import ModelConfig, SourceConfig
+from edge_agent.config import SourceConfig
 from edge_agent.errors import SourceError
 from edge_agent.models.manager import LoadedModel
 from edge_agent.pipeline import SourceWorker

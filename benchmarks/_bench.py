@@ -1,0 +1,69 @@
+"""What the benchmark scripts share: the checkout on sys.path, the demo
+model's preprocessing, and a description of the machine for the JSON."""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPTS = REPO / "scripts"
+for _path in (SCRIPTS, REPO):  # the checkout's packages, even without installing
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+MODEL_NAME = "mobilenet_v2"
+# The demo's ImageNet preprocessing (configs/demo.toml's bundle, scripts/demo.sh).
+PREPROCESSING = {
+    "resize": "crop",
+    "crop_fraction": 0.875,
+    "mean": (0.485, 0.456, 0.406),
+    "std": (0.229, 0.224, 0.225),
+}
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def loadavg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def machine_info(**versions: str | None) -> dict[str, Any]:
+    """CPU, platform, Python and library versions (``versions`` adds more)."""
+    import cv2
+    import numpy as np
+    import onnxruntime as ort
+
+    import edge_agent
+
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        usable = os.cpu_count()
+    return {
+        "cpu_count": os.cpu_count(),
+        "cpu_usable": usable,
+        "cpu_model": cpu_model(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "onnxruntime": ort.__version__,
+        **versions,
+        "opencv": cv2.__version__,
+        "numpy": np.__version__,
+        "edge_agent": edge_agent.__version__,
+        "loadavg_at_start": loadavg(),
+    }
