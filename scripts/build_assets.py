@@ -74,7 +74,7 @@ import warnings
 import zipfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import cv2
 import numpy as np
@@ -419,20 +419,27 @@ def _onnx_session(path: Path):
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def _mobilenet_onnx_valid(path: Path) -> bool:
-    """Cheap check: the file loads in onnxruntime with the expected static I/O."""
-    if not path.is_file() or path.stat().st_size < 1_000_000:
+def _onnx_io_valid(path: Path, min_size: int, input_name: str, input_shape: Sequence[int],
+                   output_name: str, output_shape: Sequence[int]) -> bool:
+    """Cheap check: the file loads in onnxruntime with one static float
+    input and one output of the expected names and shapes."""
+    if not path.is_file() or path.stat().st_size < min_size:
         return False
     try:
         sess = _onnx_session(path)
     except Exception:  # noqa: BLE001 - any load failure means "rebuild"
         return False
     inputs, outputs = sess.get_inputs(), sess.get_outputs()
-    return (len(inputs) == 1 and inputs[0].name == MOBILENET_INPUT_NAME
-            and list(inputs[0].shape) == list(MOBILENET_INPUT_SHAPE)
+    return (len(inputs) == 1 and inputs[0].name == input_name
+            and list(inputs[0].shape) == list(input_shape)
             and inputs[0].type == "tensor(float)"
-            and len(outputs) == 1 and outputs[0].name == MOBILENET_OUTPUT_NAME
-            and list(outputs[0].shape) == [1, 1000])
+            and len(outputs) == 1 and outputs[0].name == output_name
+            and list(outputs[0].shape) == list(output_shape))
+
+
+def _mobilenet_onnx_valid(path: Path) -> bool:
+    return _onnx_io_valid(path, 1_000_000, MOBILENET_INPUT_NAME, MOBILENET_INPUT_SHAPE,
+                          MOBILENET_OUTPUT_NAME, [1, 1000])
 
 
 def classify_chelsea(onnx_path: Path, k: int = 5) -> list[tuple[int, float]]:
@@ -917,19 +924,8 @@ def _fashion_mnist_cnn():
 
 
 def _fashion_onnx_valid(path: Path) -> bool:
-    """Cheap check: the file loads in onnxruntime with static ``input`` -> ``logits``."""
-    if not path.is_file() or path.stat().st_size < 10_000:
-        return False
-    try:
-        sess = _onnx_session(path)
-    except Exception:  # noqa: BLE001 - any load failure means "rebuild"
-        return False
-    inputs, outputs = sess.get_inputs(), sess.get_outputs()
-    return (len(inputs) == 1 and inputs[0].name == FASHION_MNIST_INPUT_NAME
-            and list(inputs[0].shape) == list(FASHION_MNIST_INPUT_SHAPE)
-            and inputs[0].type == "tensor(float)"
-            and len(outputs) == 1 and outputs[0].name == FASHION_MNIST_OUTPUT_NAME
-            and list(outputs[0].shape) == [1, len(FASHION_MNIST_CLASSES)])
+    return _onnx_io_valid(path, 10_000, FASHION_MNIST_INPUT_NAME, FASHION_MNIST_INPUT_SHAPE,
+                          FASHION_MNIST_OUTPUT_NAME, [1, len(FASHION_MNIST_CLASSES)])
 
 
 def _fashion_info_valid(path: Path, onnx_path: Path) -> bool:
