@@ -22,7 +22,10 @@ import cv2
 import numpy as np
 import pytest
 
+from edge_agent.manifest import Preprocessing, TensorSpec
+from edge_agent.preprocess import Preprocessor
 from quantize import tflite
+from quantize.data import make_views
 from quantize.errors import QuantizeError, QuantizeInputError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -36,32 +39,17 @@ BUILTIN_INT8_OPS = {"PAD", "CONV_2D", "DEPTHWISE_CONV_2D", "ADD", "MEAN", "FULLY
 # ---------------------------------------------------------------- data
 
 
-def crop01(bgr: np.ndarray, size: int = 224, resize: int = 256) -> np.ndarray:
-    """The ImageNet recipe of scripts/build_assets.py ``imagenet_preprocess``
-    (short side to 256, centre crop 224, /255) as NHWC RGB in [0, 1], without
-    mean/std: the form the converter takes calibration data in."""
-    rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-    h, w = rgb.shape[:2]
-    new_w, new_h = (resize, int(resize * h / w)) if w <= h else (int(resize * w / h), resize)
-    interp = cv2.INTER_AREA if resize / min(h, w) < 1 else cv2.INTER_LINEAR
-    resized = cv2.resize(rgb, (new_w, new_h), interpolation=interp)
-    top, left = (new_h - size) // 2, (new_w - size) // 2
-    return resized[top : top + size, left : left + size].astype(np.float32) / 255.0
+# The product's own preprocessing (what `edge-agent quantize` calibrates the
+# converter with): ImageNet crop, NHWC RGB in [0, 1], mean/std left to the
+# converter.
+CROP01 = Preprocessor(
+    Preprocessing(size=(224, 224), resize="crop", crop_fraction=0.875, layout="nhwc", color="rgb"),
+    TensorSpec(name="input", shape=[1, 224, 224, 3], dtype="float32"),
+)
 
 
-def views(bgr: np.ndarray, count: int, seed: int) -> list[np.ndarray]:
-    """Camera-like views of one photo: itself, its mirror image, and random
-    crops (55-90 % of the frame, some mirrored)."""
-    rng = np.random.default_rng(seed)
-    h, w = bgr.shape[:2]
-    out = [bgr, cv2.flip(bgr, 1)]
-    while len(out) < count:
-        s = float(rng.uniform(0.55, 0.9))
-        ch, cw = int(h * s), int(w * s)
-        y, x = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
-        crop = bgr[y : y + ch, x : x + cw]
-        out.append(cv2.flip(crop, 1) if rng.random() < 0.5 else crop)
-    return out
+def crop01(bgr: np.ndarray) -> np.ndarray:
+    return CROP01(bgr)[0][0]
 
 
 def normalise(x01: np.ndarray) -> np.ndarray:
@@ -84,7 +72,7 @@ def photo_split(assets: dict[str, Path]) -> dict[str, np.ndarray]:
         for i, name in enumerate(group):
             bgr = cv2.imread(str(assets["photos"] / f"{name}.jpg"))
             assert bgr is not None, name
-            out += [crop01(v) for v in views(bgr, 8, seed + i)]
+            out += [crop01(v) for v in make_views(bgr, 8, seed=seed + i)]
         return np.stack(out)
 
     return {"calibration": load(calib_names, 100), "check": load(check_names, 0)}
