@@ -35,6 +35,8 @@ class LogSink:
         self.log = logger or logging.getLogger("edge_agent.results")
 
     def emit(self, source: str, result: dict[str, Any]) -> None:
+        if not self.log.isEnabledFor(logging.INFO):
+            return  # per frame: do not build a line nobody will see
         if "top" in result:
             what = ", ".join(f"{t['label']} {t['score']:.2f}" for t in result["top"][:3]) or "nothing above threshold"
         else:
