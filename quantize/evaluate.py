@@ -9,7 +9,6 @@ compressed size (what an OTA download costs) and median latency.
 
 from __future__ import annotations
 
-import gzip
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -22,6 +21,7 @@ from edge_agent.manifest import Preprocessing
 from edge_agent.models.manager import concrete_input
 from edge_agent.runtimes import create_runtime, describe_model, runtime_for_file
 from quantize.data import Sample, preprocess_all
+from quantize.prune import compressed_size
 
 
 @dataclass
@@ -54,10 +54,6 @@ class Metrics:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def compressed_size(path: Path) -> int:
-    return len(gzip.compress(Path(path).read_bytes(), compresslevel=9))
 
 
 class Runner:

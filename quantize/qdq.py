@@ -62,19 +62,18 @@ class QdqEditor:
             self.candidates.append(Candidate(f"act:{tensor}", "activation", users))
         for node_name in self._weights:
             self.candidates.append(Candidate(f"weights:{node_name}", "weights", (node_name,)))
+        self._by_id = {c.id: c for c in self.candidates}
 
     def with_float(self, ids: list[str] | tuple[str, ...]) -> onnx.ModelProto:
         """The model with the candidates ``ids`` in float. A node whose
         activation input goes back to float also gets its float weights: a
         float node reading DequantizeLinear(int8 weights) would dequantize
         them on every inference (ONNX Runtime does not fold DQ nodes)."""
-        ids = list(dict.fromkeys(ids))
+        ids = list(ids)
         for cid in list(ids):
-            kind, _, key = cid.partition(":")
-            if kind == "act":
-                for cand in self.candidates:
-                    if cand.kind == "activation" and cand.id == cid:
-                        ids += [f"weights:{c}" for c in cand.consumers if c in self._weights]
+            cand = self._by_id.get(cid)
+            if cand is not None and cand.kind == "activation":
+                ids += [f"weights:{c}" for c in cand.consumers if c in self._weights]
         ids = list(dict.fromkeys(ids))
         model = copy.deepcopy(self.qdq)
         rename: dict[str, str] = {}
