@@ -11,6 +11,7 @@ float. :func:`quantize_static` is the one-call form, shaped like
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 from typing import Sequence
 
@@ -98,7 +99,7 @@ class OnnxInt8Quantizer:
         self.activation_type = QuantType.QUInt8 if activation_type == "uint8" else QuantType.QInt8
         self.prepared = self.workdir / "fp32.pre.onnx"
         self.cache = self.workdir / f"calibration-{method}.json"
-        self._calibrated = False
+        self._full: Path | None = None
 
     def prepare(self) -> Path:
         """ORT's pre-processing pass: symbolic shape inference + optimisation."""
@@ -119,14 +120,20 @@ class OnnxInt8Quantizer:
         if not self.prepared.exists():
             self.prepare()
         self.cache.unlink(missing_ok=True)
-        self._quantize(self.workdir / "calibrated.onnx", (), reader)
-        self._calibrated = True
+        # ORT calibrates and quantizes in one call: keep that fully
+        # quantized model, the most common request afterwards.
+        self._full = self.workdir / "int8_full.onnx"
+        self._quantize(self._full, (), reader)
 
     def quantize(self, out: Path, exclude: Sequence[str] = ()) -> Path:
         """Write the int8 model with ``exclude`` nodes kept in float."""
-        if not self._calibrated:
+        if self._full is None:
             raise QuantizeError("calibrate() first")
-        self._quantize(out, exclude, None)
+        if not exclude:
+            if Path(out).resolve() != self._full.resolve():
+                shutil.copyfile(self._full, out)
+        else:
+            self._quantize(out, exclude, None)
         return out
 
     def _quantize(self, out: Path, exclude: Sequence[str], reader: CalibrationDataReader | None) -> None:
