@@ -161,10 +161,13 @@ def _onnx_int8(
     src: _Source,
     base: Path,
     calib: np.ndarray,
+    reference_all: np.ndarray | None,
     opts: QuantizeOptions,
     work: Path,
     progress: Progress,
 ) -> tuple[Path, dict[str, Any]]:
+    """``reference_all``: the fp32 (``base``) outputs on ``calib``, given
+    when mixed precision is on."""
     quantizer = OnnxInt8Quantizer(base, work / "ort", method=opts.method, per_channel=opts.per_channel)
     quantizer.workdir.mkdir(exist_ok=True)
     t0 = time.perf_counter()
@@ -179,15 +182,11 @@ def _onnx_int8(
         "weights": "int8",
         "calibration_s": round(time.perf_counter() - t0, 1),
     }
-    if not opts.mixed_precision:
+    if reference_all is None:
         return full, info
-    subset = calib[:: max(1, len(calib) // opts.search_samples)][: opts.search_samples]
-    ref_runner = Runner(Artifact("fp32", base, src.preprocessing), threads=2)
-    try:
-        reference = ref_runner.outputs(subset)
-        reference_all = ref_runner.outputs(calib)
-    finally:
-        ref_runner.close()
+    step = max(1, len(calib) // opts.search_samples)
+    subset = calib[::step][: opts.search_samples]
+    reference = reference_all[::step][: opts.search_samples]
     editor = QdqEditor(onnx.load(str(full)), onnx.load(str(quantizer.prepared)))
 
     def build(ids: Sequence[str]) -> Path:
@@ -229,12 +228,17 @@ def _onnx_int8(
 
 
 def _tflite_int8(
-    src: _Source, base: Path, calib_samples: SampleSet, opts: QuantizeOptions, work: Path, progress: Progress
+    src: _Source,
+    base: Path,
+    calib_samples: SampleSet,
+    reference_all: np.ndarray | None,
+    opts: QuantizeOptions,
+    work: Path,
 ) -> tuple[Path | None, dict[str, Any]]:
-    try:
-        from quantize import tflite
-    except ImportError as exc:  # pragma: no cover - the module ships with the package
-        return None, {"skipped": f"TFLite conversion unavailable: {exc}"}
+    """``reference_all``: the fp32 (``base``) outputs on the calibration
+    pictures, given when mixed precision is on."""
+    from quantize import tflite
+
     try:
         env = tflite.find_converter_env()
     except QuantizeError as exc:
@@ -250,17 +254,14 @@ def _tflite_int8(
     out = work / "model_int8.tflite"
     t0 = time.perf_counter()
     kwargs: dict[str, Any] = dict(per_channel=opts.per_channel, env=env, progress=lambda msg: log.info("onnx2tf: %s", msg))
-    if opts.mixed_precision and hasattr(tflite, "convert_int8_mixed"):
-        ref = Runner(Artifact("fp32", base, src.preprocessing), threads=2)
-        try:
-            reference = ref.outputs(preprocess_all(calib_samples.samples, src.preprocessing, src.input)).argmax(1)
-        finally:
-            ref.close()
+    if reference_all is not None:
+        reference = reference_all.argmax(1)
+        tfl_tensors = preprocess_all(calib_samples.samples, tfl_pre, spec)
 
         def agreement(path: Path) -> float:
             runner = Runner(Artifact("tflite", path, tfl_pre), threads=2)
             try:
-                got = runner.outputs(runner.tensors(calib_samples.samples)).argmax(1)
+                got = runner.outputs(tfl_tensors).argmax(1)
             finally:
                 runner.close()
             return float(np.mean(got == reference))
@@ -270,10 +271,11 @@ def _tflite_int8(
         )
     else:
         artifact = tflite.convert_int8(base, calib, mean, std, out, **kwargs)
-    info = {"conversion_s": round(time.perf_counter() - t0, 1)}
-    for key in ("ops", "float_nodes"):
-        if hasattr(artifact, key):
-            info[key] = list(getattr(artifact, key))
+    info = {
+        "conversion_s": round(time.perf_counter() - t0, 1),
+        "ops": list(artifact.ops),
+        "float_nodes": list(artifact.float_nodes),
+    }
     return artifact.path, info
 
 
@@ -322,13 +324,20 @@ def run(opts: QuantizeOptions, *, progress: Progress = _no_progress, echo: Calla
         if opts.prune:
             artifacts.append(Artifact(f"fp32 pruned {opts.prune}", base, src.preprocessing))
         infos: dict[str, Any] = {}
+        reference_calib = None  # fp32 outputs on the calibration pictures, for mixed precision
+        if opts.mixed_precision:
+            runner = Runner(Artifact("fp32", base, src.preprocessing), threads=2)
+            try:
+                reference_calib = runner.outputs(calib)
+            finally:
+                runner.close()
         if "onnx" in opts.targets:
             echo("int8 ONNX: calibrating and quantizing ...")
-            path, infos["onnx"] = _onnx_int8(src, base, calib, opts, work, progress)
+            path, infos["onnx"] = _onnx_int8(src, base, calib, reference_calib, opts, work, progress)
             artifacts.append(Artifact("int8 onnx", path, src.preprocessing, infos["onnx"]))
         if "tflite" in opts.targets:
             echo("int8 TFLite: converting with onnx2tf ...")
-            path, infos["tflite"] = _tflite_int8(src, base, calib_set, opts, work, progress)
+            path, infos["tflite"] = _tflite_int8(src, base, calib_set, reference_calib, opts, work)
             if path is not None:
                 artifacts.append(Artifact("int8 tflite", path, src.preprocessing.model_copy(update={"layout": "nhwc"}), infos["tflite"]))
 
