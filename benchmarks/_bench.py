@@ -25,6 +25,16 @@ PREPROCESSING = {
 }
 
 
+def emit(report: dict[str, Any], table: str, *, json_only: bool) -> None:
+    """The JSON on stdout, then (unless ``json_only``) the readable table."""
+    import json
+
+    print(json.dumps(report, indent=2))
+    if not json_only:
+        print()
+        print(table)
+
+
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

@@ -97,7 +97,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _bench import MODEL_NAME, PREPROCESSING, loadavg, machine_info as _machine_info  # noqa: E402
+from _bench import MODEL_NAME, PREPROCESSING, emit, loadavg, machine_info as _machine_info  # noqa: E402
 
 # This file is named like the ``quantize`` package: when run as a script its
 # own folder is sys.path[0] and would shadow the package, so drop it (the
@@ -791,10 +791,7 @@ def main(argv: list[str] | None = None) -> int:
         **results,
     }
     report["targets"] = targets_summary(results, args.min_agreement)
-    print(json.dumps(report, indent=2))
-    if not args.json_only:
-        print()
-        print(table(report))
+    emit(report, table(report), json_only=args.json_only)
     return 0
 
 

@@ -57,7 +57,6 @@ readable table (not with ``--json-only``); progress goes to stderr.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import statistics
@@ -73,7 +72,7 @@ import numpy as np
 import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench import MODEL_NAME, PREPROCESSING, machine_info  # noqa: E402  (puts the checkout on sys.path)
+from _bench import MODEL_NAME, PREPROCESSING, emit, machine_info  # noqa: E402  (puts the checkout on sys.path)
 
 import build_assets  # noqa: E402  (scripts/build_assets.py)
 
@@ -523,10 +522,7 @@ def main(argv: list[str] | None = None) -> int:
             "agent_frames_in_order": summary["agent"]["frames_in_order"],
         },
     }
-    print(json.dumps(report, indent=2))
-    if not args.json_only:
-        print()
-        print(table(report))
+    emit(report, table(report), json_only=args.json_only)
     return 0
 
 
