@@ -372,7 +372,7 @@ def run(opts: QuantizeOptions, *, progress: Progress = _no_progress, echo: Calla
             raise QuantizeError("no int8 artifact was produced (see the messages above)")
         if failing:
             raise QualityGateFailed(
-                f"quality gate failed: top-1 agreement with fp32 below {opts.min_agreement:.0%} for {', '.join(failing)}; "
+                f"quality gate failed: top-1 agreement with fp32 below {opts.min_agreement:.1%} for {', '.join(failing)}; "
                 "no bundle was written (the report says why)"
             )
         return report

@@ -62,7 +62,7 @@ def html_page(report: dict[str, Any], metrics: Sequence[Metrics]) -> str:
     return f"""<!doctype html><meta charset="utf-8"><title>edge-agent quantize: {html.escape(report['model']['name'])}</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:60em}} pre{{background:#f4f4f4;padding:1em;overflow:auto}}</style>
 <h1>{html.escape(report['model']['name'])} v{report['model']['version']}: quantization report</h1>
-<p>Quality gate (min top-1 agreement {gate['min_agreement']:.0%}): <b>{status}</b>.
+<p>Quality gate (min top-1 agreement {gate['min_agreement']:.1%}): <b>{status}</b>.
 Calibration: {report['calibration']['samples']} pictures from {html.escape(report['calibration']['source'])};
 evaluation: {report['evaluation']['samples']} other pictures from {html.escape(report['evaluation']['source'])}.</p>
 {''.join(f'<p>{c}</p>' for c in charts)}
