@@ -18,7 +18,7 @@ from typing import Any, Callable
 from edge_agent.config import AgentConfig
 from edge_agent.errors import EdgeAgentError, SourceError
 from edge_agent.models.manager import ModelManager
-from edge_agent.models.store import ModelStore
+from edge_agent.models.store import ModelStore, StoreLock
 from edge_agent.pipeline import LogSink, Sink, SourceWorker
 from edge_agent.sources import FrameSource, open_source
 
@@ -31,8 +31,12 @@ class Agent:
     def __init__(self, config: AgentConfig, *, extra_sinks: list[Sink] | None = None) -> None:
         self.config = config
         self.stop_event = threading.Event()
-        self.store = ModelStore(config.store.path)
-        self.models = ModelManager(self.store, config.models)
+        self.store = ModelStore(config.store.path, keep_versions=config.store.keep_versions)
+        self.store_lock = StoreLock(config.store.path)
+        self.events: list[Callable[[dict[str, Any]], None]] = []
+        self.models = ModelManager(
+            self.store, config.models, trusted_keys=config.store.trusted_keys, on_event=self._on_event
+        )
         self.sinks: list[Sink] = [LogSink(), *(extra_sinks or [])]
         self.transport = None
         if config.mqtt is not None:
@@ -47,6 +51,7 @@ class Agent:
     def start(self) -> None:
         """Start everything; on failure, stop what was started and re-raise."""
         try:
+            self._step("store lock", self._lock_store, self.store_lock.release)
             self._step("models", self.models.start, self.models.stop)
             if self.transport is not None:
                 self._step("mqtt", self.transport.start, self.transport.stop)
@@ -67,6 +72,18 @@ class Agent:
         if self.config.sources and not self.workers:
             self.shutdown()
             raise EdgeAgentError("no source could be started (see the errors above)", code="no_sources")
+
+    def _lock_store(self) -> None:
+        if not self.store_lock.acquire():
+            raise EdgeAgentError(
+                f"model store {self.store.root} is in use by another process (another agent, or an "
+                "`edge-agent models` command in progress)",
+                code="store_locked",
+            )
+
+    def _on_event(self, event: dict[str, Any]) -> None:
+        for sink in self.events:
+            sink(event)
 
     def _step(self, name: str, start: Callable[[], None], stop: Callable[[], None]) -> None:
         start()

@@ -46,6 +46,7 @@ from edge_agent.manifest import (
 )
 
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+SAMPLES_NAME = "samples.npz"
 _CHUNK = 1 << 20
 
 
@@ -261,6 +262,7 @@ def pack(
     metadata: dict[str, Any] | None = None,
     extra_files: dict[str, Path] | None = None,
     sign_key: Path | str | None = None,
+    sample_images: Sequence[Path | str] = (),
 ) -> Path:
     """Wrap an .onnx or .tflite file into a bundle at ``out`` (a directory, or
     an archive when ``out`` ends in .tar/.tar.gz). Returns ``out``.
@@ -270,6 +272,10 @@ def pack(
 
     The model is opened with its runtime to read the input/output specs, so a
     file the runtime cannot read is refused here rather than on the device.
+
+    ``sample_images`` are preprocessed and run through the model here; the
+    inputs and outputs go into ``samples.npz`` so that the device can check,
+    before a version serves, that it computes the same answers.
     """
     from edge_agent.runtimes import describe_model, runtime_for_file
 
@@ -332,6 +338,12 @@ def pack(
             )
         except ValidationError as exc:
             raise BundleError(f"cannot pack {model}: {exc.errors()[0]['msg']}", code="bad_manifest") from None
+        if sample_images:
+            _write_samples(stage / SAMPLES_NAME, model, runtime, manifest, sample_images)
+            entry = FileEntry(
+                path=SAMPLES_NAME, sha256=sha256_file(stage / SAMPLES_NAME), size=(stage / SAMPLES_NAME).stat().st_size
+            )
+            manifest = manifest.model_copy(update={"files": [*manifest.files, entry], "samples": SAMPLES_NAME})
         (stage / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
         if private_key is not None:
             from edge_agent.signing import sign_dir
@@ -339,6 +351,38 @@ def pack(
             sign_dir(stage, private_key)
         write_bundle(stage, out)
     return out
+
+
+def _write_samples(
+    dest: Path, model: Path, runtime: str, manifest: Manifest, images: Sequence[Path | str]
+) -> None:
+    """Preprocess ``images`` as the agent will and record the model's outputs."""
+    import cv2
+    import numpy as np
+
+    from edge_agent.models.manager import concrete_input
+    from edge_agent.preprocess import Preprocessor
+    from edge_agent.runtimes import create_runtime
+
+    spec = concrete_input(manifest.inputs[0], manifest.preprocessing)
+    pre = Preprocessor(manifest.preprocessing, spec)
+    rt = create_runtime(runtime, model, [spec], manifest.outputs, threads=1)
+    rt.load()
+    inputs, outputs = [], []
+    try:
+        for image in images:
+            frame = cv2.imread(str(image), cv2.IMREAD_COLOR)
+            if frame is None:
+                raise BundleError(f"sample image {image}: not a readable image", code="bad_sample")
+            tensor, _ = pre(frame)
+            inputs.append(tensor)
+            outputs.append(rt.infer(tensor))
+    finally:
+        rt.close()
+    arrays = {"input": np.concatenate(inputs)}
+    for k in range(len(outputs[0])):
+        arrays[f"output_{k}"] = np.concatenate([o[k] for o in outputs])
+    np.savez(dest, **arrays)
 
 
 def write_bundle(stage: Path, out: Path) -> None:

@@ -154,6 +154,13 @@ def preprocessing_options(func: F) -> F:
     type=click.Path(dir_okay=False),
     help="Ed25519 private key (from edge-agent keygen): sign the bundle (manifest.sig).",
 )
+@click.option(
+    "--sample",
+    "samples",
+    multiple=True,
+    type=click.Path(dir_okay=False, exists=True),
+    help="Image to record with the model's outputs (repeatable); the device checks them before serving.",
+)
 @_user_errors
 def pack(
     model: str,
@@ -165,6 +172,7 @@ def pack(
     top_k: int | None,
     threshold: float | None,
     sign_key: str | None,
+    samples: tuple[str, ...],
     **pre: Any,
 ) -> None:
     """Wrap an .onnx or .tflite MODEL into a model bundle."""
@@ -187,6 +195,7 @@ def pack(
         task=task,
         postprocessing=post,
         sign_key=Path(sign_key) if sign_key else None,
+        sample_images=[Path(s) for s in samples],
     )
     signed = ""
     if sign_key:

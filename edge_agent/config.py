@@ -105,6 +105,18 @@ class MqttConfig(_Section):
 class StoreConfig(_Section):
     path: ConfigPath = Field(Path("/var/lib/edge-agent/models"), description="Directory of the versioned model store.")
     keep_versions: int = Field(3, ge=1, description="Old versions kept for rollback.")
+    trusted_keys: list[ConfigPath] = Field(
+        default_factory=list,
+        description="Ed25519 public keys (from `edge-agent keygen`); when set, every bundle must be signed by one.",
+    )
+    control_socket: ConfigPath | None = Field(
+        None, description="Unix socket of the running agent's local control path (default: <path>/agent.sock)."
+    )
+    max_bundle_mb: float = Field(512.0, gt=0, description="Largest bundle a deploy may bring.")
+
+    @property
+    def socket_path(self) -> Path:
+        return self.control_socket or self.path / "agent.sock"
 
 
 class ModelConfig(_Section):
@@ -120,6 +132,35 @@ class ModelConfig(_Section):
         min_length=1,
         description="ONNX Runtime execution providers, in order of preference.",
     )
+    version_policy: Literal["latest", "specific"] = Field(
+        "latest", description="latest: serve the active version (newest when none is chosen); specific: only `versions`."
+    )
+    latest: int = Field(1, ge=1, le=16, description="With `latest`: versions kept loaded (the active one and those just below).")
+    versions: list[Annotated[int, Field(ge=1)]] = Field(
+        default_factory=list, description="With `specific`: the versions that may serve."
+    )
+    swap: Literal["auto", "availability", "resource"] = Field(
+        "auto",
+        description="availability: load the new version while the old serves; resource: unload first "
+        "(a gap, for tight memory); auto: availability when free memory allows.",
+    )
+    probation_frames: int = Field(100, ge=1, description="Frames a newly activated version must serve to pass probation.")
+    probation_s: float = Field(60.0, gt=0, description="Or seconds, whichever comes first.")
+    probation_max_errors: int = Field(1, ge=1, description="Inference errors during probation that trigger a rollback.")
+    max_latency_factor: float = Field(
+        3.0, gt=1, description="Median latency during probation above this times the previous version's: roll back."
+    )
+    smoke_tolerance: float | None = Field(
+        None, gt=0, description="Override the bundle's tolerance for its sample outputs (fraction of the output range)."
+    )
+
+    @model_validator(mode="after")
+    def _policy(self) -> "ModelConfig":
+        if self.version_policy == "specific" and not self.versions:
+            raise ValueError("version_policy 'specific' needs a non-empty `versions` list")
+        if self.version_policy == "latest" and self.versions:
+            raise ValueError("`versions` is only used with version_policy = 'specific'")
+        return self
 
 
 class SourceConfig(_Section):
@@ -130,6 +171,7 @@ class SourceConfig(_Section):
         "a video file or a folder of images.",
     )
     model: Name = Field(description="The model that serves this source.")
+    label: Name | None = Field(None, description="Serve by this version label (e.g. 'canary') instead of the active version.")
 
     @field_validator("uri")
     @classmethod

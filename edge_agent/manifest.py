@@ -158,6 +158,14 @@ class Manifest(_Strict):
     task: Literal["classify", "detect"]
     postprocessing: ClassifyParams | DetectParams
     labels: str | None = Field(None, description="Bundle file with one label per line, in class order.")
+    samples: str | None = Field(
+        None,
+        description="Bundle file (.npz) with preprocessed sample inputs (`input`, stacked) and the outputs "
+        "the model gave for them (`output_0`, ...); the device checks them before a version may serve.",
+    )
+    samples_tolerance: float = Field(
+        0.05, gt=0, description="Allowed difference from the sample outputs, as a fraction of each output's range."
+    )
     created_at: float | None = None
     created_by: str | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
@@ -185,6 +193,8 @@ class Manifest(_Strict):
             raise ValueError(f"model_file {self.model_file!r} is not among the listed files")
         if self.labels is not None and self.labels not in listed:
             raise ValueError(f"labels {self.labels!r} is not among the listed files")
+        if self.samples is not None and self.samples not in listed:
+            raise ValueError(f"samples {self.samples!r} is not among the listed files")
         want = DetectParams if self.task == "detect" else ClassifyParams
         if not isinstance(self.postprocessing, want):
             raise ValueError(f"postprocessing does not match task {self.task!r}")

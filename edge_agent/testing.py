@@ -81,7 +81,7 @@ class StaticModels:
         self.acquired = 0
 
     @contextmanager
-    def acquire(self, name: str) -> Iterator["LoadedModel"]:
+    def acquire(self, name: str, label: str | None = None) -> Iterator["LoadedModel"]:
         model = self._models.get(name)
         if model is None:
             raise ModelNotAvailable(f"model {name} is not loaded")

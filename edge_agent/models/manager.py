@@ -1,32 +1,55 @@
-"""The model manager: loads models from the store and hands them out per frame.
+"""The model manager: loads versions from the store, hands them out per frame,
+swaps them under load and watches a new version through its probation.
 
 Following TF Serving's ServableHandle rule, the pipeline never keeps a model
 between frames: it calls :meth:`ModelManager.acquire` for each frame and
-releases the model when the frame is done, so a later version can be swapped
-in between two frames and the old one closed once nothing holds it.
+releases the model when the frame is done, so a new version can be switched
+in between two frames and the old one closed once no frame holds it.
+
+Every change of what serves (start, activate, rollback, labels, remove) is a
+*transaction*, serialised by one lock, in this order: load and verify the new
+version while the old one serves, write the state file (atomically), switch
+in memory, retire the old version. A failure before the switch leaves the old
+version serving and the state file untouched. See docs/lifecycle.md.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
+import statistics
 import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
 from edge_agent.bundle import Bundle, open_bundle
 from edge_agent.config import ModelConfig
-from edge_agent.errors import EdgeAgentError, ModelNotAvailable
+from edge_agent.errors import BundleError, EdgeAgentError, ModelLoadError, ModelNotAvailable
+from edge_agent.faults import checkpoint
 from edge_agent.manifest import Manifest, Preprocessing, TensorSpec
-from edge_agent.models.store import ModelStore
+from edge_agent.models import policy
+from edge_agent.models.state import ModelState, Probation
+from edge_agent.models.store import ModelStore, StoreError
 from edge_agent.postprocess import Classifier, Detector, make_postprocessor
 from edge_agent.preprocess import Preprocessor
 from edge_agent.runtimes import Runtime, create_runtime
 
 log = logging.getLogger(__name__)
+
+EventSink = Callable[[dict[str, Any]], None]
+
+ACQUIRE_TIMEOUT_S = 30.0  # longest a frame waits for a model during a resource-preserving swap
+BASELINE_MIN_FRAMES = 10
+PROBATION_MIN_FRAMES = 5
+
+
+class SmokeTestFailed(EdgeAgentError):
+    code = "smoke_test_failed"
 
 
 @dataclass
@@ -50,6 +73,29 @@ def concrete_input(spec: TensorSpec, pre: Preprocessing) -> TensorSpec:
     return spec.model_copy(update={"shape": shape})
 
 
+class ModelStats:
+    """Frames, errors and recent inference times of one loaded version."""
+
+    def __init__(self, window: int = 200) -> None:
+        self._lock = threading.Lock()
+        self.frames = 0
+        self.errors = 0
+        self.infer_ms: collections.deque[float] = collections.deque(maxlen=window)
+
+    def ok(self, infer_ms: float) -> None:
+        with self._lock:
+            self.frames += 1
+            self.infer_ms.append(infer_ms)
+
+    def error(self) -> None:
+        with self._lock:
+            self.errors += 1
+
+    def snapshot(self) -> tuple[int, int, list[float]]:
+        with self._lock:
+            return self.frames, self.errors, list(self.infer_ms)
+
+
 @dataclass
 class LoadedModel:
     """A model version ready to serve: runtime, pre- and postprocessing.
@@ -64,114 +110,747 @@ class LoadedModel:
     preprocess: Preprocessor
     postprocess: Classifier | Detector
     refs: int = field(default=0, repr=False)
+    stats: ModelStats = field(default_factory=ModelStats, repr=False)
+    warm_ms: float = 0.0
+    file_bytes: int = 0
+    retired: bool = field(default=False, repr=False)
+    closed: bool = field(default=False, repr=False)
 
     @classmethod
     def load(cls, bundle: Bundle, cfg: ModelConfig) -> "LoadedModel":
+        """Create the runtime, warm it up and time a few runs (the latency
+        baseline probation compares against)."""
         m = bundle.manifest
         inputs = [concrete_input(m.inputs[0], m.preprocessing)]
         runtime = create_runtime(
             m.runtime, bundle.model_path, inputs, m.outputs, threads=cfg.threads, providers=cfg.providers
         )
         runtime.load()
-        return cls(
-            name=m.name,
-            version=m.version,
-            manifest=m,
-            runtime=runtime,
-            preprocess=Preprocessor(m.preprocessing, m.inputs[0]),
-            postprocess=make_postprocessor(m, bundle.labels()),
-        )
+        try:
+            times = []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                runtime.warm_up()
+                times.append((time.perf_counter() - t0) * 1000.0)
+            model = cls(
+                name=m.name,
+                version=m.version,
+                manifest=m,
+                runtime=runtime,
+                preprocess=Preprocessor(m.preprocessing, m.inputs[0]),
+                postprocess=make_postprocessor(m, bundle.labels()),
+                warm_ms=statistics.median(times),
+                file_bytes=sum(f.size for f in m.files),
+            )
+        except BaseException:
+            runtime.close()
+            raise
+        return model
+
+    def smoke_test(self, root: Path, tolerance: float | None = None) -> None:
+        """Outputs finite and of the declared shape for a neutral frame; when the
+        bundle carries samples, the same outputs as when it was packed, within
+        ``tolerance`` (a fraction of each output's range)."""
+        m = self.manifest
+        w, h = m.preprocessing.size
+        frame = np.full((h, w, 3), 128, np.uint8)
+        tensor, _ = self.preprocess(frame)
+        self._check_outputs(self.runtime.infer(tensor), "a grey frame")
+        if m.samples is None:
+            return
+        tol = tolerance or m.samples_tolerance
+        try:
+            with np.load(root / m.samples, allow_pickle=False) as data:
+                arrays = {k: data[k] for k in data.files}
+        except (OSError, ValueError) as exc:
+            raise SmokeTestFailed(f"{self.name} v{self.version}: cannot read samples {m.samples}: {exc}") from None
+        inputs = arrays.get("input")
+        if inputs is None:
+            raise SmokeTestFailed(f"{self.name} v{self.version}: samples {m.samples} hold no 'input' array")
+        for i in range(len(inputs)):
+            outs = self.runtime.infer(inputs[i : i + 1])
+            self._check_outputs(outs, f"sample {i}")
+            for k, out in enumerate(outs):
+                want = arrays.get(f"output_{k}")
+                if want is None:
+                    continue
+                want = want[i : i + 1]
+                if want.shape != out.shape:
+                    raise SmokeTestFailed(
+                        f"{self.name} v{self.version}: sample {i} output {k} has shape {list(out.shape)}, "
+                        f"the bundle recorded {list(want.shape)}"
+                    )
+                span = float(want.max() - want.min()) or 1.0
+                diff = float(np.max(np.abs(out.astype(np.float64) - want)))
+                if diff > tol * span:
+                    raise SmokeTestFailed(
+                        f"{self.name} v{self.version}: sample {i} output {k} differs from the recorded one by "
+                        f"{diff:.4g} (allowed {tol:g} of its range {span:.4g})"
+                    )
+
+    def _check_outputs(self, outs: Sequence[np.ndarray], what: str) -> None:
+        specs = self.manifest.outputs
+        if len(outs) != len(specs):
+            raise SmokeTestFailed(f"{self.name} v{self.version}: {len(outs)} outputs for {what}, declared {len(specs)}")
+        for out, spec in zip(outs, specs):
+            if len(out.shape) != len(spec.shape) or any(
+                d is not None and d != s for d, s in zip(spec.shape, out.shape)
+            ):
+                raise SmokeTestFailed(
+                    f"{self.name} v{self.version}: output {spec.name!r} has shape {list(out.shape)} for {what}, "
+                    f"declared {spec.shape}"
+                )
+            if not np.all(np.isfinite(out)):
+                raise SmokeTestFailed(f"{self.name} v{self.version}: output {spec.name!r} is not finite for {what}")
 
     def process(self, frame: np.ndarray, *, top_k: int | None = None, threshold: float | None = None) -> Inference:
         t0 = time.perf_counter()
-        tensor, transform = self.preprocess(frame)
-        t1 = time.perf_counter()
-        outputs = self.runtime.infer(tensor)
-        t2 = time.perf_counter()
-        payload = self.postprocess(outputs, transform, top_k=top_k, threshold=threshold)
+        try:
+            tensor, transform = self.preprocess(frame)
+            t1 = time.perf_counter()
+            outputs = self.runtime.infer(tensor)
+            t2 = time.perf_counter()
+            payload = self.postprocess(outputs, transform, top_k=top_k, threshold=threshold)
+        except BaseException:
+            self.stats.error()
+            raise
         t3 = time.perf_counter()
+        self.stats.ok((t2 - t1) * 1000.0)
         return Inference(payload, latency_ms=(t3 - t0) * 1000.0, infer_ms=(t2 - t1) * 1000.0)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.runtime.close()
+
+
+@dataclass
+class ProbationRun:
+    version: int
+    previous: int | None
+    started: float  # monotonic
+    baseline_ms: float | None
+    frames0: int
+    errors0: int
+
+
+@dataclass
+class Slot:
+    """Everything the manager holds for one model name."""
+
+    cfg: ModelConfig
+    policy: policy.Policy
+    state: ModelState = field(default_factory=ModelState)
+    serving: LoadedModel | None = None
+    loaded: dict[int, LoadedModel] = field(default_factory=dict)
+    probation: ProbationRun | None = None
+    gap_since: float | None = None  # set while a resource-preserving swap has nothing serving
+
+
+def _policy_of(cfg: ModelConfig) -> policy.Policy:
+    return policy.Policy(kind=cfg.version_policy, latest=cfg.latest, versions=tuple(cfg.versions))
 
 
 class ModelManager:
-    """Owns the loaded models. ``start`` installs configured bundles into an
-    empty store and loads the newest installed version of each model."""
+    """Owns the loaded models and every transaction on them.
 
-    def __init__(self, store: ModelStore, configs: list[ModelConfig]) -> None:
+    ``trusted_keys``: public key files; when given, every bundle must be signed
+    by one of them (checked at install and again at every load).
+    ``on_event``: called with each lifecycle event (activated, rolled back, ...).
+    ``memory_available``: bytes of free memory (psutil by default), used by
+    ``swap = "auto"``.
+    """
+
+    def __init__(
+        self,
+        store: ModelStore,
+        configs: list[ModelConfig],
+        *,
+        trusted_keys: Sequence[Path] = (),
+        on_event: EventSink | None = None,
+        memory_available: Callable[[], int] | None = None,
+        supervise_interval_s: float = 0.1,
+    ) -> None:
         self.store = store
         self.configs = {c.name: c for c in configs}
-        self._lock = threading.Condition()
-        self._active: dict[str, LoadedModel] = {}
+        self.trusted_keys = list(trusted_keys) or None
+        self.on_event = on_event
+        self._memory_available = memory_available
+        self._cond = threading.Condition()
+        self._tx = threading.RLock()
+        self._slots: dict[str, Slot] = {c.name: Slot(cfg=c, policy=_policy_of(c)) for c in configs}
+        self._stop = threading.Event()
+        self._supervisor: threading.Thread | None = None
+        self._interval = supervise_interval_s
 
-    # -- lifecycle ---------------------------------------------------------
+    # -- events ------------------------------------------------------------
+
+    def _event(self, event: str, model: str, version: int | None = None, **fields: Any) -> None:
+        msg = {"ts": time.time(), "event": event, "model": model, "version": version, **fields}
+        level = logging.WARNING if event in ("rolled_back", "load_failed", "probation_failed") else logging.INFO
+        log.log(level, "model %s: %s%s %s", model, event, f" v{version}" if version is not None else "",
+                {k: v for k, v in fields.items() if v is not None} or "")
+        if self.on_event is not None:
+            try:
+                self.on_event(msg)
+            except Exception:
+                log.exception("an event sink failed")
+
+    # -- start / stop ------------------------------------------------------
 
     def start(self) -> None:
-        for cfg in self.configs.values():
-            self._load_initial(cfg)
+        with self._tx:
+            self.store.clean_staging()
+            for slot in self._slots.values():
+                self._start_model(slot)
+        self._supervisor = threading.Thread(target=self._supervise, name="model-supervisor", daemon=True)
+        self._supervisor.start()
 
-    def _load_initial(self, cfg: ModelConfig) -> None:
-        if not self.store.versions(cfg.name):
+    def _start_model(self, slot: Slot) -> None:
+        cfg = slot.cfg
+        name = cfg.name
+        state = self.store.recover(name)
+        if not self.store.versions(name):
             if cfg.bundle is None:
                 raise ModelNotAvailable(
-                    f"model {cfg.name}: the store {self.store.root} holds no version and no bundle is configured"
+                    f"model {name}: the store {self.store.root} holds no version and no bundle is configured"
                 )
-            with open_bundle(cfg.bundle, workdir=self.store.staging()) as bundle:
-                if bundle.manifest.name != cfg.name:
+            with open_bundle(cfg.bundle, workdir=self.store.staging(), trusted_keys=self.trusted_keys) as bundle:
+                if bundle.manifest.name != name:
                     raise EdgeAgentError(
-                        f"model {cfg.name}: bundle {cfg.bundle} is named {bundle.manifest.name!r}",
-                        code="name_mismatch",
+                        f"model {name}: bundle {cfg.bundle} is named {bundle.manifest.name!r}", code="name_mismatch"
                     )
                 self.store.install(bundle)
-        version = self.store.versions(cfg.name)[-1]
-        with self.store.open(cfg.name, version) as bundle:
-            model = LoadedModel.load(bundle, cfg)
-        with self._lock:
-            self._active[cfg.name] = model
+            state.record("installed", bundle.manifest.version, reason=f"configured bundle {cfg.bundle}")
+        if state.probation is not None:
+            # The agent stopped (crash, power cut, kill) while a version was on
+            # probation: do not trust it, go back to the version before it.
+            p = state.probation
+            back = p.previous if p.previous is not None else state.last_good
+            if back is not None and back != p.version and back in self.store.versions(name):
+                state.failed[p.version] = "the agent stopped during its probation"
+                state.active = back
+                state.record("rolled_back", p.version, reason="the agent stopped during its probation", to=back)
+                self._event("rolled_back", name, p.version, to=back, reason="the agent stopped during its probation")
+            state.probation = None
+        slot.state = state
+        snap = self._snapshot(slot)
+        planned = policy.plan(slot.policy, snap)
+        candidates = ([planned.serving] if planned.serving is not None else []) + policy.fallbacks(
+            slot.policy, snap, state.last_good
+        )
+        serving = None
+        for version in candidates:
+            try:
+                serving = self._load_version(slot, version)
+                break
+            except EdgeAgentError as exc:
+                state.failed[version] = f"{exc.code}: {exc}"
+                state.record("load_failed", version, reason=str(exc))
+                self._event("load_failed", name, version, code=exc.code, message=str(exc))
+        if serving is None:
+            self._save(slot)
+            raise ModelNotAvailable(f"model {name}: no installed version could be loaded (see the errors above)")
+        state.active = serving.version
+        if state.last_good is None:
+            state.last_good = serving.version
+        state.failed.pop(serving.version, None)
+        self._save(slot)
+        with self._cond:
+            slot.serving = serving
+            slot.loaded[serving.version] = serving
+        self._reconcile(slot)
         log.info(
-            "model %s version %d loaded (%s, %s, input %s)",
-            cfg.name,
-            version,
-            model.manifest.runtime,
-            model.manifest.task,
-            model.manifest.inputs[0].shape,
+            "model %s version %d serving (%s, %s, input %s)",
+            name,
+            serving.version,
+            serving.manifest.runtime,
+            serving.manifest.task,
+            serving.manifest.inputs[0].shape,
         )
 
     def stop(self) -> None:
-        with self._lock:
-            while any(m.refs for m in self._active.values()):
-                self._lock.wait(timeout=5.0)
-            for model in self._active.values():
-                model.runtime.close()
-            self._active.clear()
+        self._stop.set()
+        if self._supervisor is not None:
+            self._supervisor.join(timeout=5.0)
+        with self._tx, self._cond:
+            deadline = time.monotonic() + 10.0
+            while any(m.refs for s in self._slots.values() for m in s.loaded.values()):
+                if not self._cond.wait(timeout=max(0.0, deadline - time.monotonic())):
+                    break
+            for slot in self._slots.values():
+                for model in slot.loaded.values():
+                    model.close()
+                slot.loaded.clear()
+                slot.serving = None
 
     # -- serving -----------------------------------------------------------
 
     @contextmanager
-    def acquire(self, name: str) -> Iterator[LoadedModel]:
-        """The active version of ``name`` for the duration of one frame."""
-        with self._lock:
-            model = self._active.get(name)
+    def acquire(self, name: str, label: str | None = None, version: int | None = None) -> Iterator[LoadedModel]:
+        """A version of ``name`` for the duration of one frame: by default the
+        active one; by ``label`` (the active one when the label is not set) or
+        an explicit loaded ``version``. Waits while a resource-preserving swap
+        has nothing serving."""
+        with self._cond:
+            slot = self._slots.get(name)
+            if slot is None:
+                raise ModelNotAvailable(f"model {name} is not configured")
+            model = self._pick(slot, label, version)
+            if model is None and version is None:
+                deadline = time.monotonic() + ACQUIRE_TIMEOUT_S
+                while model is None and slot.gap_since is not None and not self._stop.is_set():
+                    self._cond.wait(timeout=max(0.0, deadline - time.monotonic()))
+                    if time.monotonic() >= deadline:
+                        break
+                    model = self._pick(slot, label, version)
             if model is None:
-                raise ModelNotAvailable(f"model {name} is not loaded")
+                what = f"version {version}" if version is not None else "a version"
+                raise ModelNotAvailable(f"model {name}: {what} is not loaded")
             model.refs += 1
         try:
             yield model
         finally:
-            with self._lock:
+            close = False
+            with self._cond:
                 model.refs -= 1
-                self._lock.notify_all()
+                if model.refs == 0 and model.retired and not model.closed:
+                    close = True
+                self._cond.notify_all()
+            if close:
+                model.close()
+
+    def _pick(self, slot: Slot, label: str | None, version: int | None) -> LoadedModel | None:
+        if version is not None:
+            return slot.loaded.get(version)
+        if label is not None and label in slot.state.labels:
+            labelled = slot.loaded.get(slot.state.labels[label])
+            if labelled is not None:
+                return labelled
+        return slot.serving
+
+    def resolve_label(self, name: str, label: str) -> int | None:
+        slot = self._slot(name)
+        return slot.state.labels.get(label)
 
     def status(self) -> dict[str, Any]:
-        """Per model: active version, installed versions, labels, runtime."""
-        with self._lock:
-            active = dict(self._active)
+        """Per model: active version, installed versions, labels, runtime, and
+        the lifecycle details (last good, probation, loaded, failed)."""
         out = {}
-        for name in self.configs:
-            model = active.get(name)
+        for name, slot in self._slots.items():
+            with self._cond:
+                serving = slot.serving
+                loaded = sorted(slot.loaded)
+                state = slot.state.model_copy(deep=True)
+                probation = slot.probation
             out[name] = {
-                "active": model.version if model else None,
+                "active": serving.version if serving else state.active,
                 "versions": self.store.versions(name),
-                "labels": {},
-                "runtime": model.manifest.runtime if model else None,
+                "labels": dict(state.labels),
+                "runtime": serving.manifest.runtime if serving else None,
+                "last_good": state.last_good,
+                "loaded": loaded,
+                "probation": None if probation is None else {
+                    "version": probation.version,
+                    "elapsed_s": round(time.monotonic() - probation.started, 3),
+                },
+                "failed": {str(k): v for k, v in state.failed.items()},
             }
         return out
+
+    def model_stats(self) -> dict[str, dict[str, Any]]:
+        out = {}
+        for name, slot in self._slots.items():
+            with self._cond:
+                serving = slot.serving
+            if serving is None:
+                out[name] = {"version": None}
+                continue
+            frames, errors, times = serving.stats.snapshot()
+            out[name] = {
+                "version": serving.version,
+                "frames": frames,
+                "errors": errors,
+                "infer_ms_p50": round(statistics.median(times), 3) if times else None,
+            }
+        return out
+
+    # -- transactions ------------------------------------------------------
+
+    def activate(self, name: str, version: int, *, reason: str = "activate", probation: bool = True,
+                 progress: Callable[..., None] | None = None) -> dict[str, Any]:
+        """Make ``version`` the active one: load and check it while the current
+        one serves (or after unloading it, in resource-preserving mode), then
+        switch between two frames. Returns what happened (mode, gap, timings)."""
+        with self._tx:
+            slot = self._slot(name)
+            if version not in self.store.versions(name):
+                raise StoreError(f"{name} version {version} is not in the store", code="version_not_found")
+            if not slot.policy.allows(version):
+                raise StoreError(
+                    f"{name} version {version} is not among the versions the policy allows ({list(slot.policy.versions)})",
+                    code="version_not_allowed",
+                )
+            with self._cond:
+                current = slot.serving
+            if current is not None and current.version == version:
+                return {"model": name, "version": version, "changed": False}
+            if slot.probation is not None:
+                self._end_probation(slot, passed=None)
+            previous = current.version if current is not None else slot.state.active
+            report = self._swap(slot, version, progress=progress)
+            state = slot.state
+            state.active = version
+            state.failed.pop(version, None)
+            start_probation = probation and previous is not None
+            if start_probation:
+                state.probation = Probation(version=version, since=time.time(), previous=state.last_good or previous)
+            else:
+                state.last_good = version
+            state.record("activated", version, reason=reason, previous=previous)
+            checkpoint("activate_before_state")
+            self._save(slot)
+            checkpoint("activate_after_state")
+            self._commit_swap(slot, report)
+            if start_probation:
+                baseline = self._baseline(report.pop("_old", None))
+                slot.probation = ProbationRun(version, state.probation.previous if state.probation else None,
+                                              time.monotonic(), baseline, *self._counts(slot, version))
+            else:
+                report.pop("_old", None)
+                self.store.gc(name, state)
+            self._reconcile(slot)
+            report.pop("_new", None)
+            result = {"model": name, "version": version, "previous": previous, "changed": True,
+                      "probation": start_probation, **report}
+            self._event("activated", name, version, previous=previous, reason=reason, mode=report["mode"],
+                        gap_ms=report.get("gap_ms"), load_ms=report["load_ms"])
+            return result
+
+    def rollback(self, name: str, *, reason: str = "rollback requested") -> dict[str, Any]:
+        """Back to the previous good version (no probation: it was good)."""
+        with self._tx:
+            slot = self._slot(name)
+            state = slot.state
+            active = slot.serving.version if slot.serving else state.active
+            target = self._rollback_target(slot, active)
+            if target is None:
+                raise StoreError(f"model {name}: no earlier good version to roll back to", code="no_rollback_target")
+            if slot.probation is not None:
+                slot.probation = None
+                state.probation = None
+            report = self._swap(slot, target)
+            if active is not None and reason != "rollback requested":
+                state.failed[active] = reason
+            state.active = target
+            state.last_good = target
+            state.record("rolled_back", active, reason=reason, to=target)
+            self._save(slot)
+            self._commit_swap(slot, report)
+            report.pop("_old", None)
+            report.pop("_new", None)
+            self._reconcile(slot)
+            self._event("rolled_back", name, active, to=target, reason=reason, mode=report["mode"],
+                        gap_ms=report.get("gap_ms"))
+            return {"model": name, "version": target, "from": active, "reason": reason, **report}
+
+    def _rollback_target(self, slot: Slot, active: int | None) -> int | None:
+        state = slot.state
+        installed = set(self.store.versions(slot.cfg.name))
+        if state.last_good is not None and state.last_good != active and state.last_good in installed:
+            return state.last_good
+        # the active version is the last good one: the good one before it
+        for entry in reversed(state.history):
+            if entry.event in ("probation_passed", "activated") and entry.version not in (None, active):
+                v = entry.version
+                if v in installed and v not in state.failed:
+                    return v
+        older = [v for v in installed if active is None or v < active]
+        older = [v for v in older if v not in state.failed]
+        return max(older) if older else None
+
+    def remove(self, name: str, version: int) -> dict[str, Any]:
+        with self._tx:
+            slot = self._slot(name)
+            state = slot.state
+            if version not in self.store.versions(name):
+                raise StoreError(f"{name} version {version} is not in the store", code="version_not_found")
+            if version == state.active:
+                raise StoreError(f"{name} version {version} is active; activate another version first", code="version_active")
+            labels = [k for k, v in state.labels.items() if v == version]
+            if labels:
+                raise StoreError(f"{name} version {version} carries label(s) {labels}; move them first", code="version_labelled")
+            if version == state.last_good:
+                raise StoreError(
+                    f"{name} version {version} is the last good version (the rollback target); activate and "
+                    "keep another version first",
+                    code="version_last_good",
+                )
+            self._retire(slot, version)
+            self.store.delete_version(name, version)
+            state.failed.pop(version, None)
+            state.record("removed", version)
+            self._save(slot)
+            self._event("removed", name, version)
+            return {"model": name, "version": version, "removed": True}
+
+    def set_label(self, name: str, label: str, version: int | None) -> dict[str, Any]:
+        """Point ``label`` at ``version`` (loaded and checked first), or remove it (None)."""
+        with self._tx:
+            slot = self._slot(name)
+            state = slot.state
+            if version is None:
+                state.labels.pop(label, None)
+            else:
+                if version not in self.store.versions(name):
+                    raise StoreError(f"{name} version {version} is not in the store", code="version_not_found")
+                if version not in slot.loaded:
+                    model = self._load_version(slot, version)
+                    with self._cond:
+                        slot.loaded[version] = model
+                state.labels[label] = version
+            state.record("label", version, label=label)
+            self._save(slot)
+            self._reconcile(slot)
+            self._event("label_set", name, version, label=label)
+            return {"model": name, "label": label, "version": version}
+
+    def verify_installed(self, name: str, version: int) -> LoadedModel:
+        """Load and smoke-test an installed version without serving it (the
+        deploy's verification step); the caller closes or adopts the result."""
+        return self._load_version(self._slot(name), version)
+
+    def adopt(self, model: LoadedModel) -> None:
+        """Keep an already verified model loaded (so activation need not load it again)."""
+        slot = self._slot(model.name)
+        with self._cond:
+            old = slot.loaded.get(model.version)
+            if old is None:
+                slot.loaded[model.version] = model
+                return
+        model.close()
+
+    # -- internals ---------------------------------------------------------
+
+    def _slot(self, name: str) -> Slot:
+        slot = self._slots.get(name)
+        if slot is None:
+            known = ", ".join(sorted(self._slots)) or "none"
+            raise StoreError(f"no model named {name!r} is configured (models: {known})", code="unknown_model")
+        return slot
+
+    def _snapshot(self, slot: Slot) -> policy.Snapshot:
+        s = slot.state
+        return policy.Snapshot(
+            installed=tuple(self.store.versions(slot.cfg.name)), active=s.active, labels=dict(s.labels),
+            failed=tuple(s.failed),
+        )
+
+    def _save(self, slot: Slot) -> None:
+        self.store.save_state(slot.cfg.name, slot.state)
+
+    def _load_version(self, slot: Slot, version: int) -> LoadedModel:
+        """Open (sha256 of every file, signature), load, warm up and smoke-test."""
+        name = slot.cfg.name
+        checkpoint("load_begin")
+        with self.store.open(name, version, trusted_keys=self.trusted_keys) as bundle:
+            if bundle.manifest.name != name or bundle.manifest.version != version:
+                raise BundleError(
+                    f"{self.store.path(name, version)} holds {bundle.manifest.name} v{bundle.manifest.version}",
+                    code="bad_manifest",
+                )
+            model = LoadedModel.load(bundle, slot.cfg)
+            try:
+                model.smoke_test(bundle.root, slot.cfg.smoke_tolerance)
+            except BaseException:
+                model.close()
+                raise
+        checkpoint("load_done")
+        return model
+
+    def _memory_short(self, slot: Slot, version: int) -> bool:
+        """Is free memory too small to hold the new version beside the old?"""
+        if slot.cfg.swap != "auto":
+            return slot.cfg.swap == "resource"
+        if self._memory_available is not None:
+            available = self._memory_available()
+        else:
+            import psutil
+
+            available = psutil.virtual_memory().available
+        path = self.store.path(slot.cfg.name, version)
+        size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+        # A runtime holds the weights (once or twice while it optimises the
+        # graph) plus arenas; 3x the bundle plus 64 MB of headroom is safe.
+        return available < 3 * size + (64 << 20)
+
+    def _swap(self, slot: Slot, version: int, progress: Callable[..., None] | None = None) -> dict[str, Any]:
+        """Load ``version`` and make it serve. Returns a report; the state file
+        is written by the caller between this and :meth:`_commit_swap`."""
+        t0 = time.monotonic()
+        with self._cond:
+            old = slot.serving
+        resource = old is not None and self._memory_short(slot, version)
+        if not resource:
+            new = slot.loaded.get(version)
+            if new is None:
+                if progress:
+                    progress("loading", version=version)
+                new = self._load_version(slot, version)
+            load_ms = (time.monotonic() - t0) * 1000.0
+            return {"mode": "availability", "load_ms": round(load_ms, 1), "gap_ms": 0.0, "_old": old, "_new": new}
+        # Resource-preserving: stop handing out the old version, wait for the
+        # frames in flight, close it, then load the new one. Frames wait.
+        with self._cond:
+            slot.gap_since = time.monotonic()
+            slot.serving = None
+            while old.refs:
+                self._cond.wait(timeout=1.0)
+            slot.loaded.pop(old.version, None)
+        old.close()
+        try:
+            if progress:
+                progress("loading", version=version)
+            new = self._load_version(slot, version)
+        except BaseException:
+            # Put the old version back; it was serving a moment ago.
+            back = self._load_version(slot, old.version)
+            with self._cond:
+                slot.loaded[back.version] = back
+                slot.serving = back
+                slot.gap_since = None
+                self._cond.notify_all()
+            raise
+        load_ms = (time.monotonic() - t0) * 1000.0
+        return {"mode": "resource", "load_ms": round(load_ms, 1), "_old": old, "_new": new, "_gap_start": slot.gap_since}
+
+    def _commit_swap(self, slot: Slot, report: dict[str, Any]) -> None:
+        new: LoadedModel = report["_new"]
+        old: LoadedModel | None = report["_old"]
+        with self._cond:
+            slot.loaded[new.version] = new
+            slot.serving = new
+            if slot.gap_since is not None:
+                report["gap_ms"] = round((time.monotonic() - slot.gap_since) * 1000.0, 1)
+                slot.gap_since = None
+            report.pop("_gap_start", None)
+            self._cond.notify_all()
+        if old is not None and report["mode"] == "availability":
+            keep = policy.plan(slot.policy, self._snapshot(slot)).load
+            if old.version not in keep:
+                self._retire(slot, old.version)
+
+    def _retire(self, slot: Slot, version: int) -> None:
+        with self._cond:
+            model = slot.loaded.pop(version, None)
+            if model is None:
+                return
+            model.retired = True
+            close_now = model.refs == 0 and not model.closed
+        if close_now:
+            model.close()
+
+    def _reconcile(self, slot: Slot) -> None:
+        """Load what the policy wants loaded and retire what it does not."""
+        want = set(policy.plan(slot.policy, self._snapshot(slot)).load)
+        with self._cond:
+            serving = slot.serving.version if slot.serving else None
+            have = set(slot.loaded)
+        want.add(serving) if serving is not None else None
+        for version in sorted(want - have):
+            try:
+                model = self._load_version(slot, version)
+            except EdgeAgentError as exc:
+                self._event("load_failed", slot.cfg.name, version, code=exc.code, message=str(exc))
+                continue
+            with self._cond:
+                slot.loaded[version] = model
+        for version in have - want:
+            self._retire(slot, version)
+
+    def _counts(self, slot: Slot, version: int) -> tuple[int, int]:
+        model = slot.loaded[version]
+        frames, errors, _ = model.stats.snapshot()
+        return frames, errors
+
+    @staticmethod
+    def _baseline(old: LoadedModel | None) -> float | None:
+        if old is None:
+            return None
+        _, _, times = old.stats.snapshot()
+        if len(times) >= BASELINE_MIN_FRAMES:
+            return statistics.median(times)
+        return old.warm_ms or None
+
+    # -- probation ---------------------------------------------------------
+
+    def _supervise(self) -> None:
+        while not self._stop.wait(self._interval):
+            for slot in list(self._slots.values()):
+                try:
+                    self._check_probation(slot)
+                except Exception:
+                    log.exception("model %s: probation check failed", slot.cfg.name)
+
+    def _check_probation(self, slot: Slot) -> None:
+        run = slot.probation
+        if run is None:
+            return
+        model = slot.loaded.get(run.version)
+        if model is None:
+            return
+        frames, errors, times = model.stats.snapshot()
+        frames -= run.frames0
+        errors -= run.errors0
+        cfg = slot.cfg
+        elapsed = time.monotonic() - run.started
+        verdict = None
+        if errors >= cfg.probation_max_errors:
+            verdict = f"{errors} inference error(s) during probation"
+        elif run.baseline_ms and frames >= PROBATION_MIN_FRAMES:
+            recent = times[-frames:] if frames <= len(times) else times
+            median = statistics.median(recent)
+            if median > cfg.max_latency_factor * run.baseline_ms:
+                verdict = (
+                    f"latency regression: median {median:.1f} ms against {run.baseline_ms:.1f} ms before "
+                    f"(more than {cfg.max_latency_factor:g}x)"
+                )
+        if verdict is not None:
+            with self._tx:
+                if slot.probation is run:
+                    self._event("probation_failed", cfg.name, run.version, reason=verdict, frames=frames, errors=errors)
+                    try:
+                        self.rollback(cfg.name, reason=verdict)
+                    except EdgeAgentError as exc:
+                        log.error("model %s: automatic rollback failed: %s", cfg.name, exc)
+                        slot.probation = None
+            return
+        if frames >= cfg.probation_frames or elapsed >= cfg.probation_s:
+            with self._tx:
+                if slot.probation is run:
+                    self._end_probation(slot, passed=True, frames=frames, elapsed=elapsed)
+
+    def _end_probation(self, slot: Slot, *, passed: bool | None, frames: int = 0, elapsed: float = 0.0) -> None:
+        """``passed`` True: the version becomes last good; None: superseded by
+        another activation (no verdict)."""
+        run = slot.probation
+        slot.probation = None
+        slot.state.probation = None
+        if passed and run is not None:
+            slot.state.last_good = run.version
+            slot.state.record("probation_passed", run.version, frames=frames, seconds=round(elapsed, 2))
+            removed = self.store.gc(slot.cfg.name, slot.state)
+            self._save(slot)
+            self._event("probation_passed", slot.cfg.name, run.version, frames=frames, seconds=round(elapsed, 2),
+                        removed=removed or None)
+        else:
+            self._save(slot)
+
+    def wait_probation(self, name: str, timeout: float = 30.0) -> bool:
+        """Block until ``name`` has no version on probation (tests, CLI)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._slot(name).probation is None:
+                return True
+            time.sleep(0.02)
+        return False

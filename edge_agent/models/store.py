@@ -1,24 +1,46 @@
-"""The versioned model store: ``<root>/<model>/<version>/`` holds a verified bundle.
+"""The versioned model store.
 
-Bundles are copied into ``<root>/.staging/`` first and renamed into place only
-when complete, so a version directory only ever appears whole; leftovers of an
-interrupted install are removed when the store is opened.
+Layout under ``store.path``::
+
+    <model>/<version>/      a verified bundle, immutable once renamed into place
+    <model>/state.json      active version, last good, labels, history (state.py)
+    .staging/               incoming bundles and versions being removed
+    .lock                   held (flock) by the process that owns the store
+
+A version directory only ever appears complete: a bundle is copied into
+``.staging/``, verified, fsynced and renamed into place in one step; a version
+is removed by renaming it into ``.staging/`` first. Whatever an interrupted
+process left in ``.staging/`` is deleted the next time the store is opened,
+and :meth:`ModelStore.recover` repairs a state file that points at a version
+that is not there.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable, Sequence
 
 from edge_agent.bundle import Bundle, open_bundle, verify_dir
 from edge_agent.errors import BundleError, EdgeAgentError
+from edge_agent.faults import checkpoint
+from edge_agent.models.state import ModelState, clean_state_leftovers, fsync_dir, read_state, write_state
 
 log = logging.getLogger(__name__)
 
 STAGING = ".staging"
+LOCK_NAME = ".lock"
+
+
+class StoreError(EdgeAgentError):
+    """The store cannot be used or a store operation is not allowed."""
+
+    code = "store_error"
 
 
 def _fsync_tree(root: Path) -> None:
@@ -30,25 +52,75 @@ def _fsync_tree(root: Path) -> None:
             os.close(fd)
 
 
-class ModelStore:
-    """Thread-safety: one process owns a store; methods are not reentrant."""
+def _write_error(what: str, exc: OSError) -> StoreError:
+    code = "disk_full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "store_write_failed"
+    return StoreError(f"{what}: {exc.strerror}", code=code)
+
+
+class StoreLock:
+    """An exclusive advisory lock on the store: the running agent holds it, so
+    ``edge-agent models`` knows to go through the agent instead of the disk."""
 
     def __init__(self, root: Path) -> None:
+        self.path = Path(root) / LOCK_NAME
+        self._fd: int | None = None
+
+    def acquire(self) -> bool:
+        """True when the lock was taken, False when another process holds it."""
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._fd = fd
+        return True
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+class ModelStore:
+    """Versions on disk plus one state file per model.
+
+    Thread-safety: the store itself is not locked; the model manager
+    serialises every transaction, and one process owns a store (StoreLock).
+    """
+
+    def __init__(self, root: Path, *, keep_versions: int = 3) -> None:
         self.root = Path(root)
+        self.keep_versions = keep_versions
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise EdgeAgentError(f"model store {self.root}: cannot create it ({exc.strerror})", code="store_unusable") from None
+            raise StoreError(f"model store {self.root}: cannot create it ({exc.strerror})", code="store_unusable") from None
+        if not os.access(self.root, os.W_OK):
+            raise StoreError(f"model store {self.root}: not writable", code="store_unusable")
+
+    def clean_staging(self) -> None:
+        """Delete what an interrupted install or removal left in ``.staging``.
+        Only the process that holds the store lock may call this."""
         staging = self.root / STAGING
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+            log.info("model store: removed leftovers of an interrupted operation in %s", staging)
 
     def staging(self) -> Path:
-        """Scratch space on the store's filesystem (archives are extracted here),
-        emptied whenever the store is opened."""
+        """Scratch space on the store's filesystem (archives are extracted and
+        downloads land here), emptied whenever the store is opened."""
         path = self.root / STAGING
         path.mkdir(exist_ok=True)
         return path
+
+    # -- reading -----------------------------------------------------------
+
+    def models(self) -> list[str]:
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
     def versions(self, name: str) -> list[int]:
         """Installed versions of ``name``, ascending."""
@@ -60,8 +132,30 @@ class ModelStore:
     def path(self, name: str, version: int) -> Path:
         return self.root / name / str(version)
 
-    def install(self, bundle: Bundle) -> Path:
-        """Copy a verified bundle into the store; returns its version directory.
+    def open(self, name: str, version: int, *, trusted_keys: Sequence[Path] | None = None) -> Bundle:
+        """Open (and re-verify: sha256 of every file, signature) an installed version."""
+        path = self.path(name, version)
+        if not path.is_dir():
+            raise BundleError(f"{name} version {version} is not in the store", code="version_not_found")
+        return open_bundle(path, trusted_keys=trusted_keys)
+
+    def state(self, name: str) -> ModelState:
+        state, problem = read_state(self.root / name)
+        if problem:
+            log.warning("model %s: %s", name, problem)
+        return state
+
+    # -- writing -----------------------------------------------------------
+
+    def save_state(self, name: str, state: ModelState) -> None:
+        try:
+            write_state(self.root / name, state, checkpoint=checkpoint)
+        except OSError as exc:
+            raise _write_error(f"model {name}: cannot write its state", exc) from None
+
+    def install(self, bundle: Bundle) -> tuple[Path, bool]:
+        """Copy a verified bundle into the store. Returns its version directory
+        and whether it was newly installed.
 
         Installing a version that is already present with the same manifest is
         a no-op; a different bundle under the same name and version is refused
@@ -77,27 +171,91 @@ class ModelStore:
                     "give the new bundle a new version",
                     code="version_exists",
                 )
-            return dest
-        tmp = Path(tempfile.mkdtemp(prefix=f"{m.name}-{m.version}-", dir=self.staging()))
+            return dest, False
+        try:
+            tmp = Path(tempfile.mkdtemp(prefix=f"{m.name}-{m.version}-", dir=self.staging()))
+        except OSError as exc:
+            raise _write_error(f"cannot install {m.name} v{m.version} into {self.root}", exc) from None
         try:
             work = tmp / "bundle"
             shutil.copytree(bundle.root, work)
+            checkpoint("install_copied")
             verify_dir(work)
             _fsync_tree(work)
+            checkpoint("install_synced")
             dest.parent.mkdir(parents=True, exist_ok=True)
             os.rename(work, dest)
-            _fsync_tree(dest.parent)
+            fsync_dir(dest.parent)
+            checkpoint("install_renamed")
         except OSError as exc:
-            code = "disk_full" if exc.errno == 28 else "store_write_failed"
-            raise BundleError(f"cannot install {m.name} v{m.version} into {self.root}: {exc.strerror}", code=code) from None
+            raise _write_error(f"cannot install {m.name} v{m.version} into {self.root}", exc) from None
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         log.info("installed %s version %d into %s", m.name, m.version, dest)
-        return dest
+        return dest, True
 
-    def open(self, name: str, version: int) -> Bundle:
-        """Open (and re-verify) an installed version."""
+    def delete_version(self, name: str, version: int) -> None:
+        """Remove a version directory: renamed into staging first (one atomic
+        step), then deleted, so a half-deleted version never looks installed."""
         path = self.path(name, version)
         if not path.is_dir():
-            raise BundleError(f"{name} version {version} is not in the store", code="version_not_found")
-        return open_bundle(path)
+            raise StoreError(f"{name} version {version} is not in the store", code="version_not_found")
+        trash = self.staging() / f"removed-{name}-{version}-{os.getpid()}"
+        try:
+            os.rename(path, trash)
+            fsync_dir(path.parent)
+        except OSError as exc:
+            raise _write_error(f"cannot remove {name} v{version}", exc) from None
+        checkpoint("remove_renamed")
+        shutil.rmtree(trash, ignore_errors=True)
+        log.info("removed %s version %d from the store", name, version)
+
+    def collectable(self, name: str, state: ModelState, keep: Sequence[int] = ()) -> list[int]:
+        """Versions garbage collection would remove: beyond the ``keep_versions``
+        newest of those that are neither active, last good, labelled nor in ``keep``."""
+        protected = {state.active, state.last_good, *state.labels.values(), *keep}
+        if state.probation is not None:
+            protected |= {state.probation.version, state.probation.previous}
+        others = [v for v in self.versions(name) if v not in protected]
+        return others[: max(0, len(others) - self.keep_versions)]
+
+    def gc(self, name: str, state: ModelState, keep: Sequence[int] = ()) -> list[int]:
+        removed = []
+        for version in self.collectable(name, state, keep):
+            try:
+                self.delete_version(name, version)
+                removed.append(version)
+            except StoreError as exc:
+                log.warning("model %s: %s", name, exc)
+        return removed
+
+    def recover(self, name: str, *, on_fix: Callable[[str], None] | None = None) -> ModelState:
+        """Read the state of ``name`` and repair what an interrupted process may
+        have left: temporary state files, and references to versions that are
+        not installed. Returns the (saved, when changed) state."""
+        folder = self.root / name
+        if folder.is_dir():
+            clean_state_leftovers(folder)
+        state = self.state(name)
+        installed = set(self.versions(name))
+        notes = []
+        if state.active is not None and state.active not in installed:
+            notes.append(f"active version {state.active} is not installed")
+            state.active = None
+        if state.last_good is not None and state.last_good not in installed:
+            notes.append(f"last good version {state.last_good} is not installed")
+            state.last_good = None
+        for label, version in list(state.labels.items()):
+            if version not in installed:
+                notes.append(f"label {label!r} pointed at version {version}, which is not installed")
+                del state.labels[label]
+        for version in [v for v in state.failed if v not in installed]:
+            del state.failed[version]
+        if notes:
+            for note in notes:
+                log.warning("model %s: %s; repaired", name, note)
+                if on_fix:
+                    on_fix(note)
+            state.record("repaired", reason="; ".join(notes))
+            self.save_state(name, state)
+        return state

@@ -131,7 +131,7 @@ class SourceWorker:
 
     def _process(self, frame: Any) -> None:
         try:
-            with self.models.acquire(self.cfg.model) as model:
+            with self.models.acquire(self.cfg.model, self.cfg.label) as model:
                 out = model.process(frame.image, top_k=self.top_k, threshold=self.threshold)
                 name, version = model.name, model.version
         except EdgeAgentError as exc:

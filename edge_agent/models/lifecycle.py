@@ -1,0 +1,157 @@
+"""Deploy: the whole model transaction from a bundle file to a serving version.
+
+``deploy`` is what ``edge-agent models add`` runs and what the MQTT ``deploy``
+command calls once the bundle is on local disk. Steps, each announced through
+``progress(step, **info)``:
+
+1. ``fetching``: resolve the source (a path or a ``file://`` URL; other
+   schemes through the ``fetch`` callable the control plane passes in), check
+   the archive's size and sha256 when the caller gave them;
+2. ``verifying``: open the bundle: manifest schema, every file's sha256, the
+   signature when trusted keys are configured;
+3. ``installing``: copy into the store through its staging area;
+4. ``loading``: load it in its runtime, warm it up, smoke-test it (finite
+   outputs of the declared shape; the bundle's sample outputs when it has some);
+5. ``activating``: swap it in (see :meth:`ModelManager.activate`), probation starts;
+   or ``labelling`` when a label was asked for.
+
+Any failure raises an EdgeAgentError with a specific code; a version this
+deploy installed is removed again, and the active version never stops serving.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+import urllib.parse
+from pathlib import Path
+from typing import Any, Callable
+
+from edge_agent.bundle import open_bundle
+from edge_agent.errors import BundleError, EdgeAgentError
+from edge_agent.models.manager import ModelManager
+from edge_agent.models.store import StoreError
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[..., None]
+Fetch = Callable[[str, Path], Path]
+
+
+class DeployError(EdgeAgentError):
+    code = "deploy_failed"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def resolve_source(source: str | Path, staging: Path, fetch: Fetch | None = None) -> Path:
+    """A local path for ``source``: a path, a ``file://`` URL, or (with
+    ``fetch``) any URL the control plane can download into ``staging``."""
+    if isinstance(source, Path):
+        return source.expanduser()
+    parsed = urllib.parse.urlparse(source)
+    if parsed.scheme in ("", "file"):
+        if parsed.scheme == "file" and parsed.netloc not in ("", "localhost"):
+            raise DeployError(f"{source}: a file:// URL must name a local path", code="unsupported_url")
+        return Path(urllib.parse.unquote(parsed.path) if parsed.scheme else source).expanduser()
+    if fetch is None:
+        raise DeployError(f"{source}: only local paths and file:// URLs can be deployed here", code="unsupported_url")
+    return fetch(source, staging)
+
+
+def deploy(
+    manager: ModelManager,
+    source: str | Path,
+    *,
+    sha256: str | None = None,
+    size: int | None = None,
+    activate: bool = True,
+    label: str | None = None,
+    model: str | None = None,
+    version: int | None = None,
+    progress: Progress | None = None,
+    fetch: Fetch | None = None,
+) -> dict[str, Any]:
+    """Install, verify and (by default) activate a bundle. ``model``/``version``
+    when given must match the bundle's manifest. Returns a result object."""
+    say = progress or (lambda step, **info: None)
+    t0 = time.monotonic()
+    store = manager.store
+    say("fetching", source=str(source))
+    path = resolve_source(source, store.staging(), fetch)
+    if not path.exists():
+        raise BundleError(f"bundle {path}: not found", code="bundle_not_found")
+    if path.is_file():
+        actual = path.stat().st_size
+        if size is not None and actual != size:
+            raise DeployError(f"bundle {path}: {actual} bytes, expected {size}", code="size_mismatch")
+        if sha256 is not None and _sha256(path) != sha256.lower():
+            raise DeployError(f"bundle {path}: sha256 does not match the one given", code="checksum_mismatch")
+    elif sha256 is not None or size is not None:
+        raise DeployError(f"bundle {path}: sha256 and size apply to an archive, not a directory", code="bad_args")
+
+    say("verifying")
+    with open_bundle(path, workdir=store.staging(), trusted_keys=manager.trusted_keys) as bundle:
+        m = bundle.manifest
+        if model is not None and m.name != model:
+            raise DeployError(f"the bundle holds model {m.name!r}, not {model!r}", code="name_mismatch")
+        if version is not None and m.version != version:
+            raise DeployError(f"the bundle holds {m.name} version {m.version}, not {version}", code="version_mismatch")
+        manager._slot(m.name)  # unknown_model before anything is written
+        with manager._tx:
+            say("installing", model=m.name, version=m.version)
+            _, installed = store.install(bundle)
+    name, ver = m.name, m.version
+    with manager._tx:
+        try:
+            status = manager.status()[name]
+            already_active = status["active"] == ver
+            if not already_active:
+                say("loading", model=name, version=ver)
+                loaded = manager.verify_installed(name, ver)
+                if activate or label:
+                    manager.adopt(loaded)
+                else:
+                    loaded.close()
+            result: dict[str, Any] = {"model": name, "version": ver, "installed": installed}
+            if activate and not already_active:
+                say("activating", model=name, version=ver)
+                result["activation"] = manager.activate(name, ver, reason="deploy", progress=say)
+            if label is not None:
+                say("labelling", model=name, version=ver, label=label)
+                manager.set_label(name, label, ver)
+                result["label"] = label
+        except BaseException as exc:
+            if installed:
+                _undo_install(manager, name, ver, exc)
+            raise
+    result["active"] = manager.status()[name]["active"]
+    result["seconds"] = round(time.monotonic() - t0, 3)
+    return result
+
+
+def _undo_install(manager: ModelManager, name: str, version: int, exc: BaseException) -> None:
+    """A version this deploy installed failed: remove it, record why."""
+    slot = manager._slot(name)
+    try:
+        manager._retire(slot, version)
+        if slot.state.active != version:
+            manager.store.delete_version(name, version)
+        reason = f"{getattr(exc, 'code', type(exc).__name__)}: {exc}"
+        slot.state.record("rejected", version, reason=reason)
+        manager._save(slot)
+        manager._event("rejected", name, version, code=getattr(exc, "code", "error"), message=str(exc))
+    except (StoreError, OSError) as cleanup:
+        log.error("model %s: could not remove rejected version %d: %s", name, version, cleanup)
+
+
+def file_url(path: Path) -> str:
+    return Path(os.path.abspath(path)).as_uri()
