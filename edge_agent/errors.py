@@ -90,3 +90,49 @@ class ModelNotAvailable(EdgeAgentError):
     """No version of the requested model is loaded."""
 
     code = "model_not_available"
+
+
+# -- the MQTT control plane (edge_agent.comms) --------------------------------
+
+
+class CommandError(EdgeAgentError):
+    """A command message could not be accepted, so no handler ran.
+
+    Codes: ``bad_json``, ``bad_command`` (not an object, missing or mistyped
+    envelope fields), ``unknown_command``, ``bad_args``,
+    ``payload_too_large``; ``bad_signature`` where a verifier rejects it.
+    """
+
+    code = "bad_command"
+
+
+class SpoolError(EdgeAgentError):
+    """The store-and-forward spool could not keep a message.
+
+    Codes: ``spool_full`` (an event or reply does not fit even after every
+    evictable message went), ``disk_full`` (the file system or the spool
+    file is full), ``spool_failed`` (any other storage failure).
+    """
+
+    code = "spool_failed"
+
+
+class DownloadError(EdgeAgentError):
+    """A bundle could not be downloaded.
+
+    Codes: ``unsupported_url``, ``download_failed``, ``too_large``,
+    ``size_mismatch``, ``checksum_mismatch``, ``disk_full``.
+    """
+
+    code = "download_failed"
+
+
+class TransferError(EdgeAgentError):
+    """A bundle transfer over MQTT failed.
+
+    Codes: ``bad_transfer`` (malformed or mismatching meta), ``too_large``,
+    ``transfer_timeout``, ``checksum_mismatch``, ``disk_full``,
+    ``transfer_failed``.
+    """
+
+    code = "transfer_failed"
