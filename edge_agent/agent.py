@@ -44,6 +44,12 @@ class Agent:
 
             self.transport = MqttTransport(config.mqtt, config.device_id, status_provider=self.models.status)
             self.sinks.append(MqttResultSink(self.transport))
+        from edge_agent.comms.local import LocalControlServer
+        from edge_agent.control import Control, build_dispatcher
+
+        self.control = Control(self.models, status=self.status_message, apply_settings=self.apply_settings)
+        self.local_dispatcher = build_dispatcher(self.control, local=True, events=self._on_event)
+        self.control_server = LocalControlServer(config.store.socket_path, self.local_dispatcher.handle)
         self.sources: list[FrameSource] = []
         self.workers: list[SourceWorker] = []
         self._started: list[tuple[str, Callable[[], None]]] = []
@@ -53,6 +59,7 @@ class Agent:
         try:
             self._step("store lock", self._lock_store, self.store_lock.release)
             self._step("models", self.models.start, self.models.stop)
+            self._step("control socket", self.control_server.start, self.control_server.stop)
             if self.transport is not None:
                 self._step("mqtt", self.transport.start, self.transport.stop)
             for cfg in self.config.sources:
@@ -108,6 +115,34 @@ class Agent:
 
     def status(self) -> dict[str, Any]:
         return {"models": self.models.status(), "sources": {w.source.name: w.source.stats() for w in self.workers}}
+
+    def status_message(self) -> dict[str, Any]:
+        """The object of the status topic (CONTRACT §3)."""
+        import time
+
+        from edge_agent import __version__
+
+        return {"state": "online", "ts": time.time(), "agent_version": __version__, "models": self.models.status()}
+
+    def apply_settings(self, args: Any) -> dict[str, Any]:
+        """The ``set`` command: change run-time settings of sources."""
+        targets = [
+            w for w in self.workers if (args.source is not None and w.source.name == args.source)
+            or (args.model is not None and w.cfg.model == args.model)
+        ]
+        if not targets:
+            what = f"source {args.source!r}" if args.source else f"model {args.model!r}"
+            raise EdgeAgentError(f"no running source matches {what}", code="unknown_source")
+        out = {}
+        for w in targets:
+            if args.fps is not None:
+                w.fps = args.fps
+            if args.threshold is not None:
+                w.threshold = args.threshold
+            if args.top_k is not None:
+                w.top_k = args.top_k
+            out[w.source.name] = {"fps": w.fps, "threshold": w.threshold, "top_k": w.top_k}
+        return {"sources": out}
 
 
 def run_agent(config: AgentConfig) -> int:

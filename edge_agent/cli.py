@@ -286,3 +286,8 @@ def quantize(model: str, calibration: str, out: str, evaluation: str | None, nam
 
 if __name__ == "__main__":  # pragma: no cover
     main()
+
+
+from edge_agent.cli_models import models as _models_group  # noqa: E402
+
+main.add_command(_models_group)

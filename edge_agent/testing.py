@@ -117,11 +117,20 @@ def tiny_onnx_classifier(
     size: tuple[int | str, int | str] = (8, 8),
     classes: int = 4,
     seed: int = 0,
+    slow: int = 0,
+    fail_above: float | None = None,
 ) -> Path:
     """Write a Conv(3x3) -> GlobalAveragePool -> Flatten classifier taking
     float32 ``[1, 3, H, W]`` (``size`` is (W, H); a string makes that
     dimension dynamic) and emitting logits ``[1, classes]``. Deterministic
-    for a given ``seed``. Returns ``path``."""
+    for a given ``seed``. Returns ``path``.
+
+    ``slow``: that many extra 32-channel 3x3 convolutions first: a genuinely
+    slower model computing similar answers (lifecycle latency tests).
+    ``fail_above``: the model raises in the runtime (a Gather index out of
+    range) whenever the mean of its input exceeds this value, and works
+    otherwise: a model that passes a smoke test on a grey frame but fails on
+    bright camera frames (probation tests)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -129,17 +138,48 @@ def tiny_onnx_classifier(
     rng = np.random.default_rng(seed)
     weight = numpy_helper.from_array(rng.standard_normal((classes, 3, 3, 3)).astype(np.float32), "W")
     bias = numpy_helper.from_array(rng.standard_normal(classes).astype(np.float32), "B")
-    nodes = [
-        helper.make_node("Conv", ["input", "W", "B"], ["conv"], pads=[1, 1, 1, 1]),
+    inits = [weight, bias]
+    nodes = []
+    x = "input"
+    if slow:
+        wide = 32
+        inits.append(numpy_helper.from_array((rng.standard_normal((wide, 3, 3, 3)) * 0.1).astype(np.float32), "S_in"))
+        nodes.append(helper.make_node("Conv", [x, "S_in"], ["s0"], pads=[1, 1, 1, 1]))
+        for i in range(slow):
+            w = (rng.standard_normal((wide, wide, 3, 3)) * 0.05).astype(np.float32)
+            inits.append(numpy_helper.from_array(w, f"S{i}"))
+            nodes.append(helper.make_node("Conv", [f"s{i}", f"S{i}"], [f"s{i + 1}"], pads=[1, 1, 1, 1]))
+        inits.append(numpy_helper.from_array((rng.standard_normal((3, wide, 1, 1)) * 0.05).astype(np.float32), "S_out"))
+        nodes.append(helper.make_node("Conv", [f"s{slow}", "S_out"], ["s_out"]))
+        nodes.append(helper.make_node("Add", ["input", "s_out"], ["slowed"]))
+        x = "slowed"
+    nodes += [
+        helper.make_node("Conv", [x, "W", "B"], ["conv"], pads=[1, 1, 1, 1]),
         helper.make_node("GlobalAveragePool", ["conv"], ["pooled"]),
-        helper.make_node("Flatten", ["pooled"], ["logits"]),
+        helper.make_node("Flatten", ["pooled"], ["logits" if fail_above is None else "clean"]),
     ]
+    if fail_above is not None:
+        inits += [
+            numpy_helper.from_array(np.array(fail_above, np.float32), "limit"),
+            numpy_helper.from_array(np.array(1000, np.int64), "far"),
+            numpy_helper.from_array(np.zeros(1, np.float32), "table"),
+            numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
+        ]
+        nodes += [
+            helper.make_node("ReduceMean", ["input"], ["mean"], keepdims=0),
+            helper.make_node("Greater", ["mean", "limit"], ["over"]),
+            helper.make_node("Cast", ["over"], ["over_i"], to=TensorProto.INT64),
+            helper.make_node("Mul", ["over_i", "far"], ["index"]),
+            helper.make_node("Gather", ["table", "index"], ["picked"]),
+            helper.make_node("Mul", ["picked", "zero"], ["nothing"]),
+            helper.make_node("Add", ["clean", "nothing"], ["logits"]),
+        ]
     graph = helper.make_graph(
         nodes,
         "tiny_classifier",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, height, width])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, classes])],
-        [weight, bias],
+        inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8  # readable by every onnxruntime the agent supports

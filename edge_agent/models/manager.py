@@ -45,7 +45,10 @@ EventSink = Callable[[dict[str, Any]], None]
 
 ACQUIRE_TIMEOUT_S = 30.0  # longest a frame waits for a model during a resource-preserving swap
 BASELINE_MIN_FRAMES = 10
-PROBATION_MIN_FRAMES = 5
+PROBATION_MIN_FRAMES = 10  # frames before the latency of a new version is judged
+# A regression must also be this large in absolute terms: sub-millisecond
+# models jitter by several times their own run time on a busy CPU.
+LATENCY_SLACK_MS = 1.0
 
 
 class SmokeTestFailed(EdgeAgentError):
@@ -270,6 +273,7 @@ class ModelManager:
         on_event: EventSink | None = None,
         memory_available: Callable[[], int] | None = None,
         supervise_interval_s: float = 0.1,
+        probation: bool = True,
     ) -> None:
         self.store = store
         self.configs = {c.name: c for c in configs}
@@ -282,6 +286,9 @@ class ModelManager:
         self._stop = threading.Event()
         self._supervisor: threading.Thread | None = None
         self._interval = supervise_interval_s
+        # Off for the offline `models` CLI: with no frames flowing there is
+        # nothing to judge, and the operator chose the version.
+        self.probation_enabled = probation
 
     # -- events ------------------------------------------------------------
 
@@ -298,10 +305,15 @@ class ModelManager:
 
     # -- start / stop ------------------------------------------------------
 
-    def start(self) -> None:
+    def start(self, *, require: bool = True) -> None:
+        """Recover the store and load what each model's policy wants.
+        ``require=False`` (the offline ``models`` CLI) leaves a model with no
+        installed version unloaded instead of failing."""
         with self._tx:
             self.store.clean_staging()
             for slot in self._slots.values():
+                if not require and not self.store.versions(slot.cfg.name) and slot.cfg.bundle is None:
+                    continue
                 self._start_model(slot)
         self._supervisor = threading.Thread(target=self._supervise, name="model-supervisor", daemon=True)
         self._supervisor.start()
@@ -322,7 +334,13 @@ class ModelManager:
                     )
                 self.store.install(bundle)
             state.record("installed", bundle.manifest.version, reason=f"configured bundle {cfg.bundle}")
-        if state.probation is not None:
+        rearm = None
+        if state.probation is not None and state.probation.clean_stop and state.probation.version == state.active:
+            # A clean restart during probation: the version gets a new one.
+            rearm = state.probation
+            rearm.clean_stop = False
+            rearm.restarts += 1
+        elif state.probation is not None:
             # The agent stopped (crash, power cut, kill) while a version was on
             # probation: do not trust it, go back to the version before it.
             p = state.probation
@@ -355,10 +373,16 @@ class ModelManager:
         if state.last_good is None:
             state.last_good = serving.version
         state.failed.pop(serving.version, None)
+        if rearm is not None and rearm.version == serving.version and self.probation_enabled:
+            state.probation = rearm
+        else:
+            state.probation = None
         self._save(slot)
         with self._cond:
             slot.serving = serving
             slot.loaded[serving.version] = serving
+            if state.probation is not None:
+                slot.probation = ProbationRun(serving.version, state.probation.previous, time.monotonic(), None, 0, 0)
         self._reconcile(slot)
         log.info(
             "model %s version %d serving (%s, %s, input %s)",
@@ -373,6 +397,14 @@ class ModelManager:
         self._stop.set()
         if self._supervisor is not None:
             self._supervisor.join(timeout=5.0)
+        with self._tx:
+            for slot in self._slots.values():
+                if slot.state.probation is not None:
+                    slot.state.probation.clean_stop = True
+                    try:
+                        self._save(slot)
+                    except EdgeAgentError as exc:
+                        log.error("model %s: %s", slot.cfg.name, exc)
         with self._tx, self._cond:
             deadline = time.monotonic() + 10.0
             while any(m.refs for s in self._slots.values() for m in s.loaded.values()):
@@ -502,7 +534,7 @@ class ModelManager:
             state = slot.state
             state.active = version
             state.failed.pop(version, None)
-            start_probation = probation and previous is not None
+            start_probation = probation and self.probation_enabled and previous is not None
             if start_probation:
                 state.probation = Probation(version=version, since=time.time(), previous=state.last_good or previous)
             else:
@@ -810,7 +842,7 @@ class ModelManager:
         elif run.baseline_ms and frames >= PROBATION_MIN_FRAMES:
             recent = times[-frames:] if frames <= len(times) else times
             median = statistics.median(recent)
-            if median > cfg.max_latency_factor * run.baseline_ms:
+            if median > cfg.max_latency_factor * run.baseline_ms and median - run.baseline_ms > LATENCY_SLACK_MS:
                 verdict = (
                     f"latency regression: median {median:.1f} ms against {run.baseline_ms:.1f} ms before "
                     f"(more than {cfg.max_latency_factor:g}x)"

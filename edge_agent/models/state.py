@@ -41,6 +41,7 @@ class Probation(BaseModel):
     since: float
     previous: int | None = None
     restarts: int = 0
+    clean_stop: bool = False  # the agent stopped cleanly during it: re-arm, do not roll back
 
 
 class HistoryEntry(BaseModel):

@@ -1,0 +1,126 @@
+"""What each command does: the handlers behind the dispatcher.
+
+The same handlers serve the MQTT command topics (issue: control plane) and the
+local control socket of ``edge-agent models``; :func:`build_dispatcher` makes
+the table. ``local=True`` adds the commands that name files on the device
+(``add``) and therefore must not be reachable from the network.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Callable
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from edge_agent.comms.commands import COMMAND_ARGS, ActivateArgs, DeployArgs, RemoveArgs, RollbackArgs, SetArgs
+from edge_agent.comms.dispatcher import CommandContext, Dispatcher
+from edge_agent.config import Name
+from edge_agent.errors import EdgeAgentError
+from edge_agent.models.lifecycle import Fetch, deploy
+from edge_agent.models.manager import ModelManager
+
+log = logging.getLogger(__name__)
+
+
+class AddArgs(BaseModel):
+    """``add`` (local socket only): a bundle path on this device."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    path: str = Field(min_length=1)
+    activate: bool = False
+    label: Name | None = None
+
+
+class LabelArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    model: Name
+    label: Name
+    version: int | None = Field(None, ge=1, description="null removes the label")
+
+
+class Control:
+    """Handlers bound to one agent's models and sources."""
+
+    def __init__(
+        self,
+        models: ModelManager,
+        *,
+        status: Callable[[], dict[str, Any]],
+        apply_settings: Callable[[SetArgs], dict[str, Any]] | None = None,
+        fetch: Fetch | None = None,
+    ) -> None:
+        self.models = models
+        self.status = status
+        self.apply_settings = apply_settings
+        self.fetch = fetch
+
+    def ping(self, args: Any, ctx: CommandContext) -> dict[str, Any]:
+        return {"pong": True}
+
+    def get_status(self, args: Any, ctx: CommandContext) -> dict[str, Any]:
+        return self.status()
+
+    def _progress(self, ctx: CommandContext) -> Callable[..., None]:
+        def progress(step: str, **info: Any) -> None:
+            ctx.emit_event("deploy_progress", step=step, **info)
+
+        return progress
+
+    def deploy(self, args: DeployArgs, ctx: CommandContext) -> dict[str, Any]:
+        if args.url is None:
+            raise EdgeAgentError("deploy by MQTT transfer is not available on this agent", code="unsupported_transfer")
+        ctx.emit_event("deploy_started", model=args.model, version=args.version)
+        try:
+            result = deploy(
+                self.models, args.url, sha256=args.sha256, size=args.size, activate=args.activate,
+                label=args.label, model=args.model, version=args.version, progress=self._progress(ctx),
+                fetch=self.fetch,
+            )
+        except EdgeAgentError as exc:
+            ctx.emit_event("deploy_failed", model=args.model, version=args.version, code=exc.code, message=str(exc))
+            raise
+        ctx.emit_event("deploy_done", model=args.model, version=args.version, active=result["active"])
+        return result
+
+    def add(self, args: AddArgs, ctx: CommandContext) -> dict[str, Any]:
+        return deploy(self.models, Path(args.path), activate=args.activate, label=args.label,
+                      progress=self._progress(ctx))
+
+    def activate(self, args: ActivateArgs, ctx: CommandContext) -> dict[str, Any]:
+        return self.models.activate(args.model, args.version, reason=f"command {ctx.id}")
+
+    def rollback(self, args: RollbackArgs, ctx: CommandContext) -> dict[str, Any]:
+        return self.models.rollback(args.model)
+
+    def remove(self, args: RemoveArgs, ctx: CommandContext) -> dict[str, Any]:
+        return self.models.remove(args.model, args.version)
+
+    def label(self, args: LabelArgs, ctx: CommandContext) -> dict[str, Any]:
+        return self.models.set_label(args.model, args.label, args.version)
+
+    def set(self, args: SetArgs, ctx: CommandContext) -> dict[str, Any]:
+        if self.apply_settings is None:
+            raise EdgeAgentError("this agent has no run-time settings to change", code="unsupported_command")
+        return self.apply_settings(args)
+
+
+def build_dispatcher(control: Control, *, local: bool, events: Callable[[dict[str, Any]], None] | None = None,
+                     **kwargs: Any) -> Dispatcher:
+    d = Dispatcher(events=events, **kwargs)
+    handlers = {
+        "ping": control.ping,
+        "status": control.get_status,
+        "deploy": control.deploy,
+        "activate": control.activate,
+        "rollback": control.rollback,
+        "remove": control.remove,
+        "set": control.set,
+    }
+    for name, handler in handlers.items():
+        d.register(name, COMMAND_ARGS[name], handler)
+    d.register("label", LabelArgs, control.label)
+    if local:
+        d.register("add", AddArgs, control.add)
+    return d
