@@ -44,6 +44,9 @@ def send(config: Any, cmd: str, args: dict[str, Any]) -> tuple[dict[str, Any], b
         root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise EdgeAgentError(f"model store {root}: cannot create it ({exc.strerror})", code="store_unusable") from None
+    # The reply is printed by the command; the dispatcher's own log lines
+    # would say the same thing twice.
+    logging.getLogger("edge_agent.comms.dispatcher").setLevel(logging.ERROR)
     lock = StoreLock(root)
     if not lock.acquire():
         return request(config.store.socket_path, cmd, args), True
@@ -100,7 +103,8 @@ def list_rows(config: Any, status: dict[str, Any], only: str | None) -> list[lis
             if str(v) in (st.get("failed") or {}):
                 marks.append("failed: " + st["failed"][str(v)][:60])
             size = _dir_size(config.store.path / name / str(v))
-            rows.append([name, str(v), ", ".join(marks) or "-", f"{size / 1e6:.1f} MB"])
+            human = f"{size / 1e6:.1f} MB" if size >= 1e6 else f"{size / 1e3:.0f} kB"
+            rows.append([name, str(v), ", ".join(marks) or "-", human])
     return rows
 
 
@@ -175,7 +179,8 @@ def add_cmd(bundle: str, activate: bool, label: str | None, config_path: str, as
     reply, _ = send(config, "add", {"path": str(Path(bundle).resolve()), "activate": activate, "label": label})
     r = reply.get("result", {})
     act = " and activated" if (r.get("activation") or {}).get("changed") else ""
-    _finish(reply, as_json, f"installed {r.get('model')} version {r.get('version')}{act}; active: {r.get('active')}")
+    active = r.get("active") or "none yet (the newest version serves at the next start)"
+    _finish(reply, as_json, f"installed {r.get('model')} version {r.get('version')}{act}; active: {active}")
 
 
 @models.command("activate")

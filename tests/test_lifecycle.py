@@ -172,7 +172,7 @@ def test_probation_rolls_back_a_version_that_raises(tmp_path: Path) -> None:
 
 def test_probation_rolls_back_a_version_five_times_slower(tmp_path: Path, cam: Path) -> None:
     v1 = make_bundle(tmp_path / "b", 1, slow=4)
-    v2 = make_bundle(tmp_path / "b", 2, slow=24)
+    v2 = make_bundle(tmp_path / "b", 2, slow=28)
     run = Running(config(tmp_path, v1, cam, source_fps=100, probation_frames=40, max_latency_factor=3.0))
     try:
         run.wait_results(30, version=1)
