@@ -1,0 +1,109 @@
+"""``edge-agent models``: the same commands with the agent stopped (the store
+directly) and running (through its control socket)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from edge_agent.comms.local import agent_listening
+from lifecycle_helpers import frames, make_bundle
+
+pytestmark = pytest.mark.integration
+
+CONFIG = """device_id = "cli"
+log_level = "warning"
+[store]
+path = "store"
+keep_versions = 5
+[[models]]
+name = "clf"
+threads = 1
+probation_s = 0.5
+[[sources]]
+name = "cam"
+uri = "frames"
+model = "clf"
+loop = true
+source_fps = 30
+"""
+
+
+def ea(root: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "edge_agent", *args, "--config", str(root / "agent.toml")],
+                          cwd=root, capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    for v in (1, 2, 3):
+        make_bundle(tmp_path / "b", v)
+    frames(tmp_path / "frames")
+    (tmp_path / "agent.toml").write_text(CONFIG)
+    return tmp_path
+
+
+def listing(root: Path) -> dict:
+    out = ea(root, "models", "list", "--json")
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def test_models_cli_with_the_agent_stopped(root: Path) -> None:
+    assert "no versions installed" in ea(root, "models", "list").stdout
+    assert ea(root, "models", "add", "b/clf-v1").returncode == 0
+    out = ea(root, "models", "add", "b/clf-v2", "--activate")
+    assert out.returncode == 0 and "activated; active: 2" in out.stdout
+    assert ea(root, "models", "add", "b/clf-v3").returncode == 0
+    st = listing(root)
+    assert not st["running"] and st["models"]["clf"]["versions"] == [1, 2, 3] and st["models"]["clf"]["active"] == 2
+    table = ea(root, "models", "list").stdout
+    assert "agent stopped" in table and "active, last-good" in table
+    out = ea(root, "models", "remove", "clf", "2")
+    assert out.returncode == 1 and "version_active" in out.stderr and "Traceback" not in out.stderr
+    out = ea(root, "models", "activate", "clf", "9")
+    assert out.returncode == 2 and "version_not_found" in out.stderr
+    out = ea(root, "models", "add", "b/does-not-exist")
+    assert out.returncode == 2
+    assert ea(root, "models", "activate", "clf", "3").returncode == 0
+    out = ea(root, "models", "rollback", "clf")
+    assert out.returncode == 0 and "from version 3 to 2" in out.stdout
+    assert ea(root, "models", "remove", "clf", "1").returncode == 0
+    assert listing(root)["models"]["clf"]["versions"] == [2, 3]
+
+
+def test_models_cli_through_the_running_agent(root: Path) -> None:
+    assert ea(root, "models", "add", "b/clf-v1", "--activate").returncode == 0
+    agent = subprocess.Popen([sys.executable, "-m", "edge_agent", "run", "--config", str(root / "agent.toml")],
+                             cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not agent_listening(root / "store" / "agent.sock"):
+            assert agent.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        out = ea(root, "models", "add", "b/clf-v2", "--activate")
+        assert out.returncode == 0 and "active: 2" in out.stdout, out.stderr
+        st = listing(root)
+        assert st["running"] and st["models"]["clf"]["active"] == 2
+        assert st["models"]["clf"]["probation"]["version"] == 2  # the running agent watches it
+        time.sleep(1.0)
+        assert listing(root)["models"]["clf"]["last_good"] == 2  # probation (0.5 s) passed
+        out = ea(root, "models", "activate", "clf", "1")
+        assert out.returncode == 0 and "availability swap" in out.stdout
+        assert ea(root, "models", "add", "b/clf-v3", "--activate").returncode == 0
+        out = ea(root, "models", "rollback", "clf")
+        assert out.returncode == 0 and "from version 3 to" in out.stdout
+        out = ea(root, "models", "remove", "clf", str(listing(root)["models"]["clf"]["active"]))
+        assert out.returncode == 1 and "version_active" in out.stderr
+        assert agent.poll() is None  # errors never take the agent down
+    finally:
+        agent.terminate()
+        assert agent.wait(30) == 0
+    st = listing(root)
+    assert not st["running"]
