@@ -37,7 +37,7 @@ from edge_agent.models.state import ModelState, Probation
 from edge_agent.models.store import ModelStore, StoreError
 from edge_agent.postprocess import Classifier, Detector, make_postprocessor
 from edge_agent.preprocess import Preprocessor
-from edge_agent.runtimes import Runtime, create_runtime
+from edge_agent.runtimes import Runtime, create_runtime, release_memory
 
 log = logging.getLogger(__name__)
 
@@ -225,6 +225,7 @@ class LoadedModel:
         if not self.closed:
             self.closed = True
             self.runtime.close()
+            release_memory()
 
 
 @dataclass
@@ -450,7 +451,8 @@ class ModelManager:
                     close = True
                 self._cond.notify_all()
             if close:
-                model.close()
+                # Not on the frame's thread: the next frame must not wait for it.
+                threading.Thread(target=model.close, name=f"close-{model.name}-v{model.version}", daemon=True).start()
 
     def _pick(self, slot: Slot, label: str | None, version: int | None) -> LoadedModel | None:
         if version is not None:

@@ -65,6 +65,26 @@ class Runtime(abc.ABC):
         self.infer(np.zeros(shape, dtype=dtype))
 
 
+def release_memory() -> None:
+    """Give freed heap memory back to the operating system.
+
+    A closed model's weights and arenas are freed, but glibc keeps freed
+    pages in its arenas for reuse, so without this the process's RSS after a
+    swap stays at its peak: on a 1 GB device every swap would look like a
+    leak. ``malloc_trim(0)`` returns them (ctypes drops the GIL for the
+    call, so frames keep flowing); a no-op where libc is not glibc. No
+    ``gc.collect()``: a session is freed by reference counting, and a full
+    collection would hold the GIL for tens of milliseconds mid-stream.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def quantize(x: np.ndarray, q: Quantization, dtype: np.dtype) -> np.ndarray:
     """Affine quantization ``q = round(x / scale) + zero_point``, saturated."""
     info = np.iinfo(dtype)
