@@ -306,3 +306,26 @@ def test_a_corrupt_active_version_on_disk_falls_back_at_start(tmp_path: Path, ca
         run.wait_results(3, version=1)
     finally:
         run.stop()
+
+
+def test_auto_swap_mode_follows_free_memory(tmp_path: Path) -> None:
+    """swap = "auto": resource-preserving when free memory cannot hold the new
+    version beside the old (estimated from the bundle size), else availability."""
+    from edge_agent.models.manager import ModelManager
+    from edge_agent.models.store import ModelStore
+
+    v1 = make_bundle(tmp_path / "b", 1)
+    bundles = [make_bundle(tmp_path / "b", v) for v in (2, 3)]
+    cfg = config(tmp_path, v1, None)
+    free = {"bytes": 8 << 30}
+    manager = ModelManager(ModelStore(tmp_path / "store"), cfg.models, memory_available=lambda: free["bytes"])
+    manager.start()
+    try:
+        assert deploy(manager, bundles[0])["activation"]["mode"] == "availability"
+        free["bytes"] = 32 << 20  # less than 64 MB of headroom
+        act = deploy(manager, bundles[1])["activation"]
+        assert act["mode"] == "resource" and act["gap_ms"] > 0
+        with manager.acquire("clf") as model:
+            assert model.version == 3
+    finally:
+        manager.stop()
