@@ -77,6 +77,20 @@ class Link(Protocol):
         ...
 
 
+class TransferSettings(BaseModel):
+    """Proposed config section ``[transfer]`` (not wired into AgentConfig yet)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    staging: Path = Field(
+        Path("/var/lib/edge-agent/transfers"), strict=False, description="Where transfers are assembled."
+    )
+    max_bytes: int = Field(512 * 1024 * 1024, ge=1, description="Largest file a transfer may deliver.")
+    idle_s: float = Field(2.0, gt=0, description="Silence before asking for missing chunks.")
+    max_idle_s: float = Field(30.0, gt=0, description="Longest wait between two requests.")
+    deadline_s: float = Field(3600.0, gt=0, description="A transfer not complete by then fails.")
+
+
 class _PahoHandle:
     def __init__(self, info: Any) -> None:
         self._info = info
@@ -381,20 +395,23 @@ class TransferSender:
             if ahead > 0 and self._stop.wait(ahead):
                 return
         while len(self._inflight) >= self.max_inflight:
-            if not self._inflight[0].wait(self.publish_timeout_s):
-                log.warning("transfer %s: the broker has not acknowledged a chunk for %.0f s", self.tid, self.publish_timeout_s)
-                if self._stop.is_set():
-                    return
-                continue
-            self._inflight.popleft()
+            self._settle(self._inflight.popleft())
+            if self._stop.is_set():
+                return
         self._inflight.append(self.link.publish(self.topics.chunk(index), data, qos=1, retain=False))
         self._bytes_sent += length
         self.published += 1
 
     def _drain(self) -> None:
         while self._inflight and not self._stop.is_set():
-            if self._inflight[0].wait(self.publish_timeout_s):
-                self._inflight.popleft()
+            self._settle(self._inflight.popleft())
+
+    def _settle(self, handle: PublishHandle) -> None:
+        """Wait for one acknowledgement. A chunk the broker did not take is
+        not retried here: the devices that miss it will ask for it."""
+        if not handle.wait(self.publish_timeout_s):
+            log.warning("transfer %s: a chunk was not acknowledged (broker away?)", self.tid)
+            self._stop.wait(1.0)  # do not spin while the link is down
 
     # -- link callbacks ----------------------------------------------------------
 
