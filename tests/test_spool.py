@@ -9,6 +9,7 @@ import sys
 import textwrap
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -229,3 +230,62 @@ def test_unopenable_path_is_a_spool_error(tmp_path: Path) -> None:
     with pytest.raises(SpoolError) as err:
         Spool(blocker / "s.db")
     assert err.value.code == "spool_failed"
+
+
+def test_replay_through_a_real_broker_in_order(tmp_path: Path, broker: Any) -> None:
+    """What piled up during an outage reaches a subscriber in the order it
+    was produced, and each item leaves the spool only once the broker
+    acknowledged it (QoS 1)."""
+    import uuid
+
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    base = f"edge/{uuid.uuid4().hex[:8]}"
+    received: list[tuple[str, bytes]] = []
+    all_in = threading.Event()
+
+    def client(on_message: Any = None) -> mqtt.Client:
+        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=uuid.uuid4().hex, protocol=mqtt.MQTTv5)
+        ready = threading.Event()
+        c.on_connect = lambda *a: ready.set()
+        if on_message:
+            c.on_message = on_message
+        c.connect(broker.host, broker.port)
+        c.loop_start()
+        assert ready.wait(5)
+        return c
+
+    def on_message(c: Any, userdata: Any, message: Any) -> None:
+        received.append((message.topic, message.payload))
+        if len(received) == 6:
+            all_in.set()
+
+    sub = client(on_message)
+    subscribed = threading.Event()
+    sub.on_subscribe = lambda *a: subscribed.set()
+    sub.subscribe(f"{base}/#", qos=1)
+    assert subscribed.wait(5)
+    pub = client()
+    try:
+        with Spool(tmp_path / "s.db") as spool:
+            expected = []
+            for n in range(6):
+                kind = ("telemetry", "results", "events")[n % 3]
+                topic = f"{base}/{kind}"
+                spool.put(topic, b"%d" % n, kind=kind)
+                expected.append((topic, b"%d" % n))
+
+            def publish(item: SpooledItem) -> bool:
+                info = pub.publish(item.topic, item.payload, qos=item.qos, retain=item.retain)
+                info.wait_for_publish(5)
+                return info.is_published()
+
+            assert spool.replay(publish) == 6
+            assert len(spool) == 0
+        assert all_in.wait(5)
+        assert received == expected
+    finally:
+        for c in (sub, pub):
+            c.disconnect()
+            c.loop_stop()
