@@ -212,6 +212,20 @@ def test_receiver_wait_times_out_without_a_sender(clients: Callable[[str], PahoL
     rx.close()
 
 
+def test_rate_limit_paces_the_chunks(payload: Path, clients: Callable[[str], PahoLink]) -> None:
+    """A cellular uplink must not be saturated by a deploy: 1 MB at 4 MiB/s
+    takes a quarter of a second, not a burst."""
+    sender = TransferSender(clients("console"), PREFIX, payload, tid=uuid.uuid4().hex, chunk_size=CHUNK, rate_bytes_s=4 * 2**20)
+    started = time.monotonic()
+    sender.start()
+    try:
+        assert sender.wait_sent(30)
+        assert time.monotonic() - started >= 0.2
+        assert sender.published == sender.meta.chunks
+    finally:
+        sender.close()
+
+
 # -- pure parts ---------------------------------------------------------------------
 
 

@@ -309,8 +309,7 @@ class TransferSender:
         self._unsubscribe: list[Callable[[], None]] = []
         self._thread: threading.Thread | None = None
         self._fh = open(self.path, "rb")
-        self._started_at = 0.0
-        self._bytes_sent = 0
+        self._next_send_at = 0.0
 
     def start(self) -> "TransferSender":
         self._unsubscribe.append(self.link.subscribe(self.topics.need, self._on_need))
@@ -361,7 +360,6 @@ class TransferSender:
     # -- worker ------------------------------------------------------------------
 
     def _run(self) -> None:
-        self._started_at = time.monotonic()
         try:
             for index in range(self.meta.chunks):
                 if self._stop.is_set():
@@ -391,15 +389,16 @@ class TransferSender:
         offset, length = self.meta.chunk_span(index)
         data = os.pread(self._fh.fileno(), length, offset)
         if self.rate_bytes_s:
-            ahead = self._bytes_sent / self.rate_bytes_s - (time.monotonic() - self._started_at)
-            if ahead > 0 and self._stop.wait(ahead):
+            # Pace, without saving up credit while idle (no burst after a pause).
+            now = time.monotonic()
+            if self._next_send_at > now and self._stop.wait(self._next_send_at - now):
                 return
+            self._next_send_at = max(now, self._next_send_at) + length / self.rate_bytes_s
         while len(self._inflight) >= self.max_inflight:
             self._settle(self._inflight.popleft())
             if self._stop.is_set():
                 return
         self._inflight.append(self.link.publish(self.topics.chunk(index), data, qos=1, retain=False))
-        self._bytes_sent += length
         self.published += 1
 
     def _drain(self) -> None:
@@ -536,7 +535,12 @@ class TransferReceiver:
         except OSError as exc:
             raise TransferError(f"cannot create {self.dir}: {exc.strerror}", code=_disk_code(exc)) from None
         with self._lock:
-            self._resume()
+            try:
+                self._resume()
+            except OSError as exc:
+                raise TransferError(
+                    f"transfer {self.tid}: cannot use {self.data_path}: {exc.strerror}", code=_disk_code(exc)
+                ) from None
             self._last_activity = time.monotonic()
             self._started = time.monotonic()
         self._thread = threading.Thread(target=self._run, name=f"transfer-recv-{self.tid[:8]}", daemon=True)
