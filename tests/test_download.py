@@ -36,6 +36,7 @@ class FileServer(ThreadingHTTPServer):
         self.statuses: list[int] = []  # per request, in order: an error status to answer
         self.ignore_range = False
         self.send_length = True
+        self.redirect_to: str | None = None
         self.sent = 0
         self.lock = threading.Lock()
 
@@ -58,6 +59,12 @@ class Handler(BaseHTTPRequestHandler):
             drop = srv.drop_after.pop(0) if srv.drop_after else None
         if status is not None:
             self.send_error(status)
+            return
+        if srv.redirect_to:
+            self.send_response(302)
+            self.send_header("Location", srv.redirect_to)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
             return
         body = srv.content
         match = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range", ""))
@@ -210,6 +217,22 @@ def test_retries_run_out(tmp_path: Path) -> None:
         download(f"http://127.0.0.1:{port}/b", tmp_path / "b", sha256=SHA, size=10, max_bytes=100, retries=2, **FAST)
     assert err.value.code == "download_failed"
     assert "3 attempt(s)" in err.value.message
+
+
+def test_a_redirect_away_from_http_is_refused(server: FileServer, tmp_path: Path) -> None:
+    server.redirect_to = "ftp://127.0.0.1/b.tar.gz"
+    with pytest.raises(DownloadError) as err:
+        download(server.url, tmp_path / "b", sha256=SHA, size=len(CONTENT), max_bytes=10**6, **FAST)
+    assert err.value.code == "download_failed" and "not http(s)" in err.value.message
+    assert len(server.requests) == 1
+
+
+def test_a_verified_file_is_not_fetched_again(server: FileServer, tmp_path: Path) -> None:
+    """A deploy repeated after a restart finds the archive already there."""
+    dest = tmp_path / "b"
+    download(server.url, dest, sha256=SHA, size=len(CONTENT), max_bytes=10**6, **FAST)
+    download(server.url, dest, sha256=SHA, size=len(CONTENT), max_bytes=10**6, **FAST)
+    assert len(server.requests) == 1
 
 
 @pytest.mark.parametrize("url", ["ftp://host/b.tar", "s3://bucket/b", "/plain/path", "file://remote-host/b.tar"])

@@ -69,6 +69,20 @@ class DownloadSettings(BaseModel):
     max_backoff_s: float = Field(60.0, ge=0, description="Longest retry delay.")
 
 
+class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
+    """urllib would follow a redirect to ``ftp://``; a bundle URL may only
+    lead to another http(s) URL."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[no-untyped-def]
+        if urlsplit(newurl).scheme.lower() not in ("http", "https"):
+            raise DownloadError(f"{req.full_url} redirects to {newurl!r}, which is not http(s)", code="download_failed")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def _opener(context: ssl.SSLContext | None) -> urllib.request.OpenerDirector:
+    return urllib.request.build_opener(urllib.request.HTTPSHandler(context=context), _HttpOnlyRedirects())
+
+
 class _Transient(Exception):
     """A failure worth retrying (the connection, not the content)."""
 
@@ -118,6 +132,9 @@ def download(
         dest.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise _disk_error(exc, f"cannot create {dest.parent}") from None
+    if _already_there(dest, size, sha256):
+        log.info("download of %s: %s is already there and verified", url, dest)
+        return dest
     fresh_restart_done = False
     attempt = 0
     while True:
@@ -217,7 +234,7 @@ def _fetch_http(
     if offset:
         request.add_header("Range", f"bytes={offset}-")
     try:
-        response = urllib.request.urlopen(request, timeout=timeout, context=context)
+        response = _opener(context).open(request, timeout=timeout)
     except urllib.error.HTTPError as exc:
         exc.close()
         if exc.code == 416 and offset:
@@ -301,6 +318,14 @@ def _copy(
 
 
 # -- helpers ------------------------------------------------------------------------
+
+
+def _already_there(dest: Path, size: int, sha256: str) -> bool:
+    """A repeated deploy (after a restart) need not fetch a verified file again."""
+    try:
+        return dest.is_file() and dest.stat().st_size == size and _sha256_of(dest) == sha256
+    except DownloadError:
+        return False
 
 
 def _part_size(part: Path) -> int:
