@@ -15,7 +15,8 @@ in short, under ``P/transfers/<tid>/``:
 
 The code is transport-agnostic: it speaks to a :class:`Link` (publish bytes,
 subscribe a filter with a callback). :class:`PahoLink` adapts a paho client;
-a test or another transport supplies its own.
+:mod:`edge_agent.comms.loopback` is an in-process broker for tests; another
+transport supplies its own.
 
 Threading: link callbacks run on the transport's thread (paho's network
 thread) and only do cheap work (verify a chunk's sha256, write it at its
