@@ -224,6 +224,22 @@ def test_bad_kind_is_a_programming_error(tmp_path: Path) -> None:
             spool.put(TOPIC, b"", kind="logs")  # type: ignore[arg-type]
 
 
+def test_a_corrupt_file_is_moved_aside(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """An SD card that mangled the spool must not stop the agent publishing."""
+    path = tmp_path / "s.db"
+    path.write_bytes(b"this is not a database" * 1000)
+    with Spool(path) as spool:
+        assert len(spool) == 0
+        assert spool.put(TOPIC, b"new", kind="events") is not None
+    aside = list(tmp_path.glob("s.db.corrupt-*"))
+    assert len(aside) == 1 and aside[0].read_bytes().startswith(b"this is not")
+    assert "unreadable" in caplog.text
+    path.write_bytes(b"garbage again" * 1000)
+    with pytest.raises(SpoolError) as err:
+        Spool(path, recover=False)
+    assert err.value.code == "spool_failed"
+
+
 def test_unopenable_path_is_a_spool_error(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
