@@ -605,6 +605,7 @@ class TransferReceiver:
             len(have) != meta.chunks
             or meta.tid != self.tid
             or (self.expected_sha256 and meta.sha256 != self.expected_sha256)
+            or (self.expected_size is not None and meta.size != self.expected_size)
             or meta.size > self.max_bytes
         ):
             log.warning("transfer %s: the saved state is for another file; starting over", self.tid)
