@@ -92,6 +92,14 @@ class _Pending:
         self.reply: Reply | None = None
 
 
+class _Refused(CommandError):
+    """A payload refused before any handler ran; ``cmd_id`` when readable."""
+
+    def __init__(self, message: str, *, code: str, cmd_id: str | None = None) -> None:
+        super().__init__(message, code=code)
+        self.cmd_id = cmd_id
+
+
 def ok_reply(cmd_id: str | None, result: dict[str, Any]) -> Reply:
     return {"id": cmd_id, "ok": True, "result": result}
 
@@ -185,10 +193,9 @@ class Dispatcher:
         raw = payload.encode("utf-8") if isinstance(payload, str) else bytes(payload)
         try:
             envelope = self._parse(raw)
-        except CommandError as exc:
-            cmd_id = getattr(exc, "cmd_id", None)
-            log.warning("command on %s refused (%s): %s", origin, exc.code, exc.message)
-            return error_reply(cmd_id, exc.code, exc.message)
+        except _Refused as exc:
+            log.warning("command %s on %s refused (%s): %s", exc.cmd_id or "(no id)", origin, exc.code, exc.message)
+            return error_reply(exc.cmd_id, exc.code, exc.message)
 
         if self._verifier is not None:
             try:
@@ -233,25 +240,23 @@ class Dispatcher:
 
     def _parse(self, raw: bytes) -> Envelope:
         if len(raw) > self.max_payload:
-            raise CommandError(
+            raise _Refused(
                 f"the command is {len(raw)} bytes; the limit is {self.max_payload}", code="payload_too_large"
             )
         try:
             data = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
         except UnicodeDecodeError:
-            raise CommandError("the command is not UTF-8 text", code="bad_json") from None
+            raise _Refused("the command is not UTF-8 text", code="bad_json") from None
         except (ValueError, RecursionError) as exc:
-            raise CommandError(f"the command is not valid JSON: {exc}", code="bad_json") from None
+            raise _Refused(f"the command is not valid JSON: {exc}", code="bad_json") from None
         if not isinstance(data, dict):
-            raise CommandError(f"a command is a JSON object, not {type(data).__name__}", code="bad_command")
+            raise _Refused(f"a command is a JSON object, not {type(data).__name__}", code="bad_command")
         cmd_id = data.get("id")
         readable_id = cmd_id if isinstance(cmd_id, str) and TOKEN_RE.fullmatch(cmd_id) else None
         try:
             return Envelope.model_validate(data)
         except ValidationError as exc:
-            err = CommandError(f"bad command: {format_validation_error(exc)}", code="bad_command")
-            err.cmd_id = readable_id  # type: ignore[attr-defined]
-            raise err from None
+            raise _Refused(f"bad command: {format_validation_error(exc)}", code="bad_command", cmd_id=readable_id) from None
 
     def _execute(self, envelope: Envelope, origin: str) -> Reply:
         with self._lock:
