@@ -235,6 +235,40 @@ def test_a_verified_file_is_not_fetched_again(server: FileServer, tmp_path: Path
     assert len(server.requests) == 1
 
 
+def test_cancel_keeps_the_part_for_later(server: FileServer, tmp_path: Path) -> None:
+    """SIGTERM during a deploy: stop within a chunk, resume on the next start."""
+    cancel = threading.Event()
+
+    def stop_halfway(done: int, total: int) -> None:
+        if done >= total // 2:
+            cancel.set()
+
+    dest = tmp_path / "b"
+    with pytest.raises(DownloadError) as err:
+        download(server.url, dest, sha256=SHA, size=len(CONTENT), max_bytes=10**6, progress=stop_halfway, cancel=cancel, **FAST)
+    assert err.value.code == "cancelled"
+    kept = part_path(dest).stat().st_size
+    assert len(CONTENT) // 2 <= kept < len(CONTENT)
+    download(server.url, dest, sha256=SHA, size=len(CONTENT), max_bytes=10**6, **FAST)
+    assert dest.read_bytes() == CONTENT
+    assert server.requests[-1]["Range"] == f"bytes={kept}-"
+
+
+def test_cancel_interrupts_the_back_off(tmp_path: Path) -> None:
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cancel = threading.Event()
+    threading.Timer(0.2, cancel.set).start()
+    started = time.monotonic()
+    with pytest.raises(DownloadError) as err:
+        download(f"http://127.0.0.1:{port}/b", tmp_path / "b", sha256=SHA, size=10, max_bytes=100, backoff_s=30, cancel=cancel)
+    assert err.value.code == "cancelled"
+    assert time.monotonic() - started < 5
+
+
 @pytest.mark.parametrize("url", ["ftp://host/b.tar", "s3://bucket/b", "/plain/path", "file://remote-host/b.tar"])
 def test_unsupported_url(url: str, tmp_path: Path) -> None:
     with pytest.raises(DownloadError) as err:

@@ -18,7 +18,7 @@ What a deploy can rely on:
 
 Errors are :class:`~edge_agent.errors.DownloadError` with the codes
 ``unsupported_url``, ``download_failed``, ``too_large``, ``size_mismatch``,
-``checksum_mismatch`` and ``disk_full``.
+``checksum_mismatch``, ``disk_full`` and ``cancelled``.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ import random
 import re
 import shutil
 import ssl
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -105,12 +106,16 @@ def download(
     backoff_s: float = 1.0,
     max_backoff_s: float = 60.0,
     ssl_context: ssl.SSLContext | None = None,
+    cancel: threading.Event | None = None,
 ) -> Path:
     """Fetch ``url`` into ``dest`` and return ``dest``, verified.
 
     ``size`` and ``sha256`` are what the deploy command promised; a download
     of any other length or digest is refused. Blocks the calling thread (run
     it in a worker); not safe to run twice at once for the same ``dest``.
+    Setting ``cancel`` (the agent is stopping) ends it with ``cancelled``
+    within one chunk or one socket time-out, keeping the ``.part`` file for
+    the next attempt.
     """
     dest = Path(dest)
     scheme = urlsplit(url).scheme.lower()
@@ -128,6 +133,18 @@ def download(
         )
     sha256 = sha256.lower()
     part = part_path(dest)
+    user_progress = progress
+
+    def check_cancel() -> None:
+        if cancel is not None and cancel.is_set():
+            raise DownloadError(f"the download of {url} was cancelled", code="cancelled")
+
+    def tick(done: int, total: int) -> None:
+        check_cancel()
+        if user_progress is not None:
+            user_progress(done, total)
+
+    progress = tick
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -139,6 +156,7 @@ def download(
     attempt = 0
     while True:
         resumed = _part_size(part) > 0
+        check_cancel()
         try:
             _check_free_space(part, size)
             if scheme == "file":
@@ -155,7 +173,10 @@ def download(
                 ) from None
             delay = min(max_backoff_s, backoff_s * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
             log.warning("download of %s: %s; retry %d/%d in %.1f s", url, exc, attempt, retries, delay)
-            time.sleep(delay)
+            if cancel is not None:
+                cancel.wait(delay)
+            else:
+                time.sleep(delay)
             continue
         except DownloadError as exc:
             if exc.code in ("size_mismatch", "too_large", "disk_full"):
