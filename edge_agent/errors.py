@@ -121,7 +121,7 @@ class DownloadError(EdgeAgentError):
     """A bundle could not be downloaded.
 
     Codes: ``unsupported_url``, ``download_failed``, ``too_large``,
-    ``size_mismatch``, ``checksum_mismatch``, ``disk_full``.
+    ``size_mismatch``, ``checksum_mismatch``, ``disk_full``, ``cancelled``.
     """
 
     code = "download_failed"

@@ -359,3 +359,71 @@ def test_set_args() -> None:
 
 def test_every_contract_command_has_a_schema() -> None:
     assert set(COMMAND_ARGS) == {"ping", "status", "deploy", "activate", "rollback", "remove", "set"}
+
+
+def test_over_a_real_broker_one_reply_per_command(broker: Any) -> None:
+    """The device subscribes to its own, its group's and the fleet's command
+    topics; a console sends one deploy-like command to the group and to
+    everyone: it runs once, and each delivery gets the same reply."""
+    import queue
+    import uuid
+
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    prefix = f"edge-{uuid.uuid4().hex[:6]}"
+    runs: list[str] = []
+    d = Dispatcher()
+    d.register("ping", NoArgs, lambda args, ctx: runs.append(ctx.origin) or {"pong": True})
+
+    def client() -> mqtt.Client:
+        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=uuid.uuid4().hex, protocol=mqtt.MQTTv5)
+        ready = threading.Event()
+        c.on_connect = lambda *a: ready.set()
+        c.connect(broker.host, broker.port)
+        c.loop_start()
+        assert ready.wait(5)
+        return c
+
+    device, console = client(), client()
+    work: queue.Queue = queue.Queue()
+    device.on_message = lambda c, u, m: work.put((m.topic, m.payload))  # never dispatch on paho's thread
+
+    def worker() -> None:
+        while (item := work.get()) is not None:
+            reply = d.handle(item[1], item[0])
+            device.publish(f"{prefix}/cam-01/reply", json.dumps(reply), qos=1)
+
+    thread = threading.Thread(target=worker, daemon=True)
+    thread.start()
+    replies: list[dict[str, Any]] = []
+    got_all = threading.Event()
+
+    def on_reply(c: Any, u: Any, m: Any) -> None:
+        replies.append(json.loads(m.payload))
+        if len(replies) == 3:
+            got_all.set()
+
+    console.on_message = on_reply
+    subscribed = threading.Event()
+    console.on_subscribe = lambda *a: subscribed.set()
+    console.subscribe(f"{prefix}/cam-01/reply", qos=1)
+    assert subscribed.wait(5)
+    subscribed.clear()
+    device.on_subscribe = lambda *a: subscribed.set()
+    device.subscribe([(f"{prefix}/cam-01/cmd", 1), (f"{prefix}/groups/lobby/cmd", 1), (f"{prefix}/all/cmd", 1)])
+    assert subscribed.wait(5)
+    try:
+        console.publish(f"{prefix}/groups/lobby/cmd", cmd("deploy-7", "ping"), qos=1)
+        console.publish(f"{prefix}/all/cmd", cmd("deploy-7", "ping"), qos=1)
+        console.publish(f"{prefix}/cam-01/cmd", b"not json", qos=1)
+        assert got_all.wait(5)
+        assert len(runs) == 1
+        assert replies[:2] == [{"id": "deploy-7", "ok": True, "result": {"pong": True}}] * 2
+        assert replies[2]["error"]["code"] == "bad_json"
+    finally:
+        work.put(None)
+        thread.join(5)
+        for c in (device, console):
+            c.disconnect()
+            c.loop_stop()

@@ -9,6 +9,7 @@ import sys
 import textwrap
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -223,9 +224,84 @@ def test_bad_kind_is_a_programming_error(tmp_path: Path) -> None:
             spool.put(TOPIC, b"", kind="logs")  # type: ignore[arg-type]
 
 
+def test_a_corrupt_file_is_moved_aside(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """An SD card that mangled the spool must not stop the agent publishing."""
+    path = tmp_path / "s.db"
+    path.write_bytes(b"this is not a database" * 1000)
+    with Spool(path) as spool:
+        assert len(spool) == 0
+        assert spool.put(TOPIC, b"new", kind="events") is not None
+    aside = list(tmp_path.glob("s.db.corrupt-*"))
+    assert len(aside) == 1 and aside[0].read_bytes().startswith(b"this is not")
+    assert "unreadable" in caplog.text
+    path.write_bytes(b"garbage again" * 1000)
+    with pytest.raises(SpoolError) as err:
+        Spool(path, recover=False)
+    assert err.value.code == "spool_failed"
+
+
 def test_unopenable_path_is_a_spool_error(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     with pytest.raises(SpoolError) as err:
         Spool(blocker / "s.db")
     assert err.value.code == "spool_failed"
+
+
+def test_replay_through_a_real_broker_in_order(tmp_path: Path, broker: Any) -> None:
+    """What piled up during an outage reaches a subscriber in the order it
+    was produced, and each item leaves the spool only once the broker
+    acknowledged it (QoS 1)."""
+    import uuid
+
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    base = f"edge/{uuid.uuid4().hex[:8]}"
+    received: list[tuple[str, bytes]] = []
+    all_in = threading.Event()
+
+    def client(on_message: Any = None) -> mqtt.Client:
+        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=uuid.uuid4().hex, protocol=mqtt.MQTTv5)
+        ready = threading.Event()
+        c.on_connect = lambda *a: ready.set()
+        if on_message:
+            c.on_message = on_message
+        c.connect(broker.host, broker.port)
+        c.loop_start()
+        assert ready.wait(5)
+        return c
+
+    def on_message(c: Any, userdata: Any, message: Any) -> None:
+        received.append((message.topic, message.payload))
+        if len(received) == 6:
+            all_in.set()
+
+    sub = client(on_message)
+    subscribed = threading.Event()
+    sub.on_subscribe = lambda *a: subscribed.set()
+    sub.subscribe(f"{base}/#", qos=1)
+    assert subscribed.wait(5)
+    pub = client()
+    try:
+        with Spool(tmp_path / "s.db") as spool:
+            expected = []
+            for n in range(6):
+                kind = ("telemetry", "results", "events")[n % 3]
+                topic = f"{base}/{kind}"
+                spool.put(topic, b"%d" % n, kind=kind)
+                expected.append((topic, b"%d" % n))
+
+            def publish(item: SpooledItem) -> bool:
+                info = pub.publish(item.topic, item.payload, qos=item.qos, retain=item.retain)
+                info.wait_for_publish(5)
+                return info.is_published()
+
+            assert spool.replay(publish) == 6
+            assert len(spool) == 0
+        assert all_in.wait(5)
+        assert received == expected
+    finally:
+        for c in (sub, pub):
+            c.disconnect()
+            c.loop_stop()

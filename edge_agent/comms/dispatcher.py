@@ -32,7 +32,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from edge_agent.comms.commands import TOKEN_RE, Envelope
 from edge_agent.errors import CommandError, EdgeAgentError
@@ -45,6 +45,15 @@ DEFAULT_MEMORY = 1024
 Reply = dict[str, Any]
 EventSink = Callable[[dict[str, Any]], None]
 Verifier = Callable[[Envelope, bytes], None]
+
+
+class CommandSettings(BaseModel):
+    """Proposed config section ``[commands]`` (not wired into AgentConfig yet)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    max_payload: int = Field(DEFAULT_MAX_PAYLOAD, ge=1024, description="Largest command accepted, in bytes.")
+    memory: int = Field(DEFAULT_MEMORY, ge=1, description="Command ids remembered to answer repeats.")
 
 
 @dataclass(frozen=True)
@@ -81,6 +90,14 @@ class _Pending:
     def __init__(self) -> None:
         self.done = threading.Event()
         self.reply: Reply | None = None
+
+
+class _Refused(CommandError):
+    """A payload refused before any handler ran; ``cmd_id`` when readable."""
+
+    def __init__(self, message: str, *, code: str, cmd_id: str | None = None) -> None:
+        super().__init__(message, code=code)
+        self.cmd_id = cmd_id
 
 
 def ok_reply(cmd_id: str | None, result: dict[str, Any]) -> Reply:
@@ -144,7 +161,8 @@ class Dispatcher:
         self._events = events
         self._verifier = verifier
         self._routes: dict[str, _Route] = {}
-        self._seen: OrderedDict[str, Reply | _Pending] = OrderedDict()
+        self._replies: OrderedDict[str, Reply] = OrderedDict()  # completed, LRU order
+        self._running: dict[str, _Pending] = {}
         self._lock = threading.Lock()
 
     # -- the table --------------------------------------------------------------
@@ -175,10 +193,9 @@ class Dispatcher:
         raw = payload.encode("utf-8") if isinstance(payload, str) else bytes(payload)
         try:
             envelope = self._parse(raw)
-        except CommandError as exc:
-            cmd_id = getattr(exc, "cmd_id", None)
-            log.warning("command on %s refused (%s): %s", origin, exc.code, exc.message)
-            return error_reply(cmd_id, exc.code, exc.message)
+        except _Refused as exc:
+            log.warning("command %s on %s refused (%s): %s", exc.cmd_id or "(no id)", origin, exc.code, exc.message)
+            return error_reply(exc.cmd_id, exc.code, exc.message)
 
         if self._verifier is not None:
             try:
@@ -191,19 +208,20 @@ class Dispatcher:
                 return error_reply(envelope.id, "internal_error", "the signature check failed unexpectedly")
 
         with self._lock:
-            seen = self._seen.get(envelope.id)
-            if seen is None:
-                pending = _Pending()
-                self._seen[envelope.id] = pending
-            else:
-                self._seen.move_to_end(envelope.id)
-        if seen is not None:
+            earlier = self._replies.get(envelope.id)
+            running = self._running.get(envelope.id)
+            if earlier is not None:
+                self._replies.move_to_end(envelope.id)
+            elif running is None:
+                pending = self._running[envelope.id] = _Pending()
+        if earlier is not None or running is not None:
             log.info("command %s on %s is a repeat: answering with the first reply", envelope.id, origin)
-            if isinstance(seen, _Pending):
-                seen.done.wait()
-                assert seen.reply is not None
-                return seen.reply
-            return seen
+            if running is not None:
+                running.done.wait()
+                assert running.reply is not None
+                return running.reply
+            assert earlier is not None
+            return earlier
 
         reply: Reply | None = None
         try:
@@ -212,45 +230,33 @@ class Dispatcher:
         finally:
             # Even a BaseException (KeyboardInterrupt) must release the waiters.
             final = reply or error_reply(envelope.id, "internal_error", "the command was interrupted")
-            with self._lock:
-                self._seen[envelope.id] = final
-                self._evict()
             pending.reply = final
+            with self._lock:
+                self._replies[envelope.id] = final
+                del self._running[envelope.id]
+                while len(self._replies) > self.memory:
+                    self._replies.popitem(last=False)
             pending.done.set()
-
-    def _evict(self) -> None:
-        """Drop the oldest completed replies beyond ``memory`` (lock held)."""
-        excess = sum(1 for v in self._seen.values() if not isinstance(v, _Pending)) - self.memory
-        if excess <= 0:
-            return
-        for key in list(self._seen):
-            if excess <= 0:
-                break
-            if not isinstance(self._seen[key], _Pending):
-                del self._seen[key]
-                excess -= 1
 
     def _parse(self, raw: bytes) -> Envelope:
         if len(raw) > self.max_payload:
-            raise CommandError(
+            raise _Refused(
                 f"the command is {len(raw)} bytes; the limit is {self.max_payload}", code="payload_too_large"
             )
         try:
             data = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
         except UnicodeDecodeError:
-            raise CommandError("the command is not UTF-8 text", code="bad_json") from None
+            raise _Refused("the command is not UTF-8 text", code="bad_json") from None
         except (ValueError, RecursionError) as exc:
-            raise CommandError(f"the command is not valid JSON: {exc}", code="bad_json") from None
+            raise _Refused(f"the command is not valid JSON: {exc}", code="bad_json") from None
         if not isinstance(data, dict):
-            raise CommandError(f"a command is a JSON object, not {type(data).__name__}", code="bad_command")
+            raise _Refused(f"a command is a JSON object, not {type(data).__name__}", code="bad_command")
         cmd_id = data.get("id")
         readable_id = cmd_id if isinstance(cmd_id, str) and TOKEN_RE.fullmatch(cmd_id) else None
         try:
             return Envelope.model_validate(data)
         except ValidationError as exc:
-            err = CommandError(f"bad command: {format_validation_error(exc)}", code="bad_command")
-            err.cmd_id = readable_id  # type: ignore[attr-defined]
-            raise err from None
+            raise _Refused(f"bad command: {format_validation_error(exc)}", code="bad_command", cmd_id=readable_id) from None
 
     def _execute(self, envelope: Envelope, origin: str) -> Reply:
         with self._lock:

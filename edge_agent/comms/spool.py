@@ -37,6 +37,7 @@ goes last):
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -122,11 +123,22 @@ class Spool:
     each method is one transaction.
     """
 
-    def __init__(self, path: Path | str, *, max_bytes: int = 64 * 1024 * 1024, max_pages: int | None = None) -> None:
+    def __init__(
+        self,
+        path: Path | str,
+        *,
+        max_bytes: int = 64 * 1024 * 1024,
+        max_pages: int | None = None,
+        recover: bool = True,
+    ) -> None:
         """Open (creating if needed) the spool at ``path``.
 
         ``max_pages`` caps the SQLite file (``PRAGMA max_page_count``), for
         tests and for operators who want a hard cap on the file itself.
+        ``recover``: a file that is not a readable spool (an SD card that
+        corrupted it) is moved aside to ``<name>.corrupt-<time>`` and a new
+        spool started, so that one bad file does not stop the agent
+        publishing; the loss is logged as an error.
         """
         if max_bytes < ROW_OVERHEAD:
             raise ValueError("max_bytes is too small to hold anything")
@@ -135,18 +147,48 @@ class Spool:
         self._lock = threading.Lock()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=5.0)
+        except OSError as exc:
+            raise SpoolError(f"cannot open the spool {self.path}: {exc.strerror or exc}") from None
+        try:
+            self._open(max_pages)
+        except sqlite3.DatabaseError as exc:
+            if not recover or getattr(exc, "sqlite_errorname", "") not in ("SQLITE_CORRUPT", "SQLITE_NOTADB"):
+                raise self._wrap(exc, f"cannot open the spool {self.path}") from None
+            aside = self._move_aside()
+            log.error("the spool %s is unreadable (%s): moved to %s, starting an empty one", self.path, exc, aside)
+            try:
+                self._open(max_pages)
+            except sqlite3.Error as exc2:
+                raise self._wrap(exc2, f"cannot open the spool {self.path}") from None
+        except sqlite3.Error as exc:
+            raise self._wrap(exc, f"cannot open the spool {self.path}") from None
+
+    def _open(self, max_pages: int | None) -> None:
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=5.0)
+        try:
             self._db.execute("PRAGMA auto_vacuum = INCREMENTAL")  # only effective on a new file
             self._db.execute("PRAGMA journal_mode = WAL")
             self._db.execute("PRAGMA synchronous = NORMAL")
             self._db.executescript(_SCHEMA)
             if max_pages is not None:
-                self.set_max_pages(max_pages)
+                self._db.execute(f"PRAGMA max_page_count = {int(max_pages)}")
             self._used = int(self._db.execute("SELECT COALESCE(SUM(size), 0) FROM items").fetchone()[0])
-        except sqlite3.Error as exc:
-            raise self._wrap(exc, f"cannot open the spool {self.path}") from None
+        except BaseException:
+            self._db.close()
+            raise
+
+    def _move_aside(self) -> Path:
+        aside = self.path.with_name(f"{self.path.name}.corrupt-{int(time.time())}")
+        try:
+            os.replace(self.path, aside)
+            for suffix in ("-wal", "-shm"):
+                try:
+                    os.unlink(f"{self.path}{suffix}")
+                except FileNotFoundError:
+                    pass
         except OSError as exc:
-            raise SpoolError(f"cannot open the spool {self.path}: {exc.strerror or exc}") from None
+            raise SpoolError(f"the spool {self.path} is unreadable and cannot be moved aside: {exc.strerror}") from None
+        return aside
 
     # -- writing --------------------------------------------------------------
 

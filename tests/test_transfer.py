@@ -1,0 +1,256 @@
+"""Bundle transfer over MQTT through a real mosquitto: one publish of each
+chunk serves the whole fleet; late, unlucky and restarted devices ask for
+just what they miss; corrupt chunks never reach the file."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from edge_agent.comms.transfer import (
+    PahoLink,
+    PublishHandle,
+    TransferMeta,
+    TransferReceiver,
+    TransferSender,
+    build_meta,
+    parse_need,
+    to_ranges,
+)
+from edge_agent.errors import TransferError
+
+PREFIX = "edge"
+CHUNK = 16 * 1024
+FAST = {"idle_s": 0.3, "max_idle_s": 1.0, "persist_every_s": 0.1, "deadline_s": 60.0}
+
+
+@pytest.fixture(scope="module")
+def payload(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("payload") / "classifier-3.tar.gz"
+    path.write_bytes(os.urandom(64 * CHUNK - 1000))  # 64 chunks, the last one short
+    return path
+
+
+@pytest.fixture
+def clients(broker: Any) -> Iterator[Callable[[str], PahoLink]]:
+    """Connected paho clients, one per simulated device or console."""
+    made: list[mqtt.Client] = []
+
+    def connect(name: str) -> PahoLink:
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"{name}-{uuid.uuid4().hex[:6]}", protocol=mqtt.MQTTv5)
+        client.max_inflight_messages_set(32)
+        connected = threading.Event()
+        client.on_connect = lambda *args: connected.set()
+        client.connect(broker.host, broker.port)
+        client.loop_start()
+        assert connected.wait(5), "could not connect to the test broker"
+        made.append(client)
+        return PahoLink(client)
+
+    yield connect
+    for client in made:
+        client.disconnect()
+        client.loop_stop()
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+class _Done:
+    def wait(self, timeout: float) -> bool:
+        return True
+
+
+class FaultyLink:
+    """The sender's link with a fault injected: a real seam, not a mock
+    (every other message goes through mosquitto)."""
+
+    def __init__(self, inner: PahoLink, fault: Callable[[str, bytes], bytes | None]) -> None:
+        self.inner = inner
+        self.fault = fault
+
+    def publish(self, topic: str, payload: bytes, *, qos: int, retain: bool) -> PublishHandle:
+        changed = self.fault(topic, payload)
+        if changed is None:
+            return _Done()  # lost on the way
+        return self.inner.publish(topic, changed, qos=qos, retain=retain)
+
+    def subscribe(self, topic_filter: str, callback: Callable[[str, bytes], None]) -> Callable[[], None]:
+        return self.inner.subscribe(topic_filter, callback)
+
+
+def test_three_devices_one_late(payload: Path, clients: Callable[[str], PahoLink], tmp_path: Path) -> None:
+    """Two devices listen from the start, the third joins after the last
+    chunk went out: all three end with the same verified file, and the late
+    one cost only a re-publish of what it asked for."""
+    tid = uuid.uuid4().hex
+    meta = build_meta(payload, tid=tid, chunk_size=CHUNK)
+    progress: list[tuple[int, int]] = []
+
+    def receiver(device: str, **extra: Any) -> TransferReceiver:
+        return TransferReceiver(
+            clients(device), PREFIX, tid, device, tmp_path / device,
+            max_bytes=10**7, expected_sha256=meta.sha256, expected_size=meta.size, **FAST, **extra,
+        ).start()
+
+    r1 = receiver("cam-01", progress=lambda done, total: progress.append((done, total)))
+    r2 = receiver("cam-02")
+    time.sleep(0.3)  # let their subscriptions reach the broker
+    sender = TransferSender(clients("console"), PREFIX, payload, tid=tid, chunk_size=CHUNK, need_delay_s=0.05).start()
+    try:
+        assert sender.wait_sent(30)
+        r3 = receiver("cam-03")
+        for rx in (r1, r2, r3):
+            out = rx.wait(30)
+            assert out.name == "classifier-3.tar.gz"
+            assert sha(out) == meta.sha256
+            assert not rx.data_path.exists() and not rx.state_path.exists()
+        assert sender.wait_done({"cam-01", "cam-02", "cam-03"}, 10)
+        assert r3.needs_sent[0] == [[0, meta.chunks - 1]], "the late device asked for everything at once"
+        assert sender.published < 2 * meta.chunks + 8, "chunks are not sent once per device"
+        assert progress[-1] == (meta.size, meta.size)
+    finally:
+        for rx in (r1, r2):
+            rx.close()
+        sender.close()
+
+
+def test_corrupt_chunk_is_rejected_and_requested_again(payload: Path, clients: Callable[[str], PahoLink], tmp_path: Path) -> None:
+    tid = uuid.uuid4().hex
+    corrupted: list[str] = []
+
+    def corrupt_chunk_3_once(topic: str, data: bytes) -> bytes:
+        if topic.endswith("/chunk/3") and not corrupted:
+            corrupted.append(topic)
+            return bytes([data[0] ^ 0xFF]) + data[1:]
+        return data
+
+    rx = TransferReceiver(clients("cam-01"), PREFIX, tid, "cam-01", tmp_path, max_bytes=10**7, **FAST).start()
+    time.sleep(0.3)
+    link = FaultyLink(clients("console"), corrupt_chunk_3_once)
+    with TransferSender(link, PREFIX, payload, tid=tid, chunk_size=CHUNK, need_delay_s=0.05) as sender:
+        out = rx.wait(30)
+        assert sha(out) == sha(payload)
+        assert corrupted and rx.rejected == 1
+        # Normally exactly [[3, 3]]; a stall on a loaded machine may add others.
+        assert any(first <= 3 <= last for ranges in rx.needs_sent for first, last in ranges)
+        assert any(device == "cam-01" for device, _ in sender.needs)
+        assert sender.wait_done(["cam-01"], 5)
+    rx.close()
+
+
+def test_a_restarted_device_continues(payload: Path, clients: Callable[[str], PahoLink], tmp_path: Path) -> None:
+    """Power is cut after 10 chunks: the next agent asks only for the rest."""
+    tid = uuid.uuid4().hex
+    first_pass_done = threading.Event()
+
+    def lose_after_chunk_9(topic: str, data: bytes) -> bytes | None:
+        if "/chunk/" in topic and int(topic.rsplit("/", 1)[1]) >= 10 and not first_pass_done.is_set():
+            return None
+        return data
+
+    first = TransferReceiver(clients("cam-01"), PREFIX, tid, "cam-01", tmp_path, max_bytes=10**7, **{**FAST, "idle_s": 60})
+    first.start()
+    time.sleep(0.3)
+    sender = TransferSender(FaultyLink(clients("console"), lose_after_chunk_9), PREFIX, payload, tid=tid, chunk_size=CHUNK, need_delay_s=0.05)
+    sender.start()
+    try:
+        assert sender.wait_sent(30)
+        first_pass_done.set()
+        deadline = time.monotonic() + 10
+        while first.received_chunks() < 10 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert first.received_chunks() == 10
+        first.close()
+        state = json.loads(first.state_path.read_text())
+        assert state["meta"]["tid"] == tid
+
+        second = TransferReceiver(clients("cam-01-again"), PREFIX, tid, "cam-01", tmp_path, max_bytes=10**7, **FAST).start()
+        assert second.received_chunks() == 10, "resumed from the saved state"
+        out = second.wait(30)
+        assert sha(out) == sha(payload)
+        assert second.needs_sent[0] == [[10, sender.meta.chunks - 1]]
+        second.close()
+    finally:
+        sender.close()
+
+
+def test_a_meta_for_another_file_is_refused(payload: Path, clients: Callable[[str], PahoLink], tmp_path: Path) -> None:
+    """The deploy command says which file it wants: a stray meta under the
+    same transfer id cannot substitute another."""
+    tid = uuid.uuid4().hex
+    with TransferSender(clients("console"), PREFIX, payload, tid=tid, chunk_size=CHUNK):
+        rx = TransferReceiver(clients("cam-01"), PREFIX, tid, "cam-01", tmp_path, max_bytes=10**7, expected_sha256="0" * 64, **FAST)
+        rx.start()
+        with pytest.raises(TransferError) as err:
+            rx.wait(10)
+        assert err.value.code == "bad_transfer"
+        rx.close()
+        small = TransferReceiver(clients("cam-02"), PREFIX, tid, "cam-02", tmp_path / "b", max_bytes=1000, **FAST).start()
+        with pytest.raises(TransferError) as err:
+            small.wait(10)
+        assert err.value.code == "too_large"
+        small.close()
+
+
+def test_receiver_wait_times_out_without_a_sender(clients: Callable[[str], PahoLink], tmp_path: Path) -> None:
+    rx = TransferReceiver(clients("cam-01"), PREFIX, uuid.uuid4().hex, "cam-01", tmp_path, max_bytes=10, **FAST).start()
+    with pytest.raises(TransferError) as err:
+        rx.wait(0.2)
+    assert err.value.code == "transfer_timeout"
+    rx.close()
+
+
+def test_rate_limit_paces_the_chunks(payload: Path, clients: Callable[[str], PahoLink]) -> None:
+    """A cellular uplink must not be saturated by a deploy: 1 MB at 4 MiB/s
+    takes a quarter of a second, not a burst."""
+    sender = TransferSender(clients("console"), PREFIX, payload, tid=uuid.uuid4().hex, chunk_size=CHUNK, rate_bytes_s=4 * 2**20)
+    started = time.monotonic()
+    sender.start()
+    try:
+        assert sender.wait_sent(30)
+        assert time.monotonic() - started >= 0.2
+        assert sender.published == sender.meta.chunks
+    finally:
+        sender.close()
+
+
+# -- pure parts ---------------------------------------------------------------------
+
+
+def test_ranges_round_trip() -> None:
+    assert to_ranges([0, 1, 2, 5, 7, 8]) == [[0, 2], [5, 5], [7, 8]]
+    assert to_ranges([]) == []
+    device, wanted = parse_need(json.dumps({"device": "d", "ranges": [[0, 2], [5, 5], [60, 99]]}).encode(), 62)
+    assert device == "d" and wanted == {0, 1, 2, 5, 60, 61}
+
+
+@pytest.mark.parametrize(
+    "need",
+    [b"[]", b'{"device": 1, "ranges": []}', b'{"device": "d", "ranges": [[3, 1]]}', b'{"device": "d", "ranges": [[true, 2]]}', b"junk"],
+)
+def test_malformed_needs_are_refused(need: bytes) -> None:
+    with pytest.raises(ValueError):
+        parse_need(need, 10)
+
+
+def test_meta_checks_itself(payload: Path) -> None:
+    meta = build_meta(payload, tid="t1", chunk_size=CHUNK)
+    assert meta.chunks == 64 and meta.chunk_span(63) == (63 * CHUNK, CHUNK - 1000)
+    data = json.loads(meta.to_json())
+    assert TransferMeta.model_validate_json(meta.to_json()) == meta
+    for change in ({"chunks": 63}, {"chunk_sha256": data["chunk_sha256"][:-1]}, {"v": 2}, {"name": "../x"}, {"size": "5"}):
+        with pytest.raises(ValueError):
+            TransferMeta.model_validate_json(json.dumps({**data, **change}))
+    assert TransferMeta.model_validate_json(json.dumps({**data, "future_field": 1})) == meta
