@@ -10,8 +10,10 @@ installed (not activated) before measuring. Then, every ``--interval``
 seconds, ``ModelManager.activate`` switches to the other version (the
 activation the ``activate`` command and ``models activate`` run), 20 times,
 ending on the int8 version. Probation is on with ``probation_s = 0.5``, so
-each version passes it between two swaps; ``max_latency_factor = 3`` is
-above the fp32/int8 ratio, so no rollback interferes.
+each version passes it between two swaps; ``max_latency_factor = 20``: fp32
+is 2-3x slower than int8 by design here, and on a busy machine more, so the
+usual factor of 3 would roll it back and the benchmark would measure
+rollbacks instead of swaps.
 
 Each swap mode runs in its own child process (so one does not inherit the
 other's memory): ``availability`` (load the new version while the old one
@@ -25,7 +27,8 @@ Measured, per mode:
   the first swap is shown for comparison;
 * the largest gap between consecutive results within 1 s of a swap command,
   divided by the steady interval (median gap before the first swap);
-  target <= 1.5;
+  target <= 1.5; the same ratio between swaps (from 1 s after a command to
+  the next) is the machine's own jitter, for comparison;
 * command-to-serving: from the ``activate`` call to the first result from
   the new version (median and max);
 * RSS (``psutil``, sampled every 5 ms by a thread): steady = median over
@@ -127,7 +130,7 @@ def child(mode: str, swaps: int, interval: float, threads: int, cache: Path) -> 
             "store": {"path": f"{tmp}/store"},
             "models": [{
                 "name": MODEL_NAME, "bundle": str(paths["int8"]), "threads": threads, "swap": mode,
-                "probation_s": 0.5, "probation_frames": 1000, "max_latency_factor": 3.0,
+                "probation_s": 0.5, "probation_frames": 1000, "max_latency_factor": 20.0,
             }],
             "sources": [{"name": "cam", "uri": str(paths["video"]), "model": MODEL_NAME, "loop": True,
                          "realtime": True}],
@@ -149,6 +152,8 @@ def child(mode: str, swaps: int, interval: float, threads: int, cache: Path) -> 
                 target = 2 if i % 2 == 0 else 1
                 t_cmd = time.monotonic()
                 report = agent.models.activate(MODEL_NAME, target, reason="benchmark")
+                if not report.get("changed"):
+                    raise SystemExit(f"swap {i}: version {target} was already active (a rollback?)")
                 t_done = time.monotonic()
                 t_serving = None
                 while t_serving is None and time.monotonic() - t_cmd < 30:
@@ -174,7 +179,16 @@ def child(mode: str, swaps: int, interval: float, threads: int, cache: Path) -> 
     steady_gaps = [g for g, t in gaps if t_first_cmd - 3.0 <= t < t_first_cmd]
     steady_interval = statistics.median(steady_gaps)
     swap_gaps = [g for g, t in gaps if any(s["t_cmd"] <= t <= s["t_cmd"] + 1.0 for s in swaps_out)]
+    # the noise floor: the same measure between swaps (from 1 s after a command to the next one)
+    quiet_gaps = [g for g, t in gaps if any(s["t_cmd"] + 1.0 < t < s["t_cmd"] + interval for s in swaps_out)]
     c2s = [(s["t_serving"] - s["t_cmd"]) * 1000 for s in swaps_out if s["t_serving"] is not None]
+    worst = []  # per swap: its largest gap and when it ended, relative to the command and to the switch
+    for s in swaps_out:
+        near = [(g, t) for g, t in gaps if s["t_cmd"] <= t <= s["t_cmd"] + 1.0]
+        if near:
+            g, t = max(near)
+            worst.append({"gap_ms": round(g * 1000, 1), "after_cmd_ms": round((t - s["t_cmd"]) * 1000, 1),
+                          "after_switch_ms": round((t - s["t_done"]) * 1000, 1)})
     peak_rss = max(rss.window(t_first_cmd, t_end))
     after = [rss.window(s["t_cmd"] + interval - 0.5, s["t_cmd"] + interval) for s in swaps_out]
     rss_after_2 = statistics.median(after[1]) if len(after) > 1 else None
@@ -191,11 +205,13 @@ def child(mode: str, swaps: int, interval: float, threads: int, cache: Path) -> 
         "steady_interval_ms": round(steady_interval * 1000, 2),
         "max_gap_ms": round(max(swap_gaps) * 1000, 2),
         "max_gap_ratio": round(max(swap_gaps) / steady_interval, 3),
+        "max_gap_ratio_between_swaps": round(max(quiet_gaps) / steady_interval, 3) if quiet_gaps else None,
         "command_to_serving_ms": {"median": round(statistics.median(c2s), 1), "max": round(max(c2s), 1)},
         "load_ms": {"median": statistics.median(s["load_ms"] for s in swaps_out),
                     "max": max(s["load_ms"] for s in swaps_out)},
         "resource_gap_ms_max": max((s["gap_ms"] or 0.0) for s in swaps_out),
         "all_served": all(s["t_serving"] is not None for s in swaps_out),
+        "worst_gap_per_swap": worst,
         "rss_mb": {
             "steady_int8": round(steady_rss, 1),
             "peak_during_swaps": round(peak_rss, 1),
@@ -210,13 +226,14 @@ def child(mode: str, swaps: int, interval: float, threads: int, cache: Path) -> 
 def table(runs: list[dict[str, Any]]) -> str:
     lines = ["Hot swap: MobileNetV2 int8 <-> fp32 (ONNX), 30 fps video, "
              f"{runs[0]['swaps']} swaps every {runs[0]['interval_s']} s, {runs[0]['threads']} thread(s)", ""]
-    head = f"  {'mode':<13}{'failed':>7}{'dropped':>8}{'gap/steady':>11}{'cmd->serve ms':>15}{'RSS steady':>11}" \
+    head = f"  {'mode':<13}{'failed':>7}{'dropped':>8}{'gap/steady':>11}{'(between)':>10}{'cmd->serve ms':>15}{'RSS steady':>11}" \
            f"{'peak':>7}{'peak/st':>8}{'after 2':>8}{'after 20':>9}"
     lines.append(head)
     for r in runs:
         m = r["rss_mb"]
         lines.append(
             f"  {r['mode']:<13}{r['frames_failed']:>7}{r['frames_dropped']:>8}{r['max_gap_ratio']:>11.2f}"
+            f"{r['max_gap_ratio_between_swaps'] or 0:>10.2f}"
             f"{r['command_to_serving_ms']['median']:>8.0f} /{r['command_to_serving_ms']['max']:>5.0f}"
             f"{m['steady_int8']:>11.1f}{m['peak_during_swaps']:>7.1f}{m['peak_over_steady']:>8.2f}"
             f"{m['after_swap_2_int8'] or 0:>8.1f}{m['after_last_swap_int8']:>9.1f}"

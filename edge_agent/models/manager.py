@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import statistics
 import threading
 import time
@@ -702,6 +703,38 @@ class ModelManager:
         checkpoint("load_done")
         return model
 
+    def _load_in_background(self, slot: Slot, version: int) -> LoadedModel:
+        """Load while frames are being served, without taking CPU from them.
+
+        Loading (graph optimisation, warm-up, smoke test) is a burst of a few
+        hundred milliseconds of CPU; on a 2- or 4-core device it competes with
+        the inference and capture threads and shows up as a late frame. So it
+        runs in its own thread at a lower scheduling priority (nice +10, Linux
+        threads have their own). Only for single-threaded models: a runtime's
+        worker threads inherit their creator's priority and would keep it
+        while serving.
+        """
+        if slot.cfg.threads != 1 or not hasattr(os, "setpriority"):
+            return self._load_version(slot, version)
+        out: dict[str, Any] = {}
+
+        def work() -> None:
+            try:
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), min(19, os.getpriority(os.PRIO_PROCESS, 0) + 10))
+            except OSError:
+                pass
+            try:
+                out["model"] = self._load_version(slot, version)
+            except BaseException as exc:  # handed to the caller's thread
+                out["error"] = exc
+
+        t = threading.Thread(target=work, name=f"load-{slot.cfg.name}-v{version}", daemon=True)
+        t.start()
+        t.join()
+        if "error" in out:
+            raise out["error"]
+        return out["model"]
+
     def _memory_short(self, slot: Slot, version: int) -> bool:
         """Is free memory too small to hold the new version beside the old?"""
         if slot.cfg.swap != "auto":
@@ -730,7 +763,7 @@ class ModelManager:
             if new is None:
                 if progress:
                     progress("loading", version=version)
-                new = self._load_version(slot, version)
+                new = self._load_in_background(slot, version)
             load_ms = (time.monotonic() - t0) * 1000.0
             return {"mode": "availability", "load_ms": round(load_ms, 1), "gap_ms": 0.0, "_old": old, "_new": new}
         # Resource-preserving: stop handing out the old version, wait for the
