@@ -291,3 +291,7 @@ if __name__ == "__main__":  # pragma: no cover
 from edge_agent.cli_models import models as _models_group  # noqa: E402
 
 main.add_command(_models_group)
+
+from edge_agent.cli_fleet import fleet as _fleet_group  # noqa: E402
+
+main.add_command(_fleet_group)
