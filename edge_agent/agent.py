@@ -39,11 +39,15 @@ class Agent:
         )
         self.sinks: list[Sink] = [LogSink(), *(extra_sinks or [])]
         self.transport = None
+        self.plane = None
         if config.mqtt is not None:
-            from edge_agent.comms.mqtt import MqttResultSink, MqttTransport
+            from edge_agent.comms.mqtt import MqttTransport
 
-            self.transport = MqttTransport(config.mqtt, config.device_id, status_provider=self.models.status)
-            self.sinks.append(MqttResultSink(self.transport))
+            self.transport = MqttTransport(
+                config.mqtt, config.device_id, status_provider=self.models.status, groups=config.groups
+            )
+            self.sinks.append(_PlaneResults(self))
+        self._skipped_seen: dict[str, int] = {}
         from edge_agent.comms.local import LocalControlServer
         from edge_agent.control import Control, build_dispatcher
 
@@ -61,6 +65,7 @@ class Agent:
             self._step("models", self.models.start, self.models.stop)
             self._step("control socket", self.control_server.start, self.control_server.stop)
             if self.transport is not None:
+                self._step("control plane", self._start_plane, self._stop_plane)
                 self._step("mqtt", self.transport.start, self.transport.stop)
             for cfg in self.config.sources:
                 try:
@@ -79,6 +84,58 @@ class Agent:
         if self.config.sources and not self.workers:
             self.shutdown()
             raise EdgeAgentError("no source could be started (see the errors above)", code="no_sources")
+
+    def _start_plane(self) -> None:
+        """Commands, events, telemetry and store-and-forward over MQTT (the
+        subscriptions and hooks are in place before the first connect)."""
+        from edge_agent.comms.plane import BundleFetcher, ControlPlane
+        from edge_agent.control import Control, build_dispatcher
+        from edge_agent.telemetry import TelemetryCollector
+
+        cfg = self.config
+        assert self.transport is not None and cfg.mqtt is not None
+        spool = None
+        if cfg.spool.enabled:
+            from edge_agent.comms.spool import Spool
+
+            spool = Spool(cfg.spool.path or cfg.store.path / ".spool.db", max_bytes=cfg.spool.max_bytes)
+        max_bytes = int(cfg.store.max_bundle_mb * 1e6)
+        self.fetcher = BundleFetcher(
+            transport=self.transport, staging=cfg.transfer.staging or cfg.store.path / ".transfers",
+            max_bytes=max_bytes, download_cfg=cfg.download, transfer_cfg=cfg.transfer, stop=self.stop_event,
+        )
+        control = Control(self.models, status=self.status_message, apply_settings=self.apply_settings,
+                          fetcher=self.fetcher.fetch, max_bytes=max_bytes)
+        telemetry = TelemetryCollector(disk_path=cfg.store.path, sources=self._source_intervals,
+                                       models=self.models.model_stats)
+        self.plane = ControlPlane(
+            transport=self.transport,
+            dispatcher_factory=lambda events: build_dispatcher(
+                control, local=False, events=events, max_payload=cfg.commands.max_payload, memory=cfg.commands.memory
+            ),
+            groups=cfg.groups, workers=cfg.commands.workers, telemetry=telemetry,
+            interval_s=cfg.mqtt.telemetry_interval_s, spool=spool,
+        )
+        self.events.append(self.plane.event)
+        self.plane.start()
+
+    def _stop_plane(self) -> None:
+        if self.plane is not None:
+            if self.plane.event in self.events:
+                self.events.remove(self.plane.event)
+            self.plane.stop()
+
+    def _source_intervals(self) -> dict[str, Any]:
+        """Per source, what happened since the previous telemetry message."""
+        from dataclasses import replace
+
+        out = {}
+        for w in self.workers:
+            skipped = w.source.stats()["skipped"]
+            delta = skipped - self._skipped_seen.get(w.source.name, 0)
+            self._skipped_seen[w.source.name] = skipped
+            out[w.source.name] = replace(w.counters.drain(), skipped=delta)
+        return out
 
     def _lock_store(self) -> None:
         if not self.store_lock.acquire():
@@ -122,9 +179,12 @@ class Agent:
 
         from edge_agent import __version__
 
-        return {"state": "online", "ts": time.time(), "agent_version": __version__, "models": self.models.status()}
+        if self.transport is not None:
+            return self.transport.status("online")
+        return {"state": "online", "ts": time.time(), "agent_version": __version__, "device_id": self.config.device_id,
+                "groups": list(self.config.groups), "models": self.models.status()}
 
-    def apply_settings(self, args: Any) -> dict[str, Any]:
+    def apply_settings(self, args: Any) -> dict[str, Any]:  # noqa: C901 - one branch per setting
         """The ``set`` command: change run-time settings of sources."""
         targets = [
             w for w in self.workers if (args.source is not None and w.source.name == args.source)
@@ -141,8 +201,29 @@ class Agent:
                 w.threshold = args.threshold
             if args.top_k is not None:
                 w.top_k = args.top_k
-            out[w.source.name] = {"fps": w.fps, "threshold": w.threshold, "top_k": w.top_k}
+            if args.results is not None:
+                if args.results.enabled is not None:
+                    w.results_enabled = args.results.enabled
+                if args.results.every is not None:
+                    w.results_every = args.results.every
+            out[w.source.name] = {
+                "fps": w.fps, "threshold": w.threshold, "top_k": w.top_k,
+                "results": {"enabled": w.results_enabled, "every": w.results_every},
+            }
         return {"sources": out}
+
+
+class _PlaneResults:
+    """Result sink: each result to ``P/D/results/<source>`` through the
+    control plane's outbox (so results are kept on disk while the broker is
+    away, and replayed in order)."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+
+    def emit(self, source: str, result: dict[str, Any]) -> None:
+        if self.agent.plane is not None:
+            self.agent.plane.result(source, result)
 
 
 def run_agent(config: AgentConfig) -> int:

@@ -91,6 +91,9 @@ class MqttConfig(_Section):
     keepalive_s: int = Field(30, ge=5, le=3600, description="MQTT keep-alive interval.")
     protocol: Literal["5", "3.1.1"] = Field("5", description="MQTT protocol version.")
     results_qos: Literal[0, 1] = Field(0, description="QoS of per-frame result messages.")
+    session_expiry_s: int = Field(
+        86400, ge=0, description="How long the broker keeps this device's session (and QoS 1 commands) while it is away."
+    )
     tls: TlsConfig | None = Field(None, description="TLS settings; absent means plain TCP.")
 
     @model_validator(mode="after")
@@ -200,6 +203,34 @@ class SourceConfig(_Section):
     )
 
 
+class CommandsConfig(_Section):
+    max_payload: int = Field(256 * 1024, ge=1024, description="Largest command accepted, in bytes (payload_too_large).")
+    memory: int = Field(1024, ge=1, description="Command ids remembered so that a repeat is answered, not run again.")
+    workers: int = Field(2, ge=1, le=16, description="Commands executed at once (a deploy takes one for its duration).")
+
+
+class SpoolConfig(_Section):
+    enabled: bool = Field(True, description="Keep results, events and telemetry on disk while the broker is away.")
+    path: ConfigPath | None = Field(None, description="The spool's SQLite file (default: <store.path>/.spool.db).")
+    max_bytes: int = Field(64 * 1024 * 1024, ge=64 * 1024, description="Bound of the spooled messages' size.")
+
+
+class DownloadConfig(_Section):
+    retries: int = Field(5, ge=0, le=100, description="Retries after a transient failure (resuming with Range).")
+    timeout_s: float = Field(30.0, gt=0, description="Socket time-out of each request.")
+    backoff_s: float = Field(1.0, ge=0, description="First retry delay; doubles each retry.")
+    max_backoff_s: float = Field(60.0, ge=0, description="Longest retry delay.")
+
+
+class TransferConfig(_Section):
+    staging: ConfigPath | None = Field(
+        None, description="Where MQTT transfers are assembled (default: <store.path>/.transfers)."
+    )
+    idle_s: float = Field(2.0, gt=0, description="Silence before asking for missing chunks.")
+    max_idle_s: float = Field(30.0, gt=0, description="Longest wait between two requests.")
+    deadline_s: float = Field(3600.0, gt=0, description="A transfer not complete by then fails.")
+
+
 class HttpConfig(_Section):
     enabled: bool = Field(False, description="Serve the local HTTP API.")
     host: str = Field("127.0.0.1", description="Address to bind.")
@@ -215,6 +246,10 @@ class AgentConfig(_Section):
     models: list[ModelConfig] = Field(default_factory=list, description="Models the agent serves.")
     sources: list[SourceConfig] = Field(default_factory=list, description="Cameras and streams.")
     http: HttpConfig = Field(default_factory=HttpConfig, description="Local HTTP API.")
+    commands: CommandsConfig = Field(default_factory=CommandsConfig, description="The MQTT command plane.")
+    spool: SpoolConfig = Field(default_factory=SpoolConfig, description="Store-and-forward while the broker is away.")
+    download: DownloadConfig = Field(default_factory=DownloadConfig, description="Bundle downloads by URL.")
+    transfer: TransferConfig = Field(default_factory=TransferConfig, description="Bundle delivery over MQTT.")
 
     def model(self, name: str) -> ModelConfig:
         return next(m for m in self.models if m.name == name)

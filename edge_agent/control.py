@@ -18,7 +18,7 @@ from edge_agent.comms.commands import COMMAND_ARGS, ActivateArgs, DeployArgs, Re
 from edge_agent.comms.dispatcher import CommandContext, Dispatcher
 from edge_agent.config import Name
 from edge_agent.errors import EdgeAgentError
-from edge_agent.models.lifecycle import Fetch, deploy
+from edge_agent.models.lifecycle import deploy
 from edge_agent.models.manager import ModelManager
 
 log = logging.getLogger(__name__)
@@ -49,12 +49,14 @@ class Control:
         *,
         status: Callable[[], dict[str, Any]],
         apply_settings: Callable[[SetArgs], dict[str, Any]] | None = None,
-        fetch: Fetch | None = None,
+        fetcher: Callable[[DeployArgs, Callable[..., None]], Path] | None = None,
+        max_bytes: int | None = None,
     ) -> None:
         self.models = models
         self.status = status
         self.apply_settings = apply_settings
-        self.fetch = fetch
+        self.fetcher = fetcher
+        self.max_bytes = max_bytes
 
     def ping(self, args: Any, ctx: CommandContext) -> dict[str, Any]:
         return {"pong": True}
@@ -69,18 +71,34 @@ class Control:
         return progress
 
     def deploy(self, args: DeployArgs, ctx: CommandContext) -> dict[str, Any]:
-        if args.url is None:
-            raise EdgeAgentError("deploy by MQTT transfer is not available on this agent", code="unsupported_transfer")
+        """Fetch (file://, http(s):// with resume, or an MQTT transfer), then the
+        whole lifecycle transaction; the reply comes when it has finished."""
+        if self.max_bytes is not None and args.size > self.max_bytes:
+            raise EdgeAgentError(
+                f"the bundle is {args.size} bytes; this device accepts at most {self.max_bytes}", code="too_large"
+            )
         ctx.emit_event("deploy_started", model=args.model, version=args.version)
+        progress = self._progress(ctx)
+        fetched: Path | None = None
         try:
+            source: str | Path
+            if args.url is not None and args.url.lower().startswith("file:"):
+                source = args.url
+            else:
+                if self.fetcher is None:
+                    raise EdgeAgentError("this agent cannot fetch bundles (no MQTT connection)", code="unsupported_url")
+                progress("transfer" if args.transfer else "fetching")
+                source = fetched = self.fetcher(args, progress)
             result = deploy(
-                self.models, args.url, sha256=args.sha256, size=args.size, activate=args.activate,
-                label=args.label, model=args.model, version=args.version, progress=self._progress(ctx),
-                fetch=self.fetch,
+                self.models, source, sha256=args.sha256, size=args.size, activate=args.activate,
+                label=args.label, model=args.model, version=args.version, progress=progress,
             )
         except EdgeAgentError as exc:
             ctx.emit_event("deploy_failed", model=args.model, version=args.version, code=exc.code, message=str(exc))
             raise
+        finally:
+            if fetched is not None:
+                _remove_fetched(fetched)
         ctx.emit_event("deploy_done", model=args.model, version=args.version, active=result["active"])
         return result
 
@@ -104,6 +122,19 @@ class Control:
         if self.apply_settings is None:
             raise EdgeAgentError("this agent has no run-time settings to change", code="unsupported_command")
         return self.apply_settings(args)
+
+
+def _remove_fetched(path: Path) -> None:
+    """The fetched archive is not needed once the store holds the version (or
+    the deploy failed after the archive was complete and verified)."""
+    import shutil
+
+    try:
+        path.unlink(missing_ok=True)
+        if path.parent.is_dir() and not any(path.parent.iterdir()):
+            shutil.rmtree(path.parent, ignore_errors=True)
+    except OSError as exc:
+        log.warning("could not remove %s: %s", path, exc)
 
 
 def build_dispatcher(control: Control, *, local: bool, events: Callable[[dict[str, Any]], None] | None = None,

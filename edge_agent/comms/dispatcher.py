@@ -32,7 +32,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ValidationError
 
 from edge_agent.comms.commands import TOKEN_RE, Envelope
 from edge_agent.errors import CommandError, EdgeAgentError
@@ -46,14 +46,6 @@ Reply = dict[str, Any]
 EventSink = Callable[[dict[str, Any]], None]
 Verifier = Callable[[Envelope, bytes], None]
 
-
-class CommandSettings(BaseModel):
-    """Proposed config section ``[commands]`` (not wired into AgentConfig yet)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
-
-    max_payload: int = Field(DEFAULT_MAX_PAYLOAD, ge=1024, description="Largest command accepted, in bytes.")
-    memory: int = Field(DEFAULT_MEMORY, ge=1, description="Command ids remembered to answer repeats.")
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,6 @@ from pathlib import Path
 from typing import Callable
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field
 
 from edge_agent import __version__
 from edge_agent.errors import DownloadError
@@ -57,17 +56,6 @@ _CONTENT_RANGE_RE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 _RETRY_STATUS = {408, 425, 429}
 _DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
-
-class DownloadSettings(BaseModel):
-    """Proposed config section ``[download]`` (not wired into AgentConfig yet)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
-
-    max_bytes: int = Field(512 * 1024 * 1024, ge=1, description="Largest bundle archive a deploy may fetch.")
-    retries: int = Field(5, ge=0, le=100, description="Retries after a transient failure.")
-    timeout_s: float = Field(30.0, gt=0, description="Socket time-out of each request.")
-    backoff_s: float = Field(1.0, ge=0, description="First retry delay; doubles each retry.")
-    max_backoff_s: float = Field(60.0, ge=0, description="Longest retry delay.")
 
 
 class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):

@@ -16,7 +16,7 @@ import logging
 import ssl
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -42,15 +42,25 @@ class MqttTransport:
         device_id: str,
         *,
         status_provider: Callable[[], dict[str, Any]] = dict,
+        client_id: str | None = None,
+        groups: Sequence[str] = (),
     ) -> None:
         self.cfg = cfg
         self.device_id = device_id
         self.base = f"{cfg.topic_prefix}/{device_id}"
         self.status_provider = status_provider
+        self.groups = list(groups)
         self.connected = threading.Event()
-        protocol = mqtt.MQTTv5 if cfg.protocol == "5" else mqtt.MQTTv311
+        self.on_connected: list[Callable[[], None]] = []  # run on paho's thread after each (re)connect
+        self.on_disconnected: list[Callable[[], None]] = []
+        self._subscriptions: dict[str, Callable[[str, bytes], None]] = {}
+        self._v5 = cfg.protocol == "5"
+        protocol = mqtt.MQTTv5 if self._v5 else mqtt.MQTTv311
+        # A stable client id and a persistent session: QoS 1 commands sent
+        # while the device was away are delivered when it comes back.
+        kwargs: dict[str, Any] = {} if self._v5 else {"clean_session": False}
         self.client = mqtt.Client(
-            CallbackAPIVersion.VERSION2, client_id=f"edge-agent-{device_id}", protocol=protocol
+            CallbackAPIVersion.VERSION2, client_id=client_id or f"edge-agent-{device_id}", protocol=protocol, **kwargs
         )
         if cfg.username is not None:
             self.client.username_pw_set(cfg.username, cfg.password)
@@ -74,10 +84,36 @@ class MqttTransport:
         return f"{self.base}/{suffix}"
 
     def status(self, state: str) -> dict[str, Any]:
-        return {"state": state, "ts": time.time(), "agent_version": __version__, "models": self.status_provider()}
+        return {
+            "state": state,
+            "ts": time.time(),
+            "agent_version": __version__,
+            "device_id": self.device_id,
+            "groups": list(self.groups),
+            "models": self.status_provider(),
+        }
+
+    def subscribe(self, topic_filter: str, callback: Callable[[str, bytes], None]) -> None:
+        """Deliver messages matching ``topic_filter`` to ``callback(topic,
+        payload)`` (on paho's thread: hand long work to another thread).
+        Subscribed again on every reconnect."""
+        self._subscriptions[topic_filter] = callback
+        self.client.message_callback_add(topic_filter, lambda c, u, m: callback(m.topic, m.payload))
+        if self.connected.is_set():
+            self.client.subscribe(topic_filter, qos=1)
 
     def start(self) -> None:
-        self.client.connect_async(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive_s)
+        if self._v5:
+            from paho.mqtt.packettypes import PacketTypes
+            from paho.mqtt.properties import Properties
+
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = self.cfg.session_expiry_s
+            self.client.connect_async(
+                self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive_s, clean_start=False, properties=props
+            )
+        else:
+            self.client.connect_async(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive_s)
         self.client.loop_start()
         log.info("MQTT: connecting to %s:%d as %s", self.cfg.host, self.cfg.port, self.device_id)
 
@@ -99,6 +135,10 @@ class MqttTransport:
             self.topic(suffix), json.dumps(payload, separators=(",", ":")), qos=qos, retain=retain
         )
 
+    def publish_status(self, state: str = "online") -> None:
+        if self.connected.is_set():
+            self.publish("status", self.status(state), qos=1, retain=True)
+
     # -- paho callbacks (network thread) -------------------------------------
 
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
@@ -108,19 +148,22 @@ class MqttTransport:
         self.connected.set()
         log.info("MQTT: connected to %s:%d", self.cfg.host, self.cfg.port)
         self.publish("status", self.status("online"), qos=1, retain=True)
+        for topic_filter in self._subscriptions:
+            client.subscribe(topic_filter, qos=1)
+        for hook in self.on_connected:
+            try:
+                hook()
+            except Exception:
+                log.exception("MQTT: a connect hook failed")
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         was = self.connected.is_set()
         self.connected.clear()
         if was and reason.is_failure:
             log.warning("MQTT: connection lost (%s); reconnecting", reason)
+        for hook in self.on_disconnected:
+            try:
+                hook()
+            except Exception:
+                log.exception("MQTT: a disconnect hook failed")
 
-
-class MqttResultSink:
-    """Publishes every result on ``P/D/results/<source>``."""
-
-    def __init__(self, transport: MqttTransport) -> None:
-        self.transport = transport
-
-    def emit(self, source: str, result: dict[str, Any]) -> None:
-        self.transport.publish(f"results/{source}", result, qos=self.transport.cfg.results_qos)

@@ -45,7 +45,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
 
 from edge_agent.errors import SpoolError
 
@@ -81,17 +80,6 @@ CREATE TABLE IF NOT EXISTS dropped (
 );
 """
 
-
-class SpoolSettings(BaseModel):
-    """Proposed config section ``[spool]`` (not wired into AgentConfig yet)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
-
-    enabled: bool = Field(True, description="Keep messages on disk while the broker is away.")
-    path: Path = Field(
-        Path("/var/lib/edge-agent/spool.db"), strict=False, description="The spool's SQLite file."
-    )
-    max_bytes: int = Field(64 * 1024 * 1024, ge=64 * 1024, description="Bound on the spooled messages' size.")
 
 
 @dataclass(frozen=True)

@@ -78,19 +78,6 @@ class Link(Protocol):
         ...
 
 
-class TransferSettings(BaseModel):
-    """Proposed config section ``[transfer]`` (not wired into AgentConfig yet)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
-
-    staging: Path = Field(
-        Path("/var/lib/edge-agent/transfers"), strict=False, description="Where transfers are assembled."
-    )
-    max_bytes: int = Field(512 * 1024 * 1024, ge=1, description="Largest file a transfer may deliver.")
-    idle_s: float = Field(2.0, gt=0, description="Silence before asking for missing chunks.")
-    max_idle_s: float = Field(30.0, gt=0, description="Longest wait between two requests.")
-    deadline_s: float = Field(3600.0, gt=0, description="A transfer not complete by then fails.")
-
 
 class _PahoHandle:
     def __init__(self, info: Any) -> None:

@@ -18,6 +18,7 @@ from typing import Any, Callable, Protocol, Sequence
 from edge_agent.errors import EdgeAgentError
 from edge_agent.models.manager import ModelManager
 from edge_agent.sources import FrameSource
+from edge_agent.telemetry import SourceCounters
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,11 @@ class SourceWorker:
         self.sinks = list(sinks)
         self.stop_event = stop
         self.stats = SourceStats()
+        self.counters = SourceCounters()  # drained by telemetry every interval
         self.fps = self.cfg.fps
+        # The `set` command's result throttle: publish one result in `results_every`.
+        self.results_enabled = True
+        self.results_every = 1
         self.top_k = self.cfg.top_k
         self.threshold = self.cfg.threshold
         self._clock = clock
@@ -141,7 +146,10 @@ class SourceWorker:
             self._failed(frame.index, f"{type(exc).__name__}: {exc}")
             return
         self.stats.record(out.latency_ms)
+        self.counters.frame(out.latency_ms)
         self._seq += 1
+        if not self.results_enabled or self._seq % self.results_every:
+            return
         result: dict[str, Any] = {
             "ts": frame.ts,
             "seq": self._seq,
@@ -158,6 +166,7 @@ class SourceWorker:
                 log.exception("source %s: a result sink failed", self.source.name)
 
     def _failed(self, index: int, message: str) -> None:
+        self.counters.error()
         n = self.stats.error()
         if n <= 5 or n % 100 == 0:
             log.error("source %s frame %d: %s (%d errors so far)", self.source.name, index, message, n)

@@ -1,0 +1,295 @@
+"""The MQTT control plane of a running agent: commands in, replies, events,
+telemetry and results out, with store-and-forward while the broker is away.
+
+Parts, each from its own module: the transport (:mod:`.mqtt`) knows topics
+and connections; the dispatcher (:mod:`.dispatcher`) turns a payload into one
+reply; the handlers (:mod:`edge_agent.control`) do the work; the spool
+(:mod:`.spool`) keeps messages on disk; downloads (:mod:`.download`) and MQTT
+transfers (:mod:`.transfer`) bring bundles. This module wires them:
+
+* commands arrive on ``P/D/cmd``, ``P/groups/<g>/cmd`` and ``P/all/cmd``
+  (QoS 1, persistent session) and are executed by ``commands.workers``
+  threads, never on paho's network thread; each reply goes to ``P/D/reply``;
+* :class:`Outbox` publishes results, events, replies and telemetry; while
+  the broker is unreachable (or older messages are still being replayed)
+  they go to the spool, and after a reconnect they are replayed in order
+  before anything new, so a subscriber sees them in sequence;
+* telemetry every ``mqtt.telemetry_interval_s``; the retained status again
+  whenever a model changes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+import urllib.parse
+from pathlib import Path
+from typing import Any, Callable
+
+from edge_agent.comms.mqtt import MqttTransport
+from edge_agent.errors import EdgeAgentError, SpoolError
+
+log = logging.getLogger(__name__)
+
+STATUS_EVENTS = {"activated", "rolled_back", "removed", "label_set", "probation_passed", "load_failed"}
+
+
+class Outbox:
+    """Publishes JSON messages under ``P/D/``, through the spool when needed.
+
+    Thread-safety: :meth:`send` may be called from any thread.
+    """
+
+    def __init__(self, transport: MqttTransport, spool: Any | None) -> None:
+        self.transport = transport
+        self.spool = spool
+        self._lock = threading.Lock()
+        self._backlog = bool(spool is not None and len(spool))
+        self._replaying = False
+        self._stop = threading.Event()
+        self.lost = 0  # QoS 0 results dropped with no spool to keep them
+
+    def send(self, kind: str, suffix: str, payload: dict[str, Any], *, qos: int = 1) -> None:
+        topic = self.transport.topic(suffix)
+        data = json.dumps(payload, separators=(",", ":")).encode("utf-8")
+        with self._lock:
+            if self.spool is not None and (self._backlog or not self.transport.connected.is_set()):
+                self._spool(kind, topic, data, qos)
+                return
+        info = self.transport.client.publish(topic, data, qos=qos)
+        if info.rc != 0 and qos == 0:
+            if self.spool is not None:
+                with self._lock:
+                    self._spool(kind, topic, data, qos)
+            else:
+                self.lost += 1
+
+    def _spool(self, kind: str, topic: str, data: bytes, qos: int) -> None:
+        try:
+            self.spool.put(topic, data, qos=max(qos, 1) if kind != "results" else qos, kind=kind)
+            self._backlog = True
+        except SpoolError as exc:
+            log.error("store-and-forward: cannot keep a %s message: %s", kind, exc)
+
+    def on_connected(self) -> None:
+        """Replay what was spooled (on its own thread: paho's must go on)."""
+        if self.spool is None:
+            return
+        with self._lock:
+            if self._replaying or not self._backlog:
+                return
+            self._replaying = True
+        threading.Thread(target=self._replay, name="spool-replay", daemon=True).start()
+
+    def _publish_item(self, item: Any) -> bool:
+        if not self.transport.connected.is_set() or self._stop.is_set():
+            return False
+        info = self.transport.client.publish(item.topic, item.payload, qos=item.qos, retain=item.retain)
+        if item.qos == 0:
+            return info.rc == 0
+        try:
+            info.wait_for_publish(timeout=10.0)
+        except (RuntimeError, ValueError):
+            return False
+        return info.is_published()
+
+    def _replay(self) -> None:
+        total = 0
+        try:
+            while True:
+                total += self.spool.replay(self._publish_item)
+                with self._lock:
+                    if len(self.spool) == 0:
+                        self._backlog = False
+                        break
+                if not self.transport.connected.is_set() or self._stop.is_set():
+                    break
+        except Exception:
+            log.exception("store-and-forward: replay failed")
+        finally:
+            with self._lock:
+                self._replaying = False
+            if total:
+                log.info("store-and-forward: replayed %d message(s) kept while the broker was away", total)
+        # Whatever arrived in the spool while we decided may need another pass.
+        if self.transport.connected.is_set() and not self._stop.is_set():
+            with self._lock:
+                again = self._backlog and not self._replaying
+            if again:
+                self.on_connected()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+class ControlPlane:
+    """Commands, events, telemetry and store-and-forward for one agent."""
+
+    def __init__(
+        self,
+        *,
+        transport: MqttTransport,
+        dispatcher_factory: Callable[[Callable[[dict[str, Any]], None]], Any],
+        groups: list[str],
+        workers: int,
+        telemetry: Any | None,
+        interval_s: float,
+        spool: Any | None,
+    ) -> None:
+        self.transport = transport
+        self.outbox = Outbox(transport, spool)
+        self.dispatcher = dispatcher_factory(self.event)
+        self.groups = groups
+        self.telemetry = telemetry
+        self.interval_s = interval_s
+        self.spool = spool
+        self._queue: queue.Queue[tuple[str, bytes] | None] = queue.Queue()
+        self._workers = [threading.Thread(target=self._work, name=f"command-{i}", daemon=True) for i in range(workers)]
+        self._stop = threading.Event()
+        self._telemetry_thread = threading.Thread(target=self._telemetry_loop, name="telemetry", daemon=True)
+        prefix = transport.cfg.topic_prefix
+        self.command_topics = [
+            transport.topic("cmd"),
+            *(f"{prefix}/groups/{g}/cmd" for g in groups),
+            f"{prefix}/all/cmd",
+        ]
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def start(self) -> None:
+        for topic in self.command_topics:
+            self.transport.subscribe(topic, self._on_command)
+        self.transport.on_connected.append(self.outbox.on_connected)
+        for w in self._workers:
+            w.start()
+        if self.telemetry is not None:
+            self._telemetry_thread.start()
+        if self.transport.connected.is_set():
+            self.outbox.on_connected()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.outbox.stop()
+        for _ in self._workers:
+            self._queue.put(None)
+        for w in self._workers:
+            w.join(timeout=5.0)
+        if self._telemetry_thread.is_alive():
+            self._telemetry_thread.join(timeout=5.0)
+        if self.spool is not None:
+            self.spool.close()
+
+    # -- commands ----------------------------------------------------------
+
+    def _on_command(self, topic: str, payload: bytes) -> None:
+        self._queue.put((topic, payload))  # paho's thread: hand over, return
+
+    def _work(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            topic, payload = item
+            reply = self.dispatcher.handle(payload, topic)
+            self.outbox.send("replies", "reply", reply, qos=1)
+
+    # -- events, results, telemetry ------------------------------------------
+
+    def event(self, message: dict[str, Any]) -> None:
+        """A lifecycle or command event: to ``P/D/events``; a model change
+        also re-publishes the retained status."""
+        message.setdefault("id", None)
+        self.outbox.send("events", "events", message, qos=1)
+        if message.get("event") in STATUS_EVENTS:
+            self.transport.publish_status()
+
+    def result(self, source: str, result: dict[str, Any]) -> None:
+        self.outbox.send("results", f"results/{source}", result, qos=self.transport.cfg.results_qos)
+
+    def _telemetry_loop(self) -> None:
+        next_at = time.monotonic() + self.interval_s
+        while not self._stop.wait(max(0.0, next_at - time.monotonic())):
+            next_at += self.interval_s
+            message = self.telemetry.collect()
+            if self.spool is not None:
+                dropped = self.spool.dropped()
+                if dropped:
+                    message["spool_dropped"] = dropped
+            self.outbox.send("telemetry", "telemetry", message, qos=1)
+
+
+class BundleFetcher:
+    """Brings a deploy's bundle to local disk: by http(s) download (resumable)
+    or by MQTT transfer. ``file://`` URLs need no fetching."""
+
+    def __init__(self, *, transport: MqttTransport, staging: Path, max_bytes: int, download_cfg: Any,
+                 transfer_cfg: Any, stop: threading.Event) -> None:
+        self.transport = transport
+        self.staging = Path(staging)
+        self.max_bytes = max_bytes
+        self.download_cfg = download_cfg
+        self.transfer_cfg = transfer_cfg
+        self.stop = stop
+        self._link = None
+
+    def link(self) -> Any:
+        if self._link is None:
+            from edge_agent.comms.transfer import PahoLink
+
+            self._link = PahoLink(self.transport.client)
+            self.transport.on_connected.append(self._link.resubscribe)
+        return self._link
+
+    def fetch(self, args: Any, progress: Callable[..., None]) -> Path:
+        self.staging.mkdir(parents=True, exist_ok=True)
+        if args.transfer is not None:
+            return self._transfer(args, progress)
+        from edge_agent.comms.download import download
+
+        name = Path(urllib.parse.urlparse(args.url).path).name
+        if not name.endswith((".tar", ".tar.gz", ".tgz")):
+            name = "bundle.tar.gz"
+        dest = self.staging / f"{args.model}-{args.version}-{args.sha256[:12]}" / name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        throttled = _throttle(lambda got, total: progress("fetching", received=got, total=total))
+        d = self.download_cfg
+        return download(args.url, dest, sha256=args.sha256, size=args.size, max_bytes=self.max_bytes,
+                        progress=throttled, retries=d.retries, timeout=d.timeout_s, backoff_s=d.backoff_s,
+                        max_backoff_s=d.max_backoff_s, cancel=self.stop)
+
+    def _transfer(self, args: Any, progress: Callable[..., None]) -> Path:
+        from edge_agent.comms.transfer import TransferReceiver
+
+        t = self.transfer_cfg
+        rx = TransferReceiver(
+            self.link(), self.transport.cfg.topic_prefix, args.transfer, self.transport.device_id, self.staging,
+            max_bytes=self.max_bytes, expected_sha256=args.sha256, expected_size=args.size,
+            progress=_throttle(lambda got, total: progress("transfer", received=got, total=total)),
+            idle_s=t.idle_s, max_idle_s=t.max_idle_s, deadline_s=t.deadline_s,
+        )
+        rx.start()
+        try:
+            return rx.wait(timeout=t.deadline_s)
+        finally:
+            rx.close()
+
+
+def _throttle(fn: Callable[[int, int], None], every_s: float = 0.5) -> Callable[[int, int], None]:
+    """At most one progress call per ``every_s``, plus the last one."""
+    last = [0.0]
+
+    def call(got: int, total: int) -> None:
+        now = time.monotonic()
+        if got >= total or now - last[0] >= every_s:
+            last[0] = now
+            try:
+                fn(got, total)
+            except EdgeAgentError:
+                raise
+            except Exception:
+                log.exception("progress report failed")
+
+    return call
