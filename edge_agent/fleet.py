@@ -55,6 +55,9 @@ from edge_agent.errors import EdgeAgentError, UsageError
 log = logging.getLogger(__name__)
 
 TargetKind = Literal["device", "group", "all"]
+DELIVERY_SLACK_S = 5.0
+"""A command expires (MQTT 5) this long after the console stops waiting for
+devices to come online."""
 STEPS = ("fetching", "transfer", "verifying", "installing", "loading", "activating", "labelling")
 """The deploy steps a device reports in ``deploy_progress`` events, in order."""
 
@@ -507,9 +510,21 @@ class Console:
             return f"{self.prefix}/groups/{target.names[0]}/cmd"
         raise ValueError("a device target is sent to each device's own topic")
 
-    def publish_command(self, topic: str, cmd_id: str, cmd: str, args: dict[str, Any], timeout: float = 10.0) -> None:
+    def publish_command(self, topic: str, cmd_id: str, cmd: str, args: dict[str, Any], *,
+                        expiry_s: float | None = None, timeout: float = 10.0) -> None:
+        """Publish one command (QoS 1). Devices keep a persistent session, so
+        the broker queues a command for a member that is away; with MQTT 5,
+        ``expiry_s`` makes it drop the command once the console has stopped
+        waiting, rather than run it on the device whenever it returns."""
         payload = json.dumps({"id": cmd_id, "cmd": cmd, "args": args, "ts": time.time()}, separators=(",", ":"))
-        info = self.client.publish(topic, payload, qos=1)
+        properties = None
+        if expiry_s is not None and self.settings.protocol == "5":
+            from paho.mqtt.packettypes import PacketTypes
+            from paho.mqtt.properties import Properties
+
+            properties = Properties(PacketTypes.PUBLISH)
+            properties.MessageExpiryInterval = max(1, math.ceil(expiry_s))
+        info = self.client.publish(topic, payload, qos=1, properties=properties)
         try:
             info.wait_for_publish(timeout)
         except (RuntimeError, ValueError) as exc:
@@ -577,14 +592,17 @@ def run_command(
     start = time.monotonic()
     deadline = start + timeout
     online_deadline = start + min(wait_online, timeout)
+    # Online devices get the command at once; one that is away receives it from
+    # its persistent session only while we still wait for it.
+    expiry = min(wait_online, timeout) + DELIVERY_SLACK_S
     if before_send is not None:
         before_send(online)
     if online:
         if target.kind == "device":
             for device in online:
-                console.publish_command(console.command_topic(device), cmd_id, cmd, args)
+                console.publish_command(console.command_topic(device), cmd_id, cmd, args, expiry_s=expiry)
         else:
-            console.publish_command(console.command_topic(target), cmd_id, cmd, args)
+            console.publish_command(console.command_topic(target), cmd_id, cmd, args, expiry_s=expiry)
         now = time.monotonic()
         sent_at.update({d: now for d in online})
     if after_send is not None:
@@ -604,7 +622,7 @@ def run_command(
     while True:
         for device in late_comers():
             log.info("fleet: %s came online: sending it %s %s", device, cmd, cmd_id)
-            console.publish_command(console.command_topic(device), cmd_id, cmd, args)
+            console.publish_command(console.command_topic(device), cmd_id, cmd, args, expiry_s=DELIVERY_SLACK_S)
             sent_at[device] = time.monotonic()
             waiting.discard(device)
             if on_sent is not None:
