@@ -934,6 +934,8 @@ def deploy(
                 st.step = "started" if st.step == "waiting" else st.step
             elif event == "deploy_progress":
                 step = data.get("step")
+                if step == "fetching" and st.step in ("transfer", "fetching") and st.fraction == 1.0:
+                    return  # the install step naming the file just fetched: not a new fetch
                 if isinstance(step, str):
                     if step != st.step:
                         st.received = st.total = None

@@ -1,0 +1,340 @@
+"""Fleet deploy: one ~4 MB bundle to N devices over MQTT, broadcast (one
+transfer for all, the console's way) against unicast (one transfer per
+device), through one mosquitto on a loopback port.
+
+Setup. Each simulated device is the real agent's control plane: an
+``edge_agent.agent.Agent`` built from a config made in code, with its own
+model store, MQTT connection (persistent session, will, retained status),
+command plane, transfer receiver and model manager, serving a tiny ONNX
+classifier (``edge_agent.testing.tiny_onnx_classifier``, 16x16) and no
+source (no camera, no frames: probation is left pending, which a deploy's
+reply does not wait for). Only the camera pipeline is absent; every step of
+a deploy runs as on a device: join the transfer, receive and verify
+chunks, ask for missing ones, hash the file, extract and verify the
+bundle, install it into the store, load it with ONNX Runtime (1 thread) and
+activate it.
+
+Lightweight, honestly: many agents share one Python process (125 per
+process by default, spread over ``ceil(N / 125)`` worker processes), so
+they also share one interpreter lock per process and the machine's cores
+with mosquitto and the console. Their stores live under ``--root``
+(default ``/dev/shm``, a RAM disk) so that 500 x 3 copies of a 4 MB bundle
+measure the transfer and the agents, not this VM's virtual disk; the
+stores are deleted afterwards. Telemetry is set to once an hour and the
+spool is off, so they do not compete with the deploy.
+
+Measured per N (default 50, 200, 500):
+
+* ``broadcast``: :func:`edge_agent.fleet.deploy` to ``--all``, exactly what
+  ``edge-agent fleet deploy BUNDLE --all`` does: the command, then one
+  transfer whose chunks every device receives; seconds from the command to
+  the last device's ``ok`` reply, bytes the console published (chunks,
+  re-published chunks and meta), ``need`` requests served;
+* ``unicast``: the same bundle (as the next version) with one transfer and
+  one command per device, all at once: the cost a console pays without
+  broadcast. Skipped above ``--unicast-max`` devices (default 200), where
+  it would take minutes.
+
+Run from the repository root::
+
+    .venv/bin/python benchmarks/fleet.py                 # N = 50, 200, 500
+    .venv/bin/python benchmarks/fleet.py --devices 50 --json
+
+JSON goes to stdout, then a readable table; progress to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from _bench import REPO, emit, machine_info
+
+PER_PROCESS = 125
+BUNDLE_MB = 4.0
+
+
+def progress(msg: str) -> None:
+    print(f"[fleet] {msg}", file=sys.stderr, flush=True)
+
+
+# -- bundles -------------------------------------------------------------------------
+
+
+def make_bundles(folder: Path, versions: list[int]) -> dict[int, Path]:
+    """v1 (tiny, installed at start) and each later version as a ~4 MB .tar
+    archive: the tiny model packed with 4 MB of random bytes (an extra file)."""
+    from edge_agent.bundle import pack
+    from edge_agent.testing import tiny_onnx_classifier
+
+    pre = {"size": (16, 16), "resize": "stretch"}
+    out = {}
+    for version in [1, *versions]:
+        model = tiny_onnx_classifier(folder / f"clf-{version}.onnx", size=(16, 16), seed=version)
+        extra = None
+        if version > 1:
+            blob = folder / f"blob-{version}.bin"
+            blob.write_bytes(os.urandom(int(BUNDLE_MB * 1024 * 1024)))
+            extra = {"blob.bin": blob}
+        out[version] = pack(model, name="clf", version=version, preprocessing=dict(pre), extra_files=extra,
+                            out=folder / (f"clf-{version}" if version == 1 else f"clf-{version}.tar"))
+    return out
+
+
+# -- worker: many agents in one process ------------------------------------------------------
+
+
+def device_config(device: str, *, port: int, prefix: str, root: Path, v1: Path) -> Any:
+    from edge_agent.config import parse_config
+
+    return parse_config({
+        "device_id": device,
+        "groups": ["bench"],
+        "log_level": "error",
+        "mqtt": {"host": "127.0.0.1", "port": port, "topic_prefix": prefix, "telemetry_interval_s": 3600,
+                 "session_expiry_s": 0, "keepalive_s": 120},
+        "store": {"path": str(root / device), "keep_versions": 1},
+        "models": [{"name": "clf", "bundle": str(v1), "threads": 1, "swap": "availability"}],
+        "commands": {"workers": 1},
+        "spool": {"enabled": False},
+    })
+
+
+def worker(args: argparse.Namespace) -> int:
+    """Start ``--count`` agents, say ``ready``, run until stdin closes."""
+    import logging
+
+    from edge_agent.agent import Agent
+
+    logging.basicConfig(level=logging.ERROR, stream=sys.stderr)
+    agents = []
+    try:
+        for i in range(args.first, args.first + args.count):
+            cfg = device_config(f"d{i:04d}", port=args.port, prefix=args.prefix, root=Path(args.root), v1=Path(args.v1))
+            agent = Agent(cfg)
+            agent.start()
+            agents.append(agent)
+        print("ready", flush=True)
+        sys.stdin.read()
+    finally:
+        for agent in agents:
+            agent.shutdown()
+    return 0
+
+
+# -- the run -------------------------------------------------------------------------------------
+
+
+def start_broker(folder: Path) -> tuple[subprocess.Popen, int]:
+    exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    conf = folder / "mosquitto.conf"
+    # max_queued_messages: a device session may hold a whole 4 MB transfer
+    # (64 chunks) plus its commands while its process is busy.
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+                    "max_queued_messages 4000\nmax_inflight_messages 64\n")
+    proc = subprocess.Popen([exe, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return proc, port
+        except OSError:
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise SystemExit("mosquitto did not start")
+            time.sleep(0.05)
+
+
+def start_fleet(n: int, *, port: int, prefix: str, root: Path, v1: Path, per_process: int) -> list[subprocess.Popen]:
+    procs = []
+    for k in range(math.ceil(n / per_process)):
+        first = k * per_process
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--port", str(port), "--prefix", prefix,
+               "--root", str(root), "--v1", str(v1), "--first", str(first), "--count", str(min(per_process, n - first))]
+        env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env))
+    for proc in procs:
+        line = proc.stdout.readline() if proc.stdout else ""
+        if line.strip() != "ready":
+            raise SystemExit("a worker process failed to start its agents (see stderr)")
+    return procs
+
+
+def stop_fleet(procs: list[subprocess.Popen]) -> None:
+    for proc in procs:
+        if proc.stdin:
+            proc.stdin.close()
+    for proc in procs:
+        try:
+            proc.wait(120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def wait_online(console: Any, n: int, timeout: float) -> float:
+    t0 = time.monotonic()
+    deadline = t0 + timeout
+    with console.cond:
+        while sum(i.online for i in console.devices.values()) < n:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"only {sum(i.online for i in console.devices.values())} of {n} devices came online")
+            console.cond.wait(0.5)
+    return time.monotonic() - t0
+
+
+def broadcast(console: Any, bundle: Path, n: int, timeout: float) -> dict[str, Any]:
+    from edge_agent import fleet as f
+
+    prepared = f.prepare_bundle(bundle)
+    t0 = time.monotonic()
+    report = f.deploy(console, prepared, f.Target("all"), timeout=timeout, join_wait_s=10.0)
+    return summarize("broadcast", report.outcomes, n, time.monotonic() - t0, report.bytes_sent, prepared.size,
+                     needs=report.needs, chunks_published=report.chunks_published)
+
+
+def unicast(console: Any, bundle: Path, devices: list[str], timeout: float) -> dict[str, Any]:
+    """One transfer and one command per device, all at once."""
+    from edge_agent import fleet as f
+    from edge_agent.comms.transfer import TransferSender
+
+    prepared = f.prepare_bundle(bundle)
+    before = console.link.bytes
+    t0 = time.monotonic()
+    senders = []
+    ids = {}
+    try:
+        for device in devices:
+            tid = uuid.uuid4().hex
+            cmd_id = f.new_command_id("deploy")
+            ids[device] = cmd_id
+            args = {"model": prepared.model, "version": prepared.version, "sha256": prepared.sha256,
+                    "size": prepared.size, "transfer": tid}
+            console.publish_command(console.command_topic(device), cmd_id, "deploy", args, expiry_s=timeout)
+            senders.append(TransferSender(console.link, console.prefix, prepared.archive, tid=tid,
+                                          chunk_size=f.chunk_size_for(prepared.size)))
+        time.sleep(0.5)  # let the devices join before the chunks flow, as broadcast does
+        for sender in senders:
+            sender.start()
+        deadline = t0 + timeout
+        with console.cond:
+            while not all(console.replies.get(ids[d], {}).get(d) for d in devices):
+                if time.monotonic() > deadline:
+                    break
+                console.cond.wait(0.5)
+        seconds = time.monotonic() - t0
+    finally:
+        for sender in senders:
+            sender.close()
+    outcomes = []
+    for device in devices:
+        got = console.reply(ids[device], device)
+        outcomes.append(f._outcome(device, got[0], None) if got else
+                        f.Outcome(device, False, code="timeout"))
+    return summarize("unicast", outcomes, len(devices), seconds, console.link.bytes - before, prepared.size,
+                     needs=sum(len(s.needs) for s in senders), chunks_published=sum(s.published for s in senders))
+
+
+def summarize(mode: str, outcomes: list[Any], n: int, seconds: float, sent: int, size: int, **extra: Any) -> dict[str, Any]:
+    ok = sum(o.ok for o in outcomes)
+    failed: dict[str, int] = {}
+    for o in outcomes:
+        if not o.ok:
+            failed[o.code or "error"] = failed.get(o.code or "error", 0) + 1
+    return {"mode": mode, "devices": n, "ok": ok, "failed": failed, "seconds": round(seconds, 2),
+            "bytes_sent": sent, "bundle_bytes": size, "sent_per_bundle": round(sent / size, 2), **extra}
+
+
+def run_size(n: int, *, bundles: dict[int, Path], root: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
+    from edge_agent import fleet as f
+
+    folder = Path(tempfile.mkdtemp(prefix="bench-fleet-mq-"))
+    broker, port = start_broker(folder)
+    prefix = f"bench-{uuid.uuid4().hex[:6]}"
+    stores = root / f"edge-fleet-bench-{prefix}"
+    stores.mkdir(parents=True)
+    results = []
+    procs: list[subprocess.Popen] = []
+    try:
+        progress(f"N={n}: starting {n} agents in {math.ceil(n / args.per_process)} process(es)")
+        t0 = time.monotonic()
+        console = f.Console(f.BrokerSettings(port=port, prefix=prefix, keepalive_s=120)).connect()
+        procs = start_fleet(n, port=port, prefix=prefix, root=stores, v1=bundles[1], per_process=args.per_process)
+        wait_online(console, n, 120)
+        progress(f"N={n}: {n} agents online after {time.monotonic() - t0:.1f} s")
+        r = broadcast(console, bundles[2], n, args.timeout)
+        progress(f"N={n}: broadcast {r['ok']}/{n} ok in {r['seconds']} s, {r['bytes_sent'] / 1e6:.1f} MB sent")
+        results.append(r)
+        if n <= args.unicast_max:
+            time.sleep(2)
+            devices = sorted(console.devices)
+            r = unicast(console, bundles[3], devices, args.timeout)
+            progress(f"N={n}: unicast {r['ok']}/{n} ok in {r['seconds']} s, {r['bytes_sent'] / 1e6:.1f} MB sent")
+            results.append(r)
+        console.close()
+    finally:
+        stop_fleet(procs)
+        broker.terminate()
+        broker.wait(10)
+        shutil.rmtree(stores, ignore_errors=True)
+        shutil.rmtree(folder, ignore_errors=True)
+    return results
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--devices", type=int, nargs="+", default=[50, 200, 500], help="fleet sizes")
+    parser.add_argument("--unicast-max", type=int, default=200, help="largest N also measured by unicast")
+    parser.add_argument("--per-process", type=int, default=PER_PROCESS, help="agents per worker process")
+    parser.add_argument("--root", default="/dev/shm" if Path("/dev/shm").is_dir() else tempfile.gettempdir(),
+                        help="where the device stores go (deleted afterwards)")
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds per deploy")
+    parser.add_argument("--json", action="store_true", help="JSON only")
+    # worker mode (internal)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    for name in ("port", "first", "count"):
+        parser.add_argument(f"--{name}", type=int, help=argparse.SUPPRESS)
+    for name in ("prefix", "v1"):
+        parser.add_argument(f"--{name}", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return worker(args)
+
+    work = Path(tempfile.mkdtemp(prefix="bench-fleet-"))
+    try:
+        progress("packing the bundles")
+        bundles = make_bundles(work, [2, 3])
+        info = machine_info(mosquitto=subprocess.run([shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-h"],
+                                                     capture_output=True, text=True).stdout.splitlines()[0])
+        runs = []
+        for n in args.devices:
+            runs.extend(run_size(n, bundles=bundles, root=Path(args.root), args=args))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    report = {"benchmark": "fleet", "bundle_mb": BUNDLE_MB, "per_process": args.per_process, "machine": info,
+              "runs": runs}
+    lines = [f"{'mode':<10} {'N':>5} {'ok':>5} {'seconds':>8} {'MB sent':>8} {'x bundle':>8} {'needs':>6}"]
+    for r in runs:
+        lines.append(f"{r['mode']:<10} {r['devices']:>5} {r['ok']:>5} {r['seconds']:>8.1f} "
+                     f"{r['bytes_sent'] / 1e6:>8.1f} {r['sent_per_bundle']:>8.2f} {r['needs']:>6}")
+    emit(report, "\n".join(lines), json_only=args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
