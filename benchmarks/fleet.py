@@ -62,7 +62,7 @@ from typing import Any
 
 from _bench import REPO, emit, machine_info
 
-PER_PROCESS = 125
+PER_PROCESS = 10
 BUNDLE_MB = 4.0
 
 
@@ -96,7 +96,7 @@ def make_bundles(folder: Path, versions: list[int]) -> dict[int, Path]:
 # -- worker: many agents in one process ------------------------------------------------------
 
 
-def device_config(device: str, *, port: int, prefix: str, root: Path, v1: Path) -> Any:
+def device_config(device: str, *, port: int, prefix: str, root: Path, v1: Path, idle_s: float) -> Any:
     from edge_agent.config import parse_config
 
     return parse_config({
@@ -108,6 +108,7 @@ def device_config(device: str, *, port: int, prefix: str, root: Path, v1: Path) 
         "store": {"path": str(root / device), "keep_versions": 1},
         "models": [{"name": "clf", "bundle": str(v1), "threads": 1, "swap": "availability"}],
         "commands": {"workers": 1},
+        "transfer": {"idle_s": idle_s},
         "spool": {"enabled": False},
     })
 
@@ -119,10 +120,17 @@ def worker(args: argparse.Namespace) -> int:
     from edge_agent.agent import Agent
 
     logging.basicConfig(level=logging.ERROR, stream=sys.stderr)
+    # The simulated devices share this machine's cores with the broker and
+    # the console; on a real fleet each has its own CPU. Give way to them,
+    # or the broker gets 1/50th of a core and everything waits for it.
+    os.nice(10)
+    if args.switch_interval:
+        sys.setswitchinterval(args.switch_interval)
     agents = []
     try:
         for i in range(args.first, args.first + args.count):
-            cfg = device_config(f"d{i:04d}", port=args.port, prefix=args.prefix, root=Path(args.root), v1=Path(args.v1))
+            cfg = device_config(f"d{i:04d}", port=args.port, prefix=args.prefix, root=Path(args.root), v1=Path(args.v1),
+                                idle_s=args.idle)
             agent = Agent(cfg)
             agent.start()
             agents.append(agent)
@@ -160,12 +168,14 @@ def start_broker(folder: Path) -> tuple[subprocess.Popen, int]:
             time.sleep(0.05)
 
 
-def start_fleet(n: int, *, port: int, prefix: str, root: Path, v1: Path, per_process: int) -> list[subprocess.Popen]:
+def start_fleet(n: int, *, port: int, prefix: str, root: Path, v1: Path, per_process: int,
+                switch_interval: float = 0.0, idle_s: float = 2.0) -> list[subprocess.Popen]:
     procs = []
     for k in range(math.ceil(n / per_process)):
         first = k * per_process
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--port", str(port), "--prefix", prefix,
-               "--root", str(root), "--v1", str(v1), "--first", str(first), "--count", str(min(per_process, n - first))]
+               "--root", str(root), "--v1", str(v1), "--first", str(first), "--count", str(min(per_process, n - first)),
+               "--switch-interval", str(switch_interval), "--idle", str(idle_s)]
         env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                "OMP_NUM_THREADS": "1"}
         procs.append(subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env))
@@ -198,14 +208,69 @@ def wait_online(console: Any, n: int, timeout: float) -> float:
     return time.monotonic() - t0
 
 
-def broadcast(console: Any, bundle: Path, n: int, timeout: float) -> dict[str, Any]:
+class StepClock:
+    """When each device first reported each deploy step (seconds from t0)."""
+
+    def __init__(self) -> None:
+        self.t0 = time.monotonic()
+        self.first: dict[str, dict[str, float]] = {}
+        self._lock = threading.Lock()
+
+        self.now: dict[str, Any] = {}
+        self._stop = threading.Event()
+        if os.environ.get("FLEET_BENCH_TRACE"):
+            threading.Thread(target=self._trace, daemon=True).start()
+
+    def __call__(self, st: Any) -> None:
+        with self._lock:
+            self.first.setdefault(st.step, {}).setdefault(st.device, time.monotonic() - self.t0)
+            self.now[st.device] = st
+
+    def _trace(self) -> None:
+        """FLEET_BENCH_TRACE=1: every 2 s, how many devices are at each step."""
+        while not self._stop.wait(2.0):
+            with self._lock:
+                steps: dict[str, int] = {}
+                got = sorted(st.received or 0 for st in self.now.values() if st.step == "transfer")
+                for st in self.now.values():
+                    steps[st.step] = steps.get(st.step, 0) + 1
+            low = f" received min {got[0] / 1e6:.1f} MB median {got[len(got) // 2] / 1e6:.1f} MB" if got else ""
+            progress(f"  {time.monotonic() - self.t0:5.1f}s {steps}{low}")
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def last(self, step: str) -> float | None:
+        """When the last device reached ``step``."""
+        times = self.first.get(step, {})
+        return round(max(times.values()), 2) if times else None
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """user + system CPU seconds of these processes so far."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        except (OSError, IndexError, ValueError):
+            pass
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def broadcast(console: Any, bundle: Path, n: int, timeout: float, rate: float | None = None) -> dict[str, Any]:
     from edge_agent import fleet as f
 
     prepared = f.prepare_bundle(bundle)
-    t0 = time.monotonic()
-    report = f.deploy(console, prepared, f.Target("all"), timeout=timeout, join_wait_s=10.0)
-    return summarize("broadcast", report.outcomes, n, time.monotonic() - t0, report.bytes_sent, prepared.size,
-                     needs=report.needs, chunks_published=report.chunks_published)
+    clock = StepClock()
+    try:
+        report = f.deploy(console, prepared, f.Target("all"), timeout=timeout, join_wait_s=10.0, progress=clock,
+                           rate_bytes_s=rate)
+    finally:
+        clock.stop()
+    return summarize("broadcast", report.outcomes, n, time.monotonic() - clock.t0, report.bytes_sent, prepared.size,
+                     needs=report.needs, chunks_published=report.chunks_published, rate_bytes_s=rate,
+                     all_received_s=clock.last("verifying"), all_activating_s=clock.last("activating"))
 
 
 def unicast(console: Any, bundle: Path, devices: list[str], timeout: float) -> dict[str, Any]:
@@ -274,16 +339,22 @@ def run_size(n: int, *, bundles: dict[int, Path], root: Path, args: argparse.Nam
         progress(f"N={n}: starting {n} agents in {math.ceil(n / args.per_process)} process(es)")
         t0 = time.monotonic()
         console = f.Console(f.BrokerSettings(port=port, prefix=prefix, keepalive_s=120)).connect()
-        procs = start_fleet(n, port=port, prefix=prefix, root=stores, v1=bundles[1], per_process=args.per_process)
+        procs = start_fleet(n, port=port, prefix=prefix, root=stores, v1=bundles[1], per_process=args.per_process,
+                            switch_interval=args.switch_interval, idle_s=args.idle)
         wait_online(console, n, 120)
         progress(f"N={n}: {n} agents online after {time.monotonic() - t0:.1f} s")
-        r = broadcast(console, bundles[2], n, args.timeout)
+        pids = {"broker": [broker.pid], "devices": [p.pid for p in procs], "console": [os.getpid()]}
+        cpu0 = {k: cpu_seconds(v) for k, v in pids.items()}
+        r = broadcast(console, bundles[2], n, args.timeout, args.rate)
+        r["cpu_s"] = {k: round(cpu_seconds(v) - cpu0[k], 1) for k, v in pids.items()}
         progress(f"N={n}: broadcast {r['ok']}/{n} ok in {r['seconds']} s, {r['bytes_sent'] / 1e6:.1f} MB sent")
         results.append(r)
         if n <= args.unicast_max:
             time.sleep(2)
             devices = sorted(console.devices)
+            cpu0 = {k: cpu_seconds(v) for k, v in pids.items()}
             r = unicast(console, bundles[3], devices, args.timeout)
+            r["cpu_s"] = {k: round(cpu_seconds(v) - cpu0[k], 1) for k, v in pids.items()}
             progress(f"N={n}: unicast {r['ok']}/{n} ok in {r['seconds']} s, {r['bytes_sent'] / 1e6:.1f} MB sent")
             results.append(r)
         console.close()
@@ -304,6 +375,12 @@ def main() -> int:
     parser.add_argument("--root", default="/dev/shm" if Path("/dev/shm").is_dir() else tempfile.gettempdir(),
                         help="where the device stores go (deleted afterwards)")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per deploy")
+    parser.add_argument("--switch-interval", type=float, default=0.0,
+                        help="sys.setswitchinterval in the worker processes (0: Python's default)")
+    parser.add_argument("--rate", type=float, help="cap the broadcast's first pass at this many bytes/s "
+                        "(the console's --rate); default: paced only by the devices' progress")
+    parser.add_argument("--idle", type=float, default=2.0,
+                        help="the devices' [transfer] idle_s: silence before they ask for missing chunks")
     parser.add_argument("--json", action="store_true", help="JSON only")
     # worker mode (internal)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)

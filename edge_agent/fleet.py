@@ -243,6 +243,8 @@ class DeviceProgress:
     total: int | None = None
     done: bool = False
     ok: bool | None = None
+    updated: float = 0.0
+    """time.monotonic() of the device's last event."""
 
     @property
     def fraction(self) -> float | None:
@@ -705,13 +707,21 @@ def prepare_bundle(path: Path | str) -> PreparedBundle:
                           temporary)
 
 
+CONSOLE_CHUNK_SIZE = 256 * 1024
+
+
 def chunk_size_for(size: int) -> int:
-    """64 KiB, or larger for a large file so the transfer's meta (one sha256
-    per chunk) stays below about 70 kB: at most 1024 chunks, at most 4 MiB."""
-    from edge_agent.comms.transfer import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE
+    """256 KiB, or larger for a large file so the transfer's meta (one sha256
+    per chunk) stays below about 70 kB: at most 1024 chunks, at most 4 MiB.
+
+    Larger than the transfer's own default (64 KiB) because a fleet pays per
+    message as much as per byte: every device handles every chunk, and four
+    times fewer messages cost the devices and the broker much less (see
+    benchmarks/fleet.py); a chunk lost is still only 256 KiB to ask again."""
+    from edge_agent.comms.transfer import MAX_CHUNK_SIZE
 
     wanted = math.ceil(size / 1024 / 1024) * 1024
-    return min(MAX_CHUNK_SIZE, max(DEFAULT_CHUNK_SIZE, wanted))
+    return min(MAX_CHUNK_SIZE, max(CONSOLE_CHUNK_SIZE, wanted))
 
 
 # -- serving an archive over HTTP --------------------------------------------------------------
@@ -886,6 +896,8 @@ def deploy(
     join_wait_s: float = 5.0,
     chunk_size: int | None = None,
     rate_bytes_s: float | None = None,
+    window_bytes: int = 2 * 1024 * 1024,
+    repeat_after_s: float = 10.0,
     advertise: str | None = None,
     progress: Callable[[DeviceProgress], None] | None = None,
     on_targets: Callable[[list[str], list[str]], None] | None = None,
@@ -896,7 +908,12 @@ def deploy(
     listening for the transfer), the console waits up to ``join_wait_s`` for
     the targets to report ``deploy_started``, then publishes the transfer
     once for all of them and serves ``need`` requests until every device
-    replied. ``via="url"``: the command carries ``url``, or the URL of an
+    replied; the first pass keeps within ``window_bytes`` of the slowest
+    device's reported progress, so that a busy fleet is not flooded into
+    asking for chunks again; a chunk is re-published for a ``need`` at most
+    every ``repeat_after_s`` (each repeat reaches every device, and under
+    load a device asks for chunks that are still queued for it).
+    ``via="url"``: the command carries ``url``, or the URL of an
     :class:`ArchiveServer` on ``serve`` (host, port) run for the duration,
     reached by the devices at ``advertise`` (default: the bound host).
 
@@ -929,6 +946,7 @@ def deploy(
             return
         with started:
             st = states.setdefault(device, DeviceProgress(device))
+            st.updated = time.monotonic()
             event = data.get("event")
             if event == "deploy_started":
                 st.step = "started" if st.step == "waiting" else st.step
@@ -975,8 +993,11 @@ def deploy(
                 started.wait(left)
         if online:
             time.sleep(0.2)  # their SUBSCRIBE reaches the broker just after the event
-        sender = TransferSender(console.link, console.prefix, bundle.archive, tid=transfer_id,
-                                chunk_size=chunk_size or chunk_size_for(bundle.size), rate_bytes_s=rate_bytes_s)
+        size = chunk_size or chunk_size_for(bundle.size)
+        link = _PacedLink(console.link, f"{console.prefix}/transfers/{transfer_id}/chunk/", size, bundle.size,
+                          window_bytes, started, lambda: _slowest(states, online, stall_s=3.0))
+        sender = TransferSender(link, console.prefix, bundle.archive, tid=transfer_id, chunk_size=size,
+                                rate_bytes_s=rate_bytes_s, repeat_after_s=repeat_after_s)
         sender.start()
 
     def on_sent(devices: list[str]) -> None:
@@ -1008,6 +1029,67 @@ def deploy(
     return DeployReport(bundle, via, args.get("url"), outcomes, round(seconds, 3), sent,
                         chunks_published=sender.published if sender else 0,
                         needs=len(sender.needs) if sender else 0)
+
+
+class _PacedLink:
+    """Flow control for a transfer's first pass: a new chunk is published only
+    while it ends at most ``window`` bytes beyond what the slowest devices
+    reported receiving (``slowest()``; None: nobody to wait for). Devices
+    report at most twice a second, so the window allows about twice its size
+    per second. A device silent for a while is not waited for (``slowest``
+    leaves it out); re-published chunks are never held.
+
+    Flooding a fleet faster than it reads does not make it faster: the broker
+    queues, a device busy with its backlog hears nothing new for seconds and
+    asks for everything again, and every device receives the repeats.
+    """
+
+    def __init__(self, inner: Any, chunk_prefix: str, chunk_size: int, size: int, window: int,
+                 cond: threading.Condition, slowest: Callable[[], int | None]) -> None:
+        self.inner = inner
+        self.chunk_prefix = chunk_prefix
+        self.chunk_size = chunk_size
+        self.size = size
+        self.window = max(window, chunk_size)
+        self.cond = cond
+        self.slowest = slowest
+        self.highest = -1
+
+    def publish(self, topic: str, payload: bytes, *, qos: int, retain: bool) -> Any:
+        if topic.startswith(self.chunk_prefix):
+            index = int(topic.rsplit("/", 1)[1])
+            if index > self.highest:
+                self.highest = index
+                end = min((index + 1) * self.chunk_size, self.size)
+                with self.cond:
+                    while (low := self.slowest()) is not None and end - low > self.window:
+                        self.cond.wait(0.25)
+        return self.inner.publish(topic, payload, qos=qos, retain=retain)
+
+    def subscribe(self, topic_filter: str, callback: Callable[[str, bytes], None]) -> Callable[[], None]:
+        return self.inner.subscribe(topic_filter, callback)
+
+
+def _slowest(states: dict[str, DeviceProgress], devices: list[str], *, stall_s: float,
+             spare: float = 0.0) -> int | None:
+    """The bytes received by the slowest of ``devices`` still receiving and
+    heard from within ``stall_s``, leaving out the slowest ``spare`` fraction
+    of them: a few stragglers catch up from their broker queue (or ask with
+    ``need``) rather than hold the whole fleet back (condition held)."""
+    now = time.monotonic()
+    lows = []
+    for device in devices:
+        st = states.get(device)
+        if st is None or st.done or now - st.updated > stall_s:
+            continue
+        if st.step in ("waiting", "started"):
+            lows.append(0)
+        elif st.step == "transfer":
+            lows.append(st.received or 0)
+    if not lows:
+        return None
+    lows.sort()
+    return lows[int(len(lows) * spare)]
 
 
 # -- rendering helpers (plain text, shared by the CLI and benchmarks) ---------------------------

@@ -258,6 +258,13 @@ class TransferSender:
     devices missing the same chunk cost one publish. ``close()`` stops
     serving and clears the retained meta.
 
+    Two rules keep a busy fleet from asking for the file over and over (a
+    device that is slow to read its socket sees silence and asks for
+    everything it has not processed yet, though it is on its way): a need
+    for a chunk the first pass has not reached yet is ignored (it is coming),
+    and a chunk is not re-published within ``repeat_after_s`` of its last
+    publish (a device that really lost it asks again after its back-off).
+
     Thread-safety: the public methods may be called from any thread.
     """
 
@@ -273,6 +280,7 @@ class TransferSender:
         rate_bytes_s: float | None = None,
         need_delay_s: float = 0.2,
         publish_timeout_s: float = 30.0,
+        repeat_after_s: float = 3.0,
     ) -> None:
         self.link = link
         self.path = Path(path)
@@ -283,12 +291,17 @@ class TransferSender:
         self.rate_bytes_s = rate_bytes_s
         self.need_delay_s = need_delay_s
         self.publish_timeout_s = publish_timeout_s
+        self.repeat_after_s = repeat_after_s
         self.done: dict[str, dict[str, Any]] = {}
         """Outcome reported by each device (``done`` messages), by device id."""
         self.needs: list[tuple[str, list[list[int]]]] = []
         """Every ``need`` received: (device, ranges), for logs and tests."""
         self.published = 0
         """Chunk publishes, first pass and re-publishes together."""
+        self.held_back = 0
+        """Requested chunks not re-published (first pass not there yet, or published moments ago)."""
+        self._sent_at = [0.0] * self.meta.chunks  # monotonic time of each chunk's last publish; 0: never
+        self._cursor = 0  # the first pass has published every chunk below this index
         self._pending: set[int] = set()
         self._cond = threading.Condition()
         self._stop = threading.Event()
@@ -363,8 +376,12 @@ class TransferSender:
                 if self._stop.wait(self.need_delay_s):  # gather the requests of several devices
                     return
                 with self._cond:
-                    batch = sorted(self._pending)
+                    now = time.monotonic()
+                    batch = [i for i in sorted(self._pending) if now - self._sent_at[i] >= self.repeat_after_s]
+                    self.held_back += len(self._pending) - len(batch)
                     self._pending.clear()
+                if not batch:
+                    continue
                 log.info("transfer %s: re-publishing %d chunk(s)", self.tid, len(batch))
                 for index in batch:
                     if self._stop.is_set():
@@ -387,7 +404,10 @@ class TransferSender:
             if self._stop.is_set():
                 return
         self._inflight.append(self.link.publish(self.topics.chunk(index), data, qos=1, retain=False))
-        self.published += 1
+        with self._cond:
+            self.published += 1
+            self._sent_at[index] = time.monotonic()
+            self._cursor = max(self._cursor, index + 1)
 
     def _drain(self) -> None:
         while self._inflight and not self._stop.is_set():
@@ -411,7 +431,9 @@ class TransferSender:
         log.info("transfer %s: %s needs %d chunk(s)", self.tid, device, len(wanted))
         with self._cond:
             self.needs.append((device, to_ranges(sorted(wanted))))
-            self._pending.update(wanted)
+            coming = {i for i in wanted if i >= self._cursor}
+            self.held_back += len(coming)
+            self._pending.update(wanted - coming)
             self._cond.notify_all()
 
     def _on_done(self, topic: str, payload: bytes) -> None:
