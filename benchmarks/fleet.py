@@ -14,13 +14,19 @@ chunks, ask for missing ones, hash the file, extract and verify the
 bundle, install it into the store, load it with ONNX Runtime (1 thread) and
 activate it.
 
-Lightweight, honestly: many agents share one Python process (125 per
-process by default, spread over ``ceil(N / 125)`` worker processes), so
-they also share one interpreter lock per process and the machine's cores
-with mosquitto and the console. Their stores live under ``--root``
-(default ``/dev/shm``, a RAM disk) so that 500 x 3 copies of a 4 MB bundle
-measure the transfer and the agents, not this VM's virtual disk; the
-stores are deleted afterwards. Telemetry is set to once an hour and the
+Lightweight, honestly: several agents share one Python process (10 per
+process by default, spread over ``ceil(N / 10)`` worker processes), and all
+of them share this machine's cores with mosquitto and the console. Fewer
+processes would save memory (about 200 MB per worker process) but the
+agents' threads (five each) then fight for one interpreter lock: at 100
+agents per process half the CPU went to futex waits and context switches
+(``perf``), and a device whose threads are not scheduled for 2 s asks for
+chunks it has not read yet. The workers run at ``nice 10``: on a real fleet
+every device has its own CPU, and here a broker left with 1/50th of two
+cores would make every device wait for it. Their stores live under
+``--root`` (default ``/dev/shm``, a RAM disk) so that N x 3 copies of a 4 MB
+bundle measure the transfer and the agents, not this VM's virtual disk;
+the stores are deleted afterwards. Telemetry is set to once an hour and the
 spool is off, so they do not compete with the deploy.
 
 Measured per N (default 50, 200, 500):
@@ -258,18 +264,19 @@ def cpu_seconds(pids: list[int]) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
-def broadcast(console: Any, bundle: Path, n: int, timeout: float, rate: float | None = None) -> dict[str, Any]:
+def broadcast(console: Any, bundle: Path, n: int, timeout: float, rate: float | None = None,
+              window: int = 2 * 1024 * 1024) -> dict[str, Any]:
     from edge_agent import fleet as f
 
     prepared = f.prepare_bundle(bundle)
     clock = StepClock()
     try:
         report = f.deploy(console, prepared, f.Target("all"), timeout=timeout, join_wait_s=10.0, progress=clock,
-                           rate_bytes_s=rate)
+                           rate_bytes_s=rate, window_bytes=window)
     finally:
         clock.stop()
     return summarize("broadcast", report.outcomes, n, time.monotonic() - clock.t0, report.bytes_sent, prepared.size,
-                     needs=report.needs, chunks_published=report.chunks_published, rate_bytes_s=rate,
+                     needs=report.needs, chunks_published=report.chunks_published, rate_bytes_s=rate, window_bytes=window,
                      all_received_s=clock.last("verifying"), all_activating_s=clock.last("activating"))
 
 
@@ -345,7 +352,7 @@ def run_size(n: int, *, bundles: dict[int, Path], root: Path, args: argparse.Nam
         progress(f"N={n}: {n} agents online after {time.monotonic() - t0:.1f} s")
         pids = {"broker": [broker.pid], "devices": [p.pid for p in procs], "console": [os.getpid()]}
         cpu0 = {k: cpu_seconds(v) for k, v in pids.items()}
-        r = broadcast(console, bundles[2], n, args.timeout, args.rate)
+        r = broadcast(console, bundles[2], n, args.timeout, args.rate, int(args.window_mb * 1024 * 1024))
         r["cpu_s"] = {k: round(cpu_seconds(v) - cpu0[k], 1) for k, v in pids.items()}
         progress(f"N={n}: broadcast {r['ok']}/{n} ok in {r['seconds']} s, {r['bytes_sent'] / 1e6:.1f} MB sent")
         results.append(r)
@@ -379,6 +386,8 @@ def main() -> int:
                         help="sys.setswitchinterval in the worker processes (0: Python's default)")
     parser.add_argument("--rate", type=float, help="cap the broadcast's first pass at this many bytes/s "
                         "(the console's --rate); default: paced only by the devices' progress")
+    parser.add_argument("--window-mb", type=float, default=2.0,
+                        help="the console's pacing window (fleet.deploy window_bytes), MiB")
     parser.add_argument("--idle", type=float, default=2.0,
                         help="the devices' [transfer] idle_s: silence before they ask for missing chunks")
     parser.add_argument("--json", action="store_true", help="JSON only")
