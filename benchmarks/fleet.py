@@ -52,7 +52,6 @@ JSON goes to stdout, then a readable table; progress to stderr.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import shutil

@@ -31,12 +31,10 @@ Progress callbacks run on the network thread and must be quick.
 
 from __future__ import annotations
 
-import hashlib
 import http.server
 import json
 import logging
 import math
-import os
 import re
 import shutil
 import socketserver

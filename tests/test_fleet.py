@@ -22,7 +22,7 @@ import time
 import urllib.request
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import pytest
 from click.testing import CliRunner
@@ -384,3 +384,64 @@ def test_broker_unreachable_is_a_runtime_failure() -> None:
 
     result = CliRunner().invoke(main, ["fleet", "status", "--port", str(free_port())])
     assert result.exit_code == 1 and "cannot reach the broker" in result.output
+
+
+class _FakeLink:
+    """A Link that acknowledges at once and records chunk publishes."""
+
+    class _Done:
+        def wait(self, timeout: float) -> bool:
+            return True
+
+    def __init__(self) -> None:
+        self.chunks: list[int] = []
+        self.callbacks: dict[str, Any] = {}
+
+    def publish(self, topic: str, payload: bytes, *, qos: int, retain: bool) -> Any:
+        if "/chunk/" in topic:
+            self.chunks.append(int(topic.rsplit("/", 1)[1]))
+        return self._Done()
+
+    def subscribe(self, topic_filter: str, callback: Any) -> Any:
+        self.callbacks[topic_filter] = callback
+        return lambda: None
+
+
+@pytest.mark.parametrize("repeat_after_s, republished", [(60.0, []), (0.0, [1, 2])])
+def test_sender_holds_back_needless_repeats(tmp_path: Path, repeat_after_s: float, republished: list[int]) -> None:
+    """Every re-published chunk reaches every device: a chunk published
+    moments ago is not sent again for a ``need`` (under load the device asks
+    for chunks still queued for it); one published long enough ago is."""
+    from edge_agent.comms.transfer import TransferSender
+
+    path = tmp_path / "b.tar"
+    path.write_bytes(os.urandom(4 * 1024))
+    link = _FakeLink()
+    sender = TransferSender(link, "p", path, chunk_size=1024, need_delay_s=0.01, repeat_after_s=repeat_after_s)
+    with sender:
+        assert sender.wait_sent(5)
+        need = link.callbacks[sender.topics.need]
+        need(sender.topics.need, json.dumps({"device": "d1", "ranges": [[1, 2]]}).encode())
+        deadline = time.monotonic() + 2
+        while len(link.chunks) < 4 + len(republished) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.1)
+    assert link.chunks == [0, 1, 2, 3, *republished]
+    assert sender.held_back == (2 if not republished else 0)
+
+
+def test_pacing_follows_the_slowest_device_heard_from() -> None:
+    """The first pass waits for the slowest device still receiving; one that
+    went silent or finished does not hold the fleet back."""
+    now = time.monotonic()
+    states = {
+        "a": f.DeviceProgress("a", "transfer", 3_000_000, 4_000_000, updated=now),
+        "b": f.DeviceProgress("b", "transfer", 1_000_000, 4_000_000, updated=now),
+        "c": f.DeviceProgress("c", "transfer", 10, 4_000_000, updated=now - 60),  # silent
+        "d": f.DeviceProgress("d", "done", done=True, ok=True, updated=now),
+    }
+    assert f._slowest(states, ["a", "b", "c", "d"], stall_s=3) == 1_000_000
+    assert f._slowest(states, ["c", "d"], stall_s=3) is None
+    assert f.chunk_size_for(4_000_000) == 256 * 1024
+    big = f.chunk_size_for(2_000_000_000)
+    assert big % 1024 == 0 and 2_000_000_000 / big <= 1024  # the meta stays small
