@@ -33,11 +33,20 @@ def free_port() -> int:
 class Mosquitto:
     """A broker of our own: ``stop()`` and ``start()`` again on the same port."""
 
-    def __init__(self, folder: Path, *, persistence: bool = False, tls: dict[str, Path] | None = None) -> None:
+    def __init__(self, folder: Path, *, persistence: bool = False, tls: dict[str, Path] | None = None,
+                 users: dict[str, str] | None = None) -> None:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.host, self.port = "127.0.0.1", free_port()
-        lines = [f"listener {self.port} 127.0.0.1", "allow_anonymous true", "log_dest stderr"]
+        lines = [f"listener {self.port} 127.0.0.1", f"allow_anonymous {'false' if users else 'true'}",
+                 "log_dest stderr"]
+        if users:
+            pw = self.folder / "passwd"
+            pw.write_text("")
+            for user, password in users.items():
+                subprocess.run([shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd", "-b", str(pw), user,
+                                password], check=True, capture_output=True)
+            lines.append(f"password_file {pw}")
         if os.geteuid() == 0:
             lines.append("user root")  # run as root (CI): keep reading the test's private temp files
         if tls:
@@ -75,13 +84,16 @@ class Client:
     """A paho client that keeps every message it receives."""
 
     def __init__(self, host: str, port: int, topics: list[str], *, client_id: str | None = None,
-                 persistent: bool = False, tls: dict[str, Path] | None = None) -> None:
+                 persistent: bool = False, tls: dict[str, Path] | None = None,
+                 auth: tuple[str, str] | None = None) -> None:
         self.messages: list[tuple[str, bytes, bool]] = []
         self.lock = threading.Lock()
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id or f"test-{uuid.uuid4().hex[:8]}",
                                   protocol=mqtt.MQTTv311, clean_session=not persistent)
         if tls:
             self.client.tls_set(ca_certs=str(tls["ca"]), certfile=str(tls["cert"]), keyfile=str(tls["key"]))
+        if auth:
+            self.client.username_pw_set(*auth)
         self.client.on_message = self._on_message
         subscribed = threading.Event()
         self.client.on_subscribe = lambda *a: subscribed.set()

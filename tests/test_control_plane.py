@@ -172,16 +172,21 @@ def test_lifecycle_commands_set_and_telemetry(env) -> None:
         agent.stop()
 
 
-def test_last_will_after_kill9_and_commands_queued_while_away(env) -> None:
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_last_will_after_kill9_and_commands_queued_while_away(env, protocol: str) -> None:
+    """MQTT 5 (clean start off, session expiry) and 3.1.1 (clean session off)
+    both keep the device's session, so a command sent while it is down
+    arrives when it is back."""
     broker, prefix, v1, cam, tmp = env
-    agent, client = start_agent(tmp, broker, prefix, v1, None)
+    proto = f'protocol = "{protocol}"\n'
+    agent, client = start_agent(tmp, broker, prefix, v1, None, mqtt_extra=proto)
     try:
         agent.kill9()
         client.wait_for(lambda: client.json("dev1/status")[-1] == {"state": "offline"}, 15)
         # a QoS 1 command sent while the device is down waits in its session
         cid = client.command(f"{prefix}/dev1/cmd", "ping")
         time.sleep(0.5)
-        agent, _ = start_agent(tmp, broker, prefix, v1, None, watch=client)
+        agent, _ = start_agent(tmp, broker, prefix, v1, None, watch=client, mqtt_extra=proto)
         assert client.reply(cid)["result"] == {"pong": True}
         # a clean stop publishes "stopped", retained
         assert agent.stop() == 0
@@ -211,6 +216,30 @@ def test_broker_restart_store_and_forward_keeps_every_telemetry(tmp_path: Path) 
         watcher.wait_for(lambda: "store-and-forward: replayed" in agent.output())
     finally:
         watcher.close()
+        client.close()
+        agent.stop()
+        broker.stop()
+
+
+def test_username_and_password(tmp_path: Path) -> None:
+    broker = Mosquitto(tmp_path / "broker", users={"dev1": "s3cret", "console": "c0nsole"})
+    v1 = make_bundle(tmp_path / "b", 1)
+    watch = Client(broker.host, broker.port, ["auth/#"], auth=("console", "c0nsole"))
+    agent, client = start_agent(tmp_path, broker, "auth", v1, None, watch=watch,
+                                mqtt_extra='username = "dev1"\npassword = "s3cret"\n')
+    try:
+        cid = client.command("auth/dev1/cmd", "ping")
+        assert client.reply(cid)["result"] == {"pong": True}
+    finally:
+        agent.stop()
+    # A wrong password: refused by the broker, said in the log, the agent keeps serving.
+    bad = agent_config(tmp_path, broker.host, broker.port, prefix="auth", device="dev2", bundle=v1,
+                       frames=frames(tmp_path / "frames"), mqtt_extra='username = "dev1"\npassword = "wrong"\n')
+    agent = AgentProcess(bad)
+    try:
+        client.wait_for(lambda: "refused the connection" in agent.output() and "edge_agent.results" in agent.output())
+        assert agent.proc.poll() is None
+    finally:
         client.close()
         agent.stop()
         broker.stop()
