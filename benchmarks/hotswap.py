@@ -219,16 +219,63 @@ def child(mode: str, swaps: int, interval: float, threads: int, cache: Path) -> 
             "after_swap_2_int8": round(rss_after_2, 1) if rss_after_2 else None,
             "after_last_swap_int8": round(rss_after_last, 1),
             "growth_mb": round(rss_after_last - rss_after_2, 1) if rss_after_2 else None,
+            "after_each_int8_swap": [round(statistics.median(a), 1) for a, s in zip(after, swaps_out)
+                                     if s["to"] == 1 and a],
+        },
+    }
+
+
+def churn(swaps: int, threads: int, cache: Path) -> dict[str, Any]:
+    """No source: ``swaps`` activations back and forth as fast as they go,
+    RSS read after each return to int8. Isolates what loading and unloading
+    models does to memory over a long life (a leak grows with every swap)."""
+    import psutil
+
+    paths = prepare(cache)
+    from edge_agent.config import parse_config
+    from edge_agent.models.lifecycle import deploy
+    from edge_agent.models.manager import ModelManager
+    from edge_agent.models.store import ModelStore
+    from edge_agent.runtimes import limit_malloc_arenas
+
+    limit_malloc_arenas()  # as the Agent does at start
+    proc = psutil.Process()
+    with tempfile.TemporaryDirectory(prefix="hotswap-churn-") as tmp:
+        cfg = parse_config({"store": {"path": tmp}, "models": [
+            {"name": MODEL_NAME, "bundle": str(paths["int8"]), "threads": threads, "swap": "availability"}]})
+        manager = ModelManager(ModelStore(Path(tmp)), cfg.models, probation=False)
+        manager.start()
+        deploy(manager, paths["fp32"], activate=False)
+        series = []
+        t0 = time.monotonic()
+        for i in range(swaps):
+            manager.activate(MODEL_NAME, 2 if i % 2 == 0 else 1)
+            if i % 2 == 1:
+                series.append(proc.memory_info().rss / 2**20)
+        seconds = time.monotonic() - t0
+        manager.stop()
+    tenth = max(1, len(series) // 10)
+    return {
+        "mode": "churn", "swaps": swaps, "seconds": round(seconds, 1), "threads": threads,
+        "rss_mb": {
+            "first_tenth_median": round(statistics.median(series[:tenth]), 1),
+            "last_tenth_median": round(statistics.median(series[-tenth:]), 1),
+            "min": round(min(series), 1), "max": round(max(series), 1),
         },
     }
 
 
 def table(runs: list[dict[str, Any]]) -> str:
-    lines = ["Hot swap: MobileNetV2 int8 <-> fp32 (ONNX), 30 fps video, "
-             f"{runs[0]['swaps']} swaps every {runs[0]['interval_s']} s, {runs[0]['threads']} thread(s)", ""]
+    churns = [r for r in runs if r["mode"] == "churn"]
+    runs = [r for r in runs if r["mode"] != "churn"]
+    lines = []
+    if runs:
+        lines += ["Hot swap: MobileNetV2 int8 <-> fp32 (ONNX), 30 fps video, "
+                  f"{runs[0]['swaps']} swaps every {runs[0]['interval_s']} s, {runs[0]['threads']} thread(s)", ""]
     head = f"  {'mode':<13}{'failed':>7}{'dropped':>8}{'gap/steady':>11}{'(between)':>10}{'cmd->serve ms':>15}{'RSS steady':>11}" \
            f"{'peak':>7}{'peak/st':>8}{'after 2':>8}{'after 20':>9}"
-    lines.append(head)
+    if runs:
+        lines.append(head)
     for r in runs:
         m = r["rss_mb"]
         lines.append(
@@ -238,14 +285,22 @@ def table(runs: list[dict[str, Any]]) -> str:
             f"{m['steady_int8']:>11.1f}{m['peak_during_swaps']:>7.1f}{m['peak_over_steady']:>8.2f}"
             f"{m['after_swap_2_int8'] or 0:>8.1f}{m['after_last_swap_int8']:>9.1f}"
         )
-    lines += ["", "  targets: failed and dropped 0, gap/steady <= 1.5, peak/steady <= 1.6, steady <= 150 MB, "
-              "no RSS growth from after-2 to after-20"]
+    if runs:
+        lines += ["", "  targets: failed and dropped 0, gap/steady <= 1.5, peak/steady <= 1.6, steady <= 150 MB, "
+                  "no RSS growth from after-2 to after-20"]
+    for c in churns:
+        m = c["rss_mb"]
+        lines += ["", f"Churn: {c['swaps']} swaps back and forth without traffic in {c['seconds']} s: RSS after a "
+                  f"return to int8, first tenth {m['first_tenth_median']} MB, last tenth {m['last_tenth_median']} MB "
+                  f"(min {m['min']}, max {m['max']})"]
     return "\n".join(lines)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--mode", choices=["availability", "resource", "both"], default="both")
+    p.add_argument("--mode", choices=["availability", "resource", "churn", "both", "all"], default="all",
+                   help="both: availability and resource; all: both and churn")
+    p.add_argument("--churn-swaps", type=int, default=200)
     p.add_argument("--swaps", type=int, default=20)
     p.add_argument("--interval", type=float, default=1.5, help="seconds between swap commands")
     p.add_argument("--threads", type=int, default=1)
@@ -255,16 +310,21 @@ def main() -> None:
     args = p.parse_args()
     cache = args.cache or build_assets.default_cache_dir()
     if args.child:
-        print(json.dumps(child(args.mode, args.swaps, args.interval, args.threads, cache)))
+        if args.mode == "churn":
+            print(json.dumps(churn(args.churn_swaps, args.threads, cache)))
+        else:
+            print(json.dumps(child(args.mode, args.swaps, args.interval, args.threads, cache)))
         return
     prepare(cache)
-    modes = ["availability", "resource"] if args.mode == "both" else [args.mode]
+    modes = {"both": ["availability", "resource"], "all": ["availability", "resource", "churn"]}.get(
+        args.mode, [args.mode])
     runs = []
     for mode in modes:
         progress(f"mode {mode}: {args.swaps} swaps")
         out = subprocess.run(
             [sys.executable, __file__, "--child", "--mode", mode, "--swaps", str(args.swaps), "--interval",
-             str(args.interval), "--threads", str(args.threads), "--cache", str(cache)],
+             str(args.interval), "--threads", str(args.threads), "--cache", str(cache),
+             "--churn-swaps", str(args.churn_swaps)],
             capture_output=True, text=True,
         )
         if out.returncode != 0:

@@ -29,6 +29,9 @@ class Agent:
     """Owns every long-lived component. ``stop_event`` is shared by all."""
 
     def __init__(self, config: AgentConfig, *, extra_sinks: list[Sink] | None = None) -> None:
+        from edge_agent.runtimes import limit_malloc_arenas
+
+        limit_malloc_arenas()
         self.config = config
         self.stop_event = threading.Event()
         self.store = ModelStore(config.store.path, keep_versions=config.store.keep_versions)

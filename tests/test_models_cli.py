@@ -25,7 +25,7 @@ keep_versions = 5
 [[models]]
 name = "clf"
 threads = 1
-probation_s = 0.5
+probation_s = 4.0
 [[sources]]
 name = "cam"
 uri = "frames"
@@ -92,8 +92,10 @@ def test_models_cli_through_the_running_agent(root: Path) -> None:
         st = listing(root)
         assert st["running"] and st["models"]["clf"]["active"] == 2
         assert st["models"]["clf"]["probation"]["version"] == 2  # the running agent watches it
-        time.sleep(1.0)
-        assert listing(root)["models"]["clf"]["last_good"] == 2  # probation (0.5 s) passed
+        deadline = time.monotonic() + 60
+        while listing(root)["models"]["clf"]["last_good"] != 2:  # probation (4 s) passes
+            assert time.monotonic() < deadline
+            time.sleep(0.5)
         out = ea(root, "models", "activate", "clf", "1")
         assert out.returncode == 0 and "availability swap" in out.stdout
         assert ea(root, "models", "add", "b/clf-v3", "--activate").returncode == 0

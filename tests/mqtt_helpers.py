@@ -1,0 +1,237 @@
+"""Test helpers for the control plane: a mosquitto we can stop and restart
+on the same port (optionally with TLS and persistence), a collecting MQTT
+client, agents as subprocesses, and TLS certificates made in code."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Mosquitto:
+    """A broker of our own: ``stop()`` and ``start()`` again on the same port."""
+
+    def __init__(self, folder: Path, *, persistence: bool = False, tls: dict[str, Path] | None = None,
+                 users: dict[str, str] | None = None) -> None:
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.host, self.port = "127.0.0.1", free_port()
+        lines = [f"listener {self.port} 127.0.0.1", f"allow_anonymous {'false' if users else 'true'}",
+                 "log_dest stderr"]
+        if users:
+            pw = self.folder / "passwd"
+            pw.write_text("")
+            for user, password in users.items():
+                subprocess.run([shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd", "-b", str(pw), user,
+                                password], check=True, capture_output=True)
+            lines.append(f"password_file {pw}")
+        if os.geteuid() == 0:
+            lines.append("user root")  # run as root (CI): keep reading the test's private temp files
+        if tls:
+            lines += [f"cafile {tls['ca']}", f"certfile {tls['cert']}", f"keyfile {tls['key']}",
+                      "require_certificate true", "use_identity_as_username true"]
+        if persistence:
+            lines += ["persistence true", f"persistence_location {self.folder}/", "autosave_interval 1"]
+        else:
+            lines.append("persistence false")
+        self.conf = self.folder / "mosquitto.conf"
+        self.conf.write_text("\n".join(lines) + "\n")
+        self.proc: subprocess.Popen | None = None
+        self.start()
+
+    def start(self) -> None:
+        log = open(self.folder / "mosquitto.log", "ab")
+        self.proc = subprocess.Popen([MOSQUITTO, "-c", str(self.conf)], stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection((self.host, self.port), timeout=0.2).close()
+                return
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError((self.folder / "mosquitto.log").read_text())
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+class Client:
+    """A paho client that keeps every message it receives."""
+
+    def __init__(self, host: str, port: int, topics: list[str], *, client_id: str | None = None,
+                 persistent: bool = False, tls: dict[str, Path] | None = None,
+                 auth: tuple[str, str] | None = None) -> None:
+        self.messages: list[tuple[str, bytes, bool]] = []
+        self.lock = threading.Lock()
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id or f"test-{uuid.uuid4().hex[:8]}",
+                                  protocol=mqtt.MQTTv311, clean_session=not persistent)
+        if tls:
+            self.client.tls_set(ca_certs=str(tls["ca"]), certfile=str(tls["cert"]), keyfile=str(tls["key"]))
+        if auth:
+            self.client.username_pw_set(*auth)
+        self.client.on_message = self._on_message
+        subscribed = threading.Event()
+        self.client.on_subscribe = lambda *a: subscribed.set()
+        self.client.on_connect = lambda c, *a: [c.subscribe(t, qos=1) for t in topics]
+        self.client.reconnect_delay_set(0.2, 1)
+        self.client.connect(host, port)
+        self.client.loop_start()
+        assert subscribed.wait(10), "subscription not acknowledged"
+
+    def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
+        with self.lock:
+            self.messages.append((msg.topic, msg.payload, bool(msg.retain)))
+
+    def json(self, suffix: str) -> list[dict]:
+        with self.lock:
+            return [json.loads(p) for t, p, _ in self.messages if t.endswith(suffix) and p]
+
+    def wait_for(self, predicate: Callable[[], Any], timeout: float = 20.0) -> Any:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            got = predicate()
+            if got:
+                return got
+            time.sleep(0.02)
+        raise AssertionError(f"timed out; messages: {[t for t, _, _ in self.messages][-20:]}")
+
+    def reply(self, cmd_id: str | None, timeout: float = 30.0, index: int = 0) -> dict:
+        return self.wait_for(lambda: ([r for r in self.json("/reply") if r.get("id") == cmd_id][index:] or [None])[0],
+                             timeout)
+
+    def command(self, topic: str, cmd: str, args: dict | None = None, cmd_id: str | None = None) -> str:
+        cmd_id = cmd_id or f"c-{uuid.uuid4().hex[:10]}"
+        self.client.publish(topic, json.dumps({"id": cmd_id, "cmd": cmd, "args": args or {}}), qos=1)
+        return cmd_id
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def agent_config(root: Path, host: str, port: int, *, prefix: str, device: str, bundle: Path | None,
+                 frames: Path | None, groups: list[str] = (), extra: str = "", mqtt_extra: str = "") -> Path:
+    src = "" if frames is None else f"""
+[[sources]]
+name = "cam"
+uri = "{frames}"
+model = "clf"
+loop = true
+source_fps = 20
+"""
+    text = f"""device_id = "{device}"
+groups = {json.dumps(list(groups))}
+log_level = "info"
+[mqtt]
+host = "{host}"
+port = {port}
+topic_prefix = "{prefix}"
+telemetry_interval_s = 0.5
+keepalive_s = 5
+{mqtt_extra}
+[store]
+path = "{root}/store-{device}"
+[[models]]
+name = "clf"
+threads = 1
+probation_s = 1.0
+{'bundle = "%s"' % bundle if bundle else ''}
+{src}
+{extra}
+"""
+    path = root / f"{device}.toml"
+    path.write_text(text)
+    return path
+
+
+class AgentProcess:
+    def __init__(self, config: Path, *, env: dict | None = None) -> None:
+        self.config = config
+        self.log = open(config.with_suffix(".log"), "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "edge_agent", "run", "--config", str(config)],
+                                     stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+
+    def kill9(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                return self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                return self.proc.wait(10)
+        return self.proc.returncode
+
+    def output(self) -> str:
+        return self.config.with_suffix(".log").read_text(errors="replace")
+
+
+def make_certs(folder: Path) -> dict[str, dict[str, Path]]:
+    """A CA, a broker certificate for 127.0.0.1/localhost and a client one."""
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    folder.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def write(name: str, key: Any, cert: Any) -> tuple[Path, Path]:
+        k, c = folder / f"{name}.key", folder / f"{name}.crt"
+        k.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+                                        serialization.NoEncryption()))
+        c.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        return k, c
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "edge-agent test CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+          .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
+          .not_valid_after(now + datetime.timedelta(days=2))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    _, ca_path = write("ca", ca_key, ca)
+
+    def leaf(cn: str, server: bool) -> tuple[Path, Path]:
+        key = ec.generate_private_key(ec.SECP256R1())
+        b = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+             .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+             .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=2)))
+        if server:
+            b = b.add_extension(x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        return write(cn, key, b.sign(ca_key, hashes.SHA256()))
+
+    skey, scert = leaf("broker", True)
+    ckey, ccert = leaf("device-1", False)
+    return {"broker": {"ca": ca_path, "cert": scert, "key": skey}, "client": {"ca": ca_path, "cert": ccert, "key": ckey}}
