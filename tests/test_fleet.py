@@ -445,3 +445,45 @@ def test_pacing_follows_the_slowest_device_heard_from() -> None:
     assert f.chunk_size_for(4_000_000) == 256 * 1024
     big = f.chunk_size_for(2_000_000_000)
     assert big % 1024 == 0 and 2_000_000_000 / big <= 1024  # the meta stays small
+
+
+class _Stream:
+    def __init__(self, tty: bool) -> None:
+        self.tty = tty
+        self.text = ""
+
+    def isatty(self) -> bool:
+        return self.tty
+
+    def write(self, text: str) -> None:
+        self.text += text
+
+    def flush(self) -> None:
+        pass
+
+
+def test_progress_is_readable_with_and_without_a_terminal() -> None:
+    """On a terminal: a bar per device redrawn in place; in a log: a line per
+    step change and per quarter of the transfer, no escape codes."""
+    from edge_agent.cli_fleet import ProgressView
+
+    steps = [f.DeviceProgress("cam-1", "transfer", r, 400, done=False) for r in (0, 50, 100, 120, 400)]
+    steps.append(f.DeviceProgress("cam-1", "done", done=True, ok=True))
+    log = _Stream(tty=False)
+    view = ProgressView(log)
+    view.targets(["cam-1"], ["cam-2"])
+    for st in steps:
+        view.update(st)
+    view.finish()
+    assert "\x1b" not in log.text
+    assert log.text.splitlines() == [
+        "deploying to 1 online device(s), 1 offline", "cam-1: transfer 0%", "cam-1: transfer 25%",
+        "cam-1: transfer 100%", "cam-1: done"]
+
+    term = _Stream(tty=True)
+    view = ProgressView(term)
+    view.targets(["cam-1"], [])
+    for st in steps:
+        view.update(st)
+    view.finish()
+    assert "\x1b[1F" in term.text and term.text.rstrip().endswith("cam-1 [" + "#" * 24 + "] done")
