@@ -487,3 +487,35 @@ def test_progress_is_readable_with_and_without_a_terminal() -> None:
         view.update(st)
     view.finish()
     assert "\x1b[1F" in term.text and term.text.rstrip().endswith("cam-1 [" + "#" * 24 + "] done")
+
+
+def test_console_sees_an_agent_started_by_edge_agent_run(fleet: Fleet, tmp_path: Path) -> None:
+    """The same through the real command line on both sides: ``edge-agent run``
+    in its own process, ``fleet status`` and ``fleet deploy`` against it."""
+    import subprocess
+    import sys
+
+    device = fleet.name("cli")
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(
+        f'device_id = "{device}"\ngroups = ["cli"]\nlog_level = "warning"\n'
+        f'[mqtt]\nhost = "{fleet.broker.host}"\nport = {fleet.broker.port}\ntopic_prefix = "{fleet.prefix}"\n'
+        f'telemetry_interval_s = 0.5\nsession_expiry_s = 60\n'
+        f'[store]\npath = "{tmp_path / "store"}"\n'
+        f'[[models]]\nname = "clf"\nbundle = "{fleet.v1}"\nthreads = 1\n'
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, "-m", "edge_agent", "run", "--config", str(cfg)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        fleet.wait_state(device, "online", timeout=30)
+        status = fleet.cli("status", "--config", str(cfg), "--wait", "2")
+        assert status.exit_code == 0, status.output
+        assert rows(status.stdout)[device][1] == "online"
+        deploy = CliRunner().invoke(main, ["fleet", "deploy", str(fleet.v1), "--group", "cli", "--config", str(cfg)])
+        assert deploy.exit_code == 0, deploy.output  # v1 again: installed already, still active
+        assert rows(deploy.stdout)[device][1:3] == ["ok", "1"]
+    finally:
+        proc.terminate()
+        assert proc.wait(20) == 0, proc.stderr.read().decode() if proc.stderr else ""
+    fleet.wait_state(device, "stopped")
