@@ -69,6 +69,9 @@ class QuantizeOptions:
     calibration_limit: int | None = 300
     search_samples: int = 32
     threads: int = 1
+    bias_correction: bool = True
+    float_residual: bool = True
+    equalize: bool = True
 
 
 @dataclass
@@ -168,7 +171,15 @@ def _onnx_int8(
 ) -> tuple[Path, dict[str, Any]]:
     """``reference_all``: the fp32 (``base``) outputs on ``calib``, given
     when mixed precision is on."""
-    quantizer = OnnxInt8Quantizer(base, work / "ort", method=opts.method, per_channel=opts.per_channel)
+    quantizer = OnnxInt8Quantizer(
+        base,
+        work / "ort",
+        method=opts.method,
+        per_channel=opts.per_channel,
+        bias_correction=opts.bias_correction,
+        float_residual=opts.float_residual,
+        equalize=opts.equalize,
+    )
     quantizer.workdir.mkdir(exist_ok=True)
     t0 = time.perf_counter()
     quantizer.prepare()
@@ -181,9 +192,10 @@ def _onnx_int8(
         "activations": "uint8",
         "weights": "int8",
         "calibration_s": round(time.perf_counter() - t0, 1),
+        **quantizer.notes,
     }
     if reference_all is None:
-        return full, info
+        return quantizer.finalize(full, work / "int8_final.onnx"), info
     step = max(1, len(calib) // opts.search_samples)
     subset = calib[::step][: opts.search_samples]
     reference = reference_all[::step][: opts.search_samples]
@@ -208,7 +220,7 @@ def _onnx_int8(
     info["agreement_on_calibration_full_int8"] = round(full_agreement, 4)
     if full_agreement >= opts.min_agreement:
         info["mixed_precision"] = {"needed": False}
-        return full, info
+        return quantizer.finalize(full, work / "int8_final.onnx"), info
     ids = [c.id for c in editor.candidates]
     t0 = time.perf_counter()
     with progress("sensitivity", len(ids)) as tick:
@@ -224,7 +236,7 @@ def _onnx_int8(
         "float_nodes_consumers": sorted({n for cid in result.float_nodes for n in consumers[cid]}),
         "candidates": len(ids),
     }
-    return mixed, info
+    return quantizer.finalize(mixed), info
 
 
 def _tflite_int8(
