@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -142,3 +142,72 @@ def search(
 
     k, met = smallest_prefix(limit, agree, target)
     return MixedPrecisionResult(order[:k], cache[k], target, met, list(ranking), sorted(cache.items()))
+
+
+def cost_aware(
+    ranking: Sequence[tuple[str, float]], cost: Mapping[str, float], overhead: float
+) -> list[tuple[str, float]]:
+    """The ranking re-ordered by harm per cost, ``score / (cost + overhead)``,
+    highest first (stable for equal ratios). ``cost``: what keeping the
+    candidate in float costs (e.g. the multiply-accumulates it moves from
+    integer to float kernels); ``overhead`` > 0 is the fixed price of any
+    float island, so free candidates are not ranked on their score alone."""
+    return sorted(ranking, key=lambda item: -item[1] / (cost.get(item[0], 0.0) + overhead))
+
+
+def closed_prefixes(order: Sequence[str], compute: Callable[[str], set[str]], limit: int) -> list[list[str]]:
+    """For k = 0..limit, the first k candidates of ``order`` plus every other
+    candidate that puts no further node into float (``compute(c)`` within
+    the nodes the first k already put there): quantizing a tensor between
+    two float nodes only costs accuracy and a Q/DQ pair, so float regions
+    are kept whole. Consecutive duplicates are dropped."""
+    nodes = {c: compute(c) for c in order}
+    sets: list[list[str]] = []
+    for k in range(limit + 1):
+        chosen = list(order[:k])
+        floating = set().union(*(nodes[c] for c in chosen)) if chosen else set()
+        extra = [c for c in order[k:] if nodes[c] and nodes[c] <= floating]
+        candidate = chosen + extra
+        if not sets or set(candidate) != set(sets[-1]):
+            sets.append(candidate)
+    return sets
+
+
+def search_stable(
+    sets: Sequence[Sequence[str]],
+    build: Build,
+    outputs: Outputs,
+    reference: np.ndarray,
+    target: float,
+    *,
+    ranking: Sequence[tuple[str, float]] = (),
+    confirm: int = 1,
+) -> MixedPrecisionResult:
+    """The first float set of ``sets`` (growing) whose agreement reaches
+    ``target`` and stays there for the next ``confirm`` sets as well.
+
+    Agreement on a few hundred pictures moves by a point or two from one
+    set to the next (a near tie flips either way), so the first set that
+    happens to touch the target is often a lucky one and falls short on
+    other pictures; asking the following set(s) to hold the target too
+    filters those out. Sets are tried in order, so this costs one
+    measurement per set up to the answer (plus ``confirm``). When no set
+    qualifies, the one with the best agreement (fewest float nodes on a tie)
+    is returned with ``met=False``."""
+    ref_top1 = reference.argmax(axis=1)
+    tried: list[tuple[int, float]] = []
+    streak_start: int | None = None
+    for i, float_set in enumerate(sets):
+        got = float(np.mean(outputs(build(list(float_set))).argmax(axis=1) == ref_top1))
+        tried.append((len(float_set), got))
+        log.info("mixed precision: %d node(s) in float -> agreement %.3f", len(float_set), got)
+        if got >= target:
+            if streak_start is None:
+                streak_start = i
+            if i - streak_start >= confirm or i == len(sets) - 1:
+                chosen = list(sets[streak_start])
+                return MixedPrecisionResult(chosen, tried[streak_start][1], target, True, list(ranking), tried)
+        else:
+            streak_start = None
+    best = max(range(len(tried)), key=lambda j: (tried[j][1], -tried[j][0]))
+    return MixedPrecisionResult(list(sets[best]), tried[best][1], target, False, list(ranking), tried)
