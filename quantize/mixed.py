@@ -144,6 +144,24 @@ def search(
     return MixedPrecisionResult(order[:k], cache[k], target, met, list(ranking), sorted(cache.items()))
 
 
+def first_stable(limit: int, agree: Callable[[int], float], target: float, *, confirm: int = 1) -> tuple[int, bool]:
+    """Scanning k = 0, 1, ..., limit: the first k with ``agree(k) >= target``
+    that ``agree(k + 1)``, ... ``agree(k + confirm)`` hold as well (fewer at
+    the end of the range). Returns (k, True), or (the best k, False) when
+    none qualifies (on a tie, the smallest)."""
+    tried: dict[int, float] = {}
+    start: int | None = None
+    for k in range(limit + 1):
+        tried[k] = agree(k)
+        if tried[k] >= target:
+            start = k if start is None else start
+            if k - start >= confirm or k == limit:
+                return start, True
+        else:
+            start = None
+    return max(tried, key=lambda k: (tried[k], -k)), False
+
+
 def cost_aware(
     ranking: Sequence[tuple[str, float]], cost: Mapping[str, float], overhead: float
 ) -> list[tuple[str, float]]:
@@ -195,19 +213,14 @@ def search_stable(
     qualifies, the one with the best agreement (fewest float nodes on a tie)
     is returned with ``met=False``."""
     ref_top1 = reference.argmax(axis=1)
-    tried: list[tuple[int, float]] = []
-    streak_start: int | None = None
-    for i, float_set in enumerate(sets):
-        got = float(np.mean(outputs(build(list(float_set))).argmax(axis=1) == ref_top1))
-        tried.append((len(float_set), got))
-        log.info("mixed precision: %d node(s) in float -> agreement %.3f", len(float_set), got)
-        if got >= target:
-            if streak_start is None:
-                streak_start = i
-            if i - streak_start >= confirm or i == len(sets) - 1:
-                chosen = list(sets[streak_start])
-                return MixedPrecisionResult(chosen, tried[streak_start][1], target, True, list(ranking), tried)
-        else:
-            streak_start = None
-    best = max(range(len(tried)), key=lambda j: (tried[j][1], -tried[j][0]))
-    return MixedPrecisionResult(list(sets[best]), tried[best][1], target, False, list(ranking), tried)
+    cache: dict[int, float] = {}
+
+    def agree(i: int) -> float:
+        if i not in cache:
+            cache[i] = float(np.mean(outputs(build(list(sets[i]))).argmax(axis=1) == ref_top1))
+            log.info("mixed precision: %d node(s) in float -> agreement %.3f", len(sets[i]), cache[i])
+        return cache[i]
+
+    i, met = first_stable(len(sets) - 1, agree, target, confirm=confirm)
+    tried = [(len(sets[j]), cache[j]) for j in sorted(cache)]
+    return MixedPrecisionResult(list(sets[i]), cache[i], target, met, list(ranking), tried)

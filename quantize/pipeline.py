@@ -319,7 +319,7 @@ def _tflite_int8(
             return float(np.mean(got == reference))
 
         artifact = tflite.convert_int8_mixed(
-            base, calib, mean, std, out, evaluate=agreement, target=opts.min_agreement, **kwargs
+            base, calib, mean, std, out, evaluate=agreement, target=opts.min_agreement, rule="stable", **kwargs
         )
     else:
         artifact = tflite.convert_int8(base, calib, mean, std, out, **kwargs)
@@ -328,6 +328,10 @@ def _tflite_int8(
         "ops": list(artifact.ops),
         "float_nodes": list(artifact.float_nodes),
     }
+    if artifact.trials:
+        info["agreement_on_calibration"] = artifact.agreement
+        info["target_met_on_calibration"] = artifact.target_met
+        info["trials"] = [{"float_nodes": k, "agreement": round(a, 4)} for k, a in artifact.trials]
     return artifact.path, info
 
 
