@@ -24,13 +24,16 @@ Runs, MobileNetV2 (ImageNet, fp32 ONNX packed into a bundle with its
 preprocessing: crop 0.875, ImageNet mean/std, labels):
 
 ``plain``
-    ``mixed_precision=False``: plain ONNX Runtime static QDQ, per-channel
-    int8 weights, MinMax calibration: the baseline agreement.
+    ``mixed_precision=False``: the quantizer's full-int8 model: ONNX
+    Runtime static QDQ, per-channel int8 weights, MinMax calibration, with
+    the quantizer's own steps (stream equalization, bias correction, float
+    residual Adds and outputs, compact file; see docs/quantize.md).
 ``mixed``
-    ``mixed_precision=True``, ``min_agreement`` 0.97: the quantizer keeps the
-    most sensitive tensors in float until agreement on the *calibration*
-    views reaches the target; agreement is then measured on the evaluation
-    views.
+    ``mixed_precision=True``, ``min_agreement`` 0.97: the quantizer keeps a
+    cheap set of sensitive tensors in float (harm per float MAC, whole float
+    islands) until agreement on the *calibration* views reaches the target
+    and holds it for the next set; agreement is then measured on the
+    evaluation views.
 ``pruned``
     the same as ``mixed`` with ``prune="channels:0.25"``: the fp32 model
     with 25 % of the prunable conv channels removed (no fine-tuning), then

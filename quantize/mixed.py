@@ -1,5 +1,5 @@
-"""Automatic mixed precision: keep the fewest nodes in float that bring the
-int8 model's agreement with fp32 up to the target.
+"""Automatic mixed precision: keep a cheap set of nodes in float that brings
+the int8 model's agreement with fp32 up to the target.
 
 1. **Sensitivity.** For every candidate, keep everything else in float,
    quantize just that one, and measure how far the outputs move away from
@@ -7,10 +7,16 @@ int8 model's agreement with fp32 up to the target.
    each candidate in isolation ranks better than leaving one out of a fully
    quantized model, where errors mask and cancel each other (on MobileNetV2
    leave-one-out ranked the most damaging tensor last).
-2. **Search.** Keep the k most sensitive nodes in float for k = 1, 2, 4, ...
-   until the agreement (measured on calibration data, never on the
-   evaluation set) reaches the target, then bisect between the last two k
-   for the fewest nodes.
+2. **Order.** :func:`cost_aware` divides each score by what floating the
+   candidate costs (the multiply-accumulates it moves to float kernels,
+   plus a fixed price per island); :func:`closed_prefixes` turns the order
+   into growing float sets that keep float regions whole.
+3. **Search.** :func:`search_stable` tries the sets in order and takes the
+   first whose agreement (measured on calibration data, never on the
+   evaluation set) reaches the target and holds it for the next set too.
+   :func:`search` (doubling, then bisection for the fewest top-ranked nodes)
+   is the older rule; it tends to stop on a set that reached the target by
+   luck.
 
 Everything model-specific is passed in as functions, so the same search
 serves any backend that can build a model with a given float set.

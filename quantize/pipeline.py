@@ -172,14 +172,15 @@ def _onnx_int8(
     opts: QuantizeOptions,
     work: Path,
     progress: Progress,
-) -> tuple[Path, dict[str, Any], Path]:
+) -> tuple[Path, dict[str, Any], OnnxInt8Quantizer]:
     """``reference_all``: the fp32 (``base``) outputs on ``calib``, given
-    when mixed precision is on. Also returns the fp32 model the int8 one was
-    made from (equalized, bias-corrected), for the TFLite converter."""
+    when mixed precision is on. Also returns the quantizer, whose fp32
+    models (equalized: ``prepared``; and bias-corrected: ``source``) serve
+    the TFLite converter."""
     quantizer = _calibrated_quantizer(src, base, calib, opts, work)
     full = quantizer.quantize(work / "int8_full.onnx")
     path, info = _onnx_mixed(src, quantizer, full, calib, reference_all, opts, work, progress)
-    return path, info, quantizer.source
+    return path, info, quantizer
 
 
 def _calibrated_quantizer(
@@ -381,7 +382,7 @@ def run(opts: QuantizeOptions, *, progress: Progress = _no_progress, echo: Calla
             artifacts.append(Artifact(f"fp32 pruned {opts.prune}", base, src.preprocessing))
         infos: dict[str, Any] = {}
         reference_calib = None  # fp32 outputs on the calibration pictures, for mixed precision
-        corrected: Path | None = None  # the fp32 model the ONNX quantizer corrected
+        corrected: OnnxInt8Quantizer | None = None  # its fp32 models serve the TFLite converter
         if opts.mixed_precision:
             runner = Runner(Artifact("fp32", base, src.preprocessing), threads=2)
             try:
@@ -395,12 +396,21 @@ def run(opts: QuantizeOptions, *, progress: Progress = _no_progress, echo: Calla
         if "tflite" in opts.targets:
             echo("int8 TFLite: converting with onnx2tf ...")
             # The converter gets the fp32 model as the ONNX quantizer left it:
-            # equalized and bias-corrected (the same in fp32, better in int8).
+            # equalized (the same function in fp32) and, unless layers may be
+            # kept in float (a float layer must not carry a correction for
+            # rounding it no longer does), bias-corrected.
             if corrected is None and (opts.equalize or opts.bias_correction):
-                corrected = _calibrated_quantizer(src, base, calib, opts, work).source
-            path, infos["tflite"] = _tflite_int8(src, corrected or base, calib_set, reference_calib, opts, work)
-            if corrected is not None and corrected != base:
-                infos["tflite"]["converted_from"] = "fp32, equalized and bias-corrected by the ONNX quantizer"
+                corrected = _calibrated_quantizer(src, base, calib, opts, work)
+            tfl_base = base
+            if corrected is not None:
+                tfl_base = corrected.prepared if opts.mixed_precision else corrected.source
+            path, infos["tflite"] = _tflite_int8(src, tfl_base, calib_set, reference_calib, opts, work)
+            if tfl_base != base:
+                infos["tflite"]["converted_from"] = (
+                    "fp32 as equalized by the ONNX quantizer"
+                    if tfl_base == corrected.prepared
+                    else "fp32 as equalized and bias-corrected by the ONNX quantizer"
+                )
             if path is not None:
                 artifacts.append(Artifact("int8 tflite", path, src.preprocessing.model_copy(update={"layout": "nhwc"}), infos["tflite"]))
 

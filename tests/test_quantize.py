@@ -448,3 +448,20 @@ def test_node_macs_and_mixed_precision_order() -> None:
     result = search_stable(lucky, len, outputs, reference, 0.95)
     assert result.met and len(result.float_nodes) == 3  # 1 touched the target once only
     assert [k for k, _ in result.tried] == [0, 1, 2, 3, 4]
+
+
+def test_first_stable_skips_a_lucky_count() -> None:
+    from quantize.mixed import first_stable
+
+    curve = [0.80, 0.97, 0.90, 0.97, 0.98, 0.99]
+    calls: list[int] = []
+
+    def agree(k: int) -> float:
+        calls.append(k)
+        return curve[k]
+
+    assert first_stable(5, agree, 0.97) == (3, True)
+    assert calls == [0, 1, 2, 3, 4]  # stops as soon as 3 is confirmed
+    assert first_stable(5, curve.__getitem__, 0.97, confirm=0) == (1, True)
+    assert first_stable(2, curve.__getitem__, 0.99) == (1, False)  # best of 0..2
+    assert first_stable(1, curve.__getitem__, 0.97) == (1, True)  # the last count needs no confirmation
