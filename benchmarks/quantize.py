@@ -402,7 +402,9 @@ def summarize_job(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def summarize_onnx(d: dict[str, Any]) -> dict[str, Any]:
-    out = {k: d.get(k) for k in ("method", "per_channel", "format", "calibration_s", "agreement_on_calibration_full_int8")}
+    keys = ("method", "per_channel", "format", "calibration_s", "agreement_on_calibration_full_int8",
+            "equalized_streams", "bias_correction", "float_residual_adds", "float_outputs")
+    out = {k: d.get(k) for k in keys}
     mp = d.get("mixed_precision")
     if mp is not None:
         out["mixed_precision"] = {
@@ -411,6 +413,8 @@ def summarize_onnx(d: dict[str, Any]) -> dict[str, Any]:
             "float_tensors": len(mp.get("float_nodes") or []),
             "float_nodes": mp.get("float_nodes"),
             "float_nodes_consumers": mp.get("float_nodes_consumers"),
+            "float_compute_nodes": mp.get("float_compute_nodes"),
+            "float_macs_share": mp.get("float_macs_share"),
             "agreement_on_calibration": mp.get("agreement_on_calibration"),
             "target": mp.get("target"),
             "met_on_calibration": mp.get("met"),
