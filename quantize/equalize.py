@@ -1,9 +1,9 @@
 """Per-channel range equalization of linear streams (exact, before quantizing).
 
 int8 activations have one scale per tensor. Where a few channels of a tensor
-are much wider than the rest (MobileNetV2's residual streams: a handful of
-channels reach +-30 while most stay within +-3), the wide channels set the
-step and the others are rounded coarsely.
+are much wider than the rest (MobileNetV2's features.16 sum on the
+calibration photos: the widest channels reach 20-34, the median channel
+6.7), the wide channels set the step and the others are rounded coarsely.
 
 A *linear stream* is a set of tensors joined by ``Add`` nodes (a residual
 stage: the projection convolutions' outputs and the running sums), or a
