@@ -402,15 +402,15 @@ def run(opts: QuantizeOptions, *, progress: Progress = _no_progress, echo: Calla
             if corrected is None and (opts.equalize or opts.bias_correction):
                 corrected = _calibrated_quantizer(src, base, calib, opts, work)
             tfl_base = base
-            if corrected is not None:
+            if corrected is not None and (opts.equalize or opts.bias_correction):
                 tfl_base = corrected.prepared if opts.mixed_precision else corrected.source
+                if tfl_base == corrected.pre_processed:  # nothing changed it: keep the user's file
+                    tfl_base = base
             path, infos["tflite"] = _tflite_int8(src, tfl_base, calib_set, reference_calib, opts, work)
-            if tfl_base != base:
-                infos["tflite"]["converted_from"] = (
-                    "fp32 as equalized by the ONNX quantizer"
-                    if tfl_base == corrected.prepared
-                    else "fp32 as equalized and bias-corrected by the ONNX quantizer"
-                )
+            if tfl_base != base and corrected is not None:
+                steps = [name for name, on in (("equalized", corrected.prepared != corrected.pre_processed),
+                                              ("bias-corrected", tfl_base == corrected.source != corrected.prepared)) if on]
+                infos["tflite"]["converted_from"] = f"fp32, {' and '.join(steps)} by the ONNX quantizer"
             if path is not None:
                 artifacts.append(Artifact("int8 tflite", path, src.preprocessing.model_copy(update={"layout": "nhwc"}), infos["tflite"]))
 
