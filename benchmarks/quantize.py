@@ -24,13 +24,16 @@ Runs, MobileNetV2 (ImageNet, fp32 ONNX packed into a bundle with its
 preprocessing: crop 0.875, ImageNet mean/std, labels):
 
 ``plain``
-    ``mixed_precision=False``: plain ONNX Runtime static QDQ, per-channel
-    int8 weights, MinMax calibration: the baseline agreement.
+    ``mixed_precision=False``: the quantizer's full-int8 model: ONNX
+    Runtime static QDQ, per-channel int8 weights, MinMax calibration, with
+    the quantizer's own steps (stream equalization, bias correction, float
+    residual Adds and outputs, compact file; see docs/quantize.md).
 ``mixed``
-    ``mixed_precision=True``, ``min_agreement`` 0.97: the quantizer keeps the
-    most sensitive tensors in float until agreement on the *calibration*
-    views reaches the target; agreement is then measured on the evaluation
-    views.
+    ``mixed_precision=True``, ``min_agreement`` 0.97: the quantizer keeps a
+    cheap set of sensitive tensors in float (harm per float MAC, whole float
+    islands) until agreement on the *calibration* views reaches the target
+    and holds it for the next set; agreement is then measured on the
+    evaluation views.
 ``pruned``
     the same as ``mixed`` with ``prune="channels:0.25"``: the fp32 model
     with 25 % of the prunable conv channels removed (no fine-tuning), then
@@ -399,7 +402,9 @@ def summarize_job(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def summarize_onnx(d: dict[str, Any]) -> dict[str, Any]:
-    out = {k: d.get(k) for k in ("method", "per_channel", "format", "calibration_s", "agreement_on_calibration_full_int8")}
+    keys = ("method", "per_channel", "format", "calibration_s", "agreement_on_calibration_full_int8",
+            "equalized_streams", "bias_correction", "float_residual_adds", "float_outputs")
+    out = {k: d.get(k) for k in keys}
     mp = d.get("mixed_precision")
     if mp is not None:
         out["mixed_precision"] = {
@@ -408,6 +413,8 @@ def summarize_onnx(d: dict[str, Any]) -> dict[str, Any]:
             "float_tensors": len(mp.get("float_nodes") or []),
             "float_nodes": mp.get("float_nodes"),
             "float_nodes_consumers": mp.get("float_nodes_consumers"),
+            "float_compute_nodes": mp.get("float_compute_nodes"),
+            "float_macs_share": mp.get("float_macs_share"),
             "agreement_on_calibration": mp.get("agreement_on_calibration"),
             "target": mp.get("target"),
             "met_on_calibration": mp.get("met"),

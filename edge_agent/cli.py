@@ -247,6 +247,9 @@ def keygen(prefix: str) -> None:
 @click.option("--min-agreement", type=click.FloatRange(0, 1), default=0.95, show_default=True,
               help="Quality gate: minimum top-1 agreement with fp32 of every int8 artifact.")
 @click.option("--no-mixed-precision", is_flag=True, help="Do not keep sensitive layers in float to meet the gate.")
+@click.option("--no-bias-correction", is_flag=True, help="Do not fold the measured mean error of each int8 layer into its bias.")
+@click.option("--no-float-residual", is_flag=True, help="Quantize the residual (skip) connections too (default: Adds stay float).")
+@click.option("--no-equalize", is_flag=True, help="Do not rescale wide channels of residual streams before calibrating.")
 @click.option("--target", "targets", multiple=True, type=click.Choice(["onnx", "tflite"]),
               help="Artifacts to make (default: both).")
 @click.option("--prune", help="magnitude:S (zero the smallest weights, sparsity S) or channels:R (remove a fraction R of conv channels).")
@@ -256,8 +259,8 @@ def keygen(prefix: str) -> None:
 @_user_errors
 def quantize(model: str, calibration: str, out: str, evaluation: str | None, name: str | None, version: int | None,
              labels: str | None, task: str | None, method: str, per_tensor: bool, min_agreement: float,
-             no_mixed_precision: bool, targets: tuple[str, ...], prune: str | None, sign_key: str | None,
-             calibration_limit: int, **pre: Any) -> None:
+             no_mixed_precision: bool, no_bias_correction: bool, no_float_residual: bool, no_equalize: bool, targets: tuple[str, ...],
+             prune: str | None, sign_key: str | None, calibration_limit: int, **pre: Any) -> None:
     """Make int8 ONNX and int8 TFLite bundles from an fp32 ONNX model, with a
     measured report and a quality gate (exit 1 when it fails)."""
     import contextlib
@@ -280,6 +283,7 @@ def quantize(model: str, calibration: str, out: str, evaluation: str | None, nam
         labels=Path(labels) if labels else None, task=task, method=method, per_channel=not per_tensor,
         min_agreement=min_agreement, mixed_precision=not no_mixed_precision, targets=targets or ("onnx", "tflite"),
         prune=prune, sign_key=Path(sign_key) if sign_key else None, calibration_limit=calibration_limit,
+        bias_correction=not no_bias_correction, float_residual=not no_float_residual, equalize=not no_equalize,
     )
     run_quantize(opts, progress=progress, echo=click.echo)
 

@@ -210,6 +210,12 @@ class TensorReader(CalibrationDataReader):
     def rewind(self) -> None:
         self._pos = 0
 
+    def batches(self) -> Iterable[dict[str, np.ndarray]]:
+        """Every input as a feed dict (batch 1), from the start; does not
+        move the reader."""
+        for x in self.tensors:
+            yield {self.input_name: x[None]}
+
     def __len__(self) -> int:
         return len(self.tensors)
 

@@ -25,7 +25,9 @@ from onnxruntime.quantization import (
 from onnxruntime.quantization import quantize_static as ort_quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
+from quantize.data import TensorReader, drain
 from quantize.errors import QuantizeError, QuantizeInputError
+from quantize.qdq import compact, float_outputs, float_residuals
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +81,17 @@ class OnnxInt8Quantizer:
 
     ``workdir`` holds the pre-processed model and the calibration cache;
     the caller owns it. Not thread-safe.
+
+    ``equalize``: before calibrating, rescale the channels of linear streams
+    (residual stages) so that a few wide channels do not set the int8 step
+    of the whole tensor (:mod:`quantize.equalize`; exact in fp32).
+    ``bias_correction``: after calibrating, measure the mean output error
+    each quantized Conv/Gemm makes on the calibration data and fold it into
+    its bias (:mod:`quantize.bias_correction`); every later quantization
+    uses the corrected biases. ``float_residual``: Adds read the previous
+    Add's output in float (:func:`quantize.qdq.float_residuals`), so the
+    residual stream does not accumulate rounding error; the convolutions stay
+    int8.
     """
 
     def __init__(
@@ -89,6 +102,9 @@ class OnnxInt8Quantizer:
         method: str = "minmax",
         per_channel: bool = True,
         activation_type: str = "uint8",
+        bias_correction: bool = True,
+        float_residual: bool = True,
+        equalize: bool = True,
     ) -> None:
         if method not in CALIBRATION_METHODS:
             raise QuantizeInputError(f"unknown calibration method {method!r} (use {', '.join(CALIBRATION_METHODS)})")
@@ -99,10 +115,18 @@ class OnnxInt8Quantizer:
         self.activation_type = QuantType.QUInt8 if activation_type == "uint8" else QuantType.QInt8
         self.prepared = self.workdir / "fp32.pre.onnx"
         self.cache = self.workdir / f"calibration-{method}.json"
+        self.bias_correction = bias_correction
+        self.equalize = equalize
+        self.pre_processed = self.prepared
+        self.float_residual = float_residual
+        self.source = self.prepared  # what ORT quantizes: the prepared model, bias-corrected once calibrated
         self._full: Path | None = None
+        #: what calibrate() did beyond ORT's calibration (for the report)
+        self.notes: dict = {}
 
     def prepare(self) -> Path:
         """ORT's pre-processing pass: symbolic shape inference + optimisation."""
+        self.prepared = self.pre_processed
         try:
             quant_pre_process(str(self.fp32_path), str(self.prepared), skip_symbolic_shape=False)
         except Exception as exc:
@@ -116,14 +140,48 @@ class OnnxInt8Quantizer:
         return [n.name for n in model.graph.node if n.op_type in WEIGHTED_OPS and n.name]
 
     def calibrate(self, reader: CalibrationDataReader) -> None:
-        """Run the calibration data through the model once; ranges are cached."""
-        if not self.prepared.exists():
+        """Run the calibration data through the model once; ranges are cached.
+        With ``equalize`` the data is run once before (channel ranges), with
+        ``bias_correction`` once after (the corrections). ``prepared`` is
+        then the (equalized) fp32 model the int8 one corresponds to: take
+        float weights from it."""
+        if not self.pre_processed.exists():
             self.prepare()
+        self.prepared = self.pre_processed
         self.cache.unlink(missing_ok=True)
+        self.source = self.prepared
         # ORT calibrates and quantizes in one call: keep that fully
         # quantized model, the most common request afterwards.
         self._full = self.workdir / "int8_full.onnx"
-        self._quantize(self._full, (), reader)
+        if not (self.bias_correction or self.equalize):
+            self._quantize(self._full, (), reader)
+            return
+        name = input_shape(onnx.load(str(self.prepared)))[0]
+        data = drain(reader, name)
+        if self.equalize:
+            from quantize.equalize import equalize
+
+            model, streams = equalize(onnx.load(str(self.prepared)), TensorReader(name, data).batches())
+            if streams:
+                self.prepared = self.source = self.workdir / "fp32.equalized.onnx"
+                onnx.save(model, str(self.prepared))
+            self.notes["equalized_streams"] = len(streams)
+        self._quantize(self._full, (), TensorReader(name, data))
+        if not self.bias_correction:
+            return
+        from quantize.bias_correction import apply_deltas, bias_deltas
+
+        fp32 = onnx.load(str(self.prepared))
+        deltas = bias_deltas(fp32, onnx.load(str(self._full)), TensorReader(name, data).batches())
+        if deltas:
+            corrected = self.workdir / "fp32.bias_corrected.onnx"
+            onnx.save(apply_deltas(fp32, deltas), str(corrected))
+            self.source = corrected
+            self._quantize(self._full, (), None)
+        self.notes["bias_correction"] = {
+            "layers": len(deltas),
+            "max_abs_shift": round(float(max((abs(d).max() for d in deltas.values()), default=0.0)), 5),
+        }
 
     def quantize(self, out: Path, exclude: Sequence[str] = ()) -> Path:
         """Write the int8 model with ``exclude`` nodes kept in float."""
@@ -145,7 +203,7 @@ class OnnxInt8Quantizer:
             extra["CalibPercentile"] = 99.999
         try:
             ort_quantize_static(
-                str(self.prepared),
+                str(self.source),
                 str(out),
                 reader,
                 quant_format=QuantFormat.QDQ,
@@ -160,6 +218,26 @@ class OnnxInt8Quantizer:
             )
         except (ValueError, RuntimeError) as exc:
             raise QuantizeError(f"ONNX Runtime quantization failed: {exc}") from None
+        # Graph outputs stay float (nothing int8 reads them); with
+        # float_residual the skip connections too.
+        model, changed = float_outputs(onnx.load(str(out)))
+        self.notes["float_outputs"] = changed
+        if self.float_residual:
+            model, adds = float_residuals(model)
+            changed += adds
+            self.notes["float_residual_adds"] = adds
+        if changed:
+            onnx.save(model, str(out))
+
+    def finalize(self, path: Path, out: Path | None = None) -> Path:
+        """Write the deployable form of a model this quantizer made (``out``,
+        default in place): :func:`quantize.qdq.compact`, keeping the fp32
+        model's tensor names."""
+        fp32 = onnx.load(str(self.prepared))
+        keep = {o for n in fp32.graph.node for o in n.output} | {i.name for i in fp32.graph.initializer}
+        out = Path(out or path)
+        onnx.save(compact(onnx.load(str(path)), keep), str(out))
+        return out
 
 
 def quantize_static(
@@ -172,15 +250,27 @@ def quantize_static(
     nodes_to_exclude: Sequence[str] = (),
     activation_type: str = "uint8",
     workdir: Path | str | None = None,
+    bias_correction: bool = True,
+    float_residual: bool = True,
+    equalize: bool = True,
 ) -> Path:
     """``onnxruntime.quantization.quantize_static`` with this project's
-    defaults (pre-processing pass, QDQ, per-channel int8 weights)."""
+    defaults (pre-processing pass, stream equalization, QDQ, per-channel
+    int8 weights, bias correction, float residual Adds and outputs, a
+    compacted file)."""
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="edge-quant-", dir=workdir) as tmp:
         q = OnnxInt8Quantizer(
-            Path(model_input), Path(tmp), method=calibrate_method, per_channel=per_channel, activation_type=activation_type
+            Path(model_input),
+            Path(tmp),
+            method=calibrate_method,
+            per_channel=per_channel,
+            activation_type=activation_type,
+            bias_correction=bias_correction,
+            float_residual=float_residual,
+            equalize=equalize,
         )
         q.prepare()
         q.calibrate(calibration_data_reader)
-        return q.quantize(Path(model_output), nodes_to_exclude)
+        return q.finalize(q.quantize(Path(tmp) / "int8.onnx", nodes_to_exclude), Path(model_output))

@@ -33,11 +33,15 @@ from quantize import report as report_mod
 from quantize.data import SampleSet, TensorReader, load_samples, preprocess_all
 from quantize.errors import QualityGateFailed, QuantizeError, QuantizeInputError
 from quantize.evaluate import Artifact, Runner, evaluate
-from quantize.mixed import MixedPrecisionResult, rank_sensitivity, search
+from quantize.mixed import MixedPrecisionResult, closed_prefixes, cost_aware, rank_sensitivity, search_stable
 from quantize.onnx_int8 import OnnxInt8Quantizer, fix_input_shape, input_shape, load_onnx
-from quantize.qdq import QdqEditor
+from quantize.qdq import QdqEditor, node_macs
 
 log = logging.getLogger(__name__)
+
+# The fixed price of a float island in the mixed-precision order, as a share
+# of the model's multiply-accumulates (a Q/DQ pair and a kernel switch).
+ISLAND_OVERHEAD = 0.01
 
 # A progress factory: (label, total) -> context manager yielding update(n).
 Progress = Callable[[str, int], "contextlib.AbstractContextManager[Callable[[int], None]]"]
@@ -69,6 +73,9 @@ class QuantizeOptions:
     calibration_limit: int | None = 300
     search_samples: int = 32
     threads: int = 1
+    bias_correction: bool = True
+    float_residual: bool = True
+    equalize: bool = True
 
 
 @dataclass
@@ -165,25 +172,57 @@ def _onnx_int8(
     opts: QuantizeOptions,
     work: Path,
     progress: Progress,
-) -> tuple[Path, dict[str, Any]]:
+) -> tuple[Path, dict[str, Any], OnnxInt8Quantizer]:
     """``reference_all``: the fp32 (``base``) outputs on ``calib``, given
-    when mixed precision is on."""
-    quantizer = OnnxInt8Quantizer(base, work / "ort", method=opts.method, per_channel=opts.per_channel)
+    when mixed precision is on. Also returns the quantizer, whose fp32
+    models (equalized: ``prepared``; and bias-corrected: ``source``) serve
+    the TFLite converter."""
+    quantizer = _calibrated_quantizer(src, base, calib, opts, work)
+    full = quantizer.quantize(work / "int8_full.onnx")
+    path, info = _onnx_mixed(src, quantizer, full, calib, reference_all, opts, work, progress)
+    return path, info, quantizer
+
+
+def _calibrated_quantizer(
+    src: _Source, base: Path, calib: np.ndarray, opts: QuantizeOptions, work: Path
+) -> OnnxInt8Quantizer:
+    quantizer = OnnxInt8Quantizer(
+        base,
+        work / "ort",
+        method=opts.method,
+        per_channel=opts.per_channel,
+        bias_correction=opts.bias_correction,
+        float_residual=opts.float_residual,
+        equalize=opts.equalize,
+    )
     quantizer.workdir.mkdir(exist_ok=True)
     t0 = time.perf_counter()
     quantizer.prepare()
     quantizer.calibrate(TensorReader(src.input.name, calib))
-    full = quantizer.quantize(work / "int8_full.onnx")
+    quantizer.notes["calibration_s"] = round(time.perf_counter() - t0, 1)
+    return quantizer
+
+
+def _onnx_mixed(
+    src: _Source,
+    quantizer: OnnxInt8Quantizer,
+    full: Path,
+    calib: np.ndarray,
+    reference_all: np.ndarray | None,
+    opts: QuantizeOptions,
+    work: Path,
+    progress: Progress,
+) -> tuple[Path, dict[str, Any]]:
     info: dict[str, Any] = {
         "method": opts.method,
         "per_channel": opts.per_channel,
         "format": "QDQ",
         "activations": "uint8",
         "weights": "int8",
-        "calibration_s": round(time.perf_counter() - t0, 1),
+        **quantizer.notes,
     }
     if reference_all is None:
-        return full, info
+        return quantizer.finalize(full, work / "int8_final.onnx"), info
     step = max(1, len(calib) // opts.search_samples)
     subset = calib[::step][: opts.search_samples]
     reference = reference_all[::step][: opts.search_samples]
@@ -208,12 +247,24 @@ def _onnx_int8(
     info["agreement_on_calibration_full_int8"] = round(full_agreement, 4)
     if full_agreement >= opts.min_agreement:
         info["mixed_precision"] = {"needed": False}
-        return full, info
+        return quantizer.finalize(full, work / "int8_final.onnx"), info
     ids = [c.id for c in editor.candidates]
     t0 = time.perf_counter()
     with progress("sensitivity", len(ids)) as tick:
         ranking = rank_sensitivity(ids, build, outputs_on(subset), reference, progress=tick, mode="isolated")
-    result: MixedPrecisionResult = search(ranking, build, outputs_on(calib), reference_all, opts.min_agreement)
+    # Cheap float islands first: harm per multiply-accumulate moved to float
+    # kernels (plus a fixed price per island), each prefix closed over the
+    # tensors its float nodes already enclose, the first set that holds the
+    # target twice in a row.
+    macs = node_macs(onnx.load(str(quantizer.prepared)))
+    total_macs = sum(macs.values()) or 1.0
+    cost = {cid: sum(macs.get(n, 0.0) for n in editor.float_compute(cid)) for cid in ids}
+    order = [cid for cid, _ in cost_aware(ranking, cost, ISLAND_OVERHEAD * total_macs)]
+    sets = closed_prefixes(order, editor.float_compute, len(order))
+    result: MixedPrecisionResult = search_stable(
+        sets, build, outputs_on(calib), reference_all, opts.min_agreement, ranking=ranking
+    )
+    float_compute = set().union(*(editor.float_compute(cid) for cid in result.float_nodes)) if result.float_nodes else set()
     mixed = work / "int8_mixed.onnx"
     onnx.save(editor.with_float(result.float_nodes), str(mixed))
     consumers = {c.id: c.consumers for c in editor.candidates}
@@ -222,9 +273,11 @@ def _onnx_int8(
         "search_s": round(time.perf_counter() - t0, 1),
         **result.to_dict(),
         "float_nodes_consumers": sorted({n for cid in result.float_nodes for n in consumers[cid]}),
+        "float_compute_nodes": sorted(float_compute),
+        "float_macs_share": round(sum(macs.get(n, 0.0) for n in float_compute) / total_macs, 4),
         "candidates": len(ids),
     }
-    return mixed, info
+    return quantizer.finalize(mixed), info
 
 
 def _tflite_int8(
@@ -267,7 +320,7 @@ def _tflite_int8(
             return float(np.mean(got == reference))
 
         artifact = tflite.convert_int8_mixed(
-            base, calib, mean, std, out, evaluate=agreement, target=opts.min_agreement, **kwargs
+            base, calib, mean, std, out, evaluate=agreement, target=opts.min_agreement, rule="stable", **kwargs
         )
     else:
         artifact = tflite.convert_int8(base, calib, mean, std, out, **kwargs)
@@ -276,6 +329,10 @@ def _tflite_int8(
         "ops": list(artifact.ops),
         "float_nodes": list(artifact.float_nodes),
     }
+    if artifact.trials:
+        info["agreement_on_calibration"] = artifact.agreement
+        info["target_met_on_calibration"] = artifact.target_met
+        info["trials"] = [{"float_nodes": k, "agreement": round(a, 4)} for k, a in artifact.trials]
     return artifact.path, info
 
 
@@ -325,6 +382,7 @@ def run(opts: QuantizeOptions, *, progress: Progress = _no_progress, echo: Calla
             artifacts.append(Artifact(f"fp32 pruned {opts.prune}", base, src.preprocessing))
         infos: dict[str, Any] = {}
         reference_calib = None  # fp32 outputs on the calibration pictures, for mixed precision
+        corrected: OnnxInt8Quantizer | None = None  # its fp32 models serve the TFLite converter
         if opts.mixed_precision:
             runner = Runner(Artifact("fp32", base, src.preprocessing), threads=2)
             try:
@@ -333,11 +391,26 @@ def run(opts: QuantizeOptions, *, progress: Progress = _no_progress, echo: Calla
                 runner.close()
         if "onnx" in opts.targets:
             echo("int8 ONNX: calibrating and quantizing ...")
-            path, infos["onnx"] = _onnx_int8(src, base, calib, reference_calib, opts, work, progress)
+            path, infos["onnx"], corrected = _onnx_int8(src, base, calib, reference_calib, opts, work, progress)
             artifacts.append(Artifact("int8 onnx", path, src.preprocessing, infos["onnx"]))
         if "tflite" in opts.targets:
             echo("int8 TFLite: converting with onnx2tf ...")
-            path, infos["tflite"] = _tflite_int8(src, base, calib_set, reference_calib, opts, work)
+            # The converter gets the fp32 model as the ONNX quantizer left it:
+            # equalized (the same function in fp32) and, unless layers may be
+            # kept in float (a float layer must not carry a correction for
+            # rounding it no longer does), bias-corrected.
+            if corrected is None and (opts.equalize or opts.bias_correction):
+                corrected = _calibrated_quantizer(src, base, calib, opts, work)
+            tfl_base = base
+            if corrected is not None and (opts.equalize or opts.bias_correction):
+                tfl_base = corrected.prepared if opts.mixed_precision else corrected.source
+                if tfl_base == corrected.pre_processed:  # nothing changed it: keep the user's file
+                    tfl_base = base
+            path, infos["tflite"] = _tflite_int8(src, tfl_base, calib_set, reference_calib, opts, work)
+            if tfl_base != base and corrected is not None:
+                steps = [name for name, on in (("equalized", corrected.prepared != corrected.pre_processed),
+                                              ("bias-corrected", tfl_base == corrected.source != corrected.prepared)) if on]
+                infos["tflite"]["converted_from"] = f"fp32, {' and '.join(steps)} by the ONNX quantizer"
             if path is not None:
                 artifacts.append(Artifact("int8 tflite", path, src.preprocessing.model_copy(update={"layout": "nhwc"}), infos["tflite"]))
 

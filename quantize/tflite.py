@@ -54,7 +54,7 @@ from typing import Any, Callable, Literal, Sequence
 import numpy as np
 
 from quantize.errors import QuantizeError, QuantizeInputError
-from quantize.mixed import smallest_prefix
+from quantize.mixed import first_stable, smallest_prefix
 
 ENV_VAR = "EDGE_AGENT_ONNX2TF_VENV"
 DEFAULT_ENV = Path("~/.cache/edge-agent/onnx2tf-venv")
@@ -593,9 +593,15 @@ class TfliteConverter:
         per_channel: bool = True,
         ranking: Sequence[Sensitivity] | None = None,
         method: Literal["isolation", "debugger"] = "isolation",
+        rule: Literal["first", "stable"] = "first",
     ) -> TfliteArtifact:
         """Keep the fewest most sensitive layers in float until
         ``evaluate(candidate.tflite)`` reaches ``target``.
+
+        ``rule="stable"``: try 0, 1, 2, ... layers in turn and take the first
+        count whose agreement reaches the target *and* whose next count does
+        too (:func:`quantize.mixed.first_stable`), so that a count that
+        touches the target by luck on these pictures is passed over.
 
         Tries 0 (plain full int8), then 1, 2, 4, ... up to
         ``max_float_nodes`` most sensitive layers, then bisects between the
@@ -628,7 +634,10 @@ class TfliteConverter:
             if ranking is None:
                 ranking = self.sensitivity(method=method)
             order = [s.layer.name for s in ranking][: max(0, max_float_nodes)]
-            best_k, met = smallest_prefix(len(order), agree, target)
+            if rule == "stable":
+                best_k, met = first_stable(len(order), agree, target)
+            else:
+                best_k, met = smallest_prefix(len(order), agree, target)
         result = self.quantize(out, order[:best_k], per_channel=per_channel)
         return dataclasses.replace(
             result,
@@ -688,6 +697,7 @@ def convert_int8_mixed(
     progress: Progress | None = None,
     cache_dir: Path | None = None,
     method: Literal["isolation", "debugger"] = "isolation",
+    rule: Literal["first", "stable"] = "first",
 ) -> TfliteArtifact:
     """Like :func:`convert_int8`, then automatic mixed precision: rank the
     layers by sensitivity and keep the fewest most sensitive ones in float
@@ -701,7 +711,9 @@ def convert_int8_mixed(
     """
     with TfliteConverter(env, progress=progress, cache_dir=cache_dir) as conv:
         conv.prepare(onnx_fp32, calibration, mean, std)
-        return conv.search(out, evaluate=evaluate, target=target, max_float_nodes=max_float_nodes, per_channel=per_channel, method=method)
+        return conv.search(
+            out, evaluate=evaluate, target=target, max_float_nodes=max_float_nodes, per_channel=per_channel, method=method, rule=rule
+        )
 
 
 # --------------------------------------------------------------------------

@@ -269,3 +269,199 @@ def test_mixed_precision_raises_agreement_to_the_target(tmp_path: Path, fashion_
     assert 0 < len(mixed["float_nodes"]) < mixed["candidates"]
     assert mixed["agreement_on_calibration"] > report["details"]["onnx"]["agreement_on_calibration_full_int8"]
     assert result.exit_code in (0, 1)
+
+
+# --------------------------------------------------------------- int8 quality
+
+
+def _residual_convnet(path: Path, seed: int = 1, wide_channel: float = 20.0) -> Path:
+    """conv0 -> [conv1 + x] -> [conv2 + prev] -> conv3 -> Relu -> pool ->
+    Gemm: two chained residual Adds (a linear stream from conv0 to conv3),
+    channel 0 of the stream much wider than the others (as in MobileNetV2's
+    late stages)."""
+    rng = np.random.default_rng(seed)
+    w0 = rng.standard_normal((8, 3, 3, 3)).astype(np.float32) * 0.3
+    b0 = rng.standard_normal(8).astype(np.float32) * 0.1
+    w0[0] *= wide_channel
+    b0[0] *= wide_channel
+    inits = [
+        numpy_helper.from_array(w0, "W0"),
+        numpy_helper.from_array(b0, "B0"),
+        numpy_helper.from_array(rng.standard_normal((8, 8, 1, 1)).astype(np.float32) * 0.3, "W1"),
+        numpy_helper.from_array(rng.standard_normal(8).astype(np.float32) * 0.1, "B1"),
+        numpy_helper.from_array(rng.standard_normal((8, 8, 3, 3)).astype(np.float32) * 0.1, "W2"),
+        numpy_helper.from_array(rng.standard_normal(8).astype(np.float32) * 0.1, "B2"),
+        numpy_helper.from_array(rng.standard_normal((5, 8)).astype(np.float32), "W3"),
+        numpy_helper.from_array(rng.standard_normal(5).astype(np.float32) * 0.1, "B3"),
+        numpy_helper.from_array(rng.standard_normal((8, 8, 1, 1)).astype(np.float32) * 0.3, "W4"),
+        numpy_helper.from_array(rng.standard_normal(8).astype(np.float32) * 0.1, "B4"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["input", "W0", "B0"], ["c0"], pads=[1, 1, 1, 1], name="conv0"),
+        helper.make_node("Conv", ["c0", "W1", "B1"], ["c1"], name="conv1"),
+        helper.make_node("Add", ["c1", "c0"], ["a1"], name="add1"),
+        helper.make_node("Conv", ["a1", "W2", "B2"], ["c2"], pads=[1, 1, 1, 1], name="conv2"),
+        helper.make_node("Add", ["c2", "a1"], ["a2"], name="add2"),
+        helper.make_node("Conv", ["a2", "W4", "B4"], ["c3"], name="conv3"),
+        helper.make_node("Relu", ["c3"], ["r"], name="relu"),
+        helper.make_node("GlobalAveragePool", ["r"], ["p"], name="pool"),
+        helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
+        helper.make_node("Gemm", ["f", "W3", "B3"], ["logits"], transB=1, name="fc"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "residual_convnet",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 16, 16])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 5])],
+        inits,
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
+    return path
+
+
+def test_equalize_is_exact_in_fp32_and_narrows_the_wide_channel(tmp_path: Path, assets: dict[str, Path]) -> None:
+    from quantize.equalize import channel_absmax, equalize, find_streams
+
+    fp32 = onnx.load(str(_residual_convnet(tmp_path / "fp32.onnx")))
+    x = _photo_tensors(assets)
+    feeds = [{"input": x[i : i + 1]} for i in range(len(x))]
+    (stream,) = find_streams(fp32)
+    assert set(stream.tensors) == {"c0", "c1", "a1", "c2", "a2"}
+    assert set(stream.writers) == {"conv0", "conv1", "conv2"} and set(stream.readers) == {"conv1", "conv2", "conv3"}
+    before = channel_absmax(fp32, ["a1"], feeds)["a1"]
+    model, done = equalize(fp32, feeds)
+    after = channel_absmax(model, ["a1"], feeds)["a1"]
+    np.testing.assert_allclose(_run(model, x), _run(fp32, x), rtol=1e-4, atol=1e-4)
+    assert done and after.max() / np.median(after) < before.max() / np.median(before)
+
+
+def test_bias_correction_removes_the_mean_error_of_a_layer(tmp_path: Path, assets: dict[str, Path]) -> None:
+    from quantize.bias_correction import apply_deltas, bias_deltas
+
+    fp32_path = _relu_convnet(tmp_path / "fp32.onnx")
+    x = _photo_tensors(assets)
+    q = OnnxInt8Quantizer(fp32_path, tmp_path / "w", bias_correction=False, equalize=False)
+    q.workdir.mkdir()
+    q.prepare()
+    q.calibrate(TensorReader("input", x))
+    fp32, qdq = onnx.load(str(q.prepared)), onnx.load(str(q.quantize(tmp_path / "int8.onnx")))
+    feeds = [{"input": x[i : i + 1]} for i in range(len(x))]
+    deltas = bias_deltas(fp32, qdq, feeds)
+    assert set(deltas) == {"B1", "B2", "B3"} and all(np.isfinite(d).all() for d in deltas.values())
+    # the first layer's input does not depend on any bias: measuring it again
+    # on the corrected model gives the same correction
+    again = bias_deltas(apply_deltas(fp32, deltas), qdq, feeds)
+    np.testing.assert_allclose(again["B1"], deltas["B1"], atol=1e-5)
+    corrected = OnnxInt8Quantizer(fp32_path, tmp_path / "w2", equalize=False)
+    corrected.workdir.mkdir()
+    corrected.prepare()
+    corrected.calibrate(TensorReader("input", x))
+    ref = _run(fp32_path, x)
+    before = np.abs((_run(qdq, x) - ref).mean(axis=0)).mean()
+    after = np.abs((_run(corrected.quantize(tmp_path / "bc.onnx"), x) - ref).mean(axis=0)).mean()
+    assert after < before  # the logits' mean shift shrinks
+    assert corrected.notes["bias_correction"]["layers"] == 3
+
+
+def test_float_residuals_outputs_and_compact(tmp_path: Path, assets: dict[str, Path]) -> None:
+    """The Add chain reads float, the logits are not rounded, and the
+    compacted file is smaller and computes the same."""
+    from quantize.qdq import compact, float_outputs, float_residuals
+
+    fp32 = _residual_convnet(tmp_path / "fp32.onnx")
+    x = _photo_tensors(assets)
+    q = OnnxInt8Quantizer(fp32, tmp_path / "w", bias_correction=False, equalize=False, float_residual=False)
+    q.workdir.mkdir()
+    q.prepare()
+    q.calibrate(TensorReader("input", x))
+    plain = onnx.load(str(q.quantize(tmp_path / "int8.onnx")))
+    assert q.notes["float_outputs"] == 1  # always on
+    producer = {o: n for n in plain.graph.node for o in n.output}
+    assert producer["logits"].op_type == "Gemm"
+
+    res, changed = float_residuals(plain)
+    assert changed == 1
+    add2 = next(n for n in res.graph.node if n.name == "add2")
+    assert "a1" in add2.input  # the float sum, not its DequantizeLinear
+    assert float_outputs(res)[1] == 0  # nothing left to do
+
+    keep = {o for n in onnx.load(str(q.prepared)).graph.node for o in n.output}
+    small = compact(res, keep)
+    assert len(small.SerializeToString()) < len(res.SerializeToString())
+    np.testing.assert_allclose(_run(small, x), _run(res, x), rtol=1e-5, atol=1e-5)
+    assert "c1" in {o for n in small.graph.node for o in n.output}  # fp32 names kept
+    zps = [n for n in small.graph.node if n.op_type == "DequantizeLinear" and len(n.input) == 2]
+    assert zps  # zero points of int8 weights / int32 biases dropped
+
+
+def test_relu_input_and_output_are_one_candidate(quantized_convnet) -> None:
+    fp32, q, full, x = quantized_convnet
+    editor = QdqEditor(onnx.load(str(full)), onnx.load(str(q.prepared)))
+    acts = {c.id: c for c in editor.candidates if c.kind == "activation"}
+    assert "act:c1" not in acts and acts["act:r1"].members == ("act:c1",)
+    assert "act:f" not in acts or "act:p" not in acts  # pool -> Flatten share one range
+    assert editor.float_compute("act:r1") >= {"conv1", "conv2"}
+    assert editor.float_compute("weights:conv2") == {"conv2"}
+
+
+def test_node_macs_and_mixed_precision_order() -> None:
+    from quantize.mixed import closed_prefixes, cost_aware, search_stable
+    from quantize.qdq import node_macs
+
+    model = onnx.load_from_string(
+        helper.make_model(
+            helper.make_graph(
+                [helper.make_node("Conv", ["x", "W"], ["y"], pads=[1, 1, 1, 1], name="c"),
+                 helper.make_node("Gemm", ["f", "G"], ["z"], transB=1, name="g")],
+                "m",
+                [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8]),
+                 helper.make_tensor_value_info("f", TensorProto.FLOAT, [1, 16])],
+                [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8]),
+                 helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 10])],
+                [numpy_helper.from_array(np.zeros((4, 3, 3, 3), np.float32), "W"),
+                 numpy_helper.from_array(np.zeros((10, 16), np.float32), "G")],
+            ),
+            opset_imports=[helper.make_opsetid("", 17)],
+        ).SerializeToString()
+    )
+    assert node_macs(model) == {"c": 4 * 8 * 8 * 27, "g": 160}
+
+    ranking = [("big", 4.0), ("small", 3.0), ("inside", 0.5), ("other", 0.1)]
+    cost = {"big": 100.0, "small": 1.0, "inside": 0.0, "other": 5.0}
+    order = [c for c, _ in cost_aware(ranking, cost, overhead=1.0)]
+    assert order[:2] == ["small", "inside"] and order[-1] in ("big", "other")
+    compute = {"big": {"n1", "n2"}, "small": {"n3"}, "inside": {"n2"}, "other": {"n4"}}.__getitem__
+    sets = closed_prefixes(["big", "small", "inside", "other"], compute, 4)
+    assert sets[0] == [] and set(sets[1]) == {"big", "inside"}  # inside n2: taken along for free
+    assert len(sets) == 4  # the prefix of 3 adds nothing new
+
+    reference = np.eye(10)
+    agreement = {0: 0.5, 1: 1.0, 2: 0.8, 3: 1.0, 4: 1.0}
+
+    def outputs(k: int) -> np.ndarray:
+        out = reference.copy()
+        wrong = int(round((1 - agreement[k]) * 10))
+        out[:wrong] = np.roll(out[:wrong], 1, axis=1)
+        return out
+
+    lucky = [["a"] * k for k in range(5)]
+    result = search_stable(lucky, len, outputs, reference, 0.95)
+    assert result.met and len(result.float_nodes) == 3  # 1 touched the target once only
+    assert [k for k, _ in result.tried] == [0, 1, 2, 3, 4]
+
+
+def test_first_stable_skips_a_lucky_count() -> None:
+    from quantize.mixed import first_stable
+
+    curve = [0.80, 0.97, 0.90, 0.97, 0.98, 0.99]
+    calls: list[int] = []
+
+    def agree(k: int) -> float:
+        calls.append(k)
+        return curve[k]
+
+    assert first_stable(5, agree, 0.97) == (3, True)
+    assert calls == [0, 1, 2, 3, 4]  # stops as soon as 3 is confirmed
+    assert first_stable(5, curve.__getitem__, 0.97, confirm=0) == (1, True)
+    assert first_stable(2, curve.__getitem__, 0.99) == (1, False)  # best of 0..2
+    assert first_stable(1, curve.__getitem__, 0.97) == (1, True)  # the last count needs no confirmation
