@@ -88,7 +88,7 @@ class Control:
                 if self.fetcher is None:
                     raise EdgeAgentError("this agent cannot fetch bundles (no MQTT connection)", code="unsupported_url")
                 progress("transfer" if args.transfer else "fetching")
-                source = fetched = self.fetcher(args, progress)
+                source = fetched = Path(self.fetcher(args, progress))
             result = deploy(
                 self.models, source, sha256=args.sha256, size=args.size, activate=args.activate,
                 label=args.label, model=args.model, version=args.version, progress=progress,

@@ -51,6 +51,8 @@ class MqttTransport:
         self.status_provider = status_provider
         self.groups = list(groups)
         self.connected = threading.Event()
+        self._status_lock = threading.Lock()
+        self._stopping = False
         self.on_connected: list[Callable[[], None]] = []  # run on paho's thread after each (re)connect
         self.on_disconnected: list[Callable[[], None]] = []
         self._subscriptions: dict[str, Callable[[str, bytes], None]] = {}
@@ -118,15 +120,26 @@ class MqttTransport:
         log.info("MQTT: connecting to %s:%d as %s", self.cfg.host, self.cfg.port, self.device_id)
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Publish ``stopped`` (when connected) and disconnect cleanly."""
-        if self.connected.is_set():
-            info = self.publish("status", self.status("stopped"), qos=1, retain=True)
+        """Publish ``stopped`` (when connected) and disconnect cleanly.
+
+        The status lock orders it after an ``online`` being published by a
+        connect that happened a moment before, so the retained state left
+        behind is ``stopped``, never ``online``."""
+        with self._status_lock:
+            self._stopping = True
+            info = None
+            if self.connected.is_set():
+                info = self.publish("status", self.status("stopped"), qos=1, retain=True)
+        if info is not None:
             try:
                 info.wait_for_publish(timeout)
             except (RuntimeError, ValueError):
                 pass
         self.client.disconnect()
-        self.client.loop_stop()
+        try:
+            self.client.loop_stop()
+        except AttributeError:  # paho's network thread already gone (seen under heavy load)
+            pass
 
     def publish(
         self, suffix: str, payload: dict[str, Any], *, qos: int = 0, retain: bool = False
@@ -136,8 +149,9 @@ class MqttTransport:
         )
 
     def publish_status(self, state: str = "online") -> None:
-        if self.connected.is_set():
-            self.publish("status", self.status(state), qos=1, retain=True)
+        with self._status_lock:
+            if self.connected.is_set() and not self._stopping:
+                self.publish("status", self.status(state), qos=1, retain=True)
 
     # -- paho callbacks (network thread) -------------------------------------
 
@@ -145,9 +159,12 @@ class MqttTransport:
         if reason.is_failure:
             log.error("MQTT: broker %s:%d refused the connection: %s", self.cfg.host, self.cfg.port, reason)
             return
-        self.connected.set()
-        log.info("MQTT: connected to %s:%d", self.cfg.host, self.cfg.port)
-        self.publish("status", self.status("online"), qos=1, retain=True)
+        with self._status_lock:
+            if self._stopping:
+                return
+            self.connected.set()
+            log.info("MQTT: connected to %s:%d", self.cfg.host, self.cfg.port)
+            self.publish("status", self.status("online"), qos=1, retain=True)
         for topic_filter in self._subscriptions:
             client.subscribe(topic_filter, qos=1)
         for hook in self.on_connected:

@@ -85,7 +85,8 @@ def deploy(
     say = progress or (lambda step, **info: None)
     t0 = time.monotonic()
     store = manager.store
-    say("fetching", source=str(source))
+    if not isinstance(source, Path):  # a path is already here (or was fetched by the caller)
+        say("fetching", source=str(source))
     path = resolve_source(source, store.staging(), fetch)
     if not path.exists():
         raise BundleError(f"bundle {path}: not found", code="bundle_not_found")
