@@ -252,6 +252,28 @@ class Slot:
     gap_since: float | None = None  # set while a resource-preserving swap has nothing serving
 
 
+def _lower_priority() -> None:
+    """nice +10 for the calling thread (Linux threads have their own)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), min(19, os.getpriority(os.PRIO_PROCESS, 0) + 10))
+    except (OSError, AttributeError):
+        pass
+
+
+def _close_in_background(model: LoadedModel) -> None:
+    """Close a retired version off the serving path: freeing a runtime's
+    memory and handing it back to the OS takes a few milliseconds of CPU and
+    the allocator's lock, which the first frames of the new version must not
+    wait for. So it runs at a lower priority, a moment after the switch."""
+
+    def close() -> None:
+        _lower_priority()
+        time.sleep(0.1)
+        model.close()
+
+    threading.Thread(target=close, name=f"close-{model.name}-v{model.version}", daemon=True).start()
+
+
 def _policy_of(cfg: ModelConfig) -> policy.Policy:
     return policy.Policy(kind=cfg.version_policy, latest=cfg.latest, versions=tuple(cfg.versions))
 
@@ -452,8 +474,7 @@ class ModelManager:
                     close = True
                 self._cond.notify_all()
             if close:
-                # Not on the frame's thread: the next frame must not wait for it.
-                threading.Thread(target=model.close, name=f"close-{model.name}-v{model.version}", daemon=True).start()
+                _close_in_background(model)  # not on the frame's thread: the next frame must not wait
 
     def _pick(self, slot: Slot, label: str | None, version: int | None) -> LoadedModel | None:
         if version is not None:
@@ -719,10 +740,7 @@ class ModelManager:
         out: dict[str, Any] = {}
 
         def work() -> None:
-            try:
-                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), min(19, os.getpriority(os.PRIO_PROCESS, 0) + 10))
-            except OSError:
-                pass
+            _lower_priority()
             try:
                 out["model"] = self._load_version(slot, version)
             except BaseException as exc:  # handed to the caller's thread
@@ -815,7 +833,7 @@ class ModelManager:
             model.retired = True
             close_now = model.refs == 0 and not model.closed
         if close_now:
-            model.close()
+            _close_in_background(model)
 
     def _reconcile(self, slot: Slot) -> None:
         """Load what the policy wants loaded and retire what it does not."""
