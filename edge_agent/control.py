@@ -82,6 +82,7 @@ class Control:
         fetched: Path | None = None
         try:
             source: str | Path
+            sha256, size = args.sha256, args.size
             if args.url is not None and args.url.lower().startswith("file:"):
                 source = args.url
             else:
@@ -89,8 +90,9 @@ class Control:
                     raise EdgeAgentError("this agent cannot fetch bundles (no MQTT connection)", code="unsupported_url")
                 progress("transfer" if args.transfer else "fetching")
                 source = fetched = Path(self.fetcher(args, progress))
+                sha256 = size = None  # the download or transfer has just verified both
             result = deploy(
-                self.models, source, sha256=args.sha256, size=args.size, activate=args.activate,
+                self.models, source, sha256=sha256, size=size, activate=args.activate,
                 label=args.label, model=args.model, version=args.version, progress=progress,
             )
         except EdgeAgentError as exc:
