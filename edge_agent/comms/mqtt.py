@@ -51,7 +51,11 @@ class MqttTransport:
         self.status_provider = status_provider
         self.groups = list(groups)
         self.connected = threading.Event()
-        self._status_lock = threading.Lock()
+        # Orders the retained status messages without holding a lock across a
+        # paho call (paho takes its own callback lock inside publish, and our
+        # on_connect runs under it: holding ours there could deadlock).
+        self._status_cond = threading.Condition()
+        self._status_in_flight = 0
         self._stopping = False
         self.on_connected: list[Callable[[], None]] = []  # run on paho's thread after each (re)connect
         self.on_disconnected: list[Callable[[], None]] = []
@@ -122,14 +126,15 @@ class MqttTransport:
     def stop(self, timeout: float = 5.0) -> None:
         """Publish ``stopped`` (when connected) and disconnect cleanly.
 
-        The status lock orders it after an ``online`` being published by a
-        connect that happened a moment before, so the retained state left
-        behind is ``stopped``, never ``online``."""
-        with self._status_lock:
+        It waits for an ``online`` being published at that moment (a connect or
+        a model change), so the retained state left behind is ``stopped``,
+        never a late ``online``."""
+        with self._status_cond:
             self._stopping = True
-            info = None
-            if self.connected.is_set():
-                info = self.publish("status", self.status("stopped"), qos=1, retain=True)
+            self._status_cond.wait_for(lambda: self._status_in_flight == 0, timeout=timeout)
+        info = None
+        if self.connected.is_set():
+            info = self.publish("status", self.status("stopped"), qos=1, retain=True)
         if info is not None:
             try:
                 info.wait_for_publish(timeout)
@@ -149,9 +154,20 @@ class MqttTransport:
         )
 
     def publish_status(self, state: str = "online") -> None:
-        with self._status_lock:
-            if self.connected.is_set() and not self._stopping:
-                self.publish("status", self.status(state), qos=1, retain=True)
+        if self.connected.is_set():
+            self._publish_online(state)
+
+    def _publish_online(self, state: str = "online") -> None:
+        with self._status_cond:
+            if self._stopping:
+                return
+            self._status_in_flight += 1
+        try:
+            self.publish("status", self.status(state), qos=1, retain=True)
+        finally:
+            with self._status_cond:
+                self._status_in_flight -= 1
+                self._status_cond.notify_all()
 
     # -- paho callbacks (network thread) -------------------------------------
 
@@ -159,12 +175,11 @@ class MqttTransport:
         if reason.is_failure:
             log.error("MQTT: broker %s:%d refused the connection: %s", self.cfg.host, self.cfg.port, reason)
             return
-        with self._status_lock:
-            if self._stopping:
-                return
-            self.connected.set()
-            log.info("MQTT: connected to %s:%d", self.cfg.host, self.cfg.port)
-            self.publish("status", self.status("online"), qos=1, retain=True)
+        if self._stopping:
+            return
+        self.connected.set()
+        log.info("MQTT: connected to %s:%d", self.cfg.host, self.cfg.port)
+        self._publish_online()
         for topic_filter in self._subscriptions:
             client.subscribe(topic_filter, qos=1)
         for hook in self.on_connected:
