@@ -29,6 +29,8 @@ import urllib.parse
 from pathlib import Path
 from typing import Any, Callable
 
+import paho.mqtt.client as mqtt
+
 from edge_agent.comms.mqtt import MqttTransport
 from edge_agent.errors import EdgeAgentError, SpoolError
 
@@ -60,12 +62,15 @@ class Outbox:
                 self._spool(kind, topic, data, qos)
                 return
         info = self.transport.client.publish(topic, data, qos=qos)
-        if info.rc != 0 and qos == 0:
-            if self.spool is not None:
-                with self._lock:
-                    self._spool(kind, topic, data, qos)
-            else:
-                self.lost += 1
+        if info.rc == 0 or (qos > 0 and info.rc == mqtt.MQTT_ERR_NO_CONN):
+            return  # sent, or (QoS 1, connection just lost) kept by paho and sent after reconnecting
+        # QoS 0 without a connection, or paho's queue full: not sent, keep it here
+        if self.spool is not None:
+            with self._lock:
+                self._spool(kind, topic, data, qos)
+        else:
+            self.lost += 1
+            log.warning("MQTT: a %s message could not be sent (%s) and there is no spool", kind, info.rc)
 
     def _spool(self, kind: str, topic: str, data: bytes, qos: int) -> None:
         try:
