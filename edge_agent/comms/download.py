@@ -372,16 +372,14 @@ def _unlink(path: Path) -> None:
 
 
 def _sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
+    from edge_agent.bundle import sha256_file
+
     try:
-        with open(path, "rb") as fh:
-            while chunk := fh.read(1 << 20):
-                digest.update(chunk)
+        return sha256_file(path)
     except FileNotFoundError:
-        pass  # an empty download (size 0) writes no file
+        return hashlib.sha256().hexdigest()  # an empty download (size 0) writes no file
     except OSError as exc:
         raise _disk_error(exc, f"cannot read {path}") from None
-    return digest.hexdigest()
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -21,7 +21,6 @@ deploy installed is removed again, and the active version never stops serving.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import time
@@ -29,7 +28,7 @@ import urllib.parse
 from pathlib import Path
 from typing import Any, Callable
 
-from edge_agent.bundle import open_bundle
+from edge_agent.bundle import open_bundle, sha256_file
 from edge_agent.errors import BundleError, EdgeAgentError
 from edge_agent.models.manager import ModelManager
 from edge_agent.models.store import StoreError
@@ -42,14 +41,6 @@ Fetch = Callable[[str, Path], Path]
 
 class DeployError(EdgeAgentError):
     code = "deploy_failed"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def resolve_source(source: str | Path, staging: Path, fetch: Fetch | None = None) -> Path:
@@ -94,7 +85,7 @@ def deploy(
         actual = path.stat().st_size
         if size is not None and actual != size:
             raise DeployError(f"bundle {path}: {actual} bytes, expected {size}", code="size_mismatch")
-        if sha256 is not None and _sha256(path) != sha256.lower():
+        if sha256 is not None and sha256_file(path) != sha256.lower():
             raise DeployError(f"bundle {path}: sha256 does not match the one given", code="checksum_mismatch")
     elif sha256 is not None or size is not None:
         raise DeployError(f"bundle {path}: sha256 and size apply to an archive, not a directory", code="bad_args")
