@@ -9,7 +9,6 @@ limited) and the loop goes on; it never takes the agent down.
 
 from __future__ import annotations
 
-import collections
 import logging
 import threading
 import time
@@ -57,19 +56,18 @@ class LogSink:
 
 
 class SourceStats:
-    """Counters and a latency window for one source (read by telemetry)."""
+    """Running totals of one source (telemetry's per-interval numbers and
+    latency percentiles come from the worker's ``counters``)."""
 
-    def __init__(self, window: int = 1000) -> None:
+    def __init__(self) -> None:
         self._lock = threading.Lock()
         self.frames = 0
         self.errors = 0
-        self.latencies: collections.deque[float] = collections.deque(maxlen=window)
         self.started = time.monotonic()
 
-    def record(self, latency_ms: float) -> None:
+    def record(self) -> None:
         with self._lock:
             self.frames += 1
-            self.latencies.append(latency_ms)
 
     def error(self) -> int:
         with self._lock:
@@ -145,7 +143,7 @@ class SourceWorker:
         except Exception as exc:  # a bug in one frame must not end the loop
             self._failed(frame.index, f"{type(exc).__name__}: {exc}")
             return
-        self.stats.record(out.latency_ms)
+        self.stats.record()
         self.counters.frame(out.latency_ms)
         self._seq += 1
         if not self.results_enabled or self._seq % self.results_every:
