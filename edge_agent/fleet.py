@@ -56,6 +56,13 @@ TargetKind = Literal["device", "group", "all"]
 DELIVERY_SLACK_S = 5.0
 """A command expires (MQTT 5) this long after the console stops waiting for
 devices to come online."""
+REASK_S = 15.0
+"""A device that got a command and has said nothing about it (no event, no
+reply) for this long is sent the same command (same id) again on its own
+topic, then after twice as long, and so on: the command or its reply may have
+been lost (a broker drops messages for a client whose queue is full). A
+device never runs an id twice: it answers a repeat from memory, or when the
+first run ends."""
 STEPS = ("fetching", "transfer", "verifying", "installing", "loading", "activating", "labelling")
 """The deploy steps a device reports in ``deploy_progress`` events, in order."""
 
@@ -560,6 +567,47 @@ def _offline_outcome(info: DeviceInfo | None, waited: float) -> Outcome:
     return Outcome(info.device if info else "", False, code="offline", message=message)
 
 
+class _Reasker:
+    """Which devices to ask again for one command: those silent about it
+    (no event carrying its id) for ``every`` seconds since they were last
+    asked or last spoke of it; the interval doubles per device, up to 8x."""
+
+    def __init__(self, console: Console, cmd_id: str, every: float | None) -> None:
+        self.console = console
+        self.cmd_id = cmd_id
+        self.every = every
+        self.active_at: dict[str, float] = {}
+        self.interval: dict[str, float] = {}
+        self.asked = 0
+        self._remove = console.on_message(self._on_message) if every else (lambda: None)
+
+    def _on_message(self, kind: str, device: str, payload: dict[str, Any]) -> None:
+        if kind == "events" and payload.get("id") == self.cmd_id:
+            with self.console.cond:
+                self.active_at[device] = time.monotonic()
+
+    def sent(self, devices: list[str], at: float) -> None:
+        with self.console.cond:
+            self.active_at.update({d: at for d in devices})
+
+    def due(self, missing: list[str], now: float) -> list[str]:
+        """(condition held)"""
+        if not self.every:
+            return []
+        due = []
+        for device in missing:
+            every = self.interval.setdefault(device, self.every)
+            if now - self.active_at.get(device, now) >= every:
+                due.append(device)
+                self.active_at[device] = now
+                self.interval[device] = min(every * 2, 8 * self.every)
+        self.asked += len(due)
+        return due
+
+    def close(self) -> None:
+        self._remove()
+
+
 def run_command(
     console: Console,
     target: Target,
@@ -572,9 +620,14 @@ def run_command(
     on_sent: Callable[[list[str]], None] | None = None,
     before_send: Callable[[list[str]], None] | None = None,
     after_send: Callable[[list[str]], None] | None = None,
+    reask_s: float | None = REASK_S,
 ) -> list[Outcome]:
     """Send ``cmd`` to ``target`` and wait (at most ``timeout`` s) for one
     reply per device. Returns one outcome per device, sorted by device.
+
+    A device that has not replied and has said nothing about the command for
+    ``reask_s`` seconds is asked again (the same id, on its own topic; see
+    :data:`REASK_S`); None never asks again.
 
     A group or ``--all`` command is published once on the group's or the
     fleet's topic; devices named one by one get it on their own topics.
@@ -588,6 +641,21 @@ def run_command(
     console.sync()
     cmd_id = cmd_id or new_command_id(cmd)
     online, offline = console.resolve(target)
+    reasker = _Reasker(console, cmd_id, reask_s)
+    try:
+        return _send_and_wait(console, target, cmd, args, cmd_id, online, offline, reasker, timeout=timeout,
+                              wait_online=wait_online, on_sent=on_sent, before_send=before_send,
+                              after_send=after_send)
+    finally:
+        reasker.close()
+
+
+def _send_and_wait(console: Console, target: Target, cmd: str, args: dict[str, Any], cmd_id: str,
+                   online: list[str], offline: list[str], reasker: _Reasker, *, timeout: float,
+                   wait_online: float, on_sent: Callable[[list[str]], None] | None,
+                   before_send: Callable[[list[str]], None] | None,
+                   after_send: Callable[[list[str]], None] | None) -> list[Outcome]:
+    """The body of :func:`run_command`."""
     sent_at: dict[str, float] = {}
     start = time.monotonic()
     deadline = start + timeout
@@ -605,6 +673,7 @@ def run_command(
             console.publish_command(console.command_topic(target), cmd_id, cmd, args, expiry_s=expiry)
         now = time.monotonic()
         sent_at.update({d: now for d in online})
+        reasker.sent(online, now)
     if after_send is not None:
         after_send(online)
     waiting = set(offline) if wait_online > 0 else set()
@@ -624,6 +693,7 @@ def run_command(
             log.info("fleet: %s came online: sending it %s %s", device, cmd, cmd_id)
             console.publish_command(console.command_topic(device), cmd_id, cmd, args, expiry_s=DELIVERY_SLACK_S)
             sent_at[device] = time.monotonic()
+            reasker.sent([device], sent_at[device])
             waiting.discard(device)
             if on_sent is not None:
                 on_sent([device])
@@ -633,8 +703,14 @@ def run_command(
             now = time.monotonic()
             if (not missing and (not waiting or now >= online_deadline)) or now >= deadline:
                 break
-            wake = deadline if not waiting or now >= online_deadline else min(deadline, online_deadline)
-            console.cond.wait(min(0.5, max(0.01, wake - now)))
+            again = reasker.due(missing, now)
+            if not again:
+                wake = deadline if not waiting or now >= online_deadline else min(deadline, online_deadline)
+                console.cond.wait(min(0.5, max(0.01, wake - now)))
+        for device in again:
+            log.info("fleet: %s has said nothing about %s %s for a while: asking again", device, cmd, cmd_id)
+            console.publish_command(console.command_topic(device), cmd_id, cmd, args,
+                                    expiry_s=max(1.0, deadline - time.monotonic()) + DELIVERY_SLACK_S)
 
     outcomes: dict[str, Outcome] = {}
     snapshot = console.snapshot()
@@ -899,6 +975,7 @@ def deploy(
     advertise: str | None = None,
     progress: Callable[[DeviceProgress], None] | None = None,
     on_targets: Callable[[list[str], list[str]], None] | None = None,
+    reask_s: float | None = REASK_S,
 ) -> DeployReport:
     """Deploy ``bundle`` to ``target`` and wait for every device's reply.
 
@@ -1015,6 +1092,7 @@ def deploy(
                 url = server.url
             args["url"] = url
         outcomes = run_command(console, target, "deploy", args, timeout=timeout, wait_online=wait_online,
+                               reask_s=reask_s,
                                cmd_id=cmd_id, before_send=before_send, after_send=after_send, on_sent=on_sent)
     finally:
         remove()

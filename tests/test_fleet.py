@@ -183,6 +183,40 @@ def test_deploy_over_mqtt_reaches_three_agents_one_started_late(fleet: Fleet, bu
     assert prepared.size <= report.bytes_sent < 2.5 * prepared.size + 100_000
 
 
+def test_a_lost_reply_is_asked_for_again_and_never_runs_twice(fleet: Fleet, bundles: dict[str, Path]) -> None:
+    """A broker drops messages for a client whose queue is full; here the
+    deploy reply of one agent is lost on its way out. The console, hearing
+    nothing more about the command from that device, sends it the same
+    command id again; the agent answers from its memory of replies (the
+    deploy does not run a second time) and the deploy reports both ok."""
+    fleet.start("x", ["dock"])
+    lossy = fleet.start("y", ["dock"])
+    outbox = lossy.plane.outbox
+    real_send = outbox.send
+    replies: list[dict[str, Any]] = []
+
+    def send(kind: str, suffix: str, payload: dict[str, Any], *, qos: int = 1) -> None:
+        if kind == "replies":
+            replies.append(payload)
+            if len(replies) == 1:
+                return  # lost
+        real_send(kind, suffix, payload, qos=qos)
+
+    outbox.send = send  # type: ignore[method-assign]
+    events: list[str] = []
+    with f.Console(fleet.settings()) as console:
+        console.on_message(lambda kind, device, p: events.append(p.get("event", "")) if device == fleet.name("y")
+                           and kind == "events" else None)
+        report = f.deploy(console, f.prepare_bundle(bundles["v2"]), f.Target("group", ("dock",)), timeout=60,
+                          reask_s=1.0)
+    assert [(o.device, o.ok, o.active) for o in report.outcomes] == [
+        (fleet.name("x"), True, 2), (fleet.name("y"), True, 2)
+    ], report.outcomes
+    assert len(replies) == 2 and replies[0] == replies[1]  # the repeat was answered from memory
+    assert events.count("deploy_started") == 1 and events.count("deploy_done") == 1  # ran once
+    assert fleet.active("y") == 2
+
+
 def test_deploy_by_url_served_by_the_console(fleet: Fleet, bundles: dict[str, Path]) -> None:
     """``--via url --serve``: the console serves the archive over HTTP while
     the group downloads it; the table shows every device's new version."""

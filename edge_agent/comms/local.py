@@ -62,15 +62,27 @@ class LocalControlServer:
         os.chmod(self.path, 0o660)
         server.handle_payload = lambda payload: self.handle(payload, f"unix:{self.path}")  # type: ignore[attr-defined]
         self._server = server
-        self._thread = threading.Thread(target=server.serve_forever, name="control-socket", daemon=True)
+        # A long poll interval: an idle agent should not wake twice a second
+        # for nothing; stop() wakes the loop itself.
+        self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 30.0},
+                                        name="control-socket", daemon=True)
         self._thread.start()
         log.info("local control socket at %s", self.path)
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
+        server, self._server = self._server, None
+        if server is not None:
+            # shutdown() waits for serve_forever to notice; shutting the
+            # listening socket down makes its select() return at once (and
+            # again until the loop has seen the request to stop).
+            stopper = threading.Thread(target=server.shutdown, name="control-socket-stop", daemon=True)
+            stopper.start()
+            try:
+                server.socket.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            stopper.join(10.0)
+            server.server_close()
         self.path.unlink(missing_ok=True)
 
 

@@ -310,6 +310,10 @@ class ModelManager:
         self._stop = threading.Event()
         self._supervisor: threading.Thread | None = None
         self._interval = supervise_interval_s
+        # Set when a probation starts (or at stop): with nothing on probation
+        # the supervisor sleeps instead of polling (hundreds of idle agents
+        # on one machine, or one on a Pi, should not wake 10 times a second).
+        self._wake = threading.Event()
         # Off for the offline `models` CLI: with no frames flowing there is
         # nothing to judge, and the operator chose the version.
         self.probation_enabled = probation
@@ -407,6 +411,7 @@ class ModelManager:
             slot.loaded[serving.version] = serving
             if state.probation is not None:
                 slot.probation = ProbationRun(serving.version, state.probation.previous, time.monotonic(), None, 0, 0)
+                self._wake.set()
         self._reconcile(slot)
         log.info(
             "model %s version %d serving (%s, %s, input %s)",
@@ -419,6 +424,7 @@ class ModelManager:
 
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
         if self._supervisor is not None:
             self._supervisor.join(timeout=5.0)
         with self._tx:
@@ -572,6 +578,7 @@ class ModelManager:
                 baseline = self._baseline(report.pop("_old", None))
                 slot.probation = ProbationRun(version, state.probation.previous if state.probation else None,
                                               time.monotonic(), baseline, *self._counts(slot, version))
+                self._wake.set()
             else:
                 report.pop("_old", None)
                 self.store.gc(name, state)
@@ -870,7 +877,13 @@ class ModelManager:
     # -- probation ---------------------------------------------------------
 
     def _supervise(self) -> None:
-        while not self._stop.wait(self._interval):
+        while not self._stop.is_set():
+            if not any(slot.probation is not None for slot in list(self._slots.values())):
+                self._wake.wait()
+                self._wake.clear()
+                continue
+            if self._stop.wait(self._interval):
+                break
             for slot in list(self._slots.values()):
                 try:
                     self._check_probation(slot)

@@ -178,13 +178,17 @@ class ModelStore:
             raise _write_error(f"cannot install {m.name} v{m.version} into {self.root}", exc) from None
         try:
             work = tmp / "bundle"
-            shutil.copytree(bundle.root, work)
+            taken = self._take_extracted(bundle, work)
+            if not taken:
+                shutil.copytree(bundle.root, work)
+                verify_dir(work)
             checkpoint("install_copied")
-            verify_dir(work)
             _fsync_tree(work)
             checkpoint("install_synced")
             dest.parent.mkdir(parents=True, exist_ok=True)
             os.rename(work, dest)
+            if taken:
+                bundle.root = dest
             fsync_dir(dest.parent)
             checkpoint("install_renamed")
         except OSError as exc:
@@ -193,6 +197,22 @@ class ModelStore:
             shutil.rmtree(tmp, ignore_errors=True)
         log.info("installed %s version %d into %s", m.name, m.version, dest)
         return dest, True
+
+    def _take_extracted(self, bundle: Bundle, work: Path) -> bool:
+        """Move an archive's extraction into ``work`` instead of copying it,
+        when the bundle owns it (extracted from an archive into this store's
+        staging folder, where nothing else writes) and it was verified on
+        extraction: no second copy and no second hash of every file."""
+        tmp = bundle._tmpdir
+        if tmp is None or bundle.root != tmp or tmp.parent != self.staging():
+            return False
+        try:
+            os.rename(tmp, work)
+        except OSError:
+            return False
+        bundle.root = work
+        bundle._tmpdir = None  # the store owns it now
+        return True
 
     def delete_version(self, name: str, version: int) -> None:
         """Remove a version directory: renamed into staging first (one atomic
