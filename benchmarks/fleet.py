@@ -21,7 +21,7 @@ processes would save memory (about 200 MB per worker process) but the
 agents' threads (five each) then fight for one interpreter lock: at 100
 agents per process half the CPU went to futex waits and context switches
 (``perf``), and a device whose threads are not scheduled for 2 s asks for
-chunks it has not read yet. The workers run at ``nice 10``: on a real fleet
+chunks it has not read yet. The workers run at ``nice 19``: on a real fleet
 every device has its own CPU, and here a broker left with 1/50th of two
 cores would make every device wait for it. Their stores live under
 ``--root`` (default ``/dev/shm``, a RAM disk) so that N x 3 copies of a 4 MB
@@ -129,8 +129,10 @@ def worker(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.ERROR, stream=sys.stderr)
     # The simulated devices share this machine's cores with the broker and
     # the console; on a real fleet each has its own CPU. Give way to them,
-    # or the broker gets 1/50th of a core and everything waits for it.
-    os.nice(10)
+    # or the broker and the console each get 1/50th of the CPU and
+    # everything waits for them (at nice 10, 50 worker processes together
+    # still outweighed them five to one).
+    os.nice(args.nice)
     if args.switch_interval:
         sys.setswitchinterval(args.switch_interval)
     agents = []
@@ -159,9 +161,11 @@ def start_broker(folder: Path) -> tuple[subprocess.Popen, int]:
         port = s.getsockname()[1]
     conf = folder / "mosquitto.conf"
     # max_queued_messages: a device session may hold a whole 4 MB transfer
-    # (64 chunks) plus its commands while its process is busy.
+    # plus its commands while its process is busy, and the console's session
+    # receives every device's progress events (500 devices, 2 a second each):
+    # past the limit mosquitto drops messages for that client.
     conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-                    "max_queued_messages 4000\nmax_inflight_messages 64\n")
+                    "max_queued_messages 20000\nmax_inflight_messages 64\n")
     proc = subprocess.Popen([exe, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 10
     while True:
@@ -176,11 +180,12 @@ def start_broker(folder: Path) -> tuple[subprocess.Popen, int]:
 
 
 def start_fleet(n: int, *, port: int, prefix: str, root: Path, v1: Path, per_process: int,
-                switch_interval: float = 0.0, idle_s: float = 2.0) -> list[subprocess.Popen]:
+                switch_interval: float = 0.0, idle_s: float = 2.0, nice: int = 19) -> list[subprocess.Popen]:
     procs = []
     for k in range(math.ceil(n / per_process)):
         first = k * per_process
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--port", str(port), "--prefix", prefix,
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--nice", str(nice), "--port", str(port),
+               "--prefix", prefix,
                "--root", str(root), "--v1", str(v1), "--first", str(first), "--count", str(min(per_process, n - first)),
                "--switch-interval", str(switch_interval), "--idle", str(idle_s)]
         env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
@@ -348,7 +353,7 @@ def run_size(n: int, *, bundles: dict[int, Path], root: Path, args: argparse.Nam
         t0 = time.monotonic()
         console = f.Console(f.BrokerSettings(port=port, prefix=prefix, keepalive_s=120)).connect()
         procs = start_fleet(n, port=port, prefix=prefix, root=stores, v1=bundles[1], per_process=args.per_process,
-                            switch_interval=args.switch_interval, idle_s=args.idle)
+                            switch_interval=args.switch_interval, idle_s=args.idle, nice=args.nice)
         wait_online(console, n, 120)
         progress(f"N={n}: {n} agents online after {time.monotonic() - t0:.1f} s")
         pids = {"broker": [broker.pid], "devices": [p.pid for p in procs], "console": [os.getpid()]}
@@ -391,6 +396,9 @@ def main() -> int:
                         help="the console's pacing window (fleet.deploy window_bytes), MiB")
     parser.add_argument("--idle", type=float, default=2.0,
                         help="the devices' [transfer] idle_s: silence before they ask for missing chunks")
+    parser.add_argument("--nice", type=int, default=19,
+                        help="niceness of the worker processes that simulate the devices (the broker and the "
+                        "console run at the caller's)")
     parser.add_argument("--json", action="store_true", help="JSON only")
     # worker mode (internal)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
