@@ -258,6 +258,39 @@ def test_a_repeat_during_execution_waits_for_the_first_reply() -> None:
     assert replies == [{"id": "slow", "ok": True, "result": {"finished": True}}] * 2
 
 
+def test_a_repeat_during_execution_can_be_answered_later_without_waiting() -> None:
+    """The agent's command workers pass ``later``: a console asking again
+    for a deploy still running must not hold a worker (other commands would
+    queue behind it) yet still gets its one reply, when the deploy ends."""
+    d = Dispatcher()
+    started, release = threading.Event(), threading.Event()
+    calls = []
+
+    def slow(args: Any, ctx: CommandContext) -> dict[str, Any]:
+        calls.append(1)
+        started.set()
+        release.wait(5)
+        return {"finished": True}
+
+    d.register("ping", NoArgs, slow)
+    replies: list[dict[str, Any] | None] = []
+    later: list[tuple[dict[str, Any], str]] = []
+    first = threading.Thread(target=lambda: replies.append(d.handle(cmd("slow", "ping"), ORIGIN)))
+    first.start()
+    assert started.wait(5)
+    assert d.handle(cmd("slow", "ping"), ORIGIN, later=lambda r: later.append((r, threading.current_thread().name))) is None
+    assert later == []
+    release.set()
+    first.join(5)
+    assert len(calls) == 1
+    expected = {"id": "slow", "ok": True, "result": {"finished": True}}
+    assert replies == [expected]
+    assert later == [(expected, first.name)]
+    # Once finished, a repeat with ``later`` is answered at once, from memory.
+    assert d.handle(cmd("slow", "ping"), ORIGIN, later=lambda r: later.append((r, "unused"))) == expected
+    assert len(later) == 1
+
+
 def test_memory_is_bounded_least_recently_used_first() -> None:
     d = Dispatcher(memory=3)
     handler = Recorder()

@@ -12,8 +12,9 @@ to :meth:`Dispatcher.handle` and publishes whatever comes back on
 * at-most-once execution per command ``id``: the console retries, QoS 1
   redelivers, and a device in a group also receives ``P/all/cmd`` copies, yet
   a deploy must not run twice. Replies are remembered in a bounded LRU; a
-  repeat that arrives while the first is still running waits for it and
-  gets the same reply.
+  repeat that arrives while the first is still running gets the same reply
+  when the first ends (by waiting for it, or, given a ``later`` callback,
+  without holding the caller's thread).
 
 Error codes of the reply: ``payload_too_large``, ``bad_json``,
 ``bad_command``, ``unknown_command``, ``bad_args``, ``bad_signature`` (from
@@ -75,13 +76,15 @@ class _Route:
 
 
 class _Pending:
-    """A command being executed; repeats of its id wait on ``done``."""
+    """A command being executed; repeats of its id wait on ``done`` or are
+    answered by the ``later`` callbacks when it ends."""
 
-    __slots__ = ("done", "reply")
+    __slots__ = ("done", "reply", "later")
 
     def __init__(self) -> None:
         self.done = threading.Event()
         self.reply: Reply | None = None
+        self.later: list[Callable[[Reply], None]] = []
 
 
 class _Refused(CommandError):
@@ -176,11 +179,22 @@ class Dispatcher:
 
     # -- one payload -> one reply ---------------------------------------------
 
-    def handle(self, payload: bytes | bytearray | memoryview | str, origin: str) -> Reply:
+    def handle(
+        self,
+        payload: bytes | bytearray | memoryview | str,
+        origin: str,
+        *,
+        later: Callable[[Reply], None] | None = None,
+    ) -> Reply | None:
         """Execute the command in ``payload`` (received on topic ``origin``)
         unless its id was seen before, and return the reply to publish.
 
-        Never raises: every failure is an error reply.
+        A repeat of a command still running waits for it and returns its
+        reply; with ``later``, it returns None at once instead and
+        ``later(reply)`` is called (on the thread running the first) when the
+        first ends, so that a console asking again does not hold a worker
+        for the length of a deploy. Without ``later`` the result is never
+        None. Never raises: every failure is an error reply.
         """
         raw = payload.encode("utf-8") if isinstance(payload, str) else bytes(payload)
         try:
@@ -206,6 +220,10 @@ class Dispatcher:
                 self._replies.move_to_end(envelope.id)
             elif running is None:
                 pending = self._running[envelope.id] = _Pending()
+            elif later is not None:
+                running.later.append(later)
+                log.info("command %s on %s is a repeat of one still running: its reply follows", envelope.id, origin)
+                return None
         if earlier is not None or running is not None:
             log.info("command %s on %s is a repeat: answering with the first reply", envelope.id, origin)
             if running is not None:
@@ -228,7 +246,13 @@ class Dispatcher:
                 del self._running[envelope.id]
                 while len(self._replies) > self.memory:
                     self._replies.popitem(last=False)
+                waiting = list(pending.later)
             pending.done.set()
+            for answer in waiting:
+                try:
+                    answer(final)
+                except Exception:
+                    log.exception("command %s: answering a repeat failed", envelope.id)
 
     def _parse(self, raw: bytes) -> Envelope:
         if len(raw) > self.max_payload:

@@ -198,8 +198,12 @@ class ControlPlane:
             if item is None:
                 return
             topic, payload = item
-            reply = self.dispatcher.handle(payload, topic)
-            self.outbox.send("replies", "reply", reply, qos=1)
+            reply = self.dispatcher.handle(payload, topic, later=self._reply)
+            if reply is not None:  # None: a repeat of a running command, answered when it ends
+                self._reply(reply)
+
+    def _reply(self, reply: dict[str, Any]) -> None:
+        self.outbox.send("replies", "reply", reply, qos=1)
 
     # -- events, results, telemetry ------------------------------------------
 
