@@ -110,7 +110,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 import build_assets  # noqa: E402  (scripts/build_assets.py)
 
 from edge_agent.bundle import pack  # noqa: E402
-from quantize.data import Sample, load_samples, make_views  # noqa: E402
+from quantize.data import Sample, make_views  # noqa: E402
 from quantize.errors import QualityGateFailed  # noqa: E402
 from quantize.evaluate import Artifact, Runner  # noqa: E402
 import quantize.pipeline as pipeline_mod  # noqa: E402
@@ -362,6 +362,7 @@ def summarize_job(job: dict[str, Any]) -> dict[str, Any]:
         artifacts[a["label"]] = {
             "runtime": a["runtime"],
             "agreement_top1": a["agreement_top1"],
+            "agreement_top1_stable": a.get("agreement_top1_stable"),
             "fp32_top1_in_top5": a["fp32_top1_in_top5"],
             "accuracy": a["accuracy"],
             "size_bytes": a["size_bytes"],
@@ -476,52 +477,6 @@ def latency_check(kept: dict[str, list[Artifact]], photo: Path, rounds: int, run
         },
         "loadavg": loadavg(),
     }
-
-
-def noise_floor(kept: dict[str, list[Artifact]], eval_dir: Path, *, amp: int = 1, draws: int = 5,
-                seed: int = 0) -> dict[str, Any]:
-    """How stable fp32's own top-1 is on the evaluation views: the views
-    again with uniform integer noise of at most ``amp`` grey levels per
-    pixel (invisible; less than a JPEG re-encode changes), ``draws`` times.
-    fp32's agreement with itself under that noise is a floor under what any
-    approximation of it (int8 included) can be expected to reach on these
-    views. Also each model's agreement with fp32 on the views whose fp32
-    top-1 survived every draw (a view set chosen by fp32 alone, before and
-    without looking at any int8 model). Reported beside the issue's metric,
-    not instead of it."""
-    samples = load_samples(eval_dir).samples
-    rng = np.random.default_rng(seed)
-    fp32 = next(a for arts in kept.values() for a in arts if a.label == "fp32")
-    runner = Runner(fp32, threads=1)
-    try:
-        ref = runner.outputs(runner.tensors(samples)).argmax(1)
-        self_agreement = []
-        stable = np.ones(len(samples), dtype=bool)
-        for _ in range(draws):
-            noisy = [dataclasses.replace(s, image=np.clip(s.image.astype(np.int16) + rng.integers(
-                -amp, amp + 1, s.image.shape), 0, 255).astype(np.uint8)) for s in samples]
-            same = runner.outputs(runner.tensors(noisy)).argmax(1) == ref
-            self_agreement.append(float(same.mean()))
-            stable &= same
-    finally:
-        runner.close()
-    models: dict[str, dict[str, float]] = {}
-    for tag, arts in kept.items():
-        for art in arts:
-            if art.label == "fp32":
-                continue
-            r = Runner(art, threads=1)
-            try:
-                top1 = r.outputs(r.tensors(samples)).argmax(1)
-            finally:
-                r.close()
-            same = top1 == ref
-            models[f"{tag}/{art.label}"] = {"agreement_all": round(float(same.mean()), 4),
-                                            "agreement_stable": round(float(same[stable].mean()), 4)}
-    return {"amp_grey_levels": amp, "draws": draws, "views": len(samples),
-            "fp32_self_agreement": [round(a, 4) for a in self_agreement],
-            "fp32_self_agreement_mean": round(float(np.mean(self_agreement)), 4),
-            "stable_views": int(stable.sum()), "models": models}
 
 
 # ------------------------------------------------------------------ verdicts
@@ -695,20 +650,22 @@ def table(report: dict[str, Any]) -> str:
     elif lc:
         lines.append(f"Latency re-measure: {lc.get('skipped')}")
         lines.append("")
-    nf = report["mobilenet_v2"].get("noise_floor")
-    if nf and "models" in nf:
+    runs = {tag: run for tag, run in report["mobilenet_v2"].items() if isinstance(run, dict) and "artifacts" in run}
+    floors = [run["evaluation"].get("fp32_noise_floor") for run in runs.values() if run.get("evaluation")]
+    nf = next((f for f in floors if f), None)
+    if nf:
         lines.append(
-            f"fp32 against itself with +-{nf['amp_grey_levels']} grey level(s) of pixel noise ({nf['draws']} draws): "
-            f"{100 * nf['fp32_self_agreement_mean']:.1f}% agreement (per draw "
-            + ", ".join(f"{100 * a:.1f}%" for a in nf["fp32_self_agreement"])
-            + f"); fp32's top-1 survived every draw on {nf['stable_views']} of {nf['views']} views"
+            f"fp32 against itself with +-{nf['amp_grey_levels']} grey level of pixel noise ({len(nf['draws'])} draws, "
+            "from the job's report): "
+            f"{100 * nf['agreement']:.1f}% agreement (per draw " + ", ".join(f"{100 * a:.1f}%" for a in nf["draws"])
+            + f"); fp32 keeps its top-1 in every draw on {nf['stable_samples']} of {nf['samples']} views"
         )
         lines.append(f"  {'model':<36} {'all views':>10} {'stable views':>13}")
-        for k, v in nf["models"].items():
-            lines.append(f"  {k:<36} {100 * v['agreement_all']:>9.1f}% {100 * v['agreement_stable']:>12.1f}%")
-        lines.append("")
-    elif nf:
-        lines.append(f"Noise floor: {nf.get('skipped')}")
+        for tag, run in runs.items():
+            for label, a in run["artifacts"].items():
+                if label != "fp32" and a.get("agreement_top1_stable") is not None:
+                    lines.append(f"  {tag + '/' + label:<36} {100 * a['agreement_top1']:>9.1f}% "
+                                 f"{100 * a['agreement_top1_stable']:>12.1f}%")
         lines.append("")
     lines.append("Against the issue's targets")
     lines.append(f"  {'what':<52} {'target':<24} {'measured':>10}  verdict")
@@ -797,11 +754,6 @@ def main(argv: list[str] | None = None) -> int:
                     kept, eval_dir / "chelsea_0.jpg", args.latency_rounds, 30)
             except Exception as exc:  # noqa: BLE001
                 results["mobilenet_v2"]["latency_check"] = {"skipped": f"failed: {type(exc).__name__}: {exc}"}
-            progress("noise floor: fp32 against itself with 1 grey level of pixel noise")
-            try:
-                results["mobilenet_v2"]["noise_floor"] = noise_floor(kept, eval_dir)
-            except Exception as exc:  # noqa: BLE001
-                results["mobilenet_v2"]["noise_floor"] = {"skipped": f"failed: {type(exc).__name__}: {exc}"}
 
         if not args.skip_fmnist:
             fm = assets["fashion_mnist"]

@@ -420,7 +420,7 @@ def run(opts: QuantizeOptions, *, progress: Progress = _no_progress, echo: Calla
                 yield lambda label, n: tick(n)
 
         with eval_progress() as tick:
-            metrics = evaluate(artifacts, eval_set.samples, threads=opts.threads, progress=tick)
+            metrics, floor = evaluate(artifacts, eval_set.samples, threads=opts.threads, progress=tick)
 
         int8 = [m for m in metrics if m.label.startswith("int8")]
         failing = [m.label for m in int8 if (m.agreement_top1 or 0) < opts.min_agreement]
@@ -429,13 +429,16 @@ def run(opts: QuantizeOptions, *, progress: Progress = _no_progress, echo: Calla
             "created_at": time.time(),
             "model": {"name": src.name, "version": src.version, "source": str(opts.model), "input": src.input.model_dump()},
             "calibration": {"source": calib_set.source, "samples": len(calib_set), "skipped": calib_set.skipped, "method": opts.method},
-            "evaluation": {"source": eval_set.source, "samples": len(eval_set), "labelled": eval_set.labelled},
+            "evaluation": {"source": eval_set.source, "samples": len(eval_set), "labelled": eval_set.labelled,
+                           "fp32_noise_floor": floor.to_dict() if floor is not None else None},
             "gate": {"min_agreement": opts.min_agreement, "passed": not failing and bool(int8), "failing": failing},
             "artifacts": [m.to_dict() for m in metrics],
             "details": infos,
             "prune": prune_info,
         }
         echo(report_mod.table(metrics))
+        if floor is not None:
+            echo(report_mod.floor_line(floor, metrics, opts.min_agreement))
         out.mkdir(parents=True, exist_ok=True)
         if not failing and int8:
             report["bundles"] = _package(src, artifacts, report, opts, out, work)

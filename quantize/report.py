@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
-from quantize.evaluate import Metrics
+from quantize.evaluate import Metrics, NoiseFloor
 
 
 def _pct(v: float | None) -> str:
@@ -28,6 +28,28 @@ def table(metrics: Sequence[Metrics]) -> str:
             f"{m.latency_ms:>10.2f} {base.latency_ms / m.latency_ms:>8.2f}"
         )
     return "\n".join(lines)
+
+
+def floor_line(floor: NoiseFloor, metrics: Sequence[Metrics], min_agreement: float) -> str:
+    """One or two lines on fp32's agreement with itself under invisible
+    noise (and a warning when the gate sits at or above it)."""
+    stable = ", ".join(
+        f"{m.label} {_pct(m.agreement_top1_stable)}" for m in metrics[1:] if m.agreement_top1_stable is not None
+    )
+    line = (
+        f"fp32 against itself with +-{floor.amp} grey level of pixel noise: {_pct(floor.agreement)} agreement "
+        f"({len(floor.draws)} draws); on the {int(floor.stable.sum())} of {floor.stable.size} pictures it keeps its "
+        f"top-1 in every draw: {stable or '-'}"
+    )
+    own = 1 - floor.agreement
+    if 1 - min_agreement < 2 * own:
+        line += (
+            f"\nnote: fp32 disagrees with itself on {_pct(own)} of these pictures under invisible noise, and the "
+            f"gate ({min_agreement:.1%}) leaves room for less than twice that: it measures how many pictures are "
+            "near ties between two classes as much as the quantization; more distinct or clearer pictures give a "
+            "gate that measures the quantization"
+        )
+    return line
 
 
 def _bars(title: str, items: Sequence[tuple[str, float]], fmt: str, *, limit: float | None = None) -> str:
@@ -58,6 +80,13 @@ def html_page(report: dict[str, Any], metrics: Sequence[Metrics]) -> str:
     if all(m.accuracy is not None for m in metrics):
         charts.insert(1, _bars("Accuracy (labelled evaluation set)", [(m.label, m.accuracy or 0) for m in metrics], "{:.1%}"))
     gate = report["gate"]
+    floor = report["evaluation"].get("fp32_noise_floor")
+    floor_html = "" if not floor else (
+        f"<p>fp32 against itself with ±{floor['amp_grey_levels']} grey level of pixel noise: "
+        f"{floor['agreement']:.1%} agreement ({len(floor['draws'])} draws); it keeps its top-1 in every draw on "
+        f"{floor['stable_samples']} of {floor['samples']} pictures. A gate above this measures the pictures, "
+        "not the quantization.</p>"
+    )
     status = "passed" if gate["passed"] else "FAILED"
     return f"""<!doctype html><meta charset="utf-8"><title>edge-agent quantize: {html.escape(report['model']['name'])}</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:60em}} pre{{background:#f4f4f4;padding:1em;overflow:auto}}</style>
@@ -65,6 +94,7 @@ def html_page(report: dict[str, Any], metrics: Sequence[Metrics]) -> str:
 <p>Quality gate (min top-1 agreement {gate['min_agreement']:.1%}): <b>{status}</b>.
 Calibration: {report['calibration']['samples']} pictures from {html.escape(report['calibration']['source'])};
 evaluation: {report['evaluation']['samples']} other pictures from {html.escape(report['evaluation']['source'])}.</p>
+{floor_html}
 {''.join(f'<p>{c}</p>' for c in charts)}
 <pre>{html.escape(table(metrics))}</pre>
 <pre>{html.escape(json.dumps(report, indent=2))}</pre>

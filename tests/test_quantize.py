@@ -20,7 +20,10 @@ from edge_agent.cli import main
 from edge_agent.config import ModelConfig
 from edge_agent.models.manager import LoadedModel
 from edge_agent.testing import tiny_onnx_classifier
-from quantize.data import TensorReader, load_samples, make_views
+from edge_agent.manifest import Preprocessing
+from quantize.data import Sample, TensorReader, load_samples, make_views
+from quantize.evaluate import Artifact, evaluate
+from quantize.report import floor_line
 from quantize.errors import QuantizeInputError
 from quantize.mixed import MixedPrecisionResult, divergence, rank_sensitivity, search
 from quantize.onnx_int8 import OnnxInt8Quantizer
@@ -336,6 +339,10 @@ def test_mixed_precision_raises_agreement_to_the_target(tmp_path: Path) -> None:
     assert "fc" not in mixed["float_compute_nodes"]
     evaluated = {a["label"]: a for a in report["artifacts"]}["int8 onnx"]
     assert evaluated["agreement_top1"] >= 0.95 > plain_int8["agreement_top1"], evaluated
+    floor = report["evaluation"]["fp32_noise_floor"]
+    assert floor["samples"] == 200 and 0 < floor["stable_samples"] <= 200 and 0 < floor["agreement"] <= 1
+    assert evaluated["agreement_top1_stable"] is not None
+    assert "fp32 against itself with +-1 grey level of pixel noise" in result.output
 
 
 # --------------------------------------------------------------- int8 quality
@@ -384,6 +391,47 @@ def _residual_convnet(path: Path, seed: int = 1, wide_channel: float = 20.0) -> 
     )
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
     return path
+
+
+def test_noise_floor_finds_the_pictures_fp32_itself_cannot_decide(tmp_path: Path) -> None:
+    """A model whose class is "mean red above or below mid-grey": pictures
+    of exactly mid-grey on average are ties that one grey level of noise
+    flips, clearly dark or bright ones never flip. The floor says fp32
+    disagrees with itself on the ties only, and agreement on the stable
+    pictures leaves the ties out."""
+    weights = np.array([[1, 0, 0], [0, 0, 0]], np.float32)
+    nodes = [
+        helper.make_node("GlobalAveragePool", ["input"], ["p"]),
+        helper.make_node("Flatten", ["p"], ["f"]),
+        helper.make_node("Gemm", ["f", "W", "B"], ["logits"], transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes, "grey", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 16, 16])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 2])],
+        [numpy_helper.from_array(weights, "W"), numpy_helper.from_array(np.array([-0.5, 0], np.float32), "B")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    path = tmp_path / "grey.onnx"
+    onnx.save(model, str(path))
+    checker = np.indices((16, 16)).sum(axis=0) % 2  # half the pixels 127, half 128: mean exactly mid-grey
+    ties = [np.repeat((127 + checker)[..., None], 3, axis=2).astype(np.uint8) for _ in range(8)]
+    clear = [np.full((16, 16, 3), v, np.uint8) for v in (40, 60, 200, 220)]
+    samples = [Sample(f"s{i}", im) for i, im in enumerate(ties + clear)]
+    pre = Preprocessing(size=(16, 16))
+    metrics, floor = evaluate([Artifact("fp32", path, pre), Artifact("copy", path, pre)], samples, latency_runs=1,
+                              noise_draws=5)
+    assert floor is not None
+    assert floor.stable[8:].all()  # clear pictures never flip
+    assert floor.stable[:8].sum() <= 2  # ties flip (each stays put in 5 draws 1 time in 32)
+    assert 0.3 < floor.agreement < 1.0
+    assert floor.to_dict()["samples"] == 12 and floor.to_dict()["stable_samples"] == int(floor.stable.sum())
+    assert metrics[1].agreement_top1 == 1.0 and metrics[1].agreement_top1_stable == 1.0
+    # The terminal line warns when the gate leaves less room than the pictures' own noise.
+    assert "note: fp32 disagrees with itself" in floor_line(floor, metrics, 0.95)
+    clear_metrics, clear_floor = evaluate([Artifact("fp32", path, pre)], samples[8:], latency_runs=1, noise_draws=5)
+    assert clear_floor is not None and clear_floor.agreement == 1.0
+    assert "note:" not in floor_line(clear_floor, clear_metrics, 0.95)
 
 
 def test_equalize_is_exact_in_fp32_and_narrows_the_wide_channel(tmp_path: Path, assets: dict[str, Path]) -> None:
