@@ -109,3 +109,21 @@ def test_models_cli_through_the_running_agent(root: Path) -> None:
         assert agent.wait(30) == 0
     st = listing(root)
     assert not st["running"]
+
+
+def test_local_control_socket_answers_and_stops_at_once(tmp_path: Path) -> None:
+    """The socket's loop polls only every 30 s (an idle agent should not
+    wake for nothing), so stopping must wake it: the agent's shutdown may
+    not wait for the next poll. Requests before the stop are answered."""
+    from edge_agent.comms.local import LocalControlServer, request
+
+    server = LocalControlServer(tmp_path / "agent.sock", lambda payload, origin: {"ok": True, "echo": len(payload)})
+    server.start()
+    assert agent_listening(tmp_path / "agent.sock")
+    assert request(tmp_path / "agent.sock", "ping")["ok"] is True
+    time.sleep(0.3)  # the loop is now inside its 30 s select()
+    t0 = time.monotonic()
+    server.stop()
+    assert time.monotonic() - t0 < 2.0
+    assert not (tmp_path / "agent.sock").exists()
+    assert not agent_listening(tmp_path / "agent.sock")
