@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -329,3 +330,33 @@ def test_auto_swap_mode_follows_free_memory(tmp_path: Path) -> None:
             assert model.version == 3
     finally:
         manager.stop()
+
+
+def test_the_probation_supervisor_sleeps_until_a_probation_starts(tmp_path: Path) -> None:
+    """With nothing on probation the supervisor does not wake at all (an idle
+    agent on a Pi, or 500 simulated ones on one machine, should not poll 10
+    times a second); an activation on probation wakes it at once."""
+    v1 = make_bundle(tmp_path / "b", 1)
+    v2 = make_bundle(tmp_path / "b", 2)
+    run = Running(config(tmp_path, v1, None))
+    try:
+        manager = run.models
+        checks: list[float] = []
+        real = manager._check_probation
+
+        def counting(slot: Any) -> None:
+            checks.append(time.monotonic())
+            real(slot)
+
+        manager._check_probation = counting  # type: ignore[method-assign]
+        time.sleep(0.6)
+        assert checks == []
+        activated = time.monotonic()
+        deploy(manager, v2)
+        deadline = time.monotonic() + 2.0
+        while not checks and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert checks and checks[0] - activated < 1.0
+        assert manager.status()["clf"]["probation"] is not None
+    finally:
+        run.stop()
