@@ -648,6 +648,8 @@ def run_command(
                               after_send=after_send)
     finally:
         reasker.close()
+        if reasker.asked:
+            log.warning("fleet: %s %s: asked %d time(s) again for a reply that did not come", cmd, cmd_id, reasker.asked)
 
 
 def _send_and_wait(console: Console, target: Target, cmd: str, args: dict[str, Any], cmd_id: str,
