@@ -421,6 +421,7 @@ def summarize_onnx(d: dict[str, Any]) -> dict[str, Any]:
             "met_on_calibration": mp.get("met"),
             "search_s": mp.get("search_s"),
             "tried": mp.get("tried"),
+            "latency": mp.get("latency"),
         }
     return out
 

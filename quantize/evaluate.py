@@ -96,6 +96,26 @@ class Runner:
         self.runtime.close()
 
 
+def latency_cost(full: Artifact, mixed: Artifact, tensor: np.ndarray, *, threads: int = 1, rounds: int = 5,
+                 runs: int = 20) -> dict[str, Any]:
+    """What mixed precision cost in latency: the median latency of the fully
+    int8 model and of the mixed-precision one on ``tensor`` (one model input,
+    no batch axis), timed in alternation (``rounds`` x ``runs``) so that the
+    machine's load falls on both alike."""
+    runners = [Runner(full, threads=threads), Runner(mixed, threads=threads)]
+    try:
+        times: list[list[float]] = [[], []]
+        for _ in range(rounds):
+            for i, runner in enumerate(runners):
+                times[i].append(runner.latency_ms(tensor, runs))
+    finally:
+        for runner in runners:
+            runner.close()
+    a, b = statistics.median(times[0]), statistics.median(times[1])
+    return {"full_int8_ms": round(a, 3), "mixed_ms": round(b, 3), "cost_ms": round(b - a, 3),
+            "cost_ratio": round(b / a, 3) if a > 0 else None, "threads": threads}
+
+
 def agreement(reference: np.ndarray, candidate: np.ndarray) -> tuple[float, float]:
     """(top-1 agreement, share of reference top-1 within candidate top-5)."""
     ref_top1 = reference.argmax(axis=1)

@@ -32,7 +32,7 @@ from edge_agent.runtimes import describe_model
 from quantize import report as report_mod
 from quantize.data import SampleSet, TensorReader, load_samples, preprocess_all
 from quantize.errors import QualityGateFailed, QuantizeError, QuantizeInputError
-from quantize.evaluate import Artifact, Runner, evaluate
+from quantize.evaluate import Artifact, Runner, evaluate, latency_cost
 from quantize.mixed import MixedPrecisionResult, closed_prefixes, cost_aware, rank_sensitivity, search_stable
 from quantize.onnx_int8 import OnnxInt8Quantizer, fix_input_shape, input_shape, load_onnx
 from quantize.qdq import QdqEditor, node_macs
@@ -267,6 +267,8 @@ def _onnx_mixed(
     float_compute = set().union(*(editor.float_compute(cid) for cid in result.float_nodes)) if result.float_nodes else set()
     mixed = work / "int8_mixed.onnx"
     onnx.save(editor.with_float(result.float_nodes), str(mixed))
+    cost = latency_cost(Artifact("full int8", full, src.preprocessing), Artifact("mixed", mixed, src.preprocessing),
+                        calib[0], threads=opts.threads)
     consumers = {c.id: c.consumers for c in editor.candidates}
     info["mixed_precision"] = {
         "needed": True,
@@ -276,6 +278,7 @@ def _onnx_mixed(
         "float_compute_nodes": sorted(float_compute),
         "float_macs_share": round(sum(macs.get(n, 0.0) for n in float_compute) / total_macs, 4),
         "candidates": len(ids),
+        "latency": cost,
     }
     return quantizer.finalize(mixed), info
 
@@ -333,6 +336,10 @@ def _tflite_int8(
         info["agreement_on_calibration"] = artifact.agreement
         info["target_met_on_calibration"] = artifact.target_met
         info["trials"] = [{"float_nodes": k, "agreement": round(a, 4)} for k, a in artifact.trials]
+    if artifact.full_int8_path is not None and reference_all is not None:
+        info["latency"] = latency_cost(Artifact("full int8", artifact.full_int8_path, tfl_pre),
+                                       Artifact("mixed", artifact.path, tfl_pre), tfl_tensors[0], threads=opts.threads)
+        artifact.full_int8_path.unlink(missing_ok=True)
     return artifact.path, info
 
 
@@ -437,6 +444,8 @@ def run(opts: QuantizeOptions, *, progress: Progress = _no_progress, echo: Calla
             "prune": prune_info,
         }
         echo(report_mod.table(metrics))
+        for line in report_mod.mixed_lines(infos):
+            echo(line)
         if floor is not None:
             echo(report_mod.floor_line(floor, metrics, opts.min_agreement))
         out.mkdir(parents=True, exist_ok=True)

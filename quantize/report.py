@@ -30,6 +30,38 @@ def table(metrics: Sequence[Metrics]) -> str:
     return "\n".join(lines)
 
 
+def mixed_lines(details: dict[str, Any]) -> list[str]:
+    """One line per runtime where mixed precision kept something in float:
+    what, the agreement it bought on the calibration pictures, and what it
+    cost in latency against the fully int8 model."""
+    lines = []
+    for runtime, info in details.items():
+        if not isinstance(info, dict):
+            continue
+        mp = info.get("mixed_precision") if runtime == "onnx" else info
+        if not isinstance(mp, dict) or not mp.get("float_nodes"):
+            continue
+        if runtime == "onnx":
+            kept = f"{len(mp['float_nodes'])} of {mp.get('candidates', '?')} tensors in float"
+            if mp.get("float_macs_share") is not None:
+                kept += f" ({100 * mp['float_macs_share']:.0f}% of the multiply-adds)"
+            start = info.get("agreement_on_calibration_full_int8")
+            reached, met = mp.get("agreement_on_calibration"), mp.get("met")
+        else:
+            kept = f"{len(mp['float_nodes'])} layer(s) in float"
+            trials = mp.get("trials") or []
+            start = trials[0]["agreement"] if trials and trials[0]["float_nodes"] == 0 else None
+            reached, met = mp.get("agreement_on_calibration"), mp.get("target_met_on_calibration")
+        line = f"mixed precision, int8 {runtime}: {kept}; agreement on the calibration pictures "
+        line += f"{_pct(start)} -> {_pct(reached)} (target {'met' if met else 'not met'})"
+        cost = mp.get("latency")
+        if cost:
+            line += (f"; latency {cost['full_int8_ms']:.2f} -> {cost['mixed_ms']:.2f} ms "
+                     f"({cost['cost_ms']:+.2f} ms, {cost['threads']} thread(s))")
+        lines.append(line)
+    return lines
+
+
 def floor_line(floor: NoiseFloor, metrics: Sequence[Metrics], min_agreement: float) -> str:
     """One or two lines on fp32's agreement with itself under invisible
     noise (and a warning when the gate sits at or above it)."""

@@ -42,6 +42,7 @@ import dataclasses
 import json
 import os
 import queue
+import shutil
 import subprocess
 import tempfile
 import threading
@@ -249,6 +250,10 @@ class TfliteArtifact:
     target_met: bool | None = None
     trials: tuple[tuple[int, float], ...] = ()
     conversion_s: float = 0.0
+    full_int8_path: Path | None = None
+    """For a mixed-precision result with layers in float: the fully int8
+    candidate beside it (what mixed precision started from), for comparing
+    their latency."""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary (for report.json and the manifest)."""
@@ -619,11 +624,16 @@ class TfliteConverter:
         assert self._tmp is not None
         work = Path(self._tmp.name)
 
+        full_int8 = out.with_name(f"{out.stem}.full_int8.tflite")
+
         def agree(k: int) -> float:
             if k not in tried:
                 cand = self.quantize(work / f"candidate_{k}.tflite", order[:k], per_channel=per_channel)
                 tried[k] = float(evaluate(cand.path))
-                cand.path.unlink(missing_ok=True)
+                if k == 0:
+                    shutil.move(str(cand.path), full_int8)
+                else:
+                    cand.path.unlink(missing_ok=True)
                 if self.progress:
                     self.progress(f"mixed precision: {k} layer(s) in float -> agreement {tried[k]:.3f}")
             return tried[k]
@@ -639,12 +649,15 @@ class TfliteConverter:
             else:
                 best_k, met = smallest_prefix(len(order), agree, target)
         result = self.quantize(out, order[:best_k], per_channel=per_channel)
+        if best_k == 0:
+            full_int8.unlink(missing_ok=True)
         return dataclasses.replace(
             result,
             agreement=tried[best_k],
             target_met=met,
             trials=tuple(tried.items()),
             conversion_s=round(result.conversion_s + time.perf_counter() - t0, 1),
+            full_int8_path=full_int8 if best_k and full_int8.exists() else None,
         )
 
 

@@ -24,7 +24,7 @@ from edge_agent.manifest import Preprocessing
 from quantize.data import Sample, TensorReader, load_samples, make_views
 from quantize.evaluate import Artifact, evaluate
 from quantize.report import floor_line
-from quantize.errors import QuantizeInputError
+from quantize.errors import QuantizeError, QuantizeInputError
 from quantize.mixed import MixedPrecisionResult, divergence, rank_sensitivity, search
 from quantize.onnx_int8 import OnnxInt8Quantizer
 from quantize.qdq import QdqEditor
@@ -306,43 +306,67 @@ def _varied_pictures(path: Path, count: int, seed: int) -> Path:
     return path
 
 
-def test_mixed_precision_raises_agreement_to_the_target(tmp_path: Path) -> None:
+@pytest.mark.parametrize("target", ["onnx", "tflite"])
+def test_mixed_precision_raises_agreement_to_the_target(tmp_path: Path, target: str) -> None:
     """Plain int8 of a model with one badly scaled activation falls well
     short of the target (the gate fails without mixed precision); with it,
-    the search keeps that activation in float, the target is met on the
+    the search keeps that part in float, the target is met on the
     calibration data and on the disjoint evaluation set, and the report
-    names what was kept."""
+    names what was kept and what it cost in latency. For both runtimes."""
+    if target == "tflite":
+        from quantize.tflite import find_converter_env
+
+        try:
+            find_converter_env()
+        except QuantizeError as exc:
+            pytest.skip(f"{exc} (scripts/test.sh creates it)")
     model = _outlier_net(tmp_path / "outlier.onnx")
     cal = _varied_pictures(tmp_path / "cal.npz", 200, seed=1)
     ev = _varied_pictures(tmp_path / "eval.npz", 200, seed=2)
-    common = [str(model), "--calibration", str(cal), "--eval", str(ev), "--target", "onnx", "--min-agreement", "0.95"]
+    common = [str(model), "--calibration", str(cal), "--eval", str(ev), "--target", target, "--min-agreement", "0.95"]
+    label = f"int8 {target}"
 
     plain = _cli(*common, "--out", str(tmp_path / "plain"), "--no-mixed-precision")
     plain_report = json.loads((tmp_path / "plain" / "report.json").read_text())
     assert plain.exit_code == 1, plain.output
     assert "quality gate failed" in plain.output
-    plain_int8 = {a["label"]: a for a in plain_report["artifacts"]}["int8 onnx"]
+    plain_int8 = {a["label"]: a for a in plain_report["artifacts"]}[label]
     assert plain_int8["agreement_top1"] < 0.9, plain_int8
 
     result = _cli(*common, "--out", str(tmp_path / "mixed"))
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "mixed" / "report.json").read_text())
-    onnx_details = report["details"]["onnx"]
-    mixed = onnx_details["mixed_precision"]
-    assert mixed["needed"] and mixed["met"], mixed
-    full_int8 = onnx_details["agreement_on_calibration_full_int8"]
+    details = report["details"][target]
+    if target == "onnx":
+        mixed = details["mixed_precision"]
+        assert mixed["needed"] and mixed["met"], mixed
+        full_int8 = details["agreement_on_calibration_full_int8"]
+        assert "act:r0" in mixed["float_nodes"]  # the badly scaled tensor
+        assert 0 < len(mixed["float_nodes"]) < mixed["candidates"]
+        assert {"conv0", "conv1"} <= set(mixed["float_compute_nodes"])
+        assert "fc" not in mixed["float_compute_nodes"]
+        assert "mixed precision, int8 onnx: 4 of 7 tensors in float" in result.output
+    else:
+        mixed = details
+        assert mixed["target_met_on_calibration"], mixed
+        full_int8 = mixed["trials"][0]["agreement"]
+        assert mixed["trials"][0]["float_nodes"] == 0
+        assert 0 < len(mixed["float_nodes"]) < 4
+        assert "mixed precision, int8 tflite: " in result.output
     assert full_int8 < 0.9, full_int8
     assert mixed["agreement_on_calibration"] >= 0.95 > full_int8
-    assert "act:r0" in mixed["float_nodes"]  # the badly scaled tensor
-    assert 0 < len(mixed["float_nodes"]) < mixed["candidates"]
-    assert {"conv0", "conv1"} <= set(mixed["float_compute_nodes"])
-    assert "fc" not in mixed["float_compute_nodes"]
-    evaluated = {a["label"]: a for a in report["artifacts"]}["int8 onnx"]
+    assert f"agreement on the calibration pictures {100 * full_int8:.1f}% -> " in result.output
+    evaluated = {a["label"]: a for a in report["artifacts"]}[label]
     assert evaluated["agreement_top1"] >= 0.95 > plain_int8["agreement_top1"], evaluated
     floor = report["evaluation"]["fp32_noise_floor"]
     assert floor["samples"] == 200 and 0 < floor["stable_samples"] <= 200 and 0 < floor["agreement"] <= 1
     assert evaluated["agreement_top1_stable"] is not None
     assert "fp32 against itself with +-1 grey level of pixel noise" in result.output
+    # What mixed precision cost in latency, against the fully int8 model.
+    cost = mixed["latency"]
+    assert cost["full_int8_ms"] > 0 and cost["mixed_ms"] > 0 and cost["threads"] == 1
+    assert cost["cost_ms"] == pytest.approx(cost["mixed_ms"] - cost["full_int8_ms"], abs=0.002)
+    assert "(target met); latency" in result.output
 
 
 # --------------------------------------------------------------- int8 quality

@@ -295,6 +295,9 @@ def test_mixed_precision_buys_back_agreement(converter_env: Path, assets: dict[s
     assert set(art.ops) <= BUILTIN_INT8_OPS | {"QUANTIZE", "DEQUANTIZE"}
     check, ref = photo_split["check"], fp32_top1["check"]
     assert agreement(art.path, check, ref) > agreement(plain.path, check, ref) + 0.1
+    # The fully int8 candidate is kept beside it, for the latency comparison.
+    assert art.full_int8_path == tmp_path / "mixed.full_int8.tflite" and art.full_int8_path.is_file()
+    assert agreement(art.full_int8_path, calib, fp32_top1["calibration"]) == tried[0]
 
 
 def test_mixed_precision_returns_plain_int8_when_it_already_meets_the_target(converter_env: Path, assets: dict[str, Path], photo_split: dict[str, np.ndarray], tmp_path: Path) -> None:
@@ -310,6 +313,7 @@ def test_mixed_precision_returns_plain_int8_when_it_already_meets_the_target(con
         evaluate=evaluate, target=0.95, env=converter_env, cache_dir=CACHE,
     )
     assert len(calls) == 1 and art.float_nodes == () and art.target_met is True and art.trials == ((0, 1.0),)
+    assert art.full_int8_path is None and not (tmp_path / "m.full_int8.tflite").exists()
 
 
 def test_a_broken_model_fails_with_the_converters_words(converter_env: Path, tmp_path: Path) -> None:
