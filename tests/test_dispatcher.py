@@ -231,10 +231,12 @@ def test_a_failed_command_is_not_retried_under_the_same_id() -> None:
     assert len(calls) == 1
 
 
-def test_a_repeat_during_execution_waits_for_the_first_reply() -> None:
+def _slow_ping() -> tuple[Dispatcher, threading.Event, threading.Event, list[int]]:
+    """A dispatcher whose ``ping`` runs until ``release`` is set (``started``
+    once it runs; ``calls`` counts executions)."""
     d = Dispatcher()
     started, release = threading.Event(), threading.Event()
-    calls = []
+    calls: list[int] = []
 
     def slow(args: Any, ctx: CommandContext) -> dict[str, Any]:
         calls.append(1)
@@ -243,6 +245,11 @@ def test_a_repeat_during_execution_waits_for_the_first_reply() -> None:
         return {"finished": True}
 
     d.register("ping", NoArgs, slow)
+    return d, started, release, calls
+
+
+def test_a_repeat_during_execution_waits_for_the_first_reply() -> None:
+    d, started, release, calls = _slow_ping()
     replies: list[dict[str, Any]] = []
     first = threading.Thread(target=lambda: replies.append(d.handle(cmd("slow", "ping"), ORIGIN)))
     first.start()
@@ -262,17 +269,7 @@ def test_a_repeat_during_execution_can_be_answered_later_without_waiting() -> No
     """The agent's command workers pass ``later``: a console asking again
     for a deploy still running must not hold a worker (other commands would
     queue behind it) yet still gets its one reply, when the deploy ends."""
-    d = Dispatcher()
-    started, release = threading.Event(), threading.Event()
-    calls = []
-
-    def slow(args: Any, ctx: CommandContext) -> dict[str, Any]:
-        calls.append(1)
-        started.set()
-        release.wait(5)
-        return {"finished": True}
-
-    d.register("ping", NoArgs, slow)
+    d, started, release, calls = _slow_ping()
     replies: list[dict[str, Any] | None] = []
     later: list[tuple[dict[str, Any], str]] = []
     first = threading.Thread(target=lambda: replies.append(d.handle(cmd("slow", "ping"), ORIGIN)))
