@@ -34,6 +34,16 @@ FMNIST_STD = "0.3530,0.3530,0.3530"
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _save_classifier(path: Path, name: str, nodes: list, inits: list, classes: int) -> Path:
+    """Save a graph from ``input`` [1, 3, 16, 16] to ``logits`` [1, classes]."""
+    graph = helper.make_graph(
+        nodes, name, [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 16, 16])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, classes])], inits,
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
+    return path
+
+
 def _relu_convnet(path: Path, seed: int = 0) -> Path:
     """Conv -> Relu -> Conv -> Add(residual) -> GlobalAveragePool -> Flatten -> Gemm."""
     rng = np.random.default_rng(seed)
@@ -54,16 +64,7 @@ def _relu_convnet(path: Path, seed: int = 0) -> Path:
         helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
         helper.make_node("Gemm", ["f", "W3", "B3"], ["logits"], transB=1, name="fc"),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "relu_convnet",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 16, 16])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 5])],
-        inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    onnx.save(model, str(path))
-    return path
+    return _save_classifier(path, "relu_convnet", nodes, inits, 5)
 
 
 def _photo_tensors(assets: dict[str, Path], size: int = 16) -> np.ndarray:
@@ -286,14 +287,7 @@ def _outlier_net(path: Path, wide: float = 300.0, seed: int = 0) -> Path:
         helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
         helper.make_node("Gemm", ["f", "W2", "B2"], ["logits"], transB=1, name="fc"),
     ]
-    graph = helper.make_graph(
-        nodes, "outlier_net", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 16, 16])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 10])], inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
-    onnx.save(model, str(path))
-    return path
+    return _save_classifier(path, "outlier_net", nodes, inits, 10)
 
 
 def _varied_pictures(path: Path, count: int, seed: int) -> Path:
@@ -406,15 +400,7 @@ def _residual_convnet(path: Path, seed: int = 1, wide_channel: float = 20.0) -> 
         helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
         helper.make_node("Gemm", ["f", "W3", "B3"], ["logits"], transB=1, name="fc"),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "residual_convnet",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 16, 16])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 5])],
-        inits,
-    )
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
-    return path
+    return _save_classifier(path, "residual_convnet", nodes, inits, 5)
 
 
 def test_noise_floor_finds_the_pictures_fp32_itself_cannot_decide(tmp_path: Path) -> None:
@@ -429,15 +415,9 @@ def test_noise_floor_finds_the_pictures_fp32_itself_cannot_decide(tmp_path: Path
         helper.make_node("Flatten", ["p"], ["f"]),
         helper.make_node("Gemm", ["f", "W", "B"], ["logits"], transB=1),
     ]
-    graph = helper.make_graph(
-        nodes, "grey", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 16, 16])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 2])],
-        [numpy_helper.from_array(weights, "W"), numpy_helper.from_array(np.array([-0.5, 0], np.float32), "B")],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
-    path = tmp_path / "grey.onnx"
-    onnx.save(model, str(path))
+    path = _save_classifier(tmp_path / "grey.onnx", "grey", nodes, [
+        numpy_helper.from_array(weights, "W"), numpy_helper.from_array(np.array([-0.5, 0], np.float32), "B"),
+    ], 2)
     checker = np.indices((16, 16)).sum(axis=0) % 2  # half the pixels 127, half 128: mean exactly mid-grey
     ties = [np.repeat((127 + checker)[..., None], 3, axis=2).astype(np.uint8) for _ in range(8)]
     clear = [np.full((16, 16, 3), v, np.uint8) for v in (40, 60, 200, 220)]
