@@ -33,7 +33,7 @@ from typing import Any, Sequence
 from pydantic import ValidationError
 
 from edge_agent import __version__
-from edge_agent.errors import BundleError, ModelLoadError
+from edge_agent.errors import BundleError, ModelLoadError, is_disk_full
 from edge_agent.manifest import (
     MANIFEST_NAME,
     SIGNATURE_NAME,
@@ -169,7 +169,7 @@ def extract_archive(archive: Path, dest: Path) -> None:
             else:  # pragma: no cover - Python < 3.10.12
                 tar.extractall(dest, members=members)
     except (tarfile.TarError, EOFError, OSError) as exc:
-        if isinstance(exc, OSError) and exc.errno is not None and exc.errno in (28,):  # ENOSPC
+        if is_disk_full(exc):
             raise BundleError(f"bundle {archive}: no space left on device while extracting", code="disk_full") from None
         raise BundleError(f"bundle {archive}: not a readable tar archive ({exc})", code="bad_archive") from None
 

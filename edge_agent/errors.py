@@ -9,6 +9,15 @@ user never sees a traceback for something they can fix.
 
 from __future__ import annotations
 
+import errno
+
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Did writing fail because the disk (or the user's quota) is full?"""
+    return isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS
+
 
 class EdgeAgentError(Exception):
     """Base class. ``code`` is machine readable, the message is for a person."""

@@ -23,7 +23,6 @@ Errors are :class:`~edge_agent.errors.DownloadError` with the codes
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import http.client
 import logging
@@ -42,7 +41,7 @@ from urllib.parse import urlsplit
 
 
 from edge_agent import __version__
-from edge_agent.errors import DownloadError
+from edge_agent.errors import DownloadError, is_disk_full
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +53,6 @@ CHUNK = 64 * 1024
 _SHA256_RE = re.compile(r"^[0-9a-fA-F]{64}$")
 _CONTENT_RANGE_RE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 _RETRY_STATUS = {408, 425, 429}
-_DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
 
@@ -357,7 +355,7 @@ def _check_free_space(part: Path, size: int) -> None:
 
 
 def _disk_error(exc: OSError, what: str) -> DownloadError:
-    if exc.errno in _DISK_FULL:
+    if is_disk_full(exc):
         return DownloadError(f"{what}: the disk is full ({exc.strerror})", code="disk_full")
     return DownloadError(f"{what}: {exc.strerror or exc}", code="download_failed")
 

@@ -28,7 +28,6 @@ or receiver.
 from __future__ import annotations
 
 import base64
-import errno
 import hashlib
 import json
 import logging
@@ -46,7 +45,7 @@ from typing import Any, Callable, Protocol
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from edge_agent.comms.commands import TOKEN_RE, Sha256, Token
-from edge_agent.errors import TransferError
+from edge_agent.errors import TransferError, is_disk_full
 
 log = logging.getLogger(__name__)
 
@@ -850,4 +849,4 @@ class TransferReceiver:
 
 
 def _disk_code(exc: OSError) -> str:
-    return "disk_full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "transfer_failed"
+    return "disk_full" if is_disk_full(exc) else "transfer_failed"

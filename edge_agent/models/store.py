@@ -17,7 +17,6 @@ that is not there.
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import logging
 import os
@@ -27,7 +26,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from edge_agent.bundle import Bundle, open_bundle, verify_dir
-from edge_agent.errors import BundleError, EdgeAgentError
+from edge_agent.errors import BundleError, EdgeAgentError, is_disk_full
 from edge_agent.faults import checkpoint
 from edge_agent.models.state import ModelState, clean_state_leftovers, fsync_dir, read_state, write_state
 
@@ -53,7 +52,7 @@ def _fsync_tree(root: Path) -> None:
 
 
 def _write_error(what: str, exc: OSError) -> StoreError:
-    code = "disk_full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "store_write_failed"
+    code = "disk_full" if is_disk_full(exc) else "store_write_failed"
     return StoreError(f"{what}: {exc.strerror}", code=code)
 
 
