@@ -301,23 +301,20 @@ def status_cmd(group: str | None, wait_s: float, as_json: bool, **broker: Any) -
     """A table of every device from its retained status (and recent telemetry)."""
     from edge_agent import fleet as f
 
-    with f.Console(_settings(broker), telemetry=wait_s > 0) as console:
+    settings = _settings(broker)
+    with f.Console(settings, telemetry=wait_s > 0) as console:
         devices = f.collect_status(console, group=group, telemetry_wait_s=wait_s)
     if as_json:
         click.echo(json.dumps({d: {"status": i.status, "telemetry": i.telemetry} for d, i in devices.items()},
                               indent=2))
         return
     if not devices:
-        where = f"in group {group}" if group else f"under prefix {_prefix(broker)}"
+        where = f"in group {group}" if group else f"under prefix {settings.prefix}"
         click.echo(f"no device has published a status {where}")
         return
     click.echo(f.table(f.STATUS_HEAD, f.status_rows(devices)))
     online = sum(i.online for i in devices.values())
     click.echo(f"{online} of {len(devices)} device(s) online")
-
-
-def _prefix(broker: dict[str, Any]) -> str:
-    return broker.get("prefix") or "the configured prefix"
 
 
 @fleet.command("watch")

@@ -329,6 +329,12 @@ def test_status_table(fleet: Fleet) -> None:
     assert set(rows(lobby.stdout)) == {"DEVICE", fleet.name("s1"), fleet.name("s3"), "1"}
 
 
+def test_status_of_an_empty_fleet_names_the_prefix(fleet: Fleet) -> None:
+    result = fleet.cli("status", "--wait", "0")
+    assert result.exit_code == 0, result.output
+    assert f"no device has published a status under prefix {fleet.prefix}" in result.stdout
+
+
 def test_rollback(fleet: Fleet, bundles: dict[str, Path]) -> None:
     """After a deploy of v2, ``fleet rollback`` returns the device to v1; a
     device with nothing to roll back to reports why, and the exit code is 1."""
