@@ -39,7 +39,6 @@ import re
 import shutil
 import socketserver
 import ssl
-import tarfile
 import tempfile
 import threading
 import time
@@ -757,7 +756,7 @@ class PreparedBundle:
 def prepare_bundle(path: Path | str) -> PreparedBundle:
     """Verify the bundle at ``path`` (directory or archive) as a device will
     and, for a directory, archive it (``.tar.gz``) to a temporary file."""
-    from edge_agent.bundle import is_archive, open_bundle, sha256_file
+    from edge_agent.bundle import is_archive, open_bundle, sha256_file, write_bundle
     from edge_agent.errors import BundleError
 
     path = Path(path).expanduser()
@@ -775,9 +774,7 @@ def prepare_bundle(path: Path | str) -> PreparedBundle:
     if path.is_dir():
         folder = Path(tempfile.mkdtemp(prefix="edge-fleet-"))
         archive = folder / f"{manifest.name}-{manifest.version}.tar.gz"
-        with tarfile.open(archive, "w:gz") as tar:
-            for item in sorted(path.iterdir()):
-                tar.add(item, arcname=item.name)
+        write_bundle(path, archive)
         temporary = True
     return PreparedBundle(archive, manifest.name, manifest.version, sha256_file(archive), archive.stat().st_size,
                           temporary)

@@ -559,3 +559,20 @@ def test_console_sees_an_agent_started_by_edge_agent_run(fleet: Fleet, tmp_path:
         proc.terminate()
         assert proc.wait(20) == 0, proc.stderr.read().decode() if proc.stderr else ""
     fleet.wait_state(device, "stopped")
+
+
+def test_a_bundle_directory_is_archived_for_the_deploy(bundles: dict[str, Path]) -> None:
+    """``fleet deploy ./dir/`` ships a .tar.gz of the directory, verified as
+    a device will open it, and removes it afterwards."""
+    from edge_agent.bundle import open_bundle, sha256_file
+
+    prepared = f.prepare_bundle(bundles["v1"])
+    try:
+        assert prepared.temporary and prepared.archive.name == "clf-1.tar.gz"
+        assert (prepared.model, prepared.version) == ("clf", 1)
+        assert prepared.sha256 == sha256_file(prepared.archive) and prepared.size == prepared.archive.stat().st_size
+        with open_bundle(prepared.archive) as shipped, open_bundle(bundles["v1"]) as original:
+            assert shipped.manifest == original.manifest
+    finally:
+        prepared.cleanup()
+    assert not prepared.archive.exists()
