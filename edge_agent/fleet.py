@@ -140,10 +140,7 @@ class DeviceInfo:
 
     device: str
     status: dict[str, Any] = field(default_factory=dict)
-    received: float = 0.0
-    """time.time() when the status arrived."""
     telemetry: dict[str, Any] | None = None
-    telemetry_at: float | None = None
 
     @property
     def state(self) -> str:
@@ -266,13 +263,11 @@ class _CountingLink:
     def __init__(self, inner: Any) -> None:
         self.inner = inner
         self.bytes = 0
-        self.messages = 0
         self._lock = threading.Lock()
 
     def publish(self, topic: str, payload: bytes, *, qos: int, retain: bool) -> Any:
         with self._lock:
             self.bytes += len(payload)
-            self.messages += 1
         return self.inner.publish(topic, payload, qos=qos, retain=retain)
 
     def subscribe(self, topic_filter: str, callback: Callable[[str, bytes], None]) -> Callable[[], None]:
@@ -460,7 +455,6 @@ class Console:
                 info.status = {**info.status, **data}
             else:
                 info.status = data
-            info.received = time.time()
             self.cond.notify_all()
         self._tell("status", device, data)
 
@@ -487,7 +481,6 @@ class Console:
         with self.cond:
             info = self.devices.setdefault(device, DeviceInfo(device, {"state": "unknown"}))
             info.telemetry = data
-            info.telemetry_at = time.time()
         self._tell("telemetry", device, data)
 
     # -- devices and commands ------------------------------------------------------------
@@ -849,7 +842,6 @@ class _ArchiveHandler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         if not body:
             return
-        owner.requests += 1
         with open(owner.path, "rb") as fh:
             fh.seek(start)
             left = end - start + 1
@@ -883,7 +875,6 @@ class ArchiveServer:
     def __init__(self, path: Path, host: str, port: int, *, advertise: str | None = None) -> None:
         self.path = Path(path)
         self.size = self.path.stat().st_size
-        self.requests = 0
         self.bytes_sent = 0
         self._lock = threading.Lock()
         try:
@@ -1145,12 +1136,9 @@ class _PacedLink:
         return self.inner.subscribe(topic_filter, callback)
 
 
-def _slowest(states: dict[str, DeviceProgress], devices: list[str], *, stall_s: float,
-             spare: float = 0.0) -> int | None:
+def _slowest(states: dict[str, DeviceProgress], devices: list[str], *, stall_s: float) -> int | None:
     """The bytes received by the slowest of ``devices`` still receiving and
-    heard from within ``stall_s``, leaving out the slowest ``spare`` fraction
-    of them: a few stragglers catch up from their broker queue (or ask with
-    ``need``) rather than hold the whole fleet back (condition held)."""
+    heard from within ``stall_s`` (condition held)."""
     now = time.monotonic()
     lows = []
     for device in devices:
@@ -1161,10 +1149,7 @@ def _slowest(states: dict[str, DeviceProgress], devices: list[str], *, stall_s: 
             lows.append(0)
         elif st.step == "transfer":
             lows.append(st.received or 0)
-    if not lows:
-        return None
-    lows.sort()
-    return lows[int(len(lows) * spare)]
+    return min(lows) if lows else None
 
 
 # -- rendering helpers (plain text, shared by the CLI and benchmarks) ---------------------------
