@@ -236,15 +236,9 @@ def deploy_cmd(bundle: str, devices: tuple[str, ...], group: str | None, all_: b
       edge-agent fleet deploy cls-4.tar.gz --device cam-07 --via url --url https://files.lan/cls-4.tar.gz
     """
     from edge_agent import fleet as f
-    from edge_agent.errors import UsageError
 
     target = f.Target.of(devices, group, all_)
-    if via == "url" and (url is None) == (serve is None):
-        raise UsageError("--via url needs exactly one of --url and --serve")
-    if via == "mqtt" and (url or serve):
-        raise UsageError("--url and --serve go with --via url")
-    if advertise and not serve:
-        raise UsageError("--advertise goes with --serve")
+    f.check_delivery(via, url, serve, advertise)  # before any archiving or connecting
     settings = _settings(broker)
     prepared = f.prepare_bundle(bundle)
     view = ProgressView(enabled=not quiet and not as_json)

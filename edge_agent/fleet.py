@@ -610,7 +610,7 @@ def run_command(
     wait_online: float = 0.0,
     cmd_id: str | None = None,
     on_sent: Callable[[list[str]], None] | None = None,
-    before_send: Callable[[list[str]], None] | None = None,
+    before_send: Callable[[list[str], list[str]], None] | None = None,
     after_send: Callable[[list[str]], None] | None = None,
     reask_s: float | None = REASK_S,
 ) -> list[Outcome]:
@@ -626,7 +626,7 @@ def run_command(
     Devices not online are ``offline`` at once, or, with ``wait_online``,
     get the command on their own topic if they come online within that many
     seconds (a device that is new to the group counts too while the console
-    waits). ``before_send(online)`` runs just before the first publish,
+    waits). ``before_send(online, offline)`` runs just before the first publish,
     ``after_send(online)`` just after it, ``on_sent([device])`` whenever a
     late device is sent the command.
     """
@@ -647,7 +647,7 @@ def run_command(
 def _send_and_wait(console: Console, target: Target, cmd: str, args: dict[str, Any], cmd_id: str,
                    online: list[str], offline: list[str], reasker: _Reasker, *, timeout: float,
                    wait_online: float, on_sent: Callable[[list[str]], None] | None,
-                   before_send: Callable[[list[str]], None] | None,
+                   before_send: Callable[[list[str], list[str]], None] | None,
                    after_send: Callable[[list[str]], None] | None) -> list[Outcome]:
     """The body of :func:`run_command`."""
     sent_at: dict[str, float] = {}
@@ -658,7 +658,7 @@ def _send_and_wait(console: Console, target: Target, cmd: str, args: dict[str, A
     # its persistent session only while we still wait for it.
     expiry = min(wait_online, timeout) + DELIVERY_SLACK_S
     if before_send is not None:
-        before_send(online)
+        before_send(online, offline)
     if online:
         if target.kind == "device":
             for device in online:
@@ -945,6 +945,18 @@ class DeployReport:
         return bool(self.outcomes) and all(o.ok for o in self.outcomes)
 
 
+def check_delivery(via: str, url: str | None, serve: Any, advertise: str | None) -> None:
+    """The delivery options of a deploy make sense together (UsageError if not)."""
+    if via not in ("mqtt", "url"):
+        raise UsageError(f"--via {via!r}: use mqtt or url")
+    if via == "url" and (url is None) == (serve is None):
+        raise UsageError("--via url needs exactly one of --url and --serve")
+    if via == "mqtt" and (url is not None or serve is not None):
+        raise UsageError("--url and --serve go with --via url")
+    if advertise and serve is None:
+        raise UsageError("--advertise goes with --serve")
+
+
 def deploy(
     console: Console,
     bundle: PreparedBundle,
@@ -987,14 +999,7 @@ def deploy(
     """
     from edge_agent.comms.transfer import TransferSender
 
-    if via not in ("mqtt", "url"):
-        raise UsageError(f"--via {via!r}: use mqtt or url")
-    if via == "url" and url is None and serve is None:
-        raise UsageError("--via url needs --url URL or --serve HOST:PORT")
-    if via == "mqtt" and (url is not None or serve is not None):
-        raise UsageError("--url and --serve go with --via url")
-    if url is not None and serve is not None:
-        raise UsageError("give --url or --serve, not both")
+    check_delivery(via, url, serve, advertise)
     cmd_id = new_command_id("deploy")
     args: dict[str, Any] = {"model": bundle.model, "version": bundle.version, "sha256": bundle.sha256,
                             "size": bundle.size, "activate": activate}
@@ -1036,12 +1041,12 @@ def deploy(
         if progress is not None:
             progress(snapshot)
 
-    def before_send(online: list[str]) -> None:
+    def before_send(online: list[str], offline: list[str]) -> None:
         with started:
             for device in online:
                 states.setdefault(device, DeviceProgress(device))
         if on_targets is not None:
-            on_targets(*console.resolve(target))
+            on_targets(online, offline)
 
     def after_send(online: list[str]) -> None:
         nonlocal sender

@@ -390,6 +390,8 @@ def test_archive_server_answers_ranges(tmp_path: Path) -> None:
     (["deploy", "BUNDLE"], "exactly one of --device, --group and --all"),
     (["deploy", "BUNDLE", "--all", "--via", "url"], "--via url needs exactly one of --url and --serve"),
     (["deploy", "BUNDLE", "--all", "--url", "http://x/b.tar.gz"], "--url and --serve go with --via url"),
+    (["deploy", "BUNDLE", "--all", "--via", "url", "--url", "http://x/b.tar.gz", "--advertise", "h"],
+     "--advertise goes with --serve"),
     (["rollback", "clf", "--group", "no/slash"], "not a valid group name"),
     (["status", "--config", "MISSING"], "file not found"),
 ])
