@@ -115,6 +115,7 @@ from quantize.errors import QualityGateFailed  # noqa: E402
 from quantize.evaluate import Artifact, Runner  # noqa: E402
 import quantize.pipeline as pipeline_mod  # noqa: E402
 from quantize.pipeline import QuantizeOptions, run as run_quantize  # noqa: E402
+from quantize.report import floor_text  # noqa: E402
 
 # Photos of things an ImageNet classifier is meant for, split into two
 # disjoint sets. Textures, microscopy and text pages are left out of both:
@@ -655,12 +656,7 @@ def table(report: dict[str, Any]) -> str:
     floors = [run["evaluation"].get("fp32_noise_floor") for run in runs.values() if run.get("evaluation")]
     nf = next((f for f in floors if f), None)
     if nf:
-        lines.append(
-            f"fp32 against itself with +-{nf['amp_grey_levels']} grey level of pixel noise ({len(nf['draws'])} draws, "
-            "from the job's report): "
-            f"{100 * nf['agreement']:.1f}% agreement (per draw " + ", ".join(f"{100 * a:.1f}%" for a in nf["draws"])
-            + f"); fp32 keeps its top-1 in every draw on {nf['stable_samples']} of {nf['samples']} views"
-        )
+        lines.append(f"{floor_text(nf)} (from the job's report)")
         lines.append(f"  {'model':<36} {'all views':>10} {'stable views':>13}")
         for tag, run in runs.items():
             for label, a in run["artifacts"].items():

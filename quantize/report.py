@@ -62,17 +62,23 @@ def mixed_lines(details: dict[str, Any]) -> list[str]:
     return lines
 
 
+def floor_text(floor: dict[str, Any]) -> str:
+    """fp32's noise floor (``NoiseFloor.to_dict()``, as in report.json) in words."""
+    draws = ", ".join(_pct(d) for d in floor["draws"])
+    return (
+        f"fp32 against itself with +-{floor['amp_grey_levels']} grey level of pixel noise: "
+        f"{_pct(floor['agreement'])} agreement ({len(floor['draws'])} draws: {draws}); it keeps its top-1 in every "
+        f"draw on {floor['stable_samples']} of {floor['samples']} pictures"
+    )
+
+
 def floor_line(floor: NoiseFloor, metrics: Sequence[Metrics], min_agreement: float) -> str:
     """One or two lines on fp32's agreement with itself under invisible
     noise (and a warning when the gate sits at or above it)."""
     stable = ", ".join(
         f"{m.label} {_pct(m.agreement_top1_stable)}" for m in metrics[1:] if m.agreement_top1_stable is not None
     )
-    line = (
-        f"fp32 against itself with +-{floor.amp} grey level of pixel noise: {_pct(floor.agreement)} agreement "
-        f"({len(floor.draws)} draws); on the {int(floor.stable.sum())} of {floor.stable.size} pictures it keeps its "
-        f"top-1 in every draw: {stable or '-'}"
-    )
+    line = f"{floor_text(floor.to_dict())}; agreement on those: {stable or '-'}"
     own = 1 - floor.agreement
     if 1 - min_agreement < 2 * own:
         line += (
@@ -114,10 +120,7 @@ def html_page(report: dict[str, Any], metrics: Sequence[Metrics]) -> str:
     gate = report["gate"]
     floor = report["evaluation"].get("fp32_noise_floor")
     floor_html = "" if not floor else (
-        f"<p>fp32 against itself with ±{floor['amp_grey_levels']} grey level of pixel noise: "
-        f"{floor['agreement']:.1%} agreement ({len(floor['draws'])} draws); it keeps its top-1 in every draw on "
-        f"{floor['stable_samples']} of {floor['samples']} pictures. A gate above this measures the pictures, "
-        "not the quantization.</p>"
+        f"<p>{html.escape(floor_text(floor))}. A gate above this measures the pictures, not the quantization.</p>"
     )
     status = "passed" if gate["passed"] else "FAILED"
     return f"""<!doctype html><meta charset="utf-8"><title>edge-agent quantize: {html.escape(report['model']['name'])}</title>
