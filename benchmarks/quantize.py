@@ -112,7 +112,7 @@ import build_assets  # noqa: E402  (scripts/build_assets.py)
 from edge_agent.bundle import pack  # noqa: E402
 from quantize.data import Sample, make_views  # noqa: E402
 from quantize.errors import QualityGateFailed  # noqa: E402
-from quantize.evaluate import Artifact, Runner  # noqa: E402
+from quantize.evaluate import Artifact, interleaved_latency  # noqa: E402
 import quantize.pipeline as pipeline_mod  # noqa: E402
 from quantize.pipeline import QuantizeOptions, run as run_quantize  # noqa: E402
 from quantize.report import floor_text  # noqa: E402
@@ -452,21 +452,11 @@ def latency_check(kept: dict[str, list[Artifact]], photo: Path, rounds: int, run
                     models.insert(0, ("fp32", art))
                 continue
             models.append((f"{tag}/{art.label}", art))
-    runners: dict[str, Runner] = {}
-    tensors: dict[str, np.ndarray] = {}
-    times: dict[str, list[float]] = {}
-    try:
-        for key, art in models:
-            runner = runners[key] = Runner(art, threads=1)
-            tensors[key] = runner.tensors([Sample(photo.name, image)])[0]
-            times[key] = []
-        for r in range(rounds):
-            for key, runner in runners.items():
-                times[key].append(runner.latency_ms(tensors[key], runs))
-            progress(f"latency round {r + 1}/{rounds}: " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in times.items()))
-    finally:
-        for runner in runners.values():
-            runner.close()
+    times = interleaved_latency(
+        dict(models), lambda runner: runner.tensors([Sample(photo.name, image)])[0], rounds=rounds, runs=runs,
+        on_round=lambda r, t: progress(f"latency round {r + 1}/{rounds}: "
+                                       + ", ".join(f"{k} {v[-1]:.2f}" for k, v in t.items())),
+    )
     base = times["fp32"]
     return {
         "photo": photo.name,

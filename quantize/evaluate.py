@@ -96,22 +96,44 @@ class Runner:
         self.runtime.close()
 
 
+def interleaved_latency(
+    artifacts: dict[str, Artifact],
+    tensor_of: Callable[[Runner], np.ndarray],
+    *,
+    rounds: int,
+    runs: int,
+    threads: int = 1,
+    on_round: Callable[[int, dict[str, list[float]]], None] | None = None,
+) -> dict[str, list[float]]:
+    """Median latency (ms) of every artifact per round: each round times
+    every model once (``runs`` runs after a warm-up) on ``tensor_of(runner)``
+    (one input, no batch axis), so that the machine's load falls on all of
+    them alike. ``on_round(round, times)`` after each round."""
+    runners: dict[str, Runner] = {}
+    try:
+        for key, art in artifacts.items():
+            runners[key] = Runner(art, threads=threads)
+        tensors = {key: tensor_of(runner) for key, runner in runners.items()}
+        times: dict[str, list[float]] = {key: [] for key in runners}
+        for r in range(rounds):
+            for key, runner in runners.items():
+                times[key].append(runner.latency_ms(tensors[key], runs))
+            if on_round is not None:
+                on_round(r, times)
+    finally:
+        for runner in runners.values():
+            runner.close()
+    return times
+
+
 def latency_cost(full: Artifact, mixed: Artifact, tensor: np.ndarray, *, threads: int = 1, rounds: int = 5,
                  runs: int = 20) -> dict[str, Any]:
     """What mixed precision cost in latency: the median latency of the fully
-    int8 model and of the mixed-precision one on ``tensor`` (one model input,
-    no batch axis), timed in alternation (``rounds`` x ``runs``) so that the
-    machine's load falls on both alike."""
-    runners = [Runner(full, threads=threads), Runner(mixed, threads=threads)]
-    try:
-        times: list[list[float]] = [[], []]
-        for _ in range(rounds):
-            for i, runner in enumerate(runners):
-                times[i].append(runner.latency_ms(tensor, runs))
-    finally:
-        for runner in runners:
-            runner.close()
-    a, b = statistics.median(times[0]), statistics.median(times[1])
+    int8 model and of the mixed-precision one on ``tensor``, timed in
+    alternation (:func:`interleaved_latency`)."""
+    times = interleaved_latency({"full": full, "mixed": mixed}, lambda runner: tensor, rounds=rounds, runs=runs,
+                                threads=threads)
+    a, b = statistics.median(times["full"]), statistics.median(times["mixed"])
     return {"full_int8_ms": round(a, 3), "mixed_ms": round(b, 3), "cost_ms": round(b - a, 3),
             "cost_ratio": round(b / a, 3) if a > 0 else None, "threads": threads}
 
