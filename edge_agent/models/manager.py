@@ -680,8 +680,9 @@ class ModelManager:
 
     def verify_installed(self, name: str, version: int) -> LoadedModel:
         """Load and smoke-test an installed version without serving it (the
-        deploy's verification step); the caller closes or adopts the result."""
-        return self._load_version(self._slot(name), version)
+        deploy's verification step, at a lower priority like any load while
+        frames are served); the caller closes or adopts the result."""
+        return self._load_in_background(self._slot(name), version)
 
     def adopt(self, model: LoadedModel) -> None:
         """Keep an already verified model loaded (so activation need not load it again)."""
@@ -792,8 +793,11 @@ class ModelManager:
             load_ms = (time.monotonic() - t0) * 1000.0
             return {"mode": "availability", "load_ms": round(load_ms, 1), "gap_ms": 0.0, "_old": old, "_new": new}
         # Resource-preserving: stop handing out the old version, wait for the
-        # frames in flight, close it, then load the new one. Frames wait.
+        # frames in flight, close it, then load the new one, unless it is
+        # loaded already (kept by a deploy, or by the policy): then it only
+        # has to switch. Frames wait.
         with self._cond:
+            new = slot.loaded.get(version)
             slot.gap_since = time.monotonic()
             slot.serving = None
             while old.refs:
@@ -801,9 +805,10 @@ class ModelManager:
             slot.loaded.pop(old.version, None)
         old.close()
         try:
-            if progress:
-                progress("loading", version=version)
-            new = self._load_version(slot, version)
+            if new is None:
+                if progress:
+                    progress("loading", version=version)
+                new = self._load_version(slot, version)
         except BaseException:
             # Put the old version back; it was serving a moment ago.
             back = self._load_version(slot, old.version)
