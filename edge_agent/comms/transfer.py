@@ -22,7 +22,7 @@ Threading: link callbacks run on the transport's thread (paho's network
 thread) and only do cheap work (verify a chunk's sha256, write it at its
 offset); the slow parts (hashing the whole file, persisting state, asking
 for missing chunks, publishing chunks) run on one worker thread per sender
-or receiver.
+or receiver, without holding the lock the link's thread takes.
 """
 
 from __future__ import annotations
@@ -515,6 +515,9 @@ class TransferReceiver:
         self._fd: int | None = None
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
+        # Serialises writing state.json (and finishing, which removes it);
+        # taken before ``_lock``, never while holding it.
+        self._persist_lock = threading.Lock()
         self._finished = threading.Event()
         self._error: TransferError | None = None
         self._stop = False
@@ -585,8 +588,10 @@ class TransferReceiver:
         if self._thread is not None:
             self._thread.join(10)
         with self._lock:
-            if self._dirty:
-                self._persist()
+            dirty = self._dirty
+        if dirty:
+            self._persist()
+        with self._lock:
             if self._fd is not None:
                 os.close(self._fd)
                 self._fd = None
@@ -597,7 +602,7 @@ class TransferReceiver:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # -- state (lock held) -------------------------------------------------------
+    # -- state (lock held, unless said otherwise) ----------------------------------
 
     def _resume(self) -> None:
         try:
@@ -652,21 +657,41 @@ class TransferReceiver:
         self.meta = meta
         self._have = bytearray(meta.chunks)
         self._received = 0
+        self._complete = False
         self._fd = os.open(self.data_path, os.O_RDWR | os.O_CREAT, 0o644)
         os.ftruncate(self._fd, meta.size)  # sparse: blocks are used as chunks arrive
 
     def _persist(self) -> None:
-        if self.meta is None or self._fd is None:
-            return
-        try:
-            os.fsync(self._fd)
-            tmp = self.state_path.with_suffix(".tmp")
-            state = {"meta": self.meta.model_dump(), "have": base64.b64encode(bytes(self._have)).decode()}
-            tmp.write_text(json.dumps(state))
-            os.replace(tmp, self.state_path)
-            self._dirty = False
-        except OSError as exc:
-            log.warning("transfer %s: cannot save progress: %s", self.tid, exc)
+        """Sync the data, then save the state (lock NOT held: the state is
+        copied under it, the disk work done outside, so the link's thread
+        does not wait for an fsync). A chunk written after the copy is simply
+        not recorded yet; one recorded is on disk before the state says so."""
+        with self._persist_lock:
+            with self._lock:
+                meta = self.meta
+                if meta is None or self._fd is None:
+                    return
+                have = bytes(self._have)
+                self._dirty = False
+                try:
+                    fd = os.dup(self._fd)  # ours: ``_open``/``close`` may close ``_fd`` meanwhile
+                except OSError as exc:
+                    self._dirty = True
+                    log.warning("transfer %s: cannot save progress: %s", self.tid, exc)
+                    return
+            try:
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                tmp = self.state_path.with_suffix(".tmp")
+                state = {"meta": meta.model_dump(), "have": base64.b64encode(have).decode()}
+                tmp.write_text(json.dumps(state))
+                os.replace(tmp, self.state_path)
+            except OSError as exc:
+                log.warning("transfer %s: cannot save progress: %s", self.tid, exc)
+                with self._lock:
+                    self._dirty = True
 
     def _fail(self, message: str, code: str) -> None:
         if self._finished.is_set():
@@ -753,26 +778,23 @@ class TransferReceiver:
         last_persist = time.monotonic()
         while True:
             need: bytes | None = None
+            finish = persist = False
             with self._lock:
                 if self._stop or self._finished.is_set():
                     break
                 now = time.monotonic()
                 if self._complete:
-                    try:
-                        self._finish()
-                    except OSError as exc:
-                        self._fail(f"transfer {self.tid}: cannot finish {self.data_path}: {exc.strerror}", _disk_code(exc))
-                    continue
-                if self.deadline_s is not None and now - self._started > self.deadline_s:
+                    finish = True
+                elif self.deadline_s is not None and now - self._started > self.deadline_s:
                     got = f"{sum(self._have)} of {self.meta.chunks}" if self.meta else "no meta, 0"
                     self._fail(
                         f"transfer {self.tid} timed out after {self.deadline_s:.0f} s ({got} chunks)", "transfer_timeout"
                     )
                     break
-                if self._dirty and now - last_persist >= self.persist_every_s:
-                    self._persist()
+                elif self._dirty and now - last_persist >= self.persist_every_s:
+                    persist = True
                     last_persist = now
-                if self.meta is not None and now - self._last_activity >= self._idle:
+                elif self.meta is not None and now - self._last_activity >= self._idle:
                     need = self._need_message()
                     self._last_activity = now
                     self._idle = min(self._idle * 2, self.max_idle_s)
@@ -781,6 +803,15 @@ class TransferReceiver:
                     if self.meta is not None:
                         wait = min(wait, self._last_activity + self._idle - now)
                     self._wake.wait(max(0.01, wait))
+            # The disk work is done without the lock: the link's thread takes it for every chunk.
+            if finish:
+                try:
+                    self._finish()
+                except OSError as exc:
+                    with self._lock:
+                        self._fail(f"transfer {self.tid}: cannot finish {self.data_path}: {exc.strerror}", _disk_code(exc))
+            elif persist:
+                self._persist()
             if need is not None:
                 # Outside the lock: the link's thread may be waiting for it.
                 self._publish(self.topics.need, need)
@@ -800,42 +831,60 @@ class TransferReceiver:
         return json.dumps({"device": self.device_id, "ranges": ranges}, separators=(",", ":")).encode()
 
     def _finish(self) -> None:
-        """Every chunk is on disk and verified: check the whole (lock held)."""
-        assert self.meta is not None and self._fd is not None
-        digest = hashlib.sha256()
-        os.fsync(self._fd)
-        with open(self.data_path, "rb") as fh:
-            while block := fh.read(1 << 20):
-                digest.update(block)
-        if digest.hexdigest() != self.meta.sha256:
-            # Every chunk matched its own sha256 when written: either the disk
-            # changed it since (re-verify and ask again) or the meta is wrong.
-            bad = 0
-            for index in range(self.meta.chunks):
-                offset, length = self.meta.chunk_span(index)
-                if hashlib.sha256(os.pread(self._fd, length, offset)).hexdigest() != self.meta.chunk_sha256[index]:
-                    self._have[index] = 0
-                    self._received -= length
-                    bad += 1
-            self._complete = False
-            if bad == 0:
-                self._fail(
-                    f"transfer {self.tid}: the chunks match their sha256 but the file is {digest.hexdigest()}, "
-                    f"not {self.meta.sha256} (the sender's meta is inconsistent)",
-                    "checksum_mismatch",
-                )
-            return
-        final = self.dir / self.meta.name
-        os.close(self._fd)
-        self._fd = None
-        os.replace(self.data_path, final)
+        """Every chunk is on disk and verified: check the whole.
+
+        Called without the lock: hashing a big file takes a while and the
+        link's thread must not wait for it. Nothing writes the file
+        meanwhile (``_on_chunk`` ignores chunks it has, and it has them all);
+        a different meta (``_open``) or a failure is noticed afterwards, and
+        the result thrown away.
+        """
+        from edge_agent.bundle import sha256_file
+
+        with self._lock:
+            meta = self.meta
+            if not self._complete or meta is None or self._fd is None:
+                return
+            fd = os.dup(self._fd)  # ours: ``_open``/``close`` may close ``_fd`` meanwhile
         try:
-            self.state_path.unlink()
-        except FileNotFoundError:
-            pass
-        self.result = final
-        log.info("transfer %s: complete, %s verified", self.tid, final)
-        self._finished.set()
+            os.fsync(fd)
+            digest = sha256_file(self.data_path)
+            bad: list[int] = []
+            if digest != meta.sha256:
+                # Every chunk matched its own sha256 when written: either the disk
+                # changed it since (re-verify and ask again) or the meta is wrong.
+                for index in range(meta.chunks):
+                    offset, length = meta.chunk_span(index)
+                    if hashlib.sha256(os.pread(fd, length, offset)).hexdigest() != meta.chunk_sha256[index]:
+                        bad.append(index)
+        finally:
+            os.close(fd)
+        with self._persist_lock, self._lock:
+            if self.meta is not meta or self._fd is None or self._finished.is_set():
+                return  # another file announced, the receiver closed, or failed meanwhile
+            if digest != meta.sha256:
+                for index in bad:
+                    self._have[index] = 0
+                    self._received -= meta.chunk_span(index)[1]
+                self._complete = False
+                if not bad:
+                    self._fail(
+                        f"transfer {self.tid}: the chunks match their sha256 but the file is {digest}, "
+                        f"not {meta.sha256} (the sender's meta is inconsistent)",
+                        "checksum_mismatch",
+                    )
+                return
+            final = self.dir / meta.name
+            os.close(self._fd)
+            self._fd = None
+            os.replace(self.data_path, final)
+            try:
+                self.state_path.unlink()
+            except FileNotFoundError:
+                pass
+            self.result = final
+            log.info("transfer %s: complete, %s verified", self.tid, final)
+            self._finished.set()
 
     def _report(self, *, ok: bool, **fields: Any) -> None:
         """Publish ``done`` so the console knows it may stop serving this device."""
