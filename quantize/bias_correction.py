@@ -33,9 +33,9 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-log = logging.getLogger(__name__)
+from quantize.qdq import QUANTIZED_SUFFIX
 
-QUANTIZED_SUFFIX = "_quantized"
+log = logging.getLogger(__name__)
 
 
 def _initializers(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:

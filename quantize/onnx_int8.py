@@ -27,7 +27,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from quantize.data import TensorReader, drain
 from quantize.errors import QuantizeError, QuantizeInputError
-from quantize.qdq import compact, float_outputs, float_residuals
+from quantize.qdq import WEIGHTED_OPS, compact, float_outputs, float_residuals
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,6 @@ CALIBRATION_METHODS = {
 }
 # The ops whose quantization decides accuracy and speed; the rest (Add,
 # pooling, reshapes) follow their neighbours in QDQ form.
-WEIGHTED_OPS = ("Conv", "Gemm", "MatMul", "ConvTranspose")
 
 
 def load_onnx(path: Path) -> onnx.ModelProto:

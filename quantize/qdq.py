@@ -28,6 +28,8 @@ import numpy as np
 import onnx
 
 QUANTIZED_SUFFIX = "_quantized"
+WEIGHTED_OPS = ("Conv", "Gemm", "MatMul", "ConvTranspose")
+"""Ops whose weights the quantizer stores as int8 (and whose MACs count)."""
 # Ops that pass int8 values on unchanged (ONNX Runtime gives their input and
 # output the same scale and zero point; Relu/Clip only clamp to the range).
 PASS_THROUGH_OPS = ("Relu", "Clip", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "MaxPool", "Identity")
@@ -171,10 +173,7 @@ class QdqEditor:
         del model.graph.node[:]
         model.graph.node.extend(kept)
         model.graph.initializer.extend(add_inits.values())
-        used = {name for n in kept for name in n.input} | {o.name for o in model.graph.output}
-        live = [i for i in model.graph.initializer if i.name in used]
-        del model.graph.initializer[:]
-        model.graph.initializer.extend(live)
+        _drop_unused_initializers(model)
         return model
 
 
@@ -190,7 +189,11 @@ def _prune_dead(model: onnx.ModelProto) -> None:
         nodes = kept
     del model.graph.node[:]
     model.graph.node.extend(nodes)
-    used = {name for n in nodes for name in n.input} | outputs
+    _drop_unused_initializers(model)
+
+
+def _drop_unused_initializers(model: onnx.ModelProto) -> None:
+    used = {name for n in model.graph.node for name in n.input} | {o.name for o in model.graph.output}
     live = [i for i in model.graph.initializer if i.name in used]
     del model.graph.initializer[:]
     model.graph.initializer.extend(live)
@@ -320,7 +323,7 @@ def node_macs(model: onnx.ModelProto) -> dict[str, float]:
         shapes[init.name] = list(init.dims)
     macs: dict[str, float] = {}
     for node in inferred.graph.node:
-        if node.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul") or len(node.input) < 2:
+        if node.op_type not in WEIGHTED_OPS or len(node.input) < 2:
             continue
         w, y = shapes.get(node.input[1], []), shapes.get(node.output[0], [])
         if not w or not y or 0 in w or 0 in y:
