@@ -155,22 +155,23 @@ class OnnxInt8Quantizer:
         if not (self.bias_correction or self.equalize):
             self._quantize(self._full, (), reader)
             return
-        name = input_shape(onnx.load(str(self.prepared)))[0]
+        fp32 = onnx.load(str(self.prepared))
+        name = input_shape(fp32)[0]
         data = drain(reader, name)
         if self.equalize:
             from quantize.equalize import equalize
 
-            model, streams = equalize(onnx.load(str(self.prepared)), TensorReader(name, data).batches())
+            equalized, streams = equalize(fp32, TensorReader(name, data).batches())
             if streams:
+                fp32 = equalized
                 self.prepared = self.source = self.workdir / "fp32.equalized.onnx"
-                onnx.save(model, str(self.prepared))
+                onnx.save(fp32, str(self.prepared))
             self.notes["equalized_streams"] = len(streams)
         self._quantize(self._full, (), TensorReader(name, data))
         if not self.bias_correction:
             return
         from quantize.bias_correction import apply_deltas, bias_deltas
 
-        fp32 = onnx.load(str(self.prepared))
         deltas = bias_deltas(fp32, onnx.load(str(self._full)), TensorReader(name, data).batches())
         if deltas:
             corrected = self.workdir / "fp32.bias_corrected.onnx"

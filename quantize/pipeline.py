@@ -226,7 +226,8 @@ def _onnx_mixed(
     step = max(1, len(calib) // opts.search_samples)
     subset = calib[::step][: opts.search_samples]
     reference = reference_all[::step][: opts.search_samples]
-    editor = QdqEditor(onnx.load(str(full)), onnx.load(str(quantizer.prepared)))
+    fp32 = onnx.load(str(quantizer.prepared))
+    editor = QdqEditor(onnx.load(str(full)), fp32)
 
     def build(ids: Sequence[str]) -> Path:
         path = work / "candidate.onnx"
@@ -256,7 +257,7 @@ def _onnx_mixed(
     # kernels (plus a fixed price per island), each prefix closed over the
     # tensors its float nodes already enclose, the first set that holds the
     # target twice in a row.
-    macs = node_macs(onnx.load(str(quantizer.prepared)))
+    macs = node_macs(fp32)
     total_macs = sum(macs.values()) or 1.0
     cost = {cid: sum(macs.get(n, 0.0) for n in editor.float_compute(cid)) for cid in ids}
     order = [cid for cid, _ in cost_aware(ranking, cost, ISLAND_OVERHEAD * total_macs)]
