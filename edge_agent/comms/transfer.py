@@ -614,29 +614,21 @@ class TransferReceiver:
         except (ValueError, KeyError, TypeError, OSError) as exc:
             log.warning("transfer %s: ignoring unreadable state (%s); starting over", self.tid, exc)
             return
-        if (
-            len(have) != meta.chunks
-            or meta.tid != self.tid
-            or (self.expected_sha256 and meta.sha256 != self.expected_sha256)
-            or (self.expected_size is not None and meta.size != self.expected_size)
-            or meta.size > self.max_bytes
-        ):
+        if len(have) != meta.chunks or self._mismatch(meta) is not None:
             log.warning("transfer %s: the saved state is for another file; starting over", self.tid)
             return
         self._open(meta)
+        assert self._fd is not None
         for index in range(meta.chunks):
-            if have[index]:
-                offset, length = meta.chunk_span(index)
-                data = os.pread(self._fd, length, offset)  # type: ignore[arg-type]
-                if hashlib.sha256(data).hexdigest() == meta.chunk_sha256[index]:
-                    self._have[index] = 1
-                    self._received += length
+            if have[index] and _chunk_ok(self._fd, meta, index):
+                self._have[index] = 1
+                self._received += meta.chunk_span(index)[1]
         log.info("transfer %s: resuming with %d of %d chunks", self.tid, sum(self._have), meta.chunks)
         self._check_complete()
 
-    def _acceptable(self, meta: TransferMeta) -> bool:
-        """Refuse a meta that is not the file the deploy asked for (fails the transfer)."""
-        problem = None
+    def _mismatch(self, meta: TransferMeta) -> tuple[str, str] | None:
+        """Why ``meta`` is not the file the deploy asked for, as (message,
+        error code); ``None`` when it is."""
         if meta.tid != self.tid:
             problem = f"the meta is for transfer {meta.tid!r}"
         elif self.expected_sha256 and meta.sha256 != self.expected_sha256:
@@ -644,10 +636,16 @@ class TransferReceiver:
         elif self.expected_size is not None and meta.size != self.expected_size:
             problem = f"the meta announces {meta.size} bytes, the deploy expects {self.expected_size}"
         elif meta.size > self.max_bytes:
-            self._fail(f"transfer {self.tid} is {meta.size} bytes; the limit is {self.max_bytes}", "too_large")
-            return False
-        if problem:
-            self._fail(f"transfer {self.tid}: {problem}", "bad_transfer")
+            return f"transfer {self.tid} is {meta.size} bytes; the limit is {self.max_bytes}", "too_large"
+        else:
+            return None
+        return f"transfer {self.tid}: {problem}", "bad_transfer"
+
+    def _acceptable(self, meta: TransferMeta) -> bool:
+        """Refuse a meta that is not the file the deploy asked for (fails the transfer)."""
+        mismatch = self._mismatch(meta)
+        if mismatch is not None:
+            self._fail(*mismatch)
             return False
         return True
 
@@ -853,10 +851,7 @@ class TransferReceiver:
             if digest != meta.sha256:
                 # Every chunk matched its own sha256 when written: either the disk
                 # changed it since (re-verify and ask again) or the meta is wrong.
-                for index in range(meta.chunks):
-                    offset, length = meta.chunk_span(index)
-                    if hashlib.sha256(os.pread(fd, length, offset)).hexdigest() != meta.chunk_sha256[index]:
-                        bad.append(index)
+                bad = [index for index in range(meta.chunks) if not _chunk_ok(fd, meta, index)]
         finally:
             os.close(fd)
         with self._persist_lock, self._lock:
@@ -895,6 +890,12 @@ class TransferReceiver:
             self.link.publish(topic, payload, qos=1, retain=False)
         except Exception:
             log.exception("transfer %s: cannot publish on %s", self.tid, topic)
+
+
+def _chunk_ok(fd: int, meta: TransferMeta, index: int) -> bool:
+    """Whether chunk ``index`` of the file open at ``fd`` matches its sha256 in ``meta``."""
+    offset, length = meta.chunk_span(index)
+    return hashlib.sha256(os.pread(fd, length, offset)).hexdigest() == meta.chunk_sha256[index]
 
 
 def _disk_code(exc: OSError) -> str:
