@@ -31,7 +31,7 @@ from typing import Any, Callable
 from edge_agent.bundle import open_bundle, sha256_file
 from edge_agent.errors import BundleError, EdgeAgentError
 from edge_agent.models.manager import ModelManager
-from edge_agent.models.store import StoreError
+from edge_agent.models.store import StoreError, installed_as
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,8 @@ def deploy(
         manager._slot(m.name)  # unknown_model before anything is written
         with manager._tx:
             say("installing", model=m.name, version=m.version)
-            _, installed = store.install(bundle)
+            dest, installed = store.install(bundle)
+    verified = installed_as(bundle, dest)  # no second sha256 of every file
     name, ver = m.name, m.version
     with manager._tx:
         try:
@@ -108,7 +109,7 @@ def deploy(
             already_active = status["active"] == ver
             if not already_active:
                 say("loading", model=name, version=ver)
-                loaded = manager.verify_installed(name, ver)
+                loaded = manager.verify_installed(name, ver, verified)
                 if activate or label:
                     manager.adopt(loaded)
                 else:

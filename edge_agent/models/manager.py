@@ -21,7 +21,7 @@ import os
 import statistics
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -35,7 +35,7 @@ from edge_agent.faults import checkpoint
 from edge_agent.manifest import Manifest, Preprocessing, TensorSpec
 from edge_agent.models import policy
 from edge_agent.models.state import ModelState, Probation
-from edge_agent.models.store import ModelStore, StoreError
+from edge_agent.models.store import ModelStore, StoreError, installed_as
 from edge_agent.postprocess import Classifier, Detector, make_postprocessor
 from edge_agent.preprocess import Preprocessor
 from edge_agent.runtimes import Runtime, create_runtime, release_memory
@@ -350,6 +350,7 @@ class ModelManager:
         cfg = slot.cfg
         name = cfg.name
         state = self.store.recover(name)
+        verified = None  # the configured bundle, when installed just now
         if not self.store.versions(name):
             if cfg.bundle is None:
                 raise ModelNotAvailable(
@@ -360,7 +361,7 @@ class ModelManager:
                     raise EdgeAgentError(
                         f"model {name}: bundle {cfg.bundle} is named {bundle.manifest.name!r}", code="name_mismatch"
                     )
-                self.store.install(bundle)
+                verified = installed_as(bundle, self.store.install(bundle)[0])
             state.record("installed", bundle.manifest.version, reason=f"configured bundle {cfg.bundle}")
         rearm = None
         if state.probation is not None and state.probation.clean_stop and state.probation.version == state.active:
@@ -388,7 +389,8 @@ class ModelManager:
         serving = None
         for version in candidates:
             try:
-                serving = self._load_version(slot, version)
+                fresh = verified if verified is not None and verified.manifest.version == version else None
+                serving = self._load_version(slot, version, fresh)
                 break
             except EdgeAgentError as exc:
                 state.failed[version] = f"{exc.code}: {exc}"
@@ -678,11 +680,13 @@ class ModelManager:
             self._event("label_set", name, version, label=label)
             return {"model": name, "label": label, "version": version}
 
-    def verify_installed(self, name: str, version: int) -> LoadedModel:
+    def verify_installed(self, name: str, version: int, bundle: Bundle | None = None) -> LoadedModel:
         """Load and smoke-test an installed version without serving it (the
         deploy's verification step, at a lower priority like any load while
-        frames are served); the caller closes or adopts the result."""
-        return self._load_in_background(self._slot(name), version)
+        frames are served); the caller closes or adopts the result.
+        ``bundle``: the installed version, just verified by the deploy (see
+        :meth:`_load_version`)."""
+        return self._load_in_background(self._slot(name), version, bundle)
 
     def adopt(self, model: LoadedModel) -> None:
         """Keep an already verified model loaded (so activation need not load it again)."""
@@ -713,11 +717,20 @@ class ModelManager:
     def _save(self, slot: Slot) -> None:
         self.store.save_state(slot.cfg.name, slot.state)
 
-    def _load_version(self, slot: Slot, version: int) -> LoadedModel:
-        """Open (sha256 of every file, signature), load, warm up and smoke-test."""
+    def _load_version(self, slot: Slot, version: int, bundle: Bundle | None = None) -> LoadedModel:
+        """Open (sha256 of every file, signature), load, warm up and smoke-test.
+
+        ``bundle``: the installed version directory, opened and verified a
+        moment ago by the caller (a deploy or the first start installing the
+        bundle it extracted itself), so its files are not hashed again. Every
+        other load opens the version from the store."""
         name = slot.cfg.name
         checkpoint("load_begin")
-        with self.store.open(name, version, trusted_keys=self.trusted_keys) as bundle:
+        if bundle is None:
+            opened = self.store.open(name, version, trusted_keys=self.trusted_keys)
+        else:
+            opened = nullcontext(bundle)
+        with opened as bundle:
             if bundle.manifest.name != name or bundle.manifest.version != version:
                 raise BundleError(
                     f"{self.store.path(name, version)} holds {bundle.manifest.name} v{bundle.manifest.version}",
@@ -732,7 +745,7 @@ class ModelManager:
         checkpoint("load_done")
         return model
 
-    def _load_in_background(self, slot: Slot, version: int) -> LoadedModel:
+    def _load_in_background(self, slot: Slot, version: int, bundle: Bundle | None = None) -> LoadedModel:
         """Load while frames are being served, without taking CPU from them.
 
         Loading (graph optimisation, warm-up, smoke test) is a burst of a few
@@ -744,13 +757,13 @@ class ModelManager:
         while serving.
         """
         if slot.cfg.threads != 1 or not hasattr(os, "setpriority"):
-            return self._load_version(slot, version)
+            return self._load_version(slot, version, bundle)
         out: dict[str, Any] = {}
 
         def work() -> None:
             _lower_priority()
             try:
-                out["model"] = self._load_version(slot, version)
+                out["model"] = self._load_version(slot, version, bundle)
             except BaseException as exc:  # handed to the caller's thread
                 out["error"] = exc
 

@@ -84,6 +84,15 @@ class StoreLock:
             self._fd = None
 
 
+def installed_as(bundle: Bundle, dest: Path) -> Bundle | None:
+    """``bundle`` when its verified files are the version directory ``dest``
+    (:meth:`ModelStore.install` moved them there), so loading them needs no
+    second sha256 of every file and no second signature check; else None:
+    a copy, or a version that was already there, is opened from the store
+    and verified as usual."""
+    return bundle if bundle.root == dest else None
+
+
 class ModelStore:
     """Versions on disk plus one state file per model.
 
@@ -159,6 +168,11 @@ class ModelStore:
         Installing a version that is already present with the same manifest is
         a no-op; a different bundle under the same name and version is refused
         (versions are immutable, as in TF Serving).
+
+        When the bundle's own verified extraction was moved into place instead
+        of copied, ``bundle.root`` is the version directory afterwards: the
+        bundle then stands for the installed version, verified (see
+        :func:`installed_as`).
         """
         m = bundle.manifest
         dest = self.path(m.name, m.version)
