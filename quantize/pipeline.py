@@ -13,6 +13,7 @@ when a key is given.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import shutil
 import tempfile
@@ -407,8 +408,11 @@ def run(opts: QuantizeOptions, *, progress: Progress = _no_progress, echo: Calla
             # equalized (the same function in fp32) and, unless layers may be
             # kept in float (a float layer must not carry a correction for
             # rounding it no longer does), bias-corrected.
-            if corrected is None and (opts.equalize or opts.bias_correction):
-                corrected = _calibrated_quantizer(src, base, calib, opts, work)
+            if corrected is None:
+                # No ONNX target: run only the steps whose model the converter takes.
+                wanted = dataclasses.replace(opts, bias_correction=opts.bias_correction and not opts.mixed_precision)
+                if wanted.equalize or wanted.bias_correction:
+                    corrected = _calibrated_quantizer(src, base, calib, wanted, work)
             tfl_base = base
             if corrected is not None and (opts.equalize or opts.bias_correction):
                 tfl_base = corrected.prepared if opts.mixed_precision else corrected.source
