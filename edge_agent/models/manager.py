@@ -832,23 +832,19 @@ class ModelManager:
                 self._cond.notify_all()
             raise
         load_ms = (time.monotonic() - t0) * 1000.0
-        return {"mode": "resource", "load_ms": round(load_ms, 1), "_old": old, "_new": new, "_gap_start": slot.gap_since}
+        return {"mode": "resource", "load_ms": round(load_ms, 1), "_old": old, "_new": new}
 
     def _commit_swap(self, slot: Slot, report: dict[str, Any]) -> None:
+        """Switch to the new version. The old one stays loaded until the
+        caller's :meth:`_reconcile` retires it (unless the policy keeps it)."""
         new: LoadedModel = report["_new"]
-        old: LoadedModel | None = report["_old"]
         with self._cond:
             slot.loaded[new.version] = new
             slot.serving = new
             if slot.gap_since is not None:
                 report["gap_ms"] = round((time.monotonic() - slot.gap_since) * 1000.0, 1)
                 slot.gap_since = None
-            report.pop("_gap_start", None)
             self._cond.notify_all()
-        if old is not None and report["mode"] == "availability":
-            keep = policy.plan(slot.policy, self._snapshot(slot)).load
-            if old.version not in keep:
-                self._retire(slot, old.version)
 
     def _retire(self, slot: Slot, version: int) -> None:
         with self._cond:
