@@ -41,9 +41,10 @@ import os
 import sqlite3
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Literal
+from typing import Callable, Iterable, Iterator, Literal
 
 
 from edge_agent.errors import SpoolError
@@ -160,7 +161,7 @@ class Spool:
             self._db.executescript(_SCHEMA)
             if max_pages is not None:
                 self._db.execute(f"PRAGMA max_page_count = {int(max_pages)}")
-            self._used = int(self._db.execute("SELECT COALESCE(SUM(size), 0) FROM items").fetchone()[0])
+            self._used = self._sum_sizes()
         except BaseException:
             self._db.close()
             raise
@@ -196,26 +197,18 @@ class Spool:
         payload = bytes(payload)
         size = _item_size(topic, payload)
         with self._lock:
-            try:
-                self._db.execute("BEGIN IMMEDIATE")
-                try:
-                    evicted = self._make_room(size, kind)
-                    if evicted is None:
-                        self._count_dropped(kind, 1)
-                        self._db.execute("COMMIT")
-                        log.debug("spool full: dropped a new %s message for %s", kind, topic)
-                        return None
+            with self._transaction(f"cannot spool a {kind} message"):
+                evicted = self._make_room(size, kind)
+                if evicted is None:
+                    self._count_dropped(kind, 1)
+                else:
                     cur = self._db.execute(
                         "INSERT INTO items (kind, topic, payload, qos, retain, size, ts) VALUES (?, ?, ?, ?, ?, ?, ?)",
                         (kind, topic, payload, qos, int(retain), size, time.time()),
                     )
-                    self._db.execute("COMMIT")
-                except BaseException:
-                    self._rollback()
-                    raise
-            except sqlite3.Error as exc:
-                self._reload_used()
-                raise self._wrap(exc, f"cannot spool a {kind} message") from None
+            if evicted is None:
+                log.debug("spool full: dropped a new %s message for %s", kind, topic)
+                return None
             self._used += size - evicted
             return int(cur.lastrowid)  # type: ignore[arg-type]
 
@@ -286,25 +279,16 @@ class Spool:
         if not items:
             return 0
         with self._lock:
-            try:
-                self._db.execute("BEGIN IMMEDIATE")
-                try:
-                    freed = 0
-                    removed = 0
-                    for seq in items:
-                        # (no DELETE ... RETURNING: Debian bullseye ships SQLite 3.34)
-                        row = self._db.execute("SELECT size FROM items WHERE seq = ?", (seq,)).fetchone()
-                        if row is not None:
-                            self._db.execute("DELETE FROM items WHERE seq = ?", (seq,))
-                            freed += row[0]
-                            removed += 1
-                    self._db.execute("COMMIT")
-                except BaseException:
-                    self._rollback()
-                    raise
-            except sqlite3.Error as exc:
-                self._reload_used()
-                raise self._wrap(exc, "cannot remove published items from the spool") from None
+            with self._transaction("cannot remove published items from the spool"):
+                freed = 0
+                removed = 0
+                for seq in items:
+                    # (no DELETE ... RETURNING: Debian bullseye ships SQLite 3.34)
+                    row = self._db.execute("SELECT size FROM items WHERE seq = ?", (seq,)).fetchone()
+                    if row is not None:
+                        self._db.execute("DELETE FROM items WHERE seq = ?", (seq,))
+                        freed += row[0]
+                        removed += 1
             self._used -= freed
             if removed and not self._used:
                 self._vacuum()
@@ -333,19 +317,10 @@ class Spool:
         """Items evicted or refused per kind, since the counters were last
         reset (persisted, so a restart does not hide a loss). ``reset=True``
         returns them and starts again from zero, for per-interval reports."""
-        with self._lock:
-            try:
-                self._db.execute("BEGIN IMMEDIATE")
-                try:
-                    counts = dict(self._db.execute("SELECT kind, count FROM dropped").fetchall())
-                    if reset:
-                        self._db.execute("DELETE FROM dropped")
-                    self._db.execute("COMMIT")
-                except BaseException:
-                    self._rollback()
-                    raise
-            except sqlite3.Error as exc:
-                raise self._wrap(exc, "cannot read the spool's counters") from None
+        with self._lock, self._transaction("cannot read the spool's counters"):
+            counts = dict(self._db.execute("SELECT kind, count FROM dropped").fetchall())
+            if reset:
+                self._db.execute("DELETE FROM dropped")
         return {kind: int(counts.get(kind, 0)) for kind in KINDS}
 
     def counts(self) -> dict[str, int]:
@@ -383,15 +358,36 @@ class Spool:
 
     # -- internals ------------------------------------------------------------------
 
+    @contextmanager
+    def _transaction(self, what: str) -> Iterator[None]:
+        """One write transaction (the caller holds the lock): committed when
+        the block ends, rolled back when it raises. An SQLite error becomes a
+        :class:`SpoolError` (``what`` says what failed), after the byte count
+        is read again from the file."""
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._rollback()
+                raise
+        except sqlite3.Error as exc:
+            self._reload_used()
+            raise self._wrap(exc, what) from None
+
     def _rollback(self) -> None:
         try:
             self._db.execute("ROLLBACK")
         except sqlite3.Error:
             pass  # no transaction open (SQLite already rolled it back)
 
+    def _sum_sizes(self) -> int:
+        return int(self._db.execute("SELECT COALESCE(SUM(size), 0) FROM items").fetchone()[0])
+
     def _reload_used(self) -> None:
         try:
-            self._used = int(self._db.execute("SELECT COALESCE(SUM(size), 0) FROM items").fetchone()[0])
+            self._used = self._sum_sizes()
         except sqlite3.Error:
             pass
 
