@@ -529,21 +529,12 @@ def test_progress_is_readable_with_and_without_a_terminal() -> None:
 def test_console_sees_an_agent_started_by_edge_agent_run(fleet: Fleet, tmp_path: Path) -> None:
     """The same through the real command line on both sides: ``edge-agent run``
     in its own process, ``fleet status`` and ``fleet deploy`` against it."""
-    import subprocess
-    import sys
+    from mqtt_helpers import AgentProcess, agent_config
 
     device = fleet.name("cli")
-    cfg = tmp_path / "agent.toml"
-    cfg.write_text(
-        f'device_id = "{device}"\ngroups = ["cli"]\nlog_level = "warning"\n'
-        f'[mqtt]\nhost = "{fleet.broker.host}"\nport = {fleet.broker.port}\ntopic_prefix = "{fleet.prefix}"\n'
-        f'telemetry_interval_s = 0.5\nsession_expiry_s = 60\n'
-        f'[store]\npath = "{tmp_path / "store"}"\n'
-        f'[[models]]\nname = "clf"\nbundle = "{fleet.v1}"\nthreads = 1\n'
-    )
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    proc = subprocess.Popen([sys.executable, "-m", "edge_agent", "run", "--config", str(cfg)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    cfg = agent_config(tmp_path, fleet.broker.host, fleet.broker.port, prefix=fleet.prefix, device=device,
+                       bundle=fleet.v1, frames=None, groups=["cli"], mqtt_extra="session_expiry_s = 60")
+    agent = AgentProcess(cfg)
     try:
         fleet.wait_state(device, "online", timeout=30)
         status = fleet.cli("status", "--config", str(cfg), "--wait", "2")
@@ -553,8 +544,7 @@ def test_console_sees_an_agent_started_by_edge_agent_run(fleet: Fleet, tmp_path:
         assert deploy.exit_code == 0, deploy.output  # v1 again: installed already, still active
         assert rows(deploy.stdout)[device][1:3] == ["ok", "1"]
     finally:
-        proc.terminate()
-        assert proc.wait(20) == 0, proc.stderr.read().decode() if proc.stderr else ""
+        assert agent.stop() == 0, agent.output()
     fleet.wait_state(device, "stopped")
 
 
