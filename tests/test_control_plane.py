@@ -54,12 +54,32 @@ def pub(broker: Mosquitto, topic: str, message: str) -> None:
                    check=True, timeout=10)
 
 
-def sub_one(broker: Mosquitto, topic: str) -> subprocess.Popen:
-    """`mosquitto_sub -C 1`: the next message on ``topic`` (started before the command is sent)."""
-    p = subprocess.Popen(["mosquitto_sub", "-h", broker.host, "-p", str(broker.port), "-q", "1", "-t", topic, "-C", "1",
-                          "-W", "30"], stdout=subprocess.PIPE, text=True)
-    time.sleep(0.3)  # let it subscribe
-    return p
+class SubOne:
+    """`mosquitto_sub -C 1`: the next message on ``topic``. Returns once the
+    broker acknowledged the subscription (``-d`` prints ``Subscribed (mid...``),
+    so a command sent afterwards cannot be answered before it listens."""
+
+    def __init__(self, broker: Mosquitto, topic: str) -> None:
+        # stdbuf: mosquitto_sub's stdout is a pipe, fully buffered without it.
+        self.proc = subprocess.Popen(["stdbuf", "-oL", "mosquitto_sub", "-d", "-h", broker.host, "-p", str(broker.port),
+                                      "-q", "1", "-t", topic, "-C", "1", "-W", "30"],
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        assert self.proc.stdout is not None
+        seen = []
+        for line in self.proc.stdout:  # ends by -W 30 at the latest
+            seen.append(line)
+            if line.startswith("Subscribed (mid"):
+                return
+        raise AssertionError(f"mosquitto_sub did not subscribe (exit {self.proc.wait(10)}): {''.join(seen)}")
+
+    def message(self, timeout: float = 40) -> str:
+        """The message, without the debug lines (``Client ...``) around it."""
+        code = self.proc.wait(timeout)
+        out = self.proc.stdout.read()
+        assert code == 0, f"mosquitto_sub exited {code}: {out}"
+        lines = [line for line in out.splitlines() if not line.startswith("Client ")]
+        assert lines, f"mosquitto_sub printed no message: {out}"
+        return "\n".join(lines)
 
 
 def test_commands_and_malformed_commands_with_mosquitto_clients(env) -> None:
@@ -76,17 +96,17 @@ def test_commands_and_malformed_commands_with_mosquitto_clients(env) -> None:
         ]
         codes = []
         for message, want in cases:
-            sub = sub_one(broker, reply)
+            sub = SubOne(broker, reply)
             pub(broker, cmd, message)
-            got = json.loads(sub.communicate(timeout=40)[0])
+            got = json.loads(sub.message())
             if want is not None:
                 assert got == want
             else:
                 codes.append((got["id"], got["error"]["code"]))
         assert codes == [(None, "bad_json"), ("u1", "unknown_command"), ("a1", "bad_args"), (None, "bad_command")]
-        sub = sub_one(broker, reply)
+        sub = SubOne(broker, reply)
         pub(broker, cmd, json.dumps({"id": "big", "cmd": "ping", "args": {"pad": "x" * 3000}}))
-        big = json.loads(sub.communicate(timeout=40)[0])
+        big = json.loads(sub.message())
         assert big["error"]["code"] == "payload_too_large"
         # status: the same object as the status topic
         sid = client.command(cmd, "status")
