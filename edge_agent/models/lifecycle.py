@@ -4,9 +4,10 @@
 command calls once the bundle is on local disk. Steps, each announced through
 ``progress(step, **info)``:
 
-1. ``fetching``: resolve the source (a path or a ``file://`` URL; other
-   schemes through the ``fetch`` callable the control plane passes in), check
-   the archive's size and sha256 when the caller gave them;
+1. ``fetching``: resolve the source (a path or a ``file://`` URL; the
+   control plane downloads or receives any other source itself and passes
+   the local file), check the archive's size and sha256 when the caller gave
+   them;
 2. ``verifying``: open the bundle: manifest schema, every file's sha256, the
    signature when trusted keys are configured;
 3. ``installing``: copy into the store through its staging area;
@@ -36,16 +37,14 @@ from edge_agent.models.store import StoreError, installed_as
 log = logging.getLogger(__name__)
 
 Progress = Callable[..., None]
-Fetch = Callable[[str, Path], Path]
 
 
 class DeployError(EdgeAgentError):
     code = "deploy_failed"
 
 
-def resolve_source(source: str | Path, staging: Path, fetch: Fetch | None = None) -> Path:
-    """A local path for ``source``: a path, a ``file://`` URL, or (with
-    ``fetch``) any URL the control plane can download into ``staging``."""
+def resolve_source(source: str | Path) -> Path:
+    """A local path for ``source``: a path or a ``file://`` URL."""
     if isinstance(source, Path):
         return source.expanduser()
     parsed = urllib.parse.urlparse(source)
@@ -53,9 +52,7 @@ def resolve_source(source: str | Path, staging: Path, fetch: Fetch | None = None
         if parsed.scheme == "file" and parsed.netloc not in ("", "localhost"):
             raise DeployError(f"{source}: a file:// URL must name a local path", code="unsupported_url")
         return Path(urllib.parse.unquote(parsed.path) if parsed.scheme else source).expanduser()
-    if fetch is None:
-        raise DeployError(f"{source}: only local paths and file:// URLs can be deployed here", code="unsupported_url")
-    return fetch(source, staging)
+    raise DeployError(f"{source}: only local paths and file:// URLs can be deployed here", code="unsupported_url")
 
 
 def deploy(
@@ -69,7 +66,6 @@ def deploy(
     model: str | None = None,
     version: int | None = None,
     progress: Progress | None = None,
-    fetch: Fetch | None = None,
 ) -> dict[str, Any]:
     """Install, verify and (by default) activate a bundle. ``model``/``version``
     when given must match the bundle's manifest. Returns a result object."""
@@ -78,7 +74,7 @@ def deploy(
     store = manager.store
     if not isinstance(source, Path):  # a path is already here (or was fetched by the caller)
         say("fetching", source=str(source))
-    path = resolve_source(source, store.staging(), fetch)
+    path = resolve_source(source)
     if not path.exists():
         raise BundleError(f"bundle {path}: not found", code="bundle_not_found")
     if path.is_file():

@@ -30,7 +30,7 @@ import numpy as np
 
 from edge_agent.bundle import Bundle, open_bundle
 from edge_agent.config import ModelConfig
-from edge_agent.errors import BundleError, EdgeAgentError, ModelLoadError, ModelNotAvailable
+from edge_agent.errors import BundleError, EdgeAgentError, ModelNotAvailable
 from edge_agent.faults import checkpoint
 from edge_agent.manifest import Manifest, Preprocessing, TensorSpec
 from edge_agent.models import policy
@@ -116,7 +116,6 @@ class LoadedModel:
     refs: int = field(default=0, repr=False)
     stats: ModelStats = field(default_factory=ModelStats, repr=False)
     warm_ms: float = 0.0
-    file_bytes: int = 0
     retired: bool = field(default=False, repr=False)
     closed: bool = field(default=False, repr=False)
 
@@ -144,7 +143,6 @@ class LoadedModel:
                 preprocess=Preprocessor(m.preprocessing, m.inputs[0]),
                 postprocess=make_postprocessor(m, bundle.labels()),
                 warm_ms=statistics.median(times),
-                file_bytes=sum(f.size for f in m.files),
             )
         except BaseException:
             runtime.close()
@@ -300,7 +298,6 @@ class ModelManager:
         probation: bool = True,
     ) -> None:
         self.store = store
-        self.configs = {c.name: c for c in configs}
         self.trusted_keys = list(trusted_keys) or None
         self.on_event = on_event
         self._memory_available = memory_available
@@ -492,10 +489,6 @@ class ModelManager:
             if labelled is not None:
                 return labelled
         return slot.serving
-
-    def resolve_label(self, name: str, label: str) -> int | None:
-        slot = self._slot(name)
-        return slot.state.labels.get(label)
 
     def status(self) -> dict[str, Any]:
         """Per model: active version, installed versions, labels, runtime, and
@@ -957,12 +950,3 @@ class ModelManager:
                         removed=removed or None)
         else:
             self._save(slot)
-
-    def wait_probation(self, name: str, timeout: float = 30.0) -> bool:
-        """Block until ``name`` has no version on probation (tests, CLI)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self._slot(name).probation is None:
-                return True
-            time.sleep(0.02)
-        return False

@@ -23,7 +23,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 from edge_agent.bundle import Bundle, open_bundle, verify_dir
 from edge_agent.errors import BundleError, EdgeAgentError, is_disk_full
@@ -126,9 +126,6 @@ class ModelStore:
         return path
 
     # -- reading -----------------------------------------------------------
-
-    def models(self) -> list[str]:
-        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
     def versions(self, name: str) -> list[int]:
         """Installed versions of ``name``, ascending."""
@@ -243,18 +240,18 @@ class ModelStore:
         shutil.rmtree(trash, ignore_errors=True)
         log.info("removed %s version %d from the store", name, version)
 
-    def collectable(self, name: str, state: ModelState, keep: Sequence[int] = ()) -> list[int]:
+    def collectable(self, name: str, state: ModelState) -> list[int]:
         """Versions garbage collection would remove: beyond the ``keep_versions``
-        newest of those that are neither active, last good, labelled nor in ``keep``."""
-        protected = {state.active, state.last_good, *state.labels.values(), *keep}
+        newest of those that are neither active, last good nor labelled."""
+        protected = {state.active, state.last_good, *state.labels.values()}
         if state.probation is not None:
             protected |= {state.probation.version, state.probation.previous}
         others = [v for v in self.versions(name) if v not in protected]
         return others[: max(0, len(others) - self.keep_versions)]
 
-    def gc(self, name: str, state: ModelState, keep: Sequence[int] = ()) -> list[int]:
+    def gc(self, name: str, state: ModelState) -> list[int]:
         removed = []
-        for version in self.collectable(name, state, keep):
+        for version in self.collectable(name, state):
             try:
                 self.delete_version(name, version)
                 removed.append(version)
@@ -262,7 +259,7 @@ class ModelStore:
                 log.warning("model %s: %s", name, exc)
         return removed
 
-    def recover(self, name: str, *, on_fix: Callable[[str], None] | None = None) -> ModelState:
+    def recover(self, name: str) -> ModelState:
         """Read the state of ``name`` and repair what an interrupted process may
         have left: temporary state files, and references to versions that are
         not installed. Returns the (saved, when changed) state."""
@@ -287,8 +284,6 @@ class ModelStore:
         if notes:
             for note in notes:
                 log.warning("model %s: %s; repaired", name, note)
-                if on_fix:
-                    on_fix(note)
             state.record("repaired", reason="; ".join(notes))
             self.save_state(name, state)
         return state
