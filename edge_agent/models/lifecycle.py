@@ -22,7 +22,6 @@ deploy installed is removed again, and the active version never stops serving.
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 import urllib.parse
@@ -32,9 +31,7 @@ from typing import Any, Callable
 from edge_agent.bundle import open_bundle, sha256_file
 from edge_agent.errors import BundleError, EdgeAgentError
 from edge_agent.models.manager import ModelManager
-from edge_agent.models.store import StoreError, installed_as
-
-log = logging.getLogger(__name__)
+from edge_agent.models.store import installed_as
 
 Progress = Callable[..., None]
 
@@ -101,8 +98,7 @@ def deploy(
     name, ver = m.name, m.version
     with manager._tx:
         try:
-            status = manager.status()[name]
-            already_active = status["active"] == ver
+            already_active = manager.active_version(name) == ver
             if not already_active:
                 say("loading", model=name, version=ver)
                 loaded = manager.verify_installed(name, ver, verified)
@@ -120,26 +116,11 @@ def deploy(
                 result["label"] = label
         except BaseException as exc:
             if installed:
-                _undo_install(manager, name, ver, exc)
+                manager.reject_installed(name, ver, exc)
             raise
-    result["active"] = manager.status()[name]["active"]
+    result["active"] = manager.active_version(name)
     result["seconds"] = round(time.monotonic() - t0, 3)
     return result
-
-
-def _undo_install(manager: ModelManager, name: str, version: int, exc: BaseException) -> None:
-    """A version this deploy installed failed: remove it, record why."""
-    slot = manager._slot(name)
-    try:
-        manager._retire(slot, version)
-        if slot.state.active != version:
-            manager.store.delete_version(name, version)
-        reason = f"{getattr(exc, 'code', type(exc).__name__)}: {exc}"
-        slot.state.record("rejected", version, reason=reason)
-        manager._save(slot)
-        manager._event("rejected", name, version, code=getattr(exc, "code", "error"), message=str(exc))
-    except (StoreError, OSError) as cleanup:
-        log.error("model %s: could not remove rejected version %d: %s", name, version, cleanup)
 
 
 def file_url(path: Path) -> str:

@@ -490,6 +490,14 @@ class ModelManager:
                 return labelled
         return slot.serving
 
+    def active_version(self, name: str) -> int | None:
+        """The version of ``name`` that serves (the state file's active one
+        while none is loaded), as in :meth:`status`."""
+        slot = self._slot(name)
+        with self._cond:
+            serving = slot.serving
+        return serving.version if serving else slot.state.active
+
     def status(self) -> dict[str, Any]:
         """Per model: active version, installed versions, labels, runtime, and
         the lifecycle details (last good, probation, loaded, failed)."""
@@ -651,6 +659,23 @@ class ModelManager:
             self._save(slot)
             self._event("removed", name, version)
             return {"model": name, "version": version, "removed": True}
+
+    def reject_installed(self, name: str, version: int, exc: BaseException) -> None:
+        """A version a deploy has just installed failed (``exc``): unload it,
+        delete it (unless it became active), record why. A store problem on
+        the way is logged, not raised: the deploy's own error is the one to report."""
+        with self._tx:
+            slot = self._slot(name)
+            try:
+                self._retire(slot, version)
+                if slot.state.active != version:
+                    self.store.delete_version(name, version)
+                reason = f"{getattr(exc, 'code', type(exc).__name__)}: {exc}"
+                slot.state.record("rejected", version, reason=reason)
+                self._save(slot)
+                self._event("rejected", name, version, code=getattr(exc, "code", "error"), message=str(exc))
+            except (StoreError, OSError) as cleanup:
+                log.error("model %s: could not remove rejected version %d: %s", name, version, cleanup)
 
     def set_label(self, name: str, label: str, version: int | None) -> dict[str, Any]:
         """Point ``label`` at ``version`` (loaded and checked first), or remove it (None)."""
