@@ -1,6 +1,8 @@
 """Bundle transfer over MQTT through a real mosquitto: one publish of each
 chunk serves the whole fleet; late, unlucky and restarted devices ask for
-just what they miss; corrupt chunks never reach the file."""
+just what they miss; corrupt chunks never reach the file, a chunk damaged on
+disk is fetched again; a wrong or malformed meta and the deadline end a
+transfer with their own error codes."""
 
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from edge_agent.comms.transfer import (
     PahoLink,
     PublishHandle,
+    Topics,
     TransferMeta,
     TransferReceiver,
     TransferSender,
@@ -88,6 +91,26 @@ class FaultyLink:
 
     def subscribe(self, topic_filter: str, callback: Callable[[str, bytes], None]) -> Callable[[], None]:
         return self.inner.subscribe(topic_filter, callback)
+
+
+def acked(link: PahoLink, count: int, subscribe: Callable[[], Any]) -> None:
+    """Run ``subscribe`` (``count`` subscriptions on ``link``) and return once
+    the broker acknowledged every one: from then on nothing published is missed."""
+    acks = threading.Semaphore(0)
+    link.client.on_subscribe = lambda *args: acks.release()
+    try:
+        subscribe()
+        for _ in range(count):
+            assert acks.acquire(timeout=5), "the test broker did not acknowledge a subscription"
+    finally:
+        link.client.on_subscribe = None
+
+
+def wait_until(check: Callable[[], Any], timeout: float = 10.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while not (value := check()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return value
 
 
 def test_three_devices_one_late(payload: Path, clients: Callable[[str], PahoLink], tmp_path: Path) -> None:
@@ -202,6 +225,110 @@ def test_a_meta_for_another_file_is_refused(payload: Path, clients: Callable[[st
             small.wait(10)
         assert err.value.code == "too_large"
         small.close()
+
+
+def test_a_chunk_damaged_on_disk_is_found_and_fetched_again(payload: Path, clients: Callable[[str], PahoLink], tmp_path: Path) -> None:
+    """Every chunk matched when it was written, yet the file does not: the
+    storage changed it. The receiver re-reads the chunks and asks for the bad one."""
+    tid = uuid.uuid4().hex
+    last = 63  # the only short chunk
+    lost: list[str] = []
+    rotted = threading.Event()
+
+    def lose_the_last_chunk_once(topic: str, data: bytes) -> bytes | None:
+        if topic.endswith(f"/chunk/{last}") and not lost:
+            lost.append(topic)
+            return None
+        return data
+
+    def rot_chunk_0(received: int, total: int) -> None:
+        if received == last * CHUNK and not rotted.is_set():  # all but the last chunk on disk: damage chunk 0 now
+            with open(rx.data_path, "r+b") as fh:
+                fh.write(b"\x00" * 16)
+            rotted.set()
+
+    # A patient receiver: no need before the first pass is through, even on a loaded machine.
+    patient = {**FAST, "idle_s": 1.0, "max_idle_s": 1.0}
+    rx = TransferReceiver(clients("cam-01"), PREFIX, tid, "cam-01", tmp_path, max_bytes=10**7, progress=rot_chunk_0, **patient)
+    acked(rx.link, 2, rx.start)  # meta and chunks: the first pass reaches it whole
+    link = FaultyLink(clients("console"), lose_the_last_chunk_once)
+    try:
+        with TransferSender(link, PREFIX, payload, tid=tid, chunk_size=CHUNK, need_delay_s=0.05, repeat_after_s=0.2) as sender:
+            out = rx.wait(30)
+            assert sha(out) == sha(payload) == sender.meta.sha256
+            assert lost and rotted.is_set()
+            assert rx.needs_sent[0] == [[last, last]]
+            assert [[0, 0]] in rx.needs_sent, rx.needs_sent
+            assert sender.wait_done(["cam-01"], 5)
+    finally:
+        rx.close()
+
+
+def test_an_inconsistent_meta_fails_with_checksum_mismatch(payload: Path, clients: Callable[[str], PahoLink], tmp_path: Path) -> None:
+    """Chunks that match their hashes but not the announced whole: the
+    console is broken, and asking again would not help."""
+    tid = uuid.uuid4().hex
+
+    def announce_another_whole(topic: str, data: bytes) -> bytes:
+        if topic.endswith("/meta") and data:  # not the empty message that clears it
+            return TransferMeta.model_validate_json(data).model_copy(update={"sha256": "0" * 64}).to_json()
+        return data
+
+    rx = TransferReceiver(clients("cam-01"), PREFIX, tid, "cam-01", tmp_path, max_bytes=10**7, **FAST).start()
+    link = FaultyLink(clients("console"), announce_another_whole)
+    try:
+        with TransferSender(link, PREFIX, payload, tid=tid, chunk_size=CHUNK, need_delay_s=0.05, repeat_after_s=0.2) as sender:
+            with pytest.raises(TransferError) as err:
+                rx.wait(30)
+            assert err.value.code == "checksum_mismatch"
+            assert rx.received_chunks() == sender.meta.chunks, "every chunk arrived and matched its own sha256"
+            assert wait_until(lambda: "cam-01" in sender.done), "no done report reached the console"
+            assert sender.done["cam-01"] == {
+                "device": "cam-01", "ok": False, "error": {"code": "checksum_mismatch", "message": err.value.message},
+            }
+    finally:
+        rx.close()
+
+
+def test_malformed_meta_is_a_bad_transfer(clients: Callable[[str], PahoLink], tmp_path: Path) -> None:
+    tid = uuid.uuid4().hex
+    topics = Topics(PREFIX, tid)
+    console = clients("console")
+    reports: list[dict] = []
+    acked(console, 1, lambda: console.subscribe(topics.done, lambda topic, data: reports.append(json.loads(data))))
+    assert console.publish(topics.meta, json.dumps({"v": 1, "tid": tid}).encode(), qos=1, retain=True).wait(5)
+    rx = TransferReceiver(clients("cam-01"), PREFIX, tid, "cam-01", tmp_path, max_bytes=10**7, **FAST).start()
+    try:
+        with pytest.raises(TransferError) as err:
+            rx.wait(10)
+        assert err.value.code == "bad_transfer"
+        assert "malformed meta" in err.value.message
+        assert wait_until(lambda: reports), "no done report reached the console"
+        assert reports == [{"device": "cam-01", "ok": False, "error": {"code": "bad_transfer", "message": err.value.message}}]
+    finally:
+        rx.close()
+        console.publish(topics.meta, b"", qos=1, retain=True).wait(5)
+
+
+def test_a_deadline_ends_a_transfer_nobody_serves(payload: Path, clients: Callable[[str], PahoLink], tmp_path: Path) -> None:
+    """The meta is there, the sender is gone: the receiver asks, then gives up
+    at its deadline (not at the caller's wait)."""
+    tid = uuid.uuid4().hex
+    topics = Topics(PREFIX, tid)
+    meta = build_meta(payload, tid=tid, chunk_size=CHUNK)
+    console = clients("console")
+    assert console.publish(topics.meta, meta.to_json(), qos=1, retain=True).wait(5)
+    rx = TransferReceiver(clients("cam-01"), PREFIX, tid, "cam-01", tmp_path, max_bytes=10**7, **{**FAST, "deadline_s": 1.0})
+    rx.start()
+    try:
+        with pytest.raises(TransferError) as err:
+            rx.wait(10)
+        assert err.value.code == "transfer_timeout"
+        assert f"timed out after 1 s (0 of {meta.chunks} chunks)" in err.value.message
+        assert rx.needs_sent and rx.needs_sent[0] == [[0, meta.chunks - 1]], "it asked before giving up"
+    finally:
+        rx.close()
+        console.publish(topics.meta, b"", qos=1, retain=True).wait(5)
 
 
 def test_receiver_wait_times_out_without_a_sender(clients: Callable[[str], PahoLink], tmp_path: Path) -> None:
