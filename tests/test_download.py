@@ -17,6 +17,7 @@ import pytest
 
 from edge_agent.comms.download import download, part_path
 from edge_agent.errors import DownloadError
+from mqtt_helpers import make_certs
 
 CONTENT = os.urandom(300_000)
 SHA = hashlib.sha256(CONTENT).hexdigest()
@@ -308,48 +309,20 @@ def test_full_disk(server: FileServer, tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def tls_cert(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """A self-signed certificate for 127.0.0.1 (made with cryptography, a
-    test-time tool here; the agent itself only uses the ssl module)."""
-    import datetime
-    import ipaddress
-
-    x509 = pytest.importorskip("cryptography.x509")
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "edge-agent test")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    folder = tmp_path_factory.mktemp("tls")
-    cert_path, key_path = folder / "cert.pem", folder / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    return cert_path, key_path
+def tls_cert(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The test CA and a server certificate for 127.0.0.1 signed by it
+    (``ca``, ``cert``, ``key``), as the broker tests use them."""
+    pytest.importorskip("cryptography.x509")  # a test-time tool here; the agent itself only uses the ssl module
+    return make_certs(tmp_path_factory.mktemp("tls"))["broker"]
 
 
 @pytest.fixture
-def tls_server(tls_cert: tuple[Path, Path]) -> Iterator[FileServer]:
+def tls_server(tls_cert: dict[str, Path]) -> Iterator[FileServer]:
     import ssl
 
     srv = FileServer()
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.load_cert_chain(*tls_cert)
+    ctx.load_cert_chain(tls_cert["cert"], tls_cert["key"])
     srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
     thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
     thread.start()
@@ -358,13 +331,13 @@ def tls_server(tls_cert: tuple[Path, Path]) -> Iterator[FileServer]:
     srv.server_close()
 
 
-def test_https_with_a_trusted_certificate_resumes_too(tls_server: FileServer, tls_cert: tuple[Path, Path], tmp_path: Path) -> None:
+def test_https_with_a_trusted_certificate_resumes_too(tls_server: FileServer, tls_cert: dict[str, Path], tmp_path: Path) -> None:
     import ssl
 
     tls_server.drop_after = [70_000]
     url = tls_server.url.replace("http://", "https://")
     dest = tmp_path / "b"
-    context = ssl.create_default_context(cafile=str(tls_cert[0]))
+    context = ssl.create_default_context(cafile=str(tls_cert["ca"]))
     download(url, dest, sha256=SHA, size=len(CONTENT), max_bytes=10**6, ssl_context=context, **FAST)
     assert dest.read_bytes() == CONTENT
     assert tls_server.requests[1]["Range"] == "bytes=70000-"
