@@ -288,10 +288,6 @@ def quantize(model: str, calibration: str, out: str, evaluation: str | None, nam
     run_quantize(opts, progress=progress, echo=click.echo)
 
 
-if __name__ == "__main__":  # pragma: no cover
-    main()
-
-
 from edge_agent.cli_models import models as _models_group  # noqa: E402
 
 main.add_command(_models_group)
@@ -299,3 +295,7 @@ main.add_command(_models_group)
 from edge_agent.cli_fleet import fleet as _fleet_group  # noqa: E402
 
 main.add_command(_fleet_group)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
