@@ -25,11 +25,11 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def env(tmp_path: Path):
+def env(tmp_path: Path, assets: dict[str, Path]):
     broker = Mosquitto(tmp_path / "broker")
     prefix = f"t{uuid.uuid4().hex[:6]}"
     v1 = make_bundle(tmp_path / "b", 1)
-    cam = frames(tmp_path / "frames")
+    cam = assets["demo_video"]  # the real camera-like video, looped
     yield broker, prefix, v1, cam, tmp_path
     broker.stop()
 

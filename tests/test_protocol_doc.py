@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from edge_agent.bundle import sha256_file
-from lifecycle_helpers import frames, make_bundle
+from lifecycle_helpers import make_bundle
 from mqtt_helpers import AgentProcess, Client, Mosquitto
 
 pytestmark = pytest.mark.integration
@@ -37,7 +37,7 @@ def examples() -> tuple[list[str], list[dict]]:
     return lines, expected
 
 
-def test_the_worked_examples_of_protocol_md(tmp_path: Path) -> None:
+def test_the_worked_examples_of_protocol_md(tmp_path: Path, assets: dict[str, Path]) -> None:
     lines, expected = examples()
     assert len(lines) == len(expected) >= 10
     broker = Mosquitto(tmp_path / "broker")
@@ -47,7 +47,7 @@ def test_the_worked_examples_of_protocol_md(tmp_path: Path) -> None:
         ("127.0.0.1", 0), functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(v2.parent)))
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{httpd.server_address[1]}/{v2.name}"
-    cam = frames(tmp_path / "frames")
+    cam = assets["demo_video"]  # the real camera-like video, looped
     cfg = tmp_path / "agent.toml"
     cfg.write_text(f"""device_id = "cam-01"
 groups = ["lobby"]
