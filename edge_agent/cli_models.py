@@ -32,13 +32,14 @@ def _config(path: str):
     return load_config(path)
 
 
-def send(config: Any, cmd: str, args: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+def send(config_path: str, cmd: str, args: dict[str, Any]) -> tuple[dict[str, Any], bool]:
     """Run one command through the running agent, or offline. Returns the
     reply and whether the agent was running."""
     from edge_agent.comms.local import request
     from edge_agent.errors import EdgeAgentError
     from edge_agent.models.store import ModelStore, StoreLock
 
+    config = _config(config_path)
     root = config.store.path
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -131,7 +132,7 @@ def _wrap(func):
 def list_cmd(model: str | None, config_path: str, as_json: bool) -> None:
     """Installed versions, which is active, last good, labels."""
     from edge_agent.models.state import read_state
-    from edge_agent.models.store import StoreLock
+    from edge_agent.models.store import StoreLock, versions_in
 
     config = _config(config_path)
     lock = StoreLock(config.store.path) if config.store.path.is_dir() else None
@@ -150,8 +151,7 @@ def list_cmd(model: str | None, config_path: str, as_json: bool) -> None:
         for m in config.models:
             folder = config.store.path / m.name
             state, _ = read_state(folder)
-            versions = sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.is_dir() else []
-            status[m.name] = {**state.model_dump(mode="json"), "versions": versions}
+            status[m.name] = {**state.model_dump(mode="json"), "versions": versions_in(folder)}
         running = False
     if as_json:
         click.echo(json.dumps({"running": running, "models": status}, indent=2))
@@ -175,8 +175,7 @@ def list_cmd(model: str | None, config_path: str, as_json: bool) -> None:
 @_wrap
 def add_cmd(bundle: str, activate: bool, label: str | None, config_path: str, as_json: bool) -> None:
     """Verify BUNDLE (checksums, signature, load, smoke test) and install it."""
-    config = _config(config_path)
-    reply, _ = send(config, "add", {"path": str(Path(bundle).resolve()), "activate": activate, "label": label})
+    reply, _ = send(config_path, "add", {"path": str(Path(bundle).resolve()), "activate": activate, "label": label})
     r = reply.get("result", {})
     act = " and activated" if (r.get("activation") or {}).get("changed") else ""
     active = r.get("active") or "none yet (the newest version serves at the next start)"
@@ -190,8 +189,7 @@ def add_cmd(bundle: str, activate: bool, label: str | None, config_path: str, as
 @_wrap
 def activate_cmd(model: str, version: int, config_path: str, as_json: bool) -> None:
     """Serve VERSION of MODEL."""
-    config = _config(config_path)
-    reply, running = send(config, "activate", {"model": model, "version": version})
+    reply, running = send(config_path, "activate", {"model": model, "version": version})
     r = reply.get("result", {})
     how = f" ({r.get('mode')} swap, {r.get('load_ms')} ms to load)" if r.get("changed") and running else ""
     _finish(reply, as_json, f"{model} version {version} is active{how}")
@@ -203,8 +201,7 @@ def activate_cmd(model: str, version: int, config_path: str, as_json: bool) -> N
 @_wrap
 def rollback_cmd(model: str, config_path: str, as_json: bool) -> None:
     """Go back to the previous good version of MODEL."""
-    config = _config(config_path)
-    reply, _ = send(config, "rollback", {"model": model})
+    reply, _ = send(config_path, "rollback", {"model": model})
     r = reply.get("result", {})
     _finish(reply, as_json, f"{model}: rolled back from version {r.get('from')} to {r.get('version')}")
 
@@ -216,6 +213,5 @@ def rollback_cmd(model: str, config_path: str, as_json: bool) -> None:
 @_wrap
 def remove_cmd(model: str, version: int, config_path: str, as_json: bool) -> None:
     """Delete VERSION of MODEL from the store (never the active or last good one)."""
-    config = _config(config_path)
-    reply, _ = send(config, "remove", {"model": model, "version": version})
+    reply, _ = send(config_path, "remove", {"model": model, "version": version})
     _finish(reply, as_json, f"{model} version {version} removed")

@@ -84,6 +84,13 @@ class StoreLock:
             self._fd = None
 
 
+def versions_in(folder: Path) -> list[int]:
+    """The version numbers installed in a model's folder, ascending."""
+    if not folder.is_dir():
+        return []
+    return sorted(int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit())
+
+
 def installed_as(bundle: Bundle, dest: Path) -> Bundle | None:
     """``bundle`` when its verified files are the version directory ``dest``
     (:meth:`ModelStore.install` moved them there), so loading them needs no
@@ -129,10 +136,7 @@ class ModelStore:
 
     def versions(self, name: str) -> list[int]:
         """Installed versions of ``name``, ascending."""
-        folder = self.root / name
-        if not folder.is_dir():
-            return []
-        return sorted(int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit())
+        return versions_in(self.root / name)
 
     def path(self, name: str, version: int) -> Path:
         return self.root / name / str(version)
