@@ -6,7 +6,10 @@ commands.
 * a retained last will ``{"state": "offline"}`` on ``P/D/status``;
   ``online`` published (retained) on every (re)connect, ``stopped`` on a clean
   exit;
-* :meth:`publish` takes a topic under ``P/D/`` and a JSON-able payload.
+* :meth:`publish` takes a topic under ``P/D/`` and a JSON-able payload;
+* one :class:`PahoLink` (``transport.link``) holds every subscription, the
+  command topics' and the MQTT transfers', and subscribes them again after
+  each reconnect.
 """
 
 from __future__ import annotations
@@ -27,6 +30,67 @@ from edge_agent.config import MqttConfig
 log = logging.getLogger(__name__)
 
 MAX_QUEUED = 1000
+
+
+class _PahoHandle:
+    def __init__(self, info: Any) -> None:
+        self._info = info
+
+    def wait(self, timeout: float) -> bool:
+        try:
+            self._info.wait_for_publish(timeout)
+        except (RuntimeError, ValueError):
+            return False  # not queued (client disconnected or queue full)
+        return bool(self._info.is_published())
+
+
+class PahoLink:
+    """A :class:`~edge_agent.comms.transfer.Link` over a paho-mqtt 2.x client
+    that its owner connects.
+
+    Subscriptions are remembered; call :meth:`resubscribe` from the owner's
+    ``on_connect`` (a clean session forgets them on reconnect). A callback
+    that raises is logged, never allowed to kill paho's network thread.
+    Thread-safety: all methods may be called from any thread.
+    """
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self._filters: set[str] = set()
+        self._lock = threading.Lock()
+
+    def publish(self, topic: str, payload: bytes, *, qos: int, retain: bool) -> _PahoHandle:
+        return _PahoHandle(self.client.publish(topic, payload, qos=qos, retain=retain))
+
+    def subscribe(self, topic_filter: str, callback: Callable[[str, bytes], None]) -> Callable[[], None]:
+        """Deliver messages matching ``topic_filter`` to ``callback(topic,
+        payload)`` (QoS 1, on paho's thread); returns a function that
+        unsubscribes."""
+
+        def on_message(client: Any, userdata: Any, message: Any) -> None:
+            try:
+                callback(message.topic, bytes(message.payload))
+            except Exception:  # never let a bug kill paho's network thread
+                log.exception("MQTT: handling a message on %s failed", message.topic)
+
+        self.client.message_callback_add(topic_filter, on_message)
+        with self._lock:
+            self._filters.add(topic_filter)
+        self.client.subscribe(topic_filter, qos=1)
+
+        def unsubscribe() -> None:
+            with self._lock:
+                self._filters.discard(topic_filter)
+            self.client.unsubscribe(topic_filter)
+            self.client.message_callback_remove(topic_filter)
+
+        return unsubscribe
+
+    def resubscribe(self) -> None:
+        with self._lock:
+            filters = sorted(self._filters)
+        for topic_filter in filters:
+            self.client.subscribe(topic_filter, qos=1)
 
 
 class MqttTransport:
@@ -59,7 +123,6 @@ class MqttTransport:
         self._stopping = False
         self.on_connected: list[Callable[[], None]] = []  # run on paho's thread after each (re)connect
         self.on_disconnected: list[Callable[[], None]] = []
-        self._subscriptions: dict[str, Callable[[str, bytes], None]] = {}
         self._v5 = cfg.protocol == "5"
         protocol = mqtt.MQTTv5 if self._v5 else mqtt.MQTTv311
         # A stable client id and a persistent session: QoS 1 commands sent
@@ -85,6 +148,8 @@ class MqttTransport:
         self.client.max_queued_messages_set(MAX_QUEUED)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
+        self.link = PahoLink(self.client)
+        """Every subscription on this connection (commands, MQTT transfers)."""
 
     def topic(self, suffix: str) -> str:
         return f"{self.base}/{suffix}"
@@ -99,14 +164,12 @@ class MqttTransport:
             "models": self.status_provider(),
         }
 
-    def subscribe(self, topic_filter: str, callback: Callable[[str, bytes], None]) -> None:
+    def subscribe(self, topic_filter: str, callback: Callable[[str, bytes], None]) -> Callable[[], None]:
         """Deliver messages matching ``topic_filter`` to ``callback(topic,
         payload)`` (on paho's thread: hand long work to another thread).
-        Subscribed again on every reconnect."""
-        self._subscriptions[topic_filter] = callback
-        self.client.message_callback_add(topic_filter, lambda c, u, m: callback(m.topic, m.payload))
-        if self.connected.is_set():
-            self.client.subscribe(topic_filter, qos=1)
+        Subscribed again on every reconnect; returns a function that
+        unsubscribes."""
+        return self.link.subscribe(topic_filter, callback)
 
     def start(self) -> None:
         if self._v5:
@@ -180,8 +243,7 @@ class MqttTransport:
         self.connected.set()
         log.info("MQTT: connected to %s:%d", self.cfg.host, self.cfg.port)
         self._publish_online()
-        for topic_filter in self._subscriptions:
-            client.subscribe(topic_filter, qos=1)
+        self.link.resubscribe()
         for hook in self.on_connected:
             try:
                 hook()

@@ -242,15 +242,6 @@ class BundleFetcher:
         self.download_cfg = download_cfg
         self.transfer_cfg = transfer_cfg
         self.stop = stop
-        self._link = None
-
-    def link(self) -> Any:
-        if self._link is None:
-            from edge_agent.comms.transfer import PahoLink
-
-            self._link = PahoLink(self.transport.client)
-            self.transport.on_connected.append(self._link.resubscribe)
-        return self._link
 
     def fetch(self, args: Any, progress: Callable[..., None]) -> Path:
         self.staging.mkdir(parents=True, exist_ok=True)
@@ -274,7 +265,7 @@ class BundleFetcher:
 
         t = self.transfer_cfg
         rx = TransferReceiver(
-            self.link(), self.transport.cfg.topic_prefix, args.transfer, self.transport.device_id, self.staging,
+            self.transport.link, self.transport.cfg.topic_prefix, args.transfer, self.transport.device_id, self.staging,
             max_bytes=self.max_bytes, expected_sha256=args.sha256, expected_size=args.size,
             progress=_throttle(lambda got, total: progress("transfer", received=got, total=total)),
             idle_s=t.idle_s, max_idle_s=t.max_idle_s, deadline_s=t.deadline_s,

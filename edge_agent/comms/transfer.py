@@ -14,7 +14,8 @@ in short, under ``P/transfers/<tid>/``:
   outcome, so the console knows when it may stop serving.
 
 The code is transport-agnostic: it speaks to a :class:`Link` (publish bytes,
-subscribe a filter with a callback). :class:`PahoLink` adapts a paho client;
+subscribe a filter with a callback). :class:`~edge_agent.comms.mqtt.PahoLink`
+adapts a paho client (importable from here too);
 :mod:`edge_agent.comms.loopback` is an in-process broker for tests; another
 transport supplies its own.
 
@@ -45,6 +46,7 @@ from typing import Any, Callable, Protocol
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from edge_agent.comms.commands import TOKEN_RE, Sha256, Token
+from edge_agent.comms.mqtt import PahoLink  # noqa: F401  (re-exported: the console and tests take it from here)
 from edge_agent.errors import TransferError, is_disk_full
 
 log = logging.getLogger(__name__)
@@ -75,62 +77,6 @@ class Link(Protocol):
     def subscribe(self, topic_filter: str, callback: Callable[[str, bytes], None]) -> Callable[[], None]:
         """Subscribe (QoS 1); returns a function that unsubscribes."""
         ...
-
-
-
-class _PahoHandle:
-    def __init__(self, info: Any) -> None:
-        self._info = info
-
-    def wait(self, timeout: float) -> bool:
-        try:
-            self._info.wait_for_publish(timeout)
-        except (RuntimeError, ValueError):
-            return False  # not queued (client disconnected or queue full)
-        return bool(self._info.is_published())
-
-
-class PahoLink:
-    """A :class:`Link` over a paho-mqtt 2.x client that its owner connects.
-
-    Subscriptions are remembered; call :meth:`resubscribe` from the owner's
-    ``on_connect`` (a clean session forgets them on reconnect).
-    Thread-safety: all methods may be called from any thread.
-    """
-
-    def __init__(self, client: Any) -> None:
-        self.client = client
-        self._filters: set[str] = set()
-        self._lock = threading.Lock()
-
-    def publish(self, topic: str, payload: bytes, *, qos: int, retain: bool) -> PublishHandle:
-        return _PahoHandle(self.client.publish(topic, payload, qos=qos, retain=retain))
-
-    def subscribe(self, topic_filter: str, callback: Callable[[str, bytes], None]) -> Callable[[], None]:
-        def on_message(client: Any, userdata: Any, message: Any) -> None:
-            try:
-                callback(message.topic, bytes(message.payload))
-            except Exception:  # never let a bug kill paho's network thread
-                log.exception("transfer: handling a message on %s failed", message.topic)
-
-        self.client.message_callback_add(topic_filter, on_message)
-        with self._lock:
-            self._filters.add(topic_filter)
-        self.client.subscribe(topic_filter, qos=1)
-
-        def unsubscribe() -> None:
-            with self._lock:
-                self._filters.discard(topic_filter)
-            self.client.unsubscribe(topic_filter)
-            self.client.message_callback_remove(topic_filter)
-
-        return unsubscribe
-
-    def resubscribe(self) -> None:
-        with self._lock:
-            filters = sorted(self._filters)
-        for topic_filter in filters:
-            self.client.subscribe(topic_filter, qos=1)
 
 
 # -- the meta message ---------------------------------------------------------------
