@@ -18,7 +18,7 @@ without copying.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
@@ -161,8 +161,6 @@ class SetArgs(_Strict):
         """The settings given (without the target), as plain data."""
         return self.model_dump(exclude={"source", "model"}, exclude_none=True)
 
-
-CommandName = Literal["ping", "status", "deploy", "activate", "rollback", "remove", "set"]
 
 COMMAND_ARGS: dict[str, type[BaseModel]] = {
     "ping": NoArgs,

@@ -122,7 +122,6 @@ class MqttTransport:
         self._status_in_flight = 0
         self._stopping = False
         self.on_connected: list[Callable[[], None]] = []  # run on paho's thread after each (re)connect
-        self.on_disconnected: list[Callable[[], None]] = []
         self._v5 = cfg.protocol == "5"
         protocol = mqtt.MQTTv5 if self._v5 else mqtt.MQTTv311
         # A stable client id and a persistent session: QoS 1 commands sent
@@ -255,9 +254,4 @@ class MqttTransport:
         self.connected.clear()
         if was and reason.is_failure:
             log.warning("MQTT: connection lost (%s); reconnecting", reason)
-        for hook in self.on_disconnected:
-            try:
-                hook()
-            except Exception:
-                log.exception("MQTT: a disconnect hook failed")
 

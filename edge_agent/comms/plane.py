@@ -52,7 +52,6 @@ class Outbox:
         self._backlog = bool(spool is not None and len(spool))
         self._replaying = False
         self._stop = threading.Event()
-        self.lost = 0  # QoS 0 results dropped with no spool to keep them
 
     def send(self, kind: str, suffix: str, payload: dict[str, Any], *, qos: int = 1) -> None:
         topic = self.transport.topic(suffix)
@@ -69,7 +68,6 @@ class Outbox:
             with self._lock:
                 self._spool(kind, topic, data, qos)
         else:
-            self.lost += 1
             log.warning("MQTT: a %s message could not be sent (%s) and there is no spool", kind, info.rc)
 
     def _spool(self, kind: str, topic: str, data: bytes, qos: int) -> None:
@@ -147,10 +145,8 @@ class ControlPlane:
         self.transport = transport
         self.outbox = Outbox(transport, spool)
         self.dispatcher = dispatcher_factory(self.event)
-        self.groups = groups
         self.telemetry = telemetry
         self.interval_s = interval_s
-        self.spool = spool
         self._queue: queue.Queue[tuple[str, bytes] | None] = queue.Queue()
         self._workers = [threading.Thread(target=self._work, name=f"command-{i}", daemon=True) for i in range(workers)]
         self._stop = threading.Event()
@@ -184,8 +180,8 @@ class ControlPlane:
             w.join(timeout=5.0)
         if self._telemetry_thread.is_alive():
             self._telemetry_thread.join(timeout=5.0)
-        if self.spool is not None:
-            self.spool.close()
+        if self.outbox.spool is not None:
+            self.outbox.spool.close()
 
     # -- commands ----------------------------------------------------------
 
@@ -223,8 +219,8 @@ class ControlPlane:
         while not self._stop.wait(max(0.0, next_at - time.monotonic())):
             next_at += self.interval_s
             message = self.telemetry.collect()
-            if self.spool is not None:
-                dropped = self.spool.dropped()
+            if self.outbox.spool is not None:
+                dropped = self.outbox.spool.dropped()
                 if dropped:
                     message["spool_dropped"] = dropped
             self.outbox.send("telemetry", "telemetry", message, qos=1)
