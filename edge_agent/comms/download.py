@@ -41,6 +41,7 @@ from urllib.parse import urlsplit
 
 
 from edge_agent import __version__
+from edge_agent.comms.commands import SHA256_RE, URL_SCHEMES
 from edge_agent.errors import DownloadError, is_disk_full
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,6 @@ Progress = Callable[[int, int], None]
 download (the ``.part`` file is kept for a later resume)."""
 
 CHUNK = 64 * 1024
-_SHA256_RE = re.compile(r"^[0-9a-fA-F]{64}$")
 _CONTENT_RANGE_RE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 _RETRY_STATUS = {408, 425, 429}
 
@@ -105,11 +105,11 @@ def download(
     """
     dest = Path(dest)
     scheme = urlsplit(url).scheme.lower()
-    if scheme not in ("file", "http", "https"):
+    if scheme not in URL_SCHEMES:
         raise DownloadError(
             f"cannot download {url!r}: only file://, http:// and https:// URLs are supported", code="unsupported_url"
         )
-    if not _SHA256_RE.fullmatch(sha256):
+    if not SHA256_RE.fullmatch(sha256.lower()):
         raise ValueError("sha256 must be 64 hexadecimal digits")
     if size < 0 or max_bytes < 0 or retries < 0:
         raise ValueError("size, max_bytes and retries must not be negative")
@@ -183,9 +183,9 @@ def download(
             )
         try:
             os.replace(part, dest)
-            _fsync_dir(dest.parent)
         except OSError as exc:
             raise _disk_error(exc, f"cannot move the download into {dest}") from None
+        _fsync_dir(dest.parent)
         log.info("downloaded %s (%d bytes) to %s", url, size, dest)
         return dest
 
@@ -381,13 +381,10 @@ def _sha256_of(path: Path) -> str:
 
 
 def _fsync_dir(folder: Path) -> None:
+    """Make the rename durable where the file system allows (best effort)."""
+    from edge_agent.models.state import fsync_dir
+
     try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
+        fsync_dir(folder)
     except OSError:
         pass
-    finally:
-        os.close(fd)

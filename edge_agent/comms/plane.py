@@ -240,16 +240,17 @@ class BundleFetcher:
         self.stop = stop
 
     def fetch(self, args: Any, progress: Callable[..., None]) -> Path:
-        self.staging.mkdir(parents=True, exist_ok=True)
+        """The verified bundle under ``staging`` (``download()`` and
+        ``TransferReceiver.start()`` create the folders, with coded errors)."""
         if args.transfer is not None:
             return self._transfer(args, progress)
+        from edge_agent.bundle import is_archive
         from edge_agent.comms.download import download
 
         name = Path(urllib.parse.urlparse(args.url).path).name
-        if not name.endswith((".tar", ".tar.gz", ".tgz")):
+        if not is_archive(Path(name)):
             name = "bundle.tar.gz"
         dest = self.staging / f"{args.model}-{args.version}-{args.sha256[:12]}" / name
-        dest.parent.mkdir(parents=True, exist_ok=True)
         throttled = _throttle(lambda got, total: progress("fetching", received=got, total=total))
         d = self.download_cfg
         return download(args.url, dest, sha256=args.sha256, size=args.size, max_bytes=self.max_bytes,
