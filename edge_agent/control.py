@@ -129,14 +129,15 @@ class Control:
 def _remove_fetched(path: Path) -> None:
     """The fetched archive is not needed once the store holds the version (or
     the deploy failed after the archive was complete and verified)."""
-    import shutil
-
     try:
         path.unlink(missing_ok=True)
-        if path.parent.is_dir() and not any(path.parent.iterdir()):
-            shutil.rmtree(path.parent, ignore_errors=True)
     except OSError as exc:
         log.warning("could not remove %s: %s", path, exc)
+        return
+    try:
+        path.parent.rmdir()  # its folder too, once empty
+    except OSError:
+        pass  # not empty (or already gone): left alone
 
 
 def build_dispatcher(control: Control, *, local: bool, events: Callable[[dict[str, Any]], None] | None = None,
