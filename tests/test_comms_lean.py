@@ -13,7 +13,6 @@ MODULES = (
     "edge_agent.comms.spool",
     "edge_agent.comms.download",
     "edge_agent.comms.transfer",
-    "edge_agent.comms.loopback",
     "edge_agent.telemetry",
 )
 ALLOWED_THIRD_PARTY = {"numpy", "paho", "pydantic", "pydantic_core", "psutil", "typing_extensions", "annotated_types", "typing_inspection"}  # pydantic's own

@@ -15,9 +15,8 @@ in short, under ``P/transfers/<tid>/``:
 
 The code is transport-agnostic: it speaks to a :class:`Link` (publish bytes,
 subscribe a filter with a callback). :class:`~edge_agent.comms.mqtt.PahoLink`
-adapts a paho client (importable from here too);
-:mod:`edge_agent.comms.loopback` is an in-process broker for tests; another
-transport supplies its own.
+adapts a paho client (importable from here too); another transport supplies
+its own.
 
 Threading: link callbacks run on the transport's thread (paho's network
 thread) and only do cheap work (verify a chunk's sha256, write it at its
