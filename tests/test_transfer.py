@@ -122,14 +122,15 @@ def test_three_devices_one_late(payload: Path, clients: Callable[[str], PahoLink
     progress: list[tuple[int, int]] = []
 
     def receiver(device: str, **extra: Any) -> TransferReceiver:
-        return TransferReceiver(
+        rx = TransferReceiver(
             clients(device), PREFIX, tid, device, tmp_path / device,
             max_bytes=10**7, expected_sha256=meta.sha256, expected_size=meta.size, **FAST, **extra,
-        ).start()
+        )
+        acked(rx.link, 2, rx.start)  # meta and chunks subscribed before anything is sent
+        return rx
 
     r1 = receiver("cam-01", progress=lambda done, total: progress.append((done, total)))
     r2 = receiver("cam-02")
-    time.sleep(0.3)  # let their subscriptions reach the broker
     sender = TransferSender(clients("console"), PREFIX, payload, tid=tid, chunk_size=CHUNK, need_delay_s=0.05).start()
     try:
         assert sender.wait_sent(30)
@@ -159,8 +160,8 @@ def test_corrupt_chunk_is_rejected_and_requested_again(payload: Path, clients: C
             return bytes([data[0] ^ 0xFF]) + data[1:]
         return data
 
-    rx = TransferReceiver(clients("cam-01"), PREFIX, tid, "cam-01", tmp_path, max_bytes=10**7, **FAST).start()
-    time.sleep(0.3)
+    rx = TransferReceiver(clients("cam-01"), PREFIX, tid, "cam-01", tmp_path, max_bytes=10**7, **FAST)
+    acked(rx.link, 2, rx.start)
     link = FaultyLink(clients("console"), corrupt_chunk_3_once)
     with TransferSender(link, PREFIX, payload, tid=tid, chunk_size=CHUNK, need_delay_s=0.05) as sender:
         out = rx.wait(30)
@@ -184,8 +185,7 @@ def test_a_restarted_device_continues(payload: Path, clients: Callable[[str], Pa
         return data
 
     first = TransferReceiver(clients("cam-01"), PREFIX, tid, "cam-01", tmp_path, max_bytes=10**7, **{**FAST, "idle_s": 60})
-    first.start()
-    time.sleep(0.3)
+    acked(first.link, 2, first.start)
     sender = TransferSender(FaultyLink(clients("console"), lose_after_chunk_9), PREFIX, payload, tid=tid, chunk_size=CHUNK, need_delay_s=0.05)
     sender.start()
     try:
