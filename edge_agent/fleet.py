@@ -997,7 +997,7 @@ def deploy(
     ``progress(DeviceProgress)`` is called on paho's thread at every event of
     this deploy; ``on_targets(online, offline)`` once the targets are known.
     """
-    from edge_agent.comms.transfer import TransferSender
+    from edge_agent.comms.transfer import Topics, TransferSender
 
     check_delivery(via, url, serve, advertise)
     cmd_id = new_command_id("deploy")
@@ -1064,7 +1064,7 @@ def deploy(
         if online:
             time.sleep(0.2)  # their SUBSCRIBE reaches the broker just after the event
         size = chunk_size or chunk_size_for(bundle.size)
-        link = _PacedLink(console.link, f"{console.prefix}/transfers/{transfer_id}/chunk/", size, bundle.size,
+        link = _PacedLink(console.link, Topics(console.prefix, transfer_id).chunk_prefix, size, bundle.size,
                           window_bytes, started, lambda: _slowest(states, online, stall_s=3.0))
         sender = TransferSender(link, console.prefix, bundle.archive, tid=transfer_id, chunk_size=size,
                                 rate_bytes_s=rate_bytes_s, repeat_after_s=repeat_after_s)

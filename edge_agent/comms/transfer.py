@@ -149,12 +149,13 @@ class Topics:
             raise ValueError(f"transfer id {tid!r} is not a valid token")
         self.base = f"{prefix}/transfers/{tid}"
         self.meta = f"{self.base}/meta"
-        self.chunk_filter = f"{self.base}/chunk/+"
+        self.chunk_prefix = f"{self.base}/chunk/"
+        self.chunk_filter = f"{self.chunk_prefix}+"
         self.need = f"{self.base}/need"
         self.done = f"{self.base}/done"
 
     def chunk(self, index: int) -> str:
-        return f"{self.base}/chunk/{index}"
+        return f"{self.chunk_prefix}{index}"
 
 
 def to_ranges(indices: list[int]) -> list[list[int]]:
