@@ -178,14 +178,9 @@ class Agent:
 
     def status_message(self) -> dict[str, Any]:
         """The object of the status topic (CONTRACT §3)."""
-        import time
+        from edge_agent.comms.commands import status_object
 
-        from edge_agent import __version__
-
-        if self.transport is not None:
-            return self.transport.status("online")
-        return {"state": "online", "ts": time.time(), "agent_version": __version__, "device_id": self.config.device_id,
-                "groups": list(self.config.groups), "models": self.models.status()}
+        return status_object("online", self.config.device_id, self.config.groups, self.models.status())
 
     def apply_settings(self, args: Any) -> dict[str, Any]:  # noqa: C901 - one branch per setting
         """The ``set`` command: change run-time settings of sources."""

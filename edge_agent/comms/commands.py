@@ -12,12 +12,14 @@ command does. :data:`COMMAND_ARGS` maps each command name of the contract to
 its arguments model, for whoever registers the handlers.
 
 Models are immutable, so a validated command can be handed to another thread
-without copying.
+without copying. :func:`status_object` builds the other message both the
+transport and the ``status`` command send: the device's status.
 """
 
 from __future__ import annotations
 
 import re
+import time
 from typing import Annotated, Any
 from urllib.parse import urlsplit
 
@@ -172,3 +174,11 @@ COMMAND_ARGS: dict[str, type[BaseModel]] = {
     "set": SetArgs,
 }
 """The commands of CONTRACT §3 and their arguments models."""
+
+
+def status_object(state: str, device_id: str, groups: Any, models: dict[str, Any]) -> dict[str, Any]:
+    """The object of ``P/D/status`` (CONTRACT §3), also the ``status`` reply."""
+    from edge_agent import __version__
+
+    return {"state": state, "ts": time.time(), "agent_version": __version__, "device_id": device_id,
+            "groups": list(groups), "models": models}

@@ -18,13 +18,12 @@ import json
 import logging
 import ssl
 import threading
-import time
 from typing import Any, Callable, Sequence
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edge_agent import __version__
+from edge_agent.comms.commands import status_object
 from edge_agent.config import MqttConfig
 
 log = logging.getLogger(__name__)
@@ -154,14 +153,7 @@ class MqttTransport:
         return f"{self.base}/{suffix}"
 
     def status(self, state: str) -> dict[str, Any]:
-        return {
-            "state": state,
-            "ts": time.time(),
-            "agent_version": __version__,
-            "device_id": self.device_id,
-            "groups": list(self.groups),
-            "models": self.status_provider(),
-        }
+        return status_object(state, self.device_id, self.groups, self.status_provider())
 
     def subscribe(self, topic_filter: str, callback: Callable[[str, bytes], None]) -> Callable[[], None]:
         """Deliver messages matching ``topic_filter`` to ``callback(topic,
