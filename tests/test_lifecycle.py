@@ -15,6 +15,7 @@ import pytest
 from edge_agent.bundle import sha256_file
 from edge_agent.errors import BundleError, EdgeAgentError
 from edge_agent.models.lifecycle import deploy, file_url
+from edge_agent.models.store import StoreError
 from edge_agent.signing import generate_keypair
 from lifecycle_helpers import Running, config, frames, make_bundle, read_state, rehash
 
@@ -198,6 +199,44 @@ def test_resource_preserving_swap_reports_its_gap_and_fails_no_frame(tmp_path: P
         run.wait_results(10, version=2)
         assert run.errors() == 0
         assert not any(e["event"] == "rolled_back" for e in run.events), run.events
+    finally:
+        run.stop()
+
+
+@pytest.mark.parametrize("swap", ["availability", "resource"])
+def test_a_full_disk_during_a_swap_keeps_the_old_version_serving(tmp_path: Path, cam: Path, swap: str) -> None:
+    """The state file cannot be written (disk full) after the new version
+    was loaded: the activation fails with the store's error, the version
+    that served before serves again (reloaded if the resource-preserving
+    swap had closed it), the state on disk and in memory is unchanged, and
+    the same activation works once the disk has room."""
+    v1 = make_bundle(tmp_path / "b", 1)
+    v2 = make_bundle(tmp_path / "b", 2)
+    run = Running(config(tmp_path, v1, cam, swap=swap))
+    try:
+        run.wait_results(5)
+        deploy(run.models, v2, activate=False)
+        store = run.models.store
+        real_save = store.save_state
+
+        def full(name: str, state: Any) -> None:
+            raise StoreError(f"model {name}: cannot write its state: No space left on device", code="disk_full")
+
+        store.save_state = full  # type: ignore[method-assign]
+        with pytest.raises(StoreError) as err:
+            run.models.activate("clf", 2)
+        assert err.value.code == "disk_full"
+        status = run.models.status()["clf"]
+        assert status["active"] == 1 and status["loaded"] == [1]
+        n = len(run.results())
+        run.wait_results(n + 5, version=1)
+        assert read_state(tmp_path)["active"] == 1
+        store.save_state = real_save  # type: ignore[method-assign]
+        run.models.set_label("clf", "stable", 1)  # the next state write does not record the failed swap
+        assert read_state(tmp_path)["active"] == 1
+        assert run.models.activate("clf", 2)["changed"]
+        run.wait_results(len(run.results()) + 5, version=2)
+        assert run.errors() == 0
     finally:
         run.stop()
 

@@ -564,6 +564,7 @@ class ModelManager:
                 self._end_probation(slot, passed=None)
             previous = current.version if current is not None else slot.state.active
             report = self._swap(slot, version, progress=progress)
+            before = slot.state.model_copy(deep=True)
             state = slot.state
             state.active = version
             state.failed.pop(version, None)
@@ -574,7 +575,7 @@ class ModelManager:
                 state.last_good = version
             state.record("activated", version, reason=reason, previous=previous)
             checkpoint("activate_before_state")
-            self._save(slot)
+            self._save_swap(slot, report, before)
             checkpoint("activate_after_state")
             self._commit_swap(slot, report)
             if start_probation:
@@ -606,12 +607,13 @@ class ModelManager:
                 slot.probation = None
                 state.probation = None
             report = self._swap(slot, target)
+            before = slot.state.model_copy(deep=True)
             if active is not None and reason != "rollback requested":
                 state.failed[active] = reason
             state.active = target
             state.last_good = target
             state.record("rolled_back", active, reason=reason, to=target)
-            self._save(slot)
+            self._save_swap(slot, report, before)
             self._commit_swap(slot, report)
             report.pop("_old", None)
             report.pop("_new", None)
@@ -851,6 +853,30 @@ class ModelManager:
             raise
         load_ms = (time.monotonic() - t0) * 1000.0
         return {"mode": "resource", "load_ms": round(load_ms, 1), "_old": old, "_new": new}
+
+    def _save_swap(self, slot: Slot, report: dict[str, Any], before: ModelState) -> None:
+        """Write the state of a swap :meth:`_swap` prepared. If that fails (a
+        full disk), undo the swap: the state is what it was, the version that
+        served before serves again (reloaded if a resource-preserving swap
+        had closed it), and the new one is closed unless something else keeps
+        it loaded."""
+        try:
+            self._save(slot)
+        except BaseException:
+            slot.state = before
+            new: LoadedModel = report["_new"]
+            with self._cond:
+                kept = slot.loaded.get(new.version) is new
+            if report["mode"] == "resource":
+                back = self._load_version(slot, report["_old"].version)
+                with self._cond:
+                    slot.loaded[back.version] = back
+                    slot.serving = back
+                    slot.gap_since = None
+                    self._cond.notify_all()
+            if not kept:
+                new.close()
+            raise
 
     def _commit_swap(self, slot: Slot, report: dict[str, Any]) -> None:
         """Switch to the new version. The old one stays loaded until the
