@@ -7,7 +7,6 @@ usage or bad config. A user error prints one clear message, never a traceback.
 
 from __future__ import annotations
 
-import functools
 import logging
 import sys
 from pathlib import Path
@@ -16,31 +15,9 @@ from typing import Any, Callable, TypeVar
 import click
 
 from edge_agent import __version__
+from edge_agent.cli_common import CONFIG_HELP, DEFAULT_CONFIG, user_errors
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-CONFIG_HELP = "Agent config file (TOML)."
-DEFAULT_CONFIG = "/etc/edge-agent/agent.toml"
-
-
-def _user_errors(func: F) -> F:
-    """Turn our own errors into a message and their exit code."""
-
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from edge_agent.errors import ConfigError, EdgeAgentError
-
-        try:
-            return func(*args, **kwargs)
-        except ConfigError as exc:
-            for problem in exc.problems:
-                click.echo(f"error: {problem}", err=True)
-            sys.exit(exc.exit_code)
-        except EdgeAgentError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(exc.exit_code)
-
-    return wrapper  # type: ignore[return-value]
 
 
 def _setup_logging(level: str) -> None:
@@ -59,7 +36,7 @@ def main() -> None:
 
 @main.command()
 @click.option("--config", "config_path", default=DEFAULT_CONFIG, show_default=True, help=CONFIG_HELP)
-@_user_errors
+@user_errors
 def run(config_path: str) -> None:
     """Run the agent (what systemd starts)."""
     from edge_agent.agent import run_agent
@@ -81,7 +58,7 @@ def run(config_path: str) -> None:
 @main.command("validate-config")
 @click.argument("path", required=False)
 @click.option("--config", "config_path", default=None, help=CONFIG_HELP + f" [default: {DEFAULT_CONFIG}]")
-@_user_errors
+@user_errors
 def validate_config(path: str | None, config_path: str | None) -> None:
     """Check a config file and print every problem in it."""
     from edge_agent.config import load_config
@@ -161,7 +138,7 @@ def preprocessing_options(func: F) -> F:
     type=click.Path(dir_okay=False, exists=True),
     help="Image to record with the model's outputs (repeatable); the device checks them before serving.",
 )
-@_user_errors
+@user_errors
 def pack(
     model: str,
     name: str,
@@ -213,7 +190,7 @@ def pack(
     type=click.Path(dir_okay=False),
     help="Path prefix: writes PREFIX.key (private, mode 0600) and PREFIX.pub (public).",
 )
-@_user_errors
+@user_errors
 def keygen(prefix: str) -> None:
     """Make an Ed25519 key pair for signing bundles.
 
@@ -256,7 +233,7 @@ def keygen(prefix: str) -> None:
 @click.option("--sign-key", type=click.Path(dir_okay=False), help="Ed25519 private key: sign the bundles.")
 @click.option("--calibration-limit", type=click.IntRange(min=1), default=300, show_default=True,
               help="Use at most this many calibration pictures (evenly spaced).")
-@_user_errors
+@user_errors
 def quantize(model: str, calibration: str, out: str, evaluation: str | None, name: str | None, version: int | None,
              labels: str | None, task: str | None, method: str, per_tensor: bool, min_agreement: float,
              no_mixed_precision: bool, no_bias_correction: bool, no_float_residual: bool, no_equalize: bool, targets: tuple[str, ...],

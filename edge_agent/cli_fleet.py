@@ -16,13 +16,9 @@ from typing import Any, Callable
 
 import click
 
+from edge_agent.cli_common import user_errors
+
 ENV = "EDGE_FLEET_"
-
-
-def _wrap(func: Callable[..., Any]) -> Callable[..., Any]:
-    from edge_agent.cli import _user_errors
-
-    return _user_errors(func)
 
 
 def broker_options(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -222,7 +218,7 @@ def fleet() -> None:
 @click.option("--rate", type=click.FloatRange(min=1), help="With --via mqtt: cap the upload at this many kB/s.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress output.")
 @broker_options
-@_wrap
+@user_errors
 def deploy_cmd(bundle: str, devices: tuple[str, ...], group: str | None, all_: bool, wait_online: float,
                as_json: bool, via: str, url: str | None, serve: str | None, advertise: str | None,
                no_activate: bool, label: str | None, timeout: float, rate: float | None, quiet: bool,
@@ -270,7 +266,7 @@ def deploy_cmd(bundle: str, devices: tuple[str, ...], group: str | None, all_: b
 @click.option("--timeout", type=click.FloatRange(min=1), default=60, show_default=True,
               help="Seconds to wait for every device's reply.")
 @broker_options
-@_wrap
+@user_errors
 def rollback_cmd(model: str, devices: tuple[str, ...], group: str | None, all_: bool, wait_online: float,
                  as_json: bool, timeout: float, **broker: Any) -> None:
     """Roll MODEL back to its previous good version on devices."""
@@ -290,7 +286,7 @@ def rollback_cmd(model: str, devices: tuple[str, ...], group: str | None, all_: 
               help="Seconds to wait for telemetry (CPU, memory, temperature) from the online devices.")
 @click.option("--json", "as_json", is_flag=True, help="Print the statuses as JSON.")
 @broker_options
-@_wrap
+@user_errors
 def status_cmd(group: str | None, wait_s: float, as_json: bool, **broker: Any) -> None:
     """A table of every device from its retained status (and recent telemetry)."""
     from edge_agent import fleet as f
@@ -316,7 +312,7 @@ def status_cmd(group: str | None, wait_s: float, as_json: bool, **broker: Any) -
 @click.option("--no-events", is_flag=True, help="Telemetry only.")
 @click.option("--count", type=click.IntRange(min=1), help="Stop after this many lines.")
 @broker_options
-@_wrap
+@user_errors
 def watch_cmd(devices: tuple[str, ...], no_events: bool, count: int | None, **broker: Any) -> None:
     """Follow telemetry and events live, one line per message, until Ctrl-C."""
     import queue

@@ -19,8 +19,8 @@ from typing import Any
 
 import click
 
-CONFIG_HELP = "Agent config file (TOML)."
-DEFAULT_CONFIG = "/etc/edge-agent/agent.toml"
+from edge_agent.cli_common import CONFIG_HELP, DEFAULT_CONFIG, user_errors
+
 USAGE_CODES = {"bad_args", "bad_command", "unknown_model", "version_not_found", "bundle_not_found"}
 
 log = logging.getLogger("edge_agent.cli")
@@ -119,16 +119,10 @@ def _options(func):
     return click.option("--config", "config_path", default=DEFAULT_CONFIG, show_default=True, help=CONFIG_HELP)(func)
 
 
-def _wrap(func):
-    from edge_agent.cli import _user_errors
-
-    return _user_errors(func)
-
-
 @models.command("list")
 @click.argument("model", required=False)
 @_options
-@_wrap
+@user_errors
 def list_cmd(model: str | None, config_path: str, as_json: bool) -> None:
     """Installed versions, which is active, last good, labels."""
     from edge_agent.models.state import read_state
@@ -172,7 +166,7 @@ def list_cmd(model: str | None, config_path: str, as_json: bool) -> None:
 @click.option("--activate", is_flag=True, help="Serve it once verified.")
 @click.option("--label", help="Point this label (e.g. canary) at it.")
 @_options
-@_wrap
+@user_errors
 def add_cmd(bundle: str, activate: bool, label: str | None, config_path: str, as_json: bool) -> None:
     """Verify BUNDLE (checksums, signature, load, smoke test) and install it."""
     reply, _ = send(config_path, "add", {"path": str(Path(bundle).resolve()), "activate": activate, "label": label})
@@ -186,7 +180,7 @@ def add_cmd(bundle: str, activate: bool, label: str | None, config_path: str, as
 @click.argument("model")
 @click.argument("version", type=click.IntRange(min=1))
 @_options
-@_wrap
+@user_errors
 def activate_cmd(model: str, version: int, config_path: str, as_json: bool) -> None:
     """Serve VERSION of MODEL."""
     reply, running = send(config_path, "activate", {"model": model, "version": version})
@@ -198,7 +192,7 @@ def activate_cmd(model: str, version: int, config_path: str, as_json: bool) -> N
 @models.command("rollback")
 @click.argument("model")
 @_options
-@_wrap
+@user_errors
 def rollback_cmd(model: str, config_path: str, as_json: bool) -> None:
     """Go back to the previous good version of MODEL."""
     reply, _ = send(config_path, "rollback", {"model": model})
@@ -210,7 +204,7 @@ def rollback_cmd(model: str, config_path: str, as_json: bool) -> None:
 @click.argument("model")
 @click.argument("version", type=click.IntRange(min=1))
 @_options
-@_wrap
+@user_errors
 def remove_cmd(model: str, version: int, config_path: str, as_json: bool) -> None:
     """Delete VERSION of MODEL from the store (never the active or last good one)."""
     reply, _ = send(config_path, "remove", {"model": model, "version": version})

@@ -1,0 +1,34 @@
+"""What every command group of the command line shares (no heavy imports)."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Any, Callable, TypeVar
+
+import click
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+CONFIG_HELP = "Agent config file (TOML)."
+DEFAULT_CONFIG = "/etc/edge-agent/agent.toml"
+
+
+def user_errors(func: F) -> F:
+    """Turn our own errors into a message and their exit code."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from edge_agent.errors import ConfigError, EdgeAgentError
+
+        try:
+            return func(*args, **kwargs)
+        except ConfigError as exc:
+            for problem in exc.problems:
+                click.echo(f"error: {problem}", err=True)
+            sys.exit(exc.exit_code)
+        except EdgeAgentError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+
+    return wrapper  # type: ignore[return-value]
