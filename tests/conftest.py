@@ -12,14 +12,13 @@
 from __future__ import annotations
 
 import shutil
-import socket
-import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import pytest
+from mqtt_helpers import Mosquitto
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
@@ -117,12 +116,6 @@ def blazeface(blazeface_bundle: Path):
     model.runtime.close()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @dataclass
 class Broker:
     host: str
@@ -130,30 +123,13 @@ class Broker:
 
 
 @pytest.fixture(scope="session")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Broker:
-    exe = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
-    if exe is None:
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
+    """One mosquitto for the test session (``host``, ``port``)."""
+    if not (shutil.which("mosquitto") or Path("/usr/sbin/mosquitto").exists()):
         pytest.skip("mosquitto is not installed (scripts/test.sh installs it with apt)")
-    port = free_port()
-    folder = tmp_path_factory.mktemp("mosquitto")
-    conf = folder / "mosquitto.conf"
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nlog_dest stderr\n")
-    log = open(folder / "mosquitto.log", "wb")
-    proc = subprocess.Popen([exe, "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail(f"mosquitto did not start: {(folder / 'mosquitto.log').read_text()}")
-            time.sleep(0.05)
-    yield Broker("127.0.0.1", port)
-    proc.terminate()
     try:
-        proc.wait(5)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+        made = Mosquitto(tmp_path_factory.mktemp("mosquitto"))
+    except RuntimeError as exc:
+        pytest.fail(f"mosquitto did not start: {exc}")
+    yield made
+    made.stop()

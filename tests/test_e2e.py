@@ -163,7 +163,7 @@ def test_sigterm_finishes_cleanly_and_publishes_stopped(tmp_path, broker, mobile
 def test_broker_down_at_start_does_not_block(tmp_path, mobilenet_bundle, assets):
     """A broker that is down at boot must not stop the cameras: results are
     still logged and the agent finishes its work."""
-    from conftest import free_port
+    from mqtt_helpers import free_port
 
     config = write_config(
         tmp_path, Broker("127.0.0.1", free_port()), mobilenet_bundle, assets["demo_video"], device="dev-c", loop=False

@@ -422,7 +422,7 @@ def test_broker_settings_from_an_agent_config(tmp_path: Path) -> None:
 
 
 def test_broker_unreachable_is_a_runtime_failure() -> None:
-    from conftest import free_port
+    from mqtt_helpers import free_port
 
     result = CliRunner().invoke(main, ["fleet", "status", "--port", str(free_port())])
     assert result.exit_code == 1 and "cannot reach the broker" in result.output
