@@ -80,6 +80,22 @@ class Mosquitto:
             self.proc.wait(10)
 
 
+def connected(host: str, port: int, *, name: str = "test", on_message: Any = None,
+              max_inflight: int | None = None) -> mqtt.Client:
+    """A bare MQTT 5 paho client, connected, its network loop running."""
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"{name}-{uuid.uuid4().hex[:8]}", protocol=mqtt.MQTTv5)
+    if max_inflight is not None:
+        client.max_inflight_messages_set(max_inflight)
+    ready = threading.Event()
+    client.on_connect = lambda *args: ready.set()
+    if on_message is not None:
+        client.on_message = on_message
+    client.connect(host, port)
+    client.loop_start()
+    assert ready.wait(5), "could not connect to the test broker"
+    return client
+
+
 class Client:
     """A paho client that keeps every message it receives."""
 

@@ -398,24 +398,14 @@ def test_over_a_real_broker_one_reply_per_command(broker: Any) -> None:
     import queue
     import uuid
 
-    import paho.mqtt.client as mqtt
-    from paho.mqtt.enums import CallbackAPIVersion
+    from mqtt_helpers import connected
 
     prefix = f"edge-{uuid.uuid4().hex[:6]}"
     runs: list[str] = []
     d = Dispatcher()
     d.register("ping", NoArgs, lambda args, ctx: runs.append(ctx.origin) or {"pong": True})
 
-    def client() -> mqtt.Client:
-        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=uuid.uuid4().hex, protocol=mqtt.MQTTv5)
-        ready = threading.Event()
-        c.on_connect = lambda *a: ready.set()
-        c.connect(broker.host, broker.port)
-        c.loop_start()
-        assert ready.wait(5)
-        return c
-
-    device, console = client(), client()
+    device, console = connected(broker.host, broker.port), connected(broker.host, broker.port)
     work: queue.Queue = queue.Queue()
     device.on_message = lambda c, u, m: work.put((m.topic, m.payload))  # never dispatch on paho's thread
 

@@ -254,23 +254,14 @@ def test_replay_through_a_real_broker_in_order(tmp_path: Path, broker: Any) -> N
     acknowledged it (QoS 1)."""
     import uuid
 
-    import paho.mqtt.client as mqtt
-    from paho.mqtt.enums import CallbackAPIVersion
+    from mqtt_helpers import connected
 
     base = f"edge/{uuid.uuid4().hex[:8]}"
     received: list[tuple[str, bytes]] = []
     all_in = threading.Event()
 
-    def client(on_message: Any = None) -> mqtt.Client:
-        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=uuid.uuid4().hex, protocol=mqtt.MQTTv5)
-        ready = threading.Event()
-        c.on_connect = lambda *a: ready.set()
-        if on_message:
-            c.on_message = on_message
-        c.connect(broker.host, broker.port)
-        c.loop_start()
-        assert ready.wait(5)
-        return c
+    def client(on_message: Any = None) -> Any:
+        return connected(broker.host, broker.port, on_message=on_message)
 
     def on_message(c: Any, userdata: Any, message: Any) -> None:
         received.append((message.topic, message.payload))

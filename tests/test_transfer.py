@@ -17,7 +17,6 @@ from typing import Any, Callable, Iterator
 
 import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_agent.comms.transfer import (
     PahoLink,
@@ -31,6 +30,7 @@ from edge_agent.comms.transfer import (
     to_ranges,
 )
 from edge_agent.errors import TransferError
+from mqtt_helpers import connected
 
 PREFIX = "edge"
 CHUNK = 16 * 1024
@@ -50,13 +50,7 @@ def clients(broker: Any) -> Iterator[Callable[[str], PahoLink]]:
     made: list[mqtt.Client] = []
 
     def connect(name: str) -> PahoLink:
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"{name}-{uuid.uuid4().hex[:6]}", protocol=mqtt.MQTTv5)
-        client.max_inflight_messages_set(32)
-        connected = threading.Event()
-        client.on_connect = lambda *args: connected.set()
-        client.connect(broker.host, broker.port)
-        client.loop_start()
-        assert connected.wait(5), "could not connect to the test broker"
+        client = connected(broker.host, broker.port, name=name, max_inflight=32)
         made.append(client)
         return PahoLink(client)
 
