@@ -59,6 +59,12 @@ class Agent:
         self.control_server = LocalControlServer(config.store.socket_path, self.local_dispatcher.handle)
         self.sources: list[FrameSource] = []
         self.workers: list[SourceWorker] = []
+        self.http = None
+        if config.http.enabled:
+            from edge_agent.httpapi import HttpServer
+
+            self.http = HttpServer(self, config.http.host, config.http.port,
+                                   max_body_bytes=int(config.http.max_body_mb * 1e6))
         self._started: list[tuple[str, Callable[[], None]]] = []
 
     def start(self) -> None:
@@ -67,6 +73,8 @@ class Agent:
             self._step("store lock", self._lock_store, self.store_lock.release)
             self._step("models", self.models.start, self.models.stop)
             self._step("control socket", self.control_server.start, self.control_server.stop)
+            if self.http is not None:
+                self._step("http", self.http.start, self.http.stop)
             if self.transport is not None:
                 self._step("control plane", self._start_plane, self._stop_plane)
                 self._step("mqtt", self.transport.start, self.transport.stop)

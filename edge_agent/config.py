@@ -234,7 +234,8 @@ class TransferConfig(_Section):
 class HttpConfig(_Section):
     enabled: bool = Field(False, description="Serve the local HTTP API.")
     host: str = Field("127.0.0.1", description="Address to bind.")
-    port: int = Field(8501, ge=1, le=65535, description="Port to bind.")
+    port: int = Field(8501, ge=0, le=65535, description="Port to bind (0: any free port, logged at start).")
+    max_body_mb: float = Field(32.0, gt=0, description="Largest predict request body accepted, in MB.")
 
 
 class AgentConfig(_Section):

@@ -1,0 +1,319 @@
+"""The local HTTP API (CONTRACT §5) of a real agent: the real MobileNetV2
+(ONNX Runtime) and BlazeFace (LiteRT), the real demo video as a camera, real
+photos posted as JPEG, over real HTTP on a loopback port."""
+
+from __future__ import annotations
+
+import base64
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pytest
+
+from conftest import CAT_CLASSES
+from edge_agent.agent import Agent
+from edge_agent.config import parse_config
+
+pytestmark = pytest.mark.integration
+
+
+def call(base: str, path: str, body: Any = None, *, raw: bytes | None = None, method: str | None = None
+         ) -> tuple[int, Any]:
+    """One request; the status and the decoded JSON (or text) answer."""
+    data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+    req = urllib.request.Request(base + path, data=data, method=method)
+    if data is not None:
+        req.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            status, text, ctype = resp.status, resp.read(), resp.headers.get("Content-Type", "")
+    except urllib.error.HTTPError as err:
+        status, text, ctype = err.code, err.read(), err.headers.get("Content-Type", "")
+    return status, json.loads(text) if "json" in ctype else text.decode()
+
+
+def jpeg_b64(path: Path) -> str:
+    ok, buf = cv2.imencode(".jpg", cv2.imread(str(path)), [cv2.IMWRITE_JPEG_QUALITY, 95])
+    assert ok
+    return base64.b64encode(buf.tobytes()).decode()
+
+
+def start_agent(tmp: Path, models: list[dict], sources: list[dict], **http: Any) -> tuple[Agent, str]:
+    cfg = parse_config({
+        "device_id": "http-test",
+        "log_level": "warning",
+        "store": {"path": str(tmp / "store")},
+        "models": models,
+        "sources": sources,
+        "http": {"enabled": True, "host": "127.0.0.1", "port": 0, **http},
+    })
+    agent = Agent(cfg)
+    agent.start()
+    assert agent.http is not None
+    host, port = agent.http.address
+    return agent, f"http://{host}:{port}"
+
+
+@pytest.fixture(scope="module")
+def served(assets, mobilenet_bundle, blazeface_bundle, tmp_path_factory):
+    """An agent serving MobileNetV2 (fed by the demo video) and BlazeFace."""
+    agent, base = start_agent(
+        tmp_path_factory.mktemp("http"),
+        [{"name": "mobilenet_v2", "bundle": str(mobilenet_bundle), "threads": 1},
+         {"name": "blazeface", "bundle": str(blazeface_bundle), "threads": 1}],
+        [{"name": "cam", "uri": str(assets["demo_video"]), "model": "mobilenet_v2", "loop": True, "fps": 10}],
+        max_body_mb=8,
+    )
+    yield agent, base
+    agent.shutdown()
+
+
+def test_model_status_and_metadata_in_tf_serving_shape(served) -> None:
+    agent, base = served
+    status, body = call(base, "/v1/models/mobilenet_v2")
+    assert status == 200
+    assert body == {"model_version_status": [
+        {"version": "1", "state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""}}
+    ]}
+    assert call(base, "/v1/models/mobilenet_v2/versions/1")[1] == body
+
+    status, meta = call(base, "/v1/models/mobilenet_v2/metadata")
+    assert status == 200
+    assert meta["model_spec"] == {"name": "mobilenet_v2", "signature_name": "", "version": "1"}
+    sig = meta["metadata"]["signature_def"]["signature_def"]["serving_default"]
+    (inp,) = sig["inputs"].values()
+    assert inp["dtype"] == "DT_FLOAT"
+    assert [d["size"] for d in inp["tensor_shape"]["dim"]] == ["1", "3", "224", "224"]
+    (out,) = sig["outputs"].values()
+    assert out["tensor_shape"]["dim"][-1]["size"] == "1000"
+    assert meta["edge_agent"]["task"] == "classify" and meta["edge_agent"]["labels"] == 1000
+    assert meta["edge_agent"]["preprocessing"]["resize"] == "crop"
+
+    status, face_meta = call(base, "/v1/models/blazeface/metadata")
+    assert status == 200 and face_meta["edge_agent"]["runtime"] == "tflite"
+    assert len(face_meta["metadata"]["signature_def"]["signature_def"]["serving_default"]["outputs"]) == 2
+
+
+def test_labels_and_versions_resolve_like_tf_serving(served) -> None:
+    agent, base = served
+    status, body = call(base, "/v1/models/mobilenet_v2/labels/stable")
+    assert status == 404 and "stable" in body["error"]
+    agent.models.set_label("mobilenet_v2", "stable", 1)
+    try:
+        status, body = call(base, "/v1/models/mobilenet_v2/labels/stable")
+        assert status == 200 and body["model_version_status"][0]["version"] == "1"
+        status, body = call(base, "/v1/models/mobilenet_v2/labels/stable:predict",
+                            {"instances": [{"b64": jpeg_b64(agent_photo(agent, "chelsea"))}]})
+        assert status == 200 and body["model_spec"] == {"name": "mobilenet_v2", "version": "1"}
+    finally:
+        agent.models.set_label("mobilenet_v2", "stable", None)
+    status, body = call(base, "/v1/models/mobilenet_v2/versions/7")
+    assert status == 404 and "version 7" in body["error"]
+    status, body = call(base, "/v1/models/mobilenet_v2/versions/x:predict", {"instances": [[0]]})
+    assert status == 400 and "integer" in body["error"]
+    status, body = call(base, "/v1/models/nope")
+    assert status == 404 and "nope" in body["error"]
+
+
+def agent_photo(agent: Agent, name: str) -> Path:
+    """A real photo of the cached assets (DATA.md)."""
+    import build_assets
+
+    return build_assets.default_cache_dir() / "photos" / f"{name}.jpg"
+
+
+def test_predict_a_jpeg_a_tensor_and_columnar_give_the_same_answer(served, mobilenet) -> None:
+    agent, base = served
+    photo = agent_photo(agent, "chelsea")
+    b64 = jpeg_b64(photo)
+    status, body = call(base, "/v1/models/mobilenet_v2:predict", {"instances": [{"b64": b64}]})
+    assert status == 200, body
+    (logits,) = body["predictions"]
+    assert len(logits) == 1000
+    top = body["results"][0]["top"]
+    assert top[0]["label"] in CAT_CLASSES
+    assert int(np.argmax(logits)) == top[0]["index"]
+
+    # The same picture as the agent would preprocess a camera frame, sent as
+    # a tensor (row format, named input), and columnar.
+    frame = cv2.imdecode(np.frombuffer(base64.b64decode(b64), np.uint8), cv2.IMREAD_COLOR)
+    tensor, _ = mobilenet.preprocess(frame)
+    name = mobilenet.manifest.inputs[0].name
+    status, rows = call(base, "/v1/models/mobilenet_v2:predict", {"instances": [{name: tensor[0].tolist()}]})
+    assert status == 200, rows
+    np.testing.assert_allclose(rows["predictions"][0], logits, atol=1e-3)
+    status, cols = call(base, "/v1/models/mobilenet_v2:predict", {"inputs": {name: [tensor[0].tolist()] * 2}})
+    assert status == 200, cols
+    assert np.asarray(cols["outputs"]).shape == (2, 1000)
+    np.testing.assert_allclose(cols["outputs"][1], logits, atol=1e-3)
+    assert len(cols["predictions"]) == 2
+
+    # Several pictures in one request, each answered in order.
+    coffee = jpeg_b64(agent_photo(agent, "coffee"))
+    status, both = call(base, "/v1/models/mobilenet_v2:predict", {"instances": [{"b64": coffee}, {"b64": b64}]})
+    assert status == 200
+    assert both["results"][0]["top"][0]["label"] == "espresso"
+    assert both["results"][1]["top"][0]["label"] == top[0]["label"]
+
+
+def test_predict_on_a_tflite_detector_maps_boxes_to_the_picture(served) -> None:
+    agent, base = served
+    photo = agent_photo(agent, "astronaut")
+    status, body = call(base, "/v1/models/blazeface:predict", {"inputs": {"b64": jpeg_b64(photo)}})
+    assert status == 200, body
+    assert set(body["predictions"][0]) == {t.name for t in _manifest(agent, "blazeface").outputs}
+    (faces,) = [r["detections"] for r in body["results"]]
+    assert len(faces) == 1 and faces[0]["score"] > 0.5
+    x0, y0, x1, y1 = faces[0]["box"]
+    h, w = cv2.imread(str(photo)).shape[:2]
+    assert 0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h  # picture pixels, not the 128x128 input
+
+
+def _manifest(agent: Agent, name: str):
+    with agent.models.acquire(name) as model:
+        return model.manifest
+
+
+def test_bad_requests_get_a_clear_error_and_serving_goes_on(served) -> None:
+    agent, base = served
+    url = "/v1/models/mobilenet_v2:predict"
+    cases = [
+        (b"{not json", 400, "not valid JSON"),
+        (json.dumps({"instances": [], "inputs": []}).encode(), 400, "not both"),
+        (json.dumps({"signature_name": "x"}).encode(), 400, '"instances"'),
+        (json.dumps({"instances": []}).encode(), 400, "no instances"),
+        (json.dumps({"instances": {"b64": "x"}}).encode(), 400, "must be a list"),
+        (json.dumps({"instances": [{"b64": "%%%"}]}).encode(), 400, "base64"),
+        (json.dumps({"instances": [{"b64": base64.b64encode(b"not a picture").decode()}]}).encode(), 400,
+         "not a picture"),
+        (json.dumps({"instances": [[[0.0] * 4] * 4]}).encode(), 400, "shape [4, 4]"),
+        (json.dumps({"instances": [["a"]]}).encode(), 400, "numeric tensor"),
+        (json.dumps({"instances": [[0]] * 65}).encode(), 400, "at most 64"),
+        (json.dumps({"inputs": {"wrong": [[0]]}}).encode(), 400, "the model has one input"),
+        (b"x" * 9_000_000, 413, "at most 8000000"),
+    ]
+    for raw, want, words in cases:
+        status, body = call(base, url, raw=raw)
+        assert status == want and words in body["error"], (raw[:40], status, body)
+    status, body = call(base, url, method="GET")
+    assert status == 405 and "POST" in body["error"]
+    status, body = call(base, "/v2/anything")
+    assert status == 404 and "no endpoint" in body["error"]
+
+    frames = agent.workers[0].stats.frames
+    status, body = call(base, url, {"instances": [{"b64": jpeg_b64(agent_photo(agent, "chelsea"))}]})
+    assert status == 200 and body["results"][0]["top"][0]["label"] in CAT_CLASSES
+    deadline = time.monotonic() + 10
+    while agent.workers[0].stats.frames <= frames and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert agent.workers[0].stats.frames > frames, "the camera stopped while the API answered errors"
+
+
+def test_health_readiness_and_prometheus_metrics(served) -> None:
+    agent, base = served
+    assert call(base, "/healthz") == (200, {"status": "alive"})
+    assert call(base, "/readyz") == (200, {"ready": True, "problems": []})
+    call(base, "/v1/models/mobilenet_v2:predict", {"instances": [{"b64": jpeg_b64(agent_photo(agent, "coffee"))}]})
+    status, text = call(base, "/metrics")
+    assert status == 200
+    from prometheus_client.parser import text_string_to_metric_families
+
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for fam in text_string_to_metric_families(text) for s in fam.samples}
+    assert samples[("edge_agent_source_frames_total", (("source", "cam"),))] > 0
+    assert samples[("edge_agent_source_up", (("source", "cam"),))] == 1
+    assert samples[("edge_agent_model_active_version", (("model", "mobilenet_v2"),))] == 1
+    assert samples[("edge_agent_model_inferences_total", (("model", "mobilenet_v2"), ("version", "1")))] > 0
+    assert samples[("edge_agent_http_requests_total", (("code", "200"), ("endpoint", "predict")))] >= 1
+    assert samples[("edge_agent_http_predict_seconds_count", (("model", "mobilenet_v2"),))] >= 1
+    assert samples[("process_resident_memory_bytes", ())] > 10e6
+    assert ("edge_agent_info", (("device_id", "http-test"), ("version", __import__("edge_agent").__version__))) \
+        in samples
+
+
+def test_readiness_names_what_is_missing(assets, mobilenet_bundle, tmp_path) -> None:
+    agent, base = start_agent(
+        tmp_path,
+        [{"name": "mobilenet_v2", "bundle": str(mobilenet_bundle), "threads": 1}],
+        [{"name": "cam", "uri": str(assets["demo_video"]), "model": "mobilenet_v2", "fps": 5, "loop": True},
+         {"name": "gone", "uri": str(tmp_path / "missing.avi"), "model": "mobilenet_v2"}],
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            status, body = call(base, "/readyz")
+            if status == 503 or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert status == 503 and body["ready"] is False
+        assert any(p.startswith("source gone:") for p in body["problems"]), body
+        assert call(base, "/healthz")[0] == 200
+    finally:
+        agent.shutdown()
+
+
+def test_a_hot_swap_fails_no_request(assets, mobilenet_bundle, tmp_path) -> None:
+    from edge_agent.bundle import pack
+    from edge_agent.models.lifecycle import deploy
+
+    agent, base = start_agent(tmp_path, [{"name": "mobilenet_v2", "bundle": str(mobilenet_bundle), "threads": 1}],
+                              [])
+    with (mobilenet_bundle / "manifest.json").open() as f:
+        m = json.load(f)
+    v2 = pack(mobilenet_bundle / m["model_file"], name="mobilenet_v2", version=2, out=tmp_path / "v2",
+              preprocessing=m["preprocessing"], labels=mobilenet_bundle / m["labels"])
+    b64 = jpeg_b64(agent_photo(agent, "chelsea"))
+    answers: list[tuple[int, str]] = []
+    stop = threading.Event()
+
+    def client() -> None:
+        while not stop.is_set():
+            status, body = call(base, "/v1/models/mobilenet_v2:predict", {"instances": [{"b64": b64}]})
+            answers.append((status, body.get("model_spec", {}).get("version", body.get("error"))))
+
+    threads = [threading.Thread(target=client) for _ in range(2)]
+    try:
+        for t in threads:
+            t.start()
+        time.sleep(0.5)
+        deploy(agent.models, v2)
+        deadline = time.monotonic() + 20
+        while not any(v == "2" for _, v in answers[-4:]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
+        agent.shutdown()
+    assert answers and all(s == 200 for s, _ in answers), [a for a in answers if a[0] != 200][:3]
+    versions = [v for _, v in answers]
+    assert "1" in versions and versions[-1] == "2"
+
+
+def test_a_taken_port_stops_the_agent_with_a_clear_message(tmp_path) -> None:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(1)
+    port = sock.getsockname()[1]
+    config = tmp_path / "agent.toml"
+    config.write_text(f'device_id = "x"\n[store]\npath = "{tmp_path / "store"}"\n'
+                      f'[http]\nenabled = true\nport = {port}\n')
+    try:
+        proc = subprocess.run([sys.executable, "-m", "edge_agent", "run", "--config", str(config)],
+                              capture_output=True, text=True, timeout=60)
+    finally:
+        sock.close()
+    assert proc.returncode == 1, proc.stderr
+    assert f"cannot listen on 127.0.0.1:{port}" in proc.stderr
+    assert "Traceback" not in proc.stderr
