@@ -265,6 +265,36 @@ def quantize(model: str, calibration: str, out: str, evaluation: str | None, nam
     run_quantize(opts, progress=progress, echo=click.echo)
 
 
+@main.command()
+@click.argument("models", metavar="MODEL_OR_BUNDLE...", nargs=-1, required=True, type=click.Path())
+@click.option("--threads", type=click.IntRange(1, 64), default=1, show_default=True, help="Runtime threads per model.")
+@click.option("--rounds", type=click.IntRange(1), default=5, show_default=True,
+              help="Interleaved rounds (each times every model once).")
+@click.option("--runs", type=click.IntRange(1), default=20, show_default=True, help="Timed runs per model and round.")
+@click.option("--warmup", type=click.IntRange(0), default=3, show_default=True, help="Untimed runs before each timing.")
+@click.option("--image", type=click.Path(dir_okay=False), help="A picture to time frames with (default: a 640x480 test frame).")
+@click.option("--json", "as_json", is_flag=True, help="Print the JSON report only.")
+@user_errors
+def bench(models: tuple[str, ...], threads: int, rounds: int, runs: int, warmup: int, image: str | None,
+          as_json: bool) -> None:
+    """Latency and throughput of models side by side on this device.
+
+    Give model files (.onnx, .tflite), bundles, or a directory of bundles
+    (what `edge-agent quantize --out` writes); the first model is the
+    baseline, e.g. the fp32 bundle, then the int8 ones. Models are timed in
+    interleaved rounds so that ratios stay fair on a busy device.
+    """
+    import json
+
+    from edge_agent import bench as bench_mod
+
+    frame = bench_mod.load_image(image) if image else None
+    say = (lambda _msg: None) if as_json else (lambda msg: click.echo(msg, err=True))
+    report = bench_mod.run(models, threads=threads, rounds=rounds, runs=runs, warmup=warmup, image=frame,
+                           progress=say)
+    click.echo(json.dumps(report, indent=2) if as_json else bench_mod.table(report))
+
+
 from edge_agent.cli_models import models as _models_group  # noqa: E402
 
 main.add_command(_models_group)
