@@ -117,12 +117,18 @@ class Agent:
         )
         control = Control(self.models, status=self.status_message, apply_settings=self.apply_settings,
                           fetcher=self.fetcher.fetch, max_bytes=max_bytes)
+        verifier = None
+        if cfg.commands.trusted_keys:
+            from edge_agent.control import command_verifier
+
+            verifier = command_verifier(cfg.commands.trusted_keys, cfg.commands.max_age_s)
         telemetry = TelemetryCollector(disk_path=cfg.store.path, sources=self._source_intervals,
                                        models=self.models.model_stats)
         self.plane = ControlPlane(
             transport=self.transport,
             dispatcher_factory=lambda events: build_dispatcher(
-                control, local=False, events=events, max_payload=cfg.commands.max_payload, memory=cfg.commands.memory
+                control, local=False, events=events, max_payload=cfg.commands.max_payload, memory=cfg.commands.memory,
+                verifier=verifier,
             ),
             groups=cfg.groups, workers=cfg.commands.workers, telemetry=telemetry,
             interval_s=cfg.mqtt.telemetry_interval_s, spool=spool,

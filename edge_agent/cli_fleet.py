@@ -38,6 +38,9 @@ def broker_options(func: Callable[..., Any]) -> Callable[..., Any]:
                      help="Client certificate for mutual TLS."),
         click.option("--keyfile", type=click.Path(dir_okay=False, exists=True), envvar=ENV + "KEYFILE",
                      help="Private key of --certfile."),
+        click.option("--sign-key", type=click.Path(dir_okay=False, exists=True), envvar=ENV + "SIGN_KEY",
+                     help="Ed25519 private key (edge-agent keygen) to sign every command with, for devices "
+                     "with [commands] trusted_keys."),
     ]
     for option in reversed(options):
         func = option(func)
@@ -50,7 +53,7 @@ def _settings(opts: dict[str, Any]):
     return BrokerSettings.from_options(
         opts.pop("config_path"), host=opts.pop("host"), port=opts.pop("port"), prefix=opts.pop("prefix"),
         username=opts.pop("username"), password=opts.pop("password"), ca_certs=opts.pop("ca_certs"),
-        certfile=opts.pop("certfile"), keyfile=opts.pop("keyfile"),
+        certfile=opts.pop("certfile"), keyfile=opts.pop("keyfile"), sign_key=opts.pop("sign_key"),
     )
 
 

@@ -207,6 +207,15 @@ class CommandsConfig(_Section):
     max_payload: int = Field(256 * 1024, ge=1024, description="Largest command accepted, in bytes (payload_too_large).")
     memory: int = Field(1024, ge=1, description="Command ids remembered so that a repeat is answered, not run again.")
     workers: int = Field(2, ge=1, le=16, description="Commands executed at once (a deploy takes one for its duration).")
+    trusted_keys: list[ConfigPath] = Field(
+        default_factory=list,
+        description="Ed25519 public keys (from `edge-agent keygen`); when set, every command over MQTT must be "
+        "signed by one of them (`edge-agent fleet --sign-key`).",
+    )
+    max_age_s: float = Field(
+        86400.0, ge=0, description="With trusted_keys: a command signed longer ago than this is refused "
+        "(stale_command); 0: no limit."
+    )
 
 
 class SpoolConfig(_Section):

@@ -9,8 +9,9 @@ the table. ``local=True`` adds the commands that name files on the device
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -138,6 +139,24 @@ def _remove_fetched(path: Path) -> None:
         path.parent.rmdir()  # its folder too, once empty
     except OSError:
         pass  # not empty (or already gone): left alone
+
+
+def command_verifier(trusted_keys: Sequence[Path], max_age_s: float) -> Callable[[Any, bytes], None]:
+    """The dispatcher's verifier for signed commands (CONTRACT §3: ``ts`` and
+    ``sig``): every command must be signed by one of ``trusted_keys``. The
+    key files are read here, once, so a bad one stops the agent at start."""
+    import json
+
+    from edge_agent.signing import load_trusted_keys, verify_command
+
+    trusted = load_trusted_keys(list(trusted_keys))
+
+    def verify(_envelope: Any, raw: bytes) -> None:
+        # The signature covers the values as the console sent them, so check
+        # the message as parsed (the dispatcher has already validated it).
+        verify_command(trusted, json.loads(raw), now=time.time(), max_age_s=max_age_s)
+
+    return verify
 
 
 def build_dispatcher(control: Control, *, local: bool, events: Callable[[dict[str, Any]], None] | None = None,

@@ -109,7 +109,8 @@ class CommandError(EdgeAgentError):
 
     Codes: ``bad_json``, ``bad_command`` (not an object, missing or mistyped
     envelope fields), ``unknown_command``, ``bad_args``,
-    ``payload_too_large``; ``bad_signature`` where a verifier rejects it.
+    ``payload_too_large``; ``signature_missing``, ``untrusted_key``,
+    ``signature_invalid`` or ``stale_command`` where commands must be signed.
     """
 
     code = "bad_command"

@@ -93,6 +93,7 @@ class BrokerSettings:
     tls_insecure: bool = False
     protocol: Literal["5", "3.1.1"] = "5"
     keepalive_s: int = 30
+    sign_key: Path | None = None  # Ed25519 private key: every command is signed with it
 
     def __post_init__(self) -> None:
         if not 1 <= self.port <= 65535:
@@ -127,7 +128,7 @@ class BrokerSettings:
                             tls_insecure=m.tls.insecure)
         for key, value in options.items():
             if value is not None:
-                base[key] = Path(value) if key in ("ca_certs", "certfile", "keyfile") else value
+                base[key] = Path(value) if key in ("ca_certs", "certfile", "keyfile", "sign_key") else value
         return cls(**base)
 
 
@@ -298,6 +299,11 @@ class Console:
         self.settings = settings
         self.prefix = settings.prefix
         self.telemetry = telemetry
+        self._sign_key = None
+        if settings.sign_key is not None:
+            from edge_agent.signing import load_private_key
+
+            self._sign_key = load_private_key(settings.sign_key)  # a bad key file: exit 2 before connecting
         self.client_id = client_id or f"edge-fleet-{uuid.uuid4().hex[:12]}"
         protocol = mqtt.MQTTv5 if settings.protocol == "5" else mqtt.MQTTv311
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=protocol)
@@ -515,7 +521,12 @@ class Console:
         the broker queues a command for a member that is away; with MQTT 5,
         ``expiry_s`` makes it drop the command once the console has stopped
         waiting, rather than run it on the device whenever it returns."""
-        payload = json.dumps({"id": cmd_id, "cmd": cmd, "args": args, "ts": time.time()}, separators=(",", ":"))
+        message: dict[str, Any] = {"id": cmd_id, "cmd": cmd, "args": args, "ts": time.time()}
+        if self._sign_key is not None:
+            from edge_agent.signing import sign_command
+
+            message["sig"] = sign_command(self._sign_key, cmd_id, cmd, args, message["ts"])
+        payload = json.dumps(message, separators=(",", ":"))
         properties = None
         if expiry_s is not None and self.settings.protocol == "5":
             from paho.mqtt.packettypes import PacketTypes

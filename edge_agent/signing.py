@@ -328,3 +328,63 @@ def verify_bundle_signature(bundle: Path | str, trusted_keys: Sequence[Path | st
     with open_bundle(bundle, trusted_keys=trusted_keys) as opened:
         assert opened.signed_by is not None
         return opened.signed_by
+
+
+# --------------------------------------------------------------------- commands
+#
+# A command over MQTT (CONTRACT §3) may carry ``ts`` and ``sig``. The signature
+# covers the command's canonical form: the JSON object {"args", "cmd", "id",
+# "ts"} with sorted keys, no spaces, UTF-8 (``json.dumps(..., sort_keys=True,
+# separators=(",", ":"), ensure_ascii=False)``), as parsed from the message,
+# so a key order or spacing of the console's own does not matter. ``sig`` is
+# ``"<key_id>:<base64 Ed25519 signature>"``.
+
+def command_message(cmd_id: object, cmd: object, args: object, ts: object) -> bytes:
+    """The bytes a command signature covers."""
+    doc = {"args": args, "cmd": cmd, "id": cmd_id, "ts": ts}
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def sign_command(private_key: Ed25519PrivateKey, cmd_id: str, cmd: str, args: object, ts: float) -> str:
+    """The ``sig`` field of a command (see :func:`command_message`)."""
+    signature = private_key.sign(command_message(cmd_id, cmd, args, ts))
+    return f"{key_id(private_key.public_key())}:{base64.b64encode(signature).decode('ascii')}"
+
+
+def verify_command(trusted: TrustedKeys, data: Mapping[str, object], *, now: float, max_age_s: float) -> str:
+    """Check a parsed command's ``sig`` against the trusted keys and its
+    ``ts`` against ``now``; return the signer's key id. Raises CommandError:
+
+    * ``signature_missing``: no ``sig`` (or no ``ts``);
+    * ``untrusted_key``: signed by a key that is not trusted;
+    * ``signature_invalid``: a malformed ``sig``, or one that does not match
+      the command (changed after signing, or forged);
+    * ``stale_command``: signed more than ``max_age_s`` seconds before
+      ``now`` (a replay of an old command); 0 disables the check. A ``ts``
+      in the future is accepted: a device whose clock is behind (a Pi
+      without a real-time clock, before NTP) must not refuse its console.
+    """
+    from edge_agent.errors import CommandError
+
+    sig, ts = data.get("sig"), data.get("ts")
+    if sig is None or ts is None:
+        raise CommandError("the command is not signed (it needs ts and sig): this device accepts only "
+                           "commands signed by a trusted key", code="signature_missing")
+    if not isinstance(sig, str) or sig.count(":") != 1:
+        raise CommandError('sig must be "<key id>:<base64 signature>"', code="signature_invalid")
+    kid, encoded = sig.split(":")
+    key = trusted.get(kid)
+    if key is None:
+        known = ", ".join(sorted(trusted)) or "none"
+        raise CommandError(f"signed by key {kid!r}, which is not trusted here (trusted: {known})",
+                           code="untrusted_key")
+    try:
+        signature = base64.b64decode(encoded, validate=True)
+        key.verify(signature, command_message(data.get("id"), data.get("cmd"), data.get("args", {}), ts))
+    except (binascii.Error, ValueError, InvalidSignature):
+        raise CommandError("the signature does not match the command: it was changed after signing, "
+                           "or the signature is forged", code="signature_invalid") from None
+    if max_age_s > 0 and isinstance(ts, (int, float)) and now - float(ts) > max_age_s:
+        raise CommandError(f"the command was signed {now - float(ts):.0f} s ago; commands older than "
+                           f"{max_age_s:g} s are refused (a replay, or a clock far off)", code="stale_command")
+    return kid

@@ -21,6 +21,7 @@ import threading
 import time
 import urllib.request
 import uuid
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -65,6 +66,7 @@ class Fleet:
         self.tag = uuid.uuid4().hex[:6]
         self.prefix = f"fleet-{self.tag}"
         self.agents: dict[str, Agent] = {}
+        self.extra: dict[str, Any] = {}  # more agent config sections
         self.watcher = f.Console(self.settings()).connect()
 
     def name(self, short: str) -> str:
@@ -81,6 +83,7 @@ class Fleet:
             "models": [{"name": "clf", "bundle": str(self.v1), "threads": 1}],
             "transfer": {"idle_s": 0.3, "max_idle_s": 1.0},
             "download": {"backoff_s": 0.1, "max_backoff_s": 0.5, "timeout_s": 5.0},
+            **self.extra,
         })
 
     def start(self, short: str, groups: list[str] = ()) -> Agent:
@@ -350,6 +353,37 @@ def test_rollback(fleet: Fleet, bundles: dict[str, Path]) -> None:
     assert table[fleet.name("r1")][1:3] == ["ok", "1"]
     assert table[fleet.name("r2")][1] == "no_rollback_target"
     assert fleet.active("r1") == 1
+
+
+def test_devices_with_trusted_keys_run_only_commands_signed_by_them(fleet: Fleet, bundles: dict[str, Path],
+                                                                     tmp_path: Path) -> None:
+    """``[commands] trusted_keys``: an unsigned console, or one signing with
+    another key, is refused with a clear code and changes nothing; the
+    console with ``--sign-key`` deploys and rolls back as usual."""
+    from edge_agent.signing import generate_keypair
+
+    ours, theirs = (tmp_path / "keys" / "ours", tmp_path / "keys" / "theirs")
+    for prefix in (ours, theirs):
+        generate_keypair(f"{prefix}.key", f"{prefix}.pub")
+    fleet.extra = {"commands": {"trusted_keys": [f"{ours}.pub"]}}
+    fleet.start("s1")
+    device = fleet.name("s1")
+
+    with f.Console(fleet.settings()) as console:  # no key
+        report = f.deploy(console, f.prepare_bundle(bundles["v2"]), f.Target("device", (device,)), timeout=30)
+    assert [(o.ok, o.code) for o in report.outcomes] == [(False, "signature_missing")]
+    result = fleet.cli("rollback", "clf", "--device", device, "--sign-key", f"{theirs}.key")
+    assert result.exit_code == 1 and rows(result.stdout)[device][1] == "untrusted_key", result.output
+    assert fleet.active("s1") == 1
+
+    signed = replace(fleet.settings(), sign_key=Path(f"{ours}.key"))
+    with f.Console(signed) as console:
+        report = f.deploy(console, f.prepare_bundle(bundles["v2"]), f.Target("device", (device,)), timeout=60)
+    assert report.ok, report.outcomes
+    assert fleet.active("s1") == 2
+    result = fleet.cli("rollback", "clf", "--device", device, "--sign-key", f"{ours}.key")
+    assert result.exit_code == 0 and rows(result.stdout)[device][1:3] == ["ok", "1"], result.output
+    assert fleet.active("s1") == 1
 
 
 def test_watch_prints_telemetry_and_events(fleet: Fleet) -> None:

@@ -368,3 +368,79 @@ def test_cli_pack_with_an_unusable_sign_key_exits_2_and_writes_nothing(
     assert result.exit_code == 2
     assert result.output.startswith("error: signing key") and "Traceback" not in result.output
     assert not out.exists()
+
+
+# -------------------------------------------------------------------- commands
+
+
+def signed_dispatcher(keys, max_age_s: float = 3600.0):
+    """A real dispatcher with the agent's verifier, trusting key "a"; ``ping``
+    counts how often it really ran."""
+    from edge_agent.comms.commands import NoArgs
+    from edge_agent.comms.dispatcher import Dispatcher
+    from edge_agent.control import command_verifier
+
+    ran: list[str] = []
+    d = Dispatcher(verifier=command_verifier([keys["a"][1]], max_age_s))
+    d.register("ping", NoArgs, lambda args, ctx: ran.append(ctx.id) or {"pong": True})
+    return d, ran
+
+
+def command(private: Path, cmd_id: str = "c1", *, ts: float | None = None, args: dict | None = None,
+            **override: object) -> bytes:
+    import time as _time
+
+    from edge_agent.signing import load_private_key, sign_command
+
+    msg: dict = {"id": cmd_id, "cmd": "ping", "args": args or {}, "ts": _time.time() if ts is None else ts}
+    msg["sig"] = sign_command(load_private_key(private), msg["id"], msg["cmd"], msg["args"], msg["ts"])
+    msg.update(override)
+    return json.dumps(msg).encode()
+
+
+def test_a_signed_command_runs_and_key_order_or_spacing_do_not_matter(keys) -> None:
+    d, ran = signed_dispatcher(keys)
+    assert d.handle(command(keys["a"][0]), "t") == {"id": "c1", "ok": True, "result": {"pong": True}}
+    # The same command written with other key order and spacing, non-ASCII kept as is.
+    msg = json.loads(command(keys["a"][0], "c2"))
+    reordered = json.dumps(dict(reversed(list(msg.items()))), indent=2, ensure_ascii=False).encode()
+    assert d.handle(reordered, "t")["ok"] is True
+    assert ran == ["c1", "c2"]
+
+
+@pytest.mark.parametrize("case, code", [
+    ("unsigned", "signature_missing"),
+    ("other_key", "untrusted_key"),
+    ("changed_cmd_id", "signature_invalid"),
+    ("changed_ts", "signature_invalid"),
+    ("garbage_sig", "signature_invalid"),
+    ("stale", "stale_command"),
+])
+def test_a_command_that_is_not_properly_signed_is_refused_and_not_remembered(keys, case: str, code: str) -> None:
+    import time as _time
+
+    d, ran = signed_dispatcher(keys)
+    good = json.loads(command(keys["a"][0]))
+    raw = {
+        "unsigned": json.dumps({"id": "c1", "cmd": "ping", "args": {}}).encode(),
+        "other_key": command(keys["b"][0]),
+        "changed_cmd_id": json.dumps({**good, "id": "c9"}).encode(),
+        "changed_ts": json.dumps({**good, "ts": good["ts"] + 1}).encode(),
+        "garbage_sig": json.dumps({**good, "sig": good["sig"].split(":")[0] + ":!!"}).encode(),
+        "stale": command(keys["a"][0], ts=_time.time() - 7200),
+    }[case]
+    reply = d.handle(raw, "t")
+    assert reply["ok"] is False and reply["error"]["code"] == code, reply
+    assert ran == []
+    # Refused commands are not remembered: the properly signed one still runs.
+    assert d.handle(command(keys["a"][0], "c1"), "t")["ok"] is True and ran == ["c1"]
+
+
+def test_a_command_from_the_future_is_accepted_and_max_age_0_disables_the_age_check(keys) -> None:
+    import time as _time
+
+    d, ran = signed_dispatcher(keys)
+    assert d.handle(command(keys["a"][0], "f", ts=_time.time() + 86400 * 30), "t")["ok"] is True
+    d0, ran0 = signed_dispatcher(keys, max_age_s=0)
+    assert d0.handle(command(keys["a"][0], "old", ts=1_000_000_000), "t")["ok"] is True
+    assert ran == ["f"] and ran0 == ["old"]

@@ -17,8 +17,10 @@ to :meth:`Dispatcher.handle` and publishes whatever comes back on
   without holding the caller's thread).
 
 Error codes of the reply: ``payload_too_large``, ``bad_json``,
-``bad_command``, ``unknown_command``, ``bad_args``, ``bad_signature`` (from
-an optional verifier), the ``code`` of any
+``bad_command``, ``unknown_command``, ``bad_args``, the code of an optional
+verifier's refusal (``signature_missing``, ``untrusted_key``,
+``signature_invalid``, ``stale_command``: see
+:func:`edge_agent.control.command_verifier`), the ``code`` of any
 :class:`~edge_agent.errors.EdgeAgentError` a handler raises, and
 ``internal_error`` for anything else (logged with its traceback).
 """
