@@ -421,6 +421,7 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     api: Api  # set on the subclass made per server
     max_body: int
+    _body_read = False
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
         log.debug("http %s: " + format, self.client_address[0], *args)
@@ -432,6 +433,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._serve("POST")
 
     def _serve(self, method: str) -> None:
+        self._body_read = False
         path = unquote(urlsplit(self.path).path)
         endpoint = "other"
         started = time.perf_counter()
@@ -446,6 +448,8 @@ class _Handler(BaseHTTPRequestHandler):
             code = 200
         except ApiError as exc:
             code = exc.status
+            if not self._body_read and self.headers.get("Content-Length", "0") not in ("", "0"):
+                self.close_connection = True  # an unread body must not be taken for the next request
             self._send_json(exc.status, {"error": exc.message})
         except Exception as exc:  # a bug must give a 500, not a dropped connection
             code = 500
@@ -497,6 +501,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._discard(n)
             raise ApiError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                            f"the body is {n} bytes; at most {self.max_body} are accepted")
+        self._body_read = True
         return self.rfile.read(n)
 
     def _discard(self, n: int) -> None:
@@ -518,6 +523,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_response(int(status))
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
+        if self.close_connection:
+            self.send_header("Connection", "close")
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)

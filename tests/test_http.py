@@ -219,6 +219,32 @@ def test_bad_requests_get_a_clear_error_and_serving_goes_on(served) -> None:
     assert agent.workers[0].stats.frames > frames, "the camera stopped while the API answered errors"
 
 
+def test_a_refused_body_is_not_read_as_the_next_request_on_a_kept_alive_connection(served) -> None:
+    import http.client
+
+    agent, base = served
+    host, port = agent.http.address
+    conn = http.client.HTTPConnection(host, port, timeout=30)
+    try:
+        # POST where only GET is allowed: refused before its body is read.
+        body = b'GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n'  # would be a request if it were left unread
+        conn.request("POST", "/v1/models/mobilenet_v2", body=body, headers={"Content-Type": "text/plain"})
+        first = conn.getresponse()
+        assert first.status == 405 and b"use GET" in first.read()
+        assert first.getheader("Connection") == "close"  # the server drops the connection, body and all
+        conn.request("GET", "/v1/models/mobilenet_v2")  # http.client reconnects
+        second = conn.getresponse()
+        assert second.status == 200 and json.loads(second.read())["model_version_status"]
+        assert second.getheader("Connection") is None
+        sock = conn.sock
+        conn.request("GET", "/healthz")  # a normal answer keeps the connection alive
+        third = conn.getresponse()
+        assert third.status == 200 and json.loads(third.read()) == {"status": "alive"}
+        assert conn.sock is sock
+    finally:
+        conn.close()
+
+
 def test_health_readiness_and_prometheus_metrics(served) -> None:
     agent, base = served
     assert call(base, "/healthz") == (200, {"status": "alive"})
