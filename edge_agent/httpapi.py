@@ -39,6 +39,7 @@ import binascii
 import json
 import logging
 import re
+import socket
 import threading
 import time
 from http import HTTPStatus
@@ -422,6 +423,13 @@ class _Handler(BaseHTTPRequestHandler):
     api: Api  # set on the subclass made per server
     max_body: int
     _body_read = False
+
+    def setup(self) -> None:
+        super().setup()
+        # Headers and body go out in separate writes; without this, Nagle's
+        # algorithm holds the body back until the client's delayed ACK of the
+        # headers: 40 ms added to every answer.
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
         log.debug("http %s: " + format, self.client_address[0], *args)

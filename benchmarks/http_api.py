@@ -1,0 +1,190 @@
+#!/usr/bin/env python3
+"""What the local HTTP API costs: a predict request against the same work
+done in-process.
+
+One process, the real MobileNetV2 (fp32 ONNX, the demo's bundle and
+preprocessing) and real photos (the 9 photos of things of
+``scripts/build_assets.py``'s ``photos``, each sent as a JPEG of quality 95).
+Variants, interleaved in ``--rounds`` rounds (each variant ``--requests``
+requests per round, one client, one after the other):
+
+``direct``
+    in-process, what the API does for one ``{"b64": ...}`` instance:
+    base64-decode, ``cv2.imdecode``, ``LoadedModel.process`` (preprocess,
+    inference, postprocess) on the agent's loaded model. The floor.
+``http_b64``
+    ``POST /v1/models/mobilenet_v2:predict`` with ``{"instances": [{"b64":
+    ...}]}`` to the real agent (``[http] enabled``, no camera), over a kept-
+    alive loopback connection (``http.client``), answer parsed
+    (``json.loads``); the answer carries the 1000 logits and the top classes.
+``http_tensor``
+    the same request with the preprocessed tensor (3×224×224 floats as JSON,
+    about 3 MB) instead of the JPEG: what a client that preprocesses itself
+    pays.
+
+Per variant: median and p90 latency over all requests, and the median over
+rounds of (variant / direct) within the round: the overhead ratio. The
+answers are checked: the top-1 of every HTTP answer must equal the direct
+one for the same photo.
+
+``.venv/bin/python benchmarks/http_api.py [--threads 1] [--rounds 5] [--requests 40]``
+prints a JSON object, then a table (``--json-only``: the JSON only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import http.client
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import _bench  # noqa: F401  (the checkout on sys.path)
+from _bench import MODEL_NAME, PREPROCESSING, emit, machine_info
+
+import build_assets  # noqa: E402
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+
+PHOTOS = ["chelsea", "coffee", "dog", "eagle", "rocket", "horses", "china", "kite", "camera"]
+VARIANTS = ("direct", "http_b64", "http_tensor")
+
+
+def progress(message: str) -> None:
+    print(f"[http] {message}", file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=1, help="runtime threads of the model (default 1)")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
+    parser.add_argument("--requests", type=int, default=40, help="requests per variant and round (default 40)")
+    parser.add_argument("--json-only", action="store_true", help="print the JSON object only, no table")
+    parser.add_argument("--cache", type=Path, default=None, help="asset cache (default: ~/.cache/edge-agent)")
+    args = parser.parse_args(argv)
+    if min(args.threads, args.rounds, args.requests) < 1:
+        parser.error("--threads, --rounds and --requests must be >= 1")
+
+    from edge_agent.agent import Agent
+    from edge_agent.bundle import pack
+    from edge_agent.config import parse_config
+
+    cache = args.cache if args.cache is not None else build_assets.default_cache_dir()
+    assets = build_assets.build(cache, only={"mobilenet_v2", "imagenet_labels", "photos"})
+    machine = machine_info()
+    jpegs = []
+    for name in PHOTOS:
+        ok, buf = cv2.imencode(".jpg", cv2.imread(str(assets["photos"] / f"{name}.jpg")),
+                               [cv2.IMWRITE_JPEG_QUALITY, 95])
+        assert ok
+        jpegs.append(base64.b64encode(buf.tobytes()).decode())
+
+    with tempfile.TemporaryDirectory(prefix="edge-agent-http-bench-") as tmp:
+        bundle = pack(assets["mobilenet_v2"], name=MODEL_NAME, version=1, out=Path(tmp) / "bundle",
+                      preprocessing=dict(PREPROCESSING), labels=assets["imagenet_labels"], task="classify")
+        agent = Agent(parse_config({
+            "device_id": "http-bench", "log_level": "warning",
+            "store": {"path": str(Path(tmp) / "store")},
+            "models": [{"name": MODEL_NAME, "bundle": str(bundle), "threads": args.threads}],
+            "http": {"enabled": True, "port": 0},
+        }))
+        agent.start()
+        try:
+            report = measure(agent, jpegs, args)
+        finally:
+            agent.shutdown()
+    report["machine"] = machine
+    emit(report, table(report), json_only=args.json_only)
+    return 0
+
+
+def measure(agent: Any, jpegs: list[str], args: argparse.Namespace) -> dict[str, Any]:
+    host, port = agent.http.address
+    conn = http.client.HTTPConnection(host, port, timeout=60)
+    with agent.models.acquire(MODEL_NAME) as model:
+        frames = [cv2.imdecode(np.frombuffer(base64.b64decode(j), np.uint8), cv2.IMREAD_COLOR) for j in jpegs]
+        tensors = [model.preprocess(f)[0][0].tolist() for f in frames]
+        expected = [model.process(f).payload["top"][0]["index"] for f in frames]
+    bodies = {
+        "http_b64": [json.dumps({"instances": [{"b64": j}]}).encode() for j in jpegs],
+        "http_tensor": [json.dumps({"instances": [t]}).encode() for t in tensors],
+    }
+
+    def direct(i: int) -> int:
+        with agent.models.acquire(MODEL_NAME) as m:
+            frame = cv2.imdecode(np.frombuffer(base64.b64decode(jpegs[i]), np.uint8), cv2.IMREAD_COLOR)
+            return m.process(frame).payload["top"][0]["index"]
+
+    def over_http(variant: str) -> Callable[[int], int]:
+        def call(i: int) -> int:
+            conn.request("POST", f"/v1/models/{MODEL_NAME}:predict", body=bodies[variant][i],
+                         headers={"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            answer = json.loads(resp.read())
+            if resp.status != 200:
+                raise RuntimeError(f"{variant}: HTTP {resp.status}: {answer}")
+            return answer["results"][0]["top"][0]["index"]
+
+        return call
+
+    run = {"direct": direct, "http_b64": over_http("http_b64"), "http_tensor": over_http("http_tensor")}
+    for variant in VARIANTS:  # warm-up: connection, caches
+        for i in range(len(jpegs)):
+            run[variant](i)
+    times: dict[str, list[list[float]]] = {v: [] for v in VARIANTS}
+    mismatches = {v: 0 for v in VARIANTS}
+    for r in range(args.rounds):
+        for variant in VARIANTS:
+            this = []
+            for k in range(args.requests):
+                i = k % len(jpegs)
+                t0 = time.perf_counter()
+                top = run[variant](i)
+                this.append((time.perf_counter() - t0) * 1000.0)
+                mismatches[variant] += top != expected[i]
+            times[variant].append(this)
+        progress(f"round {r + 1}/{args.rounds}: " + ", ".join(
+            f"{v} {statistics.median(times[v][-1]):.2f} ms" for v in VARIANTS))
+    conn.close()
+    variants = {}
+    for v in VARIANTS:
+        flat = sorted(t for rnd in times[v] for t in rnd)
+        ratio = statistics.median(
+            statistics.median(a) / statistics.median(b) for a, b in zip(times[v], times["direct"])
+        )
+        variants[v] = {
+            "median_ms": round(statistics.median(flat), 3),
+            "p90_ms": round(flat[int(0.9 * (len(flat) - 1))], 3),
+            "requests": len(flat),
+            "vs_direct": round(ratio, 3),
+            "top1_mismatches": mismatches[v],
+            "request_bytes": None if v == "direct" else int(statistics.median(len(b) for b in bodies[v])),
+        }
+    return {
+        "settings": {"threads": args.threads, "rounds": args.rounds, "requests": args.requests,
+                     "photos": PHOTOS},
+        "variants": variants,
+    }
+
+
+def table(report: dict[str, Any]) -> str:
+    s = report["settings"]
+    lines = [
+        f"HTTP predict against in-process, MobileNetV2 fp32, {s['threads']} thread(s), "
+        f"{s['rounds']} rounds x {s['requests']} requests per variant",
+        f"  {'variant':<12} {'median ms':>10} {'p90 ms':>8} {'x direct':>9} {'request KB':>11} {'top-1 diff':>11}",
+    ]
+    for name, v in report["variants"].items():
+        kb = "-" if v["request_bytes"] is None else f"{v['request_bytes'] / 1024:.0f}"
+        lines.append(f"  {name:<12} {v['median_ms']:10.2f} {v['p90_ms']:8.2f} {v['vs_direct']:9.2f} {kb:>11} "
+                     f"{v['top1_mismatches']:>11}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
