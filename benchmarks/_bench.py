@@ -36,13 +36,9 @@ def emit(report: dict[str, Any], table: str, *, json_only: bool) -> None:
 
 
 def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    from edge_agent.bench import cpu_name
+
+    return cpu_name()
 
 
 def loadavg() -> list[float] | None:

@@ -238,7 +238,8 @@ def _import_runtimes(files: Sequence[Path]) -> None:
                 pass  # loading the model says so
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what platform knows."""
     import platform
 
     try:
@@ -278,7 +279,7 @@ def _report(cands: list[Candidate], **settings: Any) -> dict[str, Any]:
         models.append(entry)
     return {
         "settings": settings,
-        "machine": {"cpu": _cpu_name(), "cores": psutil.cpu_count(),
+        "machine": {"cpu": cpu_name(), "cores": psutil.cpu_count(),
                     "load_avg_1m": round(psutil.getloadavg()[0], 2)},
         "baseline": base.label,
         "models": models,
