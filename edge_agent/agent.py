@@ -64,7 +64,8 @@ class Agent:
             from edge_agent.httpapi import HttpServer
 
             self.http = HttpServer(self, config.http.host, config.http.port,
-                                   max_body_bytes=int(config.http.max_body_mb * 1e6))
+                                   max_body_bytes=int(config.http.max_body_mb * 1e6),
+                                   idle_timeout_s=config.http.idle_timeout_s)
         self._started: list[tuple[str, Callable[[], None]]] = []
 
     def start(self) -> None:

@@ -245,6 +245,7 @@ class HttpConfig(_Section):
     host: str = Field("127.0.0.1", description="Address to bind.")
     port: int = Field(8501, ge=0, le=65535, description="Port to bind (0: any free port, logged at start).")
     max_body_mb: float = Field(32.0, gt=0, description="Largest predict request body accepted, in MB.")
+    idle_timeout_s: float = Field(30.0, gt=0, description="A connection idle (or stalled mid-request) this long is closed.")
 
 
 class AgentConfig(_Section):

@@ -420,6 +420,7 @@ class _AgentCollector:
 class _Handler(BaseHTTPRequestHandler):
     server_version = f"edge-agent/{__version__}"
     protocol_version = "HTTP/1.1"
+    timeout: float  # an idle or stalled connection is closed (and its thread ends) after this many seconds
     api: Api  # set on the subclass made per server
     max_body: int
     _body_read = False
@@ -549,10 +550,12 @@ class HttpServer:
     """The API on ``host:port``; ``start`` binds (raising a clear error when
     the port is taken), ``stop`` shuts it down."""
 
-    def __init__(self, agent: "Agent", host: str, port: int, *, max_body_bytes: int = 32 * 1024 * 1024) -> None:
+    def __init__(self, agent: "Agent", host: str, port: int, *, max_body_bytes: int = 32 * 1024 * 1024,
+                 idle_timeout_s: float = 30.0) -> None:
         self.api = Api(agent)
         self.host, self.port = host, port
         self.max_body = max_body_bytes
+        self.idle_timeout_s = idle_timeout_s
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -563,7 +566,8 @@ class HttpServer:
         return str(host), int(port)
 
     def start(self) -> None:
-        handler = type("Handler", (_Handler,), {"api": self.api, "max_body": self.max_body})
+        handler = type("Handler", (_Handler,), {"api": self.api, "max_body": self.max_body,
+                                                "timeout": self.idle_timeout_s})
         try:
             server = ThreadingHTTPServer((self.host, self.port), handler)
         except OSError as exc:

@@ -245,6 +245,21 @@ def test_a_refused_body_is_not_read_as_the_next_request_on_a_kept_alive_connecti
         conn.close()
 
 
+def test_an_idle_connection_is_closed_after_idle_timeout(assets, mobilenet_bundle, tmp_path) -> None:
+    agent, base = start_agent(tmp_path, [{"name": "mobilenet_v2", "bundle": str(mobilenet_bundle), "threads": 1}],
+                              [], idle_timeout_s=0.5)
+    try:
+        host, port = agent.http.address
+        with socket.create_connection((host, port), timeout=10) as idle:
+            idle.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # and then nothing: a stalled client
+            t0 = time.monotonic()
+            assert idle.recv(1024) == b""  # the server hung up
+            assert 0.3 < time.monotonic() - t0 < 5
+        assert call(base, "/healthz")[0] == 200
+    finally:
+        agent.shutdown()
+
+
 def test_health_readiness_and_prometheus_metrics(served) -> None:
     agent, base = served
     assert call(base, "/healthz") == (200, {"status": "alive"})
