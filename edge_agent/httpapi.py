@@ -169,17 +169,20 @@ class Api:
             if len(instances) > self.max_instances:
                 raise ApiError(HTTPStatus.BAD_REQUEST,
                                f"{len(instances)} instances in one request; at most {self.max_instances}")
-            rows, results = [], []
-            for i, instance in enumerate(instances):
-                outputs, result = self._run_one(model, instance, i)
-                rows.append(outputs)
-                results.append(result)
+            prepared = [_prepare(model, instance, i) for i, instance in enumerate(instances)]
+            if len(prepared) > 1 and _batches(model):
+                rows = _split(self._infer(model, np.concatenate([t for t, _ in prepared]), "the batch"), len(prepared))
+            else:
+                rows = [self._infer(model, t, f"instance {i}") for i, (t, _) in enumerate(prepared)]
+            results = [model.postprocess(out, transform) for out, (_, transform) in zip(rows, prepared)]
             spec = {"name": model.name, "version": str(model.version)}
+            batch = len(prepared) if len(prepared) > 1 and _batches(model) else 1
         names = [t.name for t in model.manifest.outputs]
         predictions = [
             r[0][0].tolist() if len(r) == 1 else {n: o[0].tolist() for n, o in zip(names, r)} for r in rows
         ]
-        answer: dict[str, Any] = {"predictions": predictions, "model_spec": spec, "results": results}
+        answer: dict[str, Any] = {"predictions": predictions, "model_spec": spec, "results": results,
+                                  "batch_size": batch}
         if columnar:
             stacked = [np.concatenate([r[k] for r in rows]) for k in range(len(names))]
             answer["outputs"] = stacked[0].tolist() if len(names) == 1 else {
@@ -187,27 +190,20 @@ class Api:
             }
         return answer
 
-    def _run_one(self, model: "LoadedModel", instance: Any, index: int) -> tuple[list[np.ndarray], dict[str, Any]]:
-        if isinstance(instance, dict) and set(instance) == {"b64"}:
-            image = _decode_image(instance["b64"], index)
-            t0 = time.perf_counter()
-            tensor, transform = model.preprocess(image)
-        else:
-            tensor, transform = _tensor(instance, model, index), None
-            t0 = time.perf_counter()
+    @staticmethod
+    def _infer(model: "LoadedModel", tensor: np.ndarray, what: str) -> list[np.ndarray]:
+        """One runtime call, counted in the model's stats (per instance, as frames are)."""
+        t0 = time.perf_counter()
         try:
             outputs = model.runtime.infer(tensor)
         except EdgeAgentError as exc:
             model.stats.error()
-            raise ApiError(HTTPStatus.INTERNAL_SERVER_ERROR, f"instance {index}: inference failed: {exc}") from None
-        infer_ms = (time.perf_counter() - t0) * 1000.0
-        model.stats.ok(infer_ms)
-        if transform is None:  # a preprocessed tensor: boxes stay in model-input pixels
-            from edge_agent.preprocess import Transform
-
-            transform = Transform()
-        payload = model.postprocess(outputs, transform)
-        return outputs, payload
+            raise ApiError(HTTPStatus.INTERNAL_SERVER_ERROR, f"{what}: inference failed: {exc}") from None
+        n = tensor.shape[0] if tensor.ndim else 1
+        per_instance = (time.perf_counter() - t0) * 1000.0 / max(1, n)
+        for _ in range(n):
+            model.stats.ok(per_instance)
+        return outputs
 
     def _acquire(self, name: str, version: str | None, label: str | None) -> Any:
         _, wanted = self._resolve(name, version, label)
@@ -248,6 +244,34 @@ class _acquired:
 
     def __exit__(self, *exc: Any) -> Any:
         return self._cm.__exit__(*exc)
+
+
+def _prepare(model: "LoadedModel", instance: Any, index: int) -> tuple[np.ndarray, Any]:
+    """One instance as the model's batch-1 input and the transform back to
+    the picture (identity for a preprocessed tensor: boxes stay in
+    model-input pixels)."""
+    if isinstance(instance, dict) and set(instance) == {"b64"}:
+        return model.preprocess(_decode_image(instance["b64"], index))
+    from edge_agent.preprocess import Transform
+
+    return _tensor(instance, model, index), Transform()
+
+
+def _batches(model: "LoadedModel") -> bool:
+    """Instances of one request run as one batch where the model allows it:
+    an ONNX model whose batch dimension is dynamic (LiteRT would have to
+    resize its input tensors, and back, for every request)."""
+    spec = model.manifest.inputs[0]
+    return model.manifest.runtime == "onnx" and len(spec.shape) > 0 and spec.shape[0] is None
+
+
+def _split(outputs: list[np.ndarray], n: int) -> list[list[np.ndarray]]:
+    """Batched outputs back into one batch-1 list per instance."""
+    for out in outputs:
+        if out.shape[:1] != (n,):
+            raise ApiError(HTTPStatus.INTERNAL_SERVER_ERROR,
+                           f"the model answered a batch of {n} with an output of shape {list(out.shape)}")
+    return [[out[i : i + 1] for out in outputs] for i in range(n)]
 
 
 def _tensor_info(spec: Any) -> dict[str, Any]:
@@ -318,9 +342,7 @@ def _tensor(instance: Any, model: "LoadedModel", index: int) -> np.ndarray:
                        f"{['?' if d is None else d for d in want]} per instance")
     if not np.all(np.isfinite(array)):
         raise ApiError(HTTPStatus.BAD_REQUEST, f"instance {index}: the tensor holds NaN or infinite values")
-    from edge_agent.runtimes import prepare_input
-
-    return prepare_input(array[None], spec)
+    return array[None]  # the runtime quantizes it where the model's input is int8
 
 
 # -- metrics -------------------------------------------------------------------

@@ -119,6 +119,7 @@ def tiny_onnx_classifier(
     seed: int = 0,
     slow: int = 0,
     fail_above: float | None = None,
+    batch: int | str = 1,
 ) -> Path:
     """Write a Conv(3x3) -> GlobalAveragePool -> Flatten classifier taking
     float32 ``[1, 3, H, W]`` (``size`` is (W, H); a string makes that
@@ -130,7 +131,8 @@ def tiny_onnx_classifier(
     ``fail_above``: the model raises in the runtime (a Gather index out of
     range) whenever the mean of its input exceeds this value, and works
     otherwise: a model that passes a smoke test on a grey frame but fails on
-    bright camera frames (probation tests)."""
+    bright camera frames (probation tests).
+    ``batch``: the batch dimension (a string makes it dynamic)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -177,8 +179,8 @@ def tiny_onnx_classifier(
     graph = helper.make_graph(
         nodes,
         "tiny_classifier",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, height, width])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, classes])],
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [batch, 3, height, width])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, classes])],
         inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])

@@ -166,6 +166,42 @@ def test_predict_a_jpeg_a_tensor_and_columnar_give_the_same_answer(served, mobil
     assert both["results"][1]["top"][0]["label"] == top[0]["label"]
 
 
+def test_instances_of_a_dynamic_batch_model_run_as_one_batch(assets, tmp_path) -> None:
+    """A model whose batch dimension is dynamic answers a request's
+    instances (tensors and pictures mixed) in one runtime call, with the
+    same answers as one at a time; a batch-1 model runs them in turn."""
+    from edge_agent.bundle import pack
+    from edge_agent.testing import tiny_onnx_classifier
+
+    labels = tmp_path / "labels.txt"
+    labels.write_text("a\nb\nc\nd\n")
+    models = []
+    for name, batch in (("dyn", "N"), ("one", 1)):
+        onnx_path = tiny_onnx_classifier(tmp_path / f"{name}.onnx", size=(8, 8), classes=4, batch=batch)
+        bundle = pack(onnx_path, name=name, version=1, out=tmp_path / f"{name}-bundle", labels=labels,
+                      preprocessing={"size": (8, 8), "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)})
+        models.append({"name": name, "bundle": str(bundle), "threads": 1})
+    agent, base = start_agent(tmp_path, models, [])
+    try:
+        rng = np.random.default_rng(1)
+        instances: list[Any] = [rng.standard_normal((3, 8, 8)).round(4).tolist() for _ in range(4)]
+        instances.insert(2, {"b64": jpeg_b64(assets["photos"] / "coffee.jpg")})
+        singles = []
+        for inst in instances:
+            status, body = call(base, "/v1/models/dyn:predict", {"instances": [inst]})
+            assert status == 200 and body["batch_size"] == 1
+            singles.append(body["predictions"][0])
+        status, batched = call(base, "/v1/models/dyn:predict", {"instances": instances})
+        assert status == 200 and batched["batch_size"] == 5, batched
+        np.testing.assert_allclose(batched["predictions"], singles, rtol=1e-5, atol=1e-5)
+        assert [r["top"][0]["index"] for r in batched["results"]] == [int(np.argmax(s)) for s in singles]
+        status, one = call(base, "/v1/models/one:predict", {"instances": instances})
+        assert status == 200 and one["batch_size"] == 1 and len(one["predictions"]) == 5
+        assert agent.models.model_stats()["dyn"]["frames"] == 10  # counted per instance, batched or not
+    finally:
+        agent.shutdown()
+
+
 def test_predict_on_a_tflite_detector_maps_boxes_to_the_picture(served) -> None:
     agent, base = served
     photo = agent_photo(agent, "astronaut")
