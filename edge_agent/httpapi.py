@@ -42,6 +42,7 @@ import re
 import socket
 import threading
 import time
+from contextlib import contextmanager
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any, Iterator
@@ -66,6 +67,9 @@ _MODEL_PATH = re.compile(
     r"(?:/versions/(?P<version>[^/:]+)|/labels/(?P<label>[^/:]+))?"
     r"(?P<what>/metadata|:predict)?/?$"
 )
+
+_PLAIN_PATHS = ("/healthz", "/readyz", "/metrics")
+_ENDPOINTS = {":predict": "predict", "/metadata": "metadata", None: "status"}  # the metrics' endpoint label
 
 _TF_DTYPES = {
     "float32": "DT_FLOAT", "float16": "DT_HALF", "int8": "DT_INT8", "uint8": "DT_UINT8",
@@ -92,34 +96,41 @@ class Api:
         self.agent = agent
         self.max_instances = max_instances
         self.metrics = Metrics(agent)
+        self._models = {m.name for m in agent.config.models}  # the manager serves exactly these
 
     # model status -------------------------------------------------------
 
-    def _model_status(self, name: str) -> dict[str, Any]:
-        status = self.agent.models.status().get(name)
-        if status is None:
+    def _status(self, name: str) -> dict[str, Any]:
+        """The manager's status of one configured model (404 for another)."""
+        if name not in self._models:
             raise ApiError(HTTPStatus.NOT_FOUND, f"Servable not found for request: model {name!r} is not served here")
-        return status
+        return self.agent.models.status()[name]
 
-    def _resolve(self, name: str, version: str | None, label: str | None) -> tuple[dict[str, Any], int | None]:
-        """The model's status and the version a path names (None: the active one)."""
-        status = self._model_status(name)
+    def _version(self, name: str, version: str | None, label: str | None,
+                 status: dict[str, Any] | None = None) -> int | None:
+        """The version a path names (None: the active one). The store is
+        looked at only when the path names a version or a label: a plain
+        predict goes straight to the serving model."""
+        if version is None and label is None:
+            if name not in self._models:
+                self._status(name)  # raises the 404
+            return None
+        status = status or self._status(name)
         if label is not None:
             if label not in status["labels"]:
                 raise ApiError(HTTPStatus.NOT_FOUND, f"model {name!r} has no version labelled {label!r}")
-            return status, int(status["labels"][label])
-        if version is not None:
-            try:
-                v = int(version)
-            except ValueError:
-                raise ApiError(HTTPStatus.BAD_REQUEST, f"version {version!r} is not an integer") from None
-            if v not in status["versions"]:
-                raise ApiError(HTTPStatus.NOT_FOUND, f"model {name!r} has no version {v}")
-            return status, v
-        return status, None
+            return int(status["labels"][label])
+        try:
+            v = int(version)  # type: ignore[arg-type]
+        except ValueError:
+            raise ApiError(HTTPStatus.BAD_REQUEST, f"version {version!r} is not an integer") from None
+        if v not in status["versions"]:
+            raise ApiError(HTTPStatus.NOT_FOUND, f"model {name!r} has no version {v}")
+        return v
 
     def model_status(self, name: str, version: str | None, label: str | None) -> dict[str, Any]:
-        status, wanted = self._resolve(name, version, label)
+        status = self._status(name)
+        wanted = self._version(name, version, label, status)
         versions = [wanted] if wanted is not None else sorted(status["versions"], reverse=True)
         entries = []
         for v in versions:
@@ -170,13 +181,13 @@ class Api:
                 raise ApiError(HTTPStatus.BAD_REQUEST,
                                f"{len(instances)} instances in one request; at most {self.max_instances}")
             prepared = [_prepare(model, instance, i) for i, instance in enumerate(instances)]
-            if len(prepared) > 1 and _batches(model):
-                rows = _split(self._infer(model, np.concatenate([t for t, _ in prepared]), "the batch"), len(prepared))
+            batch = len(prepared) if _batches(model) else 1
+            if batch > 1:
+                rows = _split(self._infer(model, np.concatenate([t for t, _ in prepared]), "the batch"), batch)
             else:
                 rows = [self._infer(model, t, f"instance {i}") for i, (t, _) in enumerate(prepared)]
             results = [model.postprocess(out, transform) for out, (_, transform) in zip(rows, prepared)]
             spec = {"name": model.name, "version": str(model.version)}
-            batch = len(prepared) if len(prepared) > 1 and _batches(model) else 1
         names = [t.name for t in model.manifest.outputs]
         predictions = [
             r[0][0].tolist() if len(r) == 1 else {n: o[0].tolist() for n, o in zip(names, r)} for r in rows
@@ -205,45 +216,33 @@ class Api:
             model.stats.ok(per_instance)
         return outputs
 
-    def _acquire(self, name: str, version: str | None, label: str | None) -> Any:
-        _, wanted = self._resolve(name, version, label)
-        return _acquired(self.agent, name, wanted)
+    @contextmanager
+    def _acquire(self, name: str, version: str | None, label: str | None) -> Iterator["LoadedModel"]:
+        """The model version a path names, for one request; 503 while none is loaded."""
+        wanted = self._version(name, version, label)
+        try:
+            with self.agent.models.acquire(name, version=wanted) as model:
+                yield model
+        except ModelNotAvailable as exc:
+            raise ApiError(HTTPStatus.SERVICE_UNAVAILABLE, str(exc)) from None
 
     # health -------------------------------------------------------------
 
     def ready(self) -> tuple[bool, list[str]]:
         """Ready when every configured model has a loaded version and every
         configured source runs (started, not failed, not ended)."""
-        problems = []
-        for name, status in self.agent.models.status().items():
-            if not status["loaded"]:
-                problems.append(f"model {name}: no version loaded")
-        running = {w.source.name for w in self.agent.workers}
+        problems = [f"model {name}: no version loaded"
+                    for name, stats in self.agent.models.model_stats().items() if stats["version"] is None]
+        workers = {w.source.name: w for w in self.agent.workers}
         for cfg in self.agent.config.sources:
-            worker = next((w for w in self.agent.workers if w.source.name == cfg.name), None)
-            if cfg.name not in running or worker is None:
+            worker = workers.get(cfg.name)
+            if worker is None:
                 problems.append(f"source {cfg.name}: not started")
             elif worker.source.failed:
                 problems.append(f"source {cfg.name}: could not be opened ({worker.source.last_error})")
             elif worker.done:
                 problems.append(f"source {cfg.name}: ended")
         return not problems, problems
-
-
-class _acquired:
-    """``manager.acquire`` as a context manager that maps "not loaded" to 503."""
-
-    def __init__(self, agent: "Agent", name: str, version: int | None) -> None:
-        self._cm = agent.models.acquire(name, version=version)
-
-    def __enter__(self) -> "LoadedModel":
-        try:
-            return self._cm.__enter__()
-        except ModelNotAvailable as exc:
-            raise ApiError(HTTPStatus.SERVICE_UNAVAILABLE, str(exc)) from None
-
-    def __exit__(self, *exc: Any) -> Any:
-        return self._cm.__exit__(*exc)
 
 
 def _prepare(model: "LoadedModel", instance: Any, index: int) -> tuple[np.ndarray, Any]:
@@ -466,19 +465,18 @@ class _Handler(BaseHTTPRequestHandler):
     def _serve(self, method: str) -> None:
         self._body_read = False
         path = unquote(urlsplit(self.path).path)
-        endpoint = "other"
+        match = _MODEL_PATH.match(path)
+        endpoint = path[1:] if path in _PLAIN_PATHS else _ENDPOINTS[match.group("what")] if match else "other"
         started = time.perf_counter()
         try:
-            endpoint, answer = self._route(method, path)
-            if isinstance(answer, tuple):
-                body, content_type = answer
-                self._send(HTTPStatus.OK, body, content_type)
-            else:
-                status, payload = (HTTPStatus.OK, answer) if not isinstance(answer, _Status) else answer.pair
+            status, payload, content_type = self._route(method, path, match)
+            if content_type is None:
                 self._send_json(status, payload)
-            code = 200
+            else:
+                self._send(status, payload, content_type)
+            code = int(status)
         except ApiError as exc:
-            code = exc.status
+            code = int(exc.status)
             if not self._body_read and self.headers.get("Content-Length", "0") not in ("", "0"):
                 self.close_connection = True  # an unread body must not be taken for the next request
             self._send_json(exc.status, {"error": exc.message})
@@ -486,35 +484,32 @@ class _Handler(BaseHTTPRequestHandler):
             code = 500
             log.exception("http %s %s failed", method, path)
             self._send_json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"internal error: {type(exc).__name__}: {exc}"})
-        self.api.metrics.requests.labels(endpoint, str(int(code))).inc()
+        metrics = self.api.metrics
+        metrics.requests.labels(endpoint, str(code)).inc()
         if endpoint == "predict":
-            name = _MODEL_PATH.match(path)
-            self.api.metrics.predict_seconds.labels(name.group("name") if name else "").observe(
-                time.perf_counter() - started
-            )
+            metrics.predict_seconds.labels(match.group("name")).observe(time.perf_counter() - started)
 
-    def _route(self, method: str, path: str) -> tuple[str, Any]:
+    def _route(self, method: str, path: str, match: re.Match[str] | None) -> tuple[HTTPStatus, Any, str | None]:
+        """(status, payload, content type); a None content type sends the payload as JSON."""
         api = self.api
-        if path in ("/healthz", "/readyz", "/metrics"):
+        if path in _PLAIN_PATHS:
             self._expect(method, "GET")
             if path == "/healthz":
-                return "healthz", {"status": "alive"}
+                return HTTPStatus.OK, {"status": "alive"}, None
             if path == "/metrics":
-                return "metrics", api.metrics.render()
+                return (HTTPStatus.OK, *api.metrics.render())
             ready, problems = api.ready()
-            payload = {"ready": ready, "problems": problems}
-            return "readyz", payload if ready else _Status(HTTPStatus.SERVICE_UNAVAILABLE, payload)
-        match = _MODEL_PATH.match(path)
+            return HTTPStatus.OK if ready else HTTPStatus.SERVICE_UNAVAILABLE, {"ready": ready, "problems": problems}, None
         if match is None:
             raise ApiError(HTTPStatus.NOT_FOUND, f"no endpoint {path!r} (see docs/http.md)")
         name, version, label, what = match.group("name", "version", "label", "what")
         if what == ":predict":
             self._expect(method, "POST")
-            return "predict", api.predict(name, version, label, self._body())
+            return HTTPStatus.OK, api.predict(name, version, label, self._body()), None
         self._expect(method, "GET")
         if what == "/metadata":
-            return "metadata", api.metadata(name, version, label)
-        return "status", api.model_status(name, version, label)
+            return HTTPStatus.OK, api.metadata(name, version, label), None
+        return HTTPStatus.OK, api.model_status(name, version, label), None
 
     def _expect(self, method: str, allowed: str) -> None:
         if method != allowed:
@@ -561,13 +556,6 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(body)
 
 
-class _Status:
-    """An answer with a status other than 200 that is not an error."""
-
-    def __init__(self, status: HTTPStatus, payload: Any) -> None:
-        self.pair = (status, payload)
-
-
 class HttpServer:
     """The API on ``host:port``; ``start`` binds (raising a clear error when
     the port is taken), ``stop`` shuts it down."""
@@ -579,7 +567,6 @@ class HttpServer:
         self.max_body = max_body_bytes
         self.idle_timeout_s = idle_timeout_s
         self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
 
     @property
     def address(self) -> tuple[str, int]:
@@ -597,9 +584,8 @@ class HttpServer:
                                  code="http_bind_failed") from None
         server.daemon_threads = True
         self._server = server
-        self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.5},
-                                        name="http", daemon=True)
-        self._thread.start()
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.5}, name="http",
+                         daemon=True).start()  # ends when stop() shuts the server down
         log.info("HTTP API on http://%s:%d", *self.address)
 
     def stop(self) -> None:

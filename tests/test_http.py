@@ -301,6 +301,7 @@ def test_health_readiness_and_prometheus_metrics(served) -> None:
     assert call(base, "/healthz") == (200, {"status": "alive"})
     assert call(base, "/readyz") == (200, {"ready": True, "problems": []})
     call(base, "/v1/models/mobilenet_v2:predict", {"instances": [{"b64": jpeg_b64(agent_photo(agent, "coffee"))}]})
+    assert call(base, "/v1/models/mobilenet_v2:predict", {"instances": []})[0] == 400
     status, text = call(base, "/metrics")
     assert status == 200
     from prometheus_client.parser import text_string_to_metric_families
@@ -312,6 +313,7 @@ def test_health_readiness_and_prometheus_metrics(served) -> None:
     assert samples[("edge_agent_model_active_version", (("model", "mobilenet_v2"),))] == 1
     assert samples[("edge_agent_model_inferences_total", (("model", "mobilenet_v2"), ("version", "1")))] > 0
     assert samples[("edge_agent_http_requests_total", (("code", "200"), ("endpoint", "predict")))] >= 1
+    assert samples[("edge_agent_http_requests_total", (("code", "400"), ("endpoint", "predict")))] >= 1
     assert samples[("edge_agent_http_predict_seconds_count", (("model", "mobilenet_v2"),))] >= 1
     assert samples[("process_resident_memory_bytes", ())] > 10e6
     assert ("edge_agent_info", (("device_id", "http-test"), ("version", __import__("edge_agent").__version__))) \
