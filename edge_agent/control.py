@@ -141,20 +141,18 @@ def _remove_fetched(path: Path) -> None:
         pass  # not empty (or already gone): left alone
 
 
-def command_verifier(trusted_keys: Sequence[Path], max_age_s: float) -> Callable[[Any, bytes], None]:
+def command_verifier(trusted_keys: Sequence[Path], max_age_s: float) -> Callable[[Any, dict[str, Any]], None]:
     """The dispatcher's verifier for signed commands (CONTRACT §3: ``ts`` and
     ``sig``): every command must be signed by one of ``trusted_keys``. The
     key files are read here, once, so a bad one stops the agent at start."""
-    import json
-
     from edge_agent.signing import load_trusted_keys, verify_command
 
     trusted = load_trusted_keys(list(trusted_keys))
 
-    def verify(_envelope: Any, raw: bytes) -> None:
-        # The signature covers the values as the console sent them, so check
-        # the message as parsed (the dispatcher has already validated it).
-        verify_command(trusted, json.loads(raw), now=time.time(), max_age_s=max_age_s)
+    def verify(_envelope: Any, data: dict[str, Any]) -> None:
+        # The signature covers the values as the console sent them (``ts`` may
+        # be an int there), so check the parsed message, not the envelope.
+        verify_command(trusted, data, now=time.time(), max_age_s=max_age_s)
 
     return verify
 

@@ -312,7 +312,7 @@ def test_invalid_commands_with_an_id_are_remembered_too(dispatcher: Dispatcher) 
 def test_verifier_refusal_is_not_remembered() -> None:
     """A forged copy must not burn the id of the genuine command."""
 
-    def verify(envelope: Any, raw: bytes) -> None:
+    def verify(envelope: Any, data: dict) -> None:
         if envelope.sig != "good":
             raise EdgeAgentError("bad signature", code="bad_signature")
 

@@ -47,7 +47,7 @@ DEFAULT_MEMORY = 1024
 
 Reply = dict[str, Any]
 EventSink = Callable[[dict[str, Any]], None]
-Verifier = Callable[[Envelope, bytes], None]
+Verifier = Callable[[Envelope, dict[str, Any]], None]  # (the command, the JSON object it was parsed from)
 
 
 
@@ -136,7 +136,8 @@ class Dispatcher:
 
     ``memory`` bounds how many completed replies are remembered for
     de-duplication; commands still running are always remembered.
-    ``verifier(envelope, payload)``, when given, runs before anything else
+    ``verifier(envelope, data)`` (``data``: the JSON object as received, so a
+    signature can be checked over the values the sender signed), when given, runs before anything else
     about a well-formed command and raises an
     :class:`~edge_agent.errors.EdgeAgentError` (e.g. ``bad_signature``) to
     refuse it; a refused command is not remembered, so a correctly signed
@@ -200,14 +201,14 @@ class Dispatcher:
         """
         raw = payload.encode("utf-8") if isinstance(payload, str) else bytes(payload)
         try:
-            envelope = self._parse(raw)
+            envelope, data = self._parse(raw)
         except _Refused as exc:
             log.warning("command %s on %s refused (%s): %s", exc.cmd_id or "(no id)", origin, exc.code, exc.message)
             return error_reply(exc.cmd_id, exc.code, exc.message)
 
         if self._verifier is not None:
             try:
-                self._verifier(envelope, raw)
+                self._verifier(envelope, data)
             except EdgeAgentError as exc:
                 log.warning("command %s on %s refused (%s): %s", envelope.id, origin, exc.code, exc.message)
                 return error_reply(envelope.id, exc.code, exc.message)
@@ -256,7 +257,7 @@ class Dispatcher:
                 except Exception:
                     log.exception("command %s: answering a repeat failed", envelope.id)
 
-    def _parse(self, raw: bytes) -> Envelope:
+    def _parse(self, raw: bytes) -> tuple[Envelope, dict[str, Any]]:
         if len(raw) > self.max_payload:
             raise _Refused(
                 f"the command is {len(raw)} bytes; the limit is {self.max_payload}", code="payload_too_large"
@@ -272,7 +273,7 @@ class Dispatcher:
         cmd_id = data.get("id")
         readable_id = cmd_id if isinstance(cmd_id, str) and TOKEN_RE.fullmatch(cmd_id) else None
         try:
-            return Envelope.model_validate(data)
+            return Envelope.model_validate(data), data
         except ValidationError as exc:
             raise _Refused(f"bad command: {format_validation_error(exc)}", code="bad_command", cmd_id=readable_id) from None
 
