@@ -51,11 +51,11 @@ class Candidate:
     path: Path
     runtime: str
     size_bytes: int
+    load_ms: float
+    rss_mb: float
     infer: Callable[[], Any]
     frame: Callable[[], Any] | None
     close: Callable[[], None]
-    load_ms: float = 0.0
-    rss_mb: float | None = None
     infer_ms: list[float] = field(default_factory=list)
     frame_ms: list[float] = field(default_factory=list)
 
@@ -89,6 +89,31 @@ def _rss_mb() -> float:
     return psutil.Process().memory_info().rss / 1e6
 
 
+def _import_backend(runtime: str) -> None:
+    """Import a runtime's library before a model's load is measured, so that
+    the first model's load time and memory are its own, not the library's."""
+    from edge_agent.runtimes import runtime_class
+
+    runtime_class(runtime)
+    if runtime == "tflite":
+        from edge_agent.runtimes.litert import interpreter_class
+
+        try:
+            interpreter_class()
+        except EdgeAgentError:
+            pass  # loading the model says so
+
+
+def _measured(load: Callable[[], Any]) -> tuple[Any, float, float]:
+    """``load()``'s result, how long it took (ms) and how much the process's
+    resident memory grew (MB)."""
+    gc.collect()
+    before = _rss_mb()
+    t0 = time.perf_counter()
+    loaded = load()
+    return loaded, (time.perf_counter() - t0) * 1000.0, _rss_mb() - before
+
+
 def _bundle_candidate(path: Path, threads: int, image: np.ndarray | None, workdir: Path | None) -> Candidate:
     from edge_agent.bundle import open_bundle
     from edge_agent.config import ModelConfig
@@ -96,16 +121,17 @@ def _bundle_candidate(path: Path, threads: int, image: np.ndarray | None, workdi
 
     with open_bundle(path, workdir=workdir) as bundle:
         m = bundle.manifest
+        _import_backend(m.runtime)
+        model, load_ms, rss_mb = _measured(lambda: LoadedModel.load(bundle, ModelConfig(name=m.name, threads=threads)))
         size = bundle.model_path.stat().st_size
-        model = LoadedModel.load(bundle, ModelConfig(name=m.name, threads=threads))
     frame = image if image is not None else _test_frame()
     tensor, _ = model.preprocess(frame)
-    precision = m.metadata.get("quantization", {}).get("precision") if isinstance(
-        m.metadata.get("quantization"), dict) else None
+    quantization = m.metadata.get("quantization")
+    precision = quantization.get("precision") if isinstance(quantization, dict) else None
     precision = precision or ("int8" if m.inputs[0].quantization is not None else "fp32")
     return Candidate(
         label=f"{m.name} v{m.version} {m.runtime} {precision}",
-        path=path, runtime=m.runtime, size_bytes=size,
+        path=path, runtime=m.runtime, size_bytes=size, load_ms=load_ms, rss_mb=rss_mb,
         infer=lambda: model.runtime.infer(tensor),
         frame=lambda: model.process(frame),
         close=model.close,
@@ -116,6 +142,7 @@ def _file_candidate(path: Path, threads: int) -> Candidate:
     from edge_agent.runtimes import create_runtime, describe_model, runtime_for_file
 
     runtime = runtime_for_file(path)
+    _import_backend(runtime)
     inputs, outputs = describe_model(path, runtime)
     if len(inputs) != 1:
         raise BenchError(f"{path}: {len(inputs)} inputs; bench times single-input models")
@@ -127,7 +154,10 @@ def _file_candidate(path: Path, threads: int) -> Candidate:
         )
     shape = [d if d is not None else 1 for d in spec.shape]
     rt = create_runtime(runtime, path, [spec.model_copy(update={"shape": shape})], outputs, threads=threads)
-    rt.load()
+    _, load_ms, rss_mb = _measured(rt.load)
+    # A bare file says nothing about its preprocessing, so there is no picture
+    # to feed it: an input of the right shape and type (the timing of these
+    # models does not depend on the values).
     rng = np.random.default_rng(0)
     if spec.quantization is not None or np.dtype(spec.dtype).kind == "f":
         tensor = rng.standard_normal(shape).astype(np.float32)
@@ -137,7 +167,7 @@ def _file_candidate(path: Path, threads: int) -> Candidate:
     quant = spec.quantization is not None or spec.dtype in ("int8", "uint8")
     return Candidate(
         label=f"{path.name} {runtime}" + (" int8" if quant else ""),
-        path=path, runtime=runtime, size_bytes=path.stat().st_size,
+        path=path, runtime=runtime, size_bytes=path.stat().st_size, load_ms=load_ms, rss_mb=rss_mb,
         infer=lambda: rt.infer(tensor), frame=None, close=rt.close,
     )
 
@@ -160,7 +190,8 @@ def load_image(path: str | Path) -> np.ndarray:
     return image
 
 
-def _time(fn: Callable[[], Any], warmup: int, runs: int) -> float:
+def median_ms(fn: Callable[[], Any], warmup: int, runs: int) -> float:
+    """The median time of ``runs`` calls of ``fn`` after ``warmup`` untimed ones, in ms."""
     for _ in range(warmup):
         fn()
     times = []
@@ -183,59 +214,29 @@ def run(
     workdir: Path | None = None,
 ) -> dict[str, Any]:
     """Load every model, time them in interleaved rounds, return the report."""
+    from edge_agent.runtimes import RUNTIME_SUFFIXES
+
     say = progress or (lambda _msg: None)
-    files = expand(paths)
-    _import_runtimes(files)
     candidates: list[Candidate] = []
     try:
-        for path in files:
-            gc.collect()
-            before = _rss_mb()
-            t0 = time.perf_counter()
-            is_bundle = path.is_dir() or path.suffix.lower() not in (".onnx", ".tflite")
-            cand = _bundle_candidate(path, threads, image, workdir) if is_bundle else _file_candidate(path, threads)
-            cand.load_ms = (time.perf_counter() - t0) * 1000.0
-            cand.rss_mb = _rss_mb() - before
+        for path in expand(paths):
+            if path.suffix.lower() in RUNTIME_SUFFIXES:
+                cand = _file_candidate(path, threads)
+            else:
+                cand = _bundle_candidate(path, threads, image, workdir)
             candidates.append(cand)
             say(f"loaded {cand.label} in {cand.load_ms:.0f} ms")
         for r in range(rounds):
             for cand in candidates:
-                cand.infer_ms.append(_time(cand.infer, warmup, runs))
+                cand.infer_ms.append(median_ms(cand.infer, warmup, runs))
                 if cand.frame is not None:
-                    cand.frame_ms.append(_time(cand.frame, warmup, runs))
+                    cand.frame_ms.append(median_ms(cand.frame, warmup, runs))
             say(f"round {r + 1}/{rounds}")
     finally:
         for cand in candidates:
             cand.close()
     return _report(candidates, threads=threads, rounds=rounds, runs=runs, warmup=warmup,
                    image="given" if image is not None else f"synthetic {FRAME_SIZE[0]}x{FRAME_SIZE[1]}")
-
-
-def _import_runtimes(files: Sequence[Path]) -> None:
-    """Import the runtime libraries first, so that the first model's memory
-    growth is its own and not the library's."""
-    import json
-
-    from edge_agent.runtimes import RUNTIME_SUFFIXES, runtime_class
-
-    kinds = set()
-    for p in files:
-        if p.suffix.lower() in RUNTIME_SUFFIXES:
-            kinds.add(RUNTIME_SUFFIXES[p.suffix.lower()])
-        elif (p / "manifest.json").is_file():
-            try:
-                kinds.add(json.loads((p / "manifest.json").read_text())["runtime"])
-            except (OSError, ValueError, KeyError, TypeError):
-                pass  # open_bundle reports it properly
-    for kind in sorted(kinds & set(RUNTIME_SUFFIXES.values())):
-        runtime_class(kind)
-        if kind == "tflite":
-            from edge_agent.runtimes.litert import interpreter_class
-
-            try:
-                interpreter_class()
-            except EdgeAgentError:
-                pass  # loading the model says so
 
 
 def cpu_name() -> str:
@@ -264,7 +265,7 @@ def _report(cands: list[Candidate], **settings: Any) -> dict[str, Any]:
             "size_mb": round(c.size_bytes / 1e6, 3),
             "size_ratio": round(c.size_bytes / base.size_bytes, 3),
             "load_ms": round(c.load_ms, 1),
-            "rss_mb": None if c.rss_mb is None else round(c.rss_mb, 1),
+            "rss_mb": round(c.rss_mb, 1),
             "infer_ms": round(statistics.median(c.infer_ms), 3),
             "infer_speedup": round(statistics.median(b / m for b, m in zip(base.infer_ms, c.infer_ms)), 3),
         }
@@ -296,9 +297,8 @@ def table(report: dict[str, Any]) -> str:
     ]
     for m in report["models"]:
         frame = f"{m['frame_ms']:9.2f} {m['fps']:7.1f}" if "frame_ms" in m else f"{'-':>9} {'-':>7}"
-        rss = f"{m['rss_mb']:8.1f}" if m["rss_mb"] is not None else f"{'-':>8}"
         lines.append(
-            f"  {m['model'][:38]:<38} {m['size_mb']:7.2f} {m['size_ratio']:7.3f} {m['load_ms']:8.0f} {rss} "
+            f"  {m['model'][:38]:<38} {m['size_mb']:7.2f} {m['size_ratio']:7.3f} {m['load_ms']:8.0f} {m['rss_mb']:8.1f} "
             f"{m['infer_ms']:9.2f} {m['infer_speedup']:8.2f} {frame}"
         )
     machine = report["machine"]

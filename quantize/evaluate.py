@@ -82,15 +82,10 @@ class Runner:
         return np.stack(rows)
 
     def latency_ms(self, tensor: np.ndarray, runs: int = 30) -> float:
+        from edge_agent.bench import median_ms
+
         x = tensor[None]
-        for _ in range(3):
-            self.runtime.infer(x)
-        times = []
-        for _ in range(runs):
-            t0 = time.perf_counter()
-            self.runtime.infer(x)
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times) * 1000.0
+        return median_ms(lambda: self.runtime.infer(x), warmup=3, runs=runs)
 
     def close(self) -> None:
         self.runtime.close()
