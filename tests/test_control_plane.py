@@ -187,6 +187,7 @@ def test_lifecycle_commands_set_and_telemetry(env) -> None:
             assert key in tel[-1]
         assert [t["seq"] for t in tel] == list(range(tel[0]["seq"], tel[0]["seq"] + 3))
         assert set(tel[-1]["sources"]["cam"]["latency_ms"]) == {"p50", "p95", "p99"}
+        assert "spool_dropped" not in tel[-1]  # an extension, present only after a loss
     finally:
         client.close()
         agent.stop()

@@ -221,7 +221,7 @@ class ControlPlane:
             message = self.telemetry.collect()
             if self.outbox.spool is not None:
                 dropped = self.outbox.spool.dropped()
-                if dropped:
+                if any(dropped.values()):  # CONTRACT extension: only when something was lost
                     message["spool_dropped"] = dropped
             self.outbox.send("telemetry", "telemetry", message, qos=1)
 

@@ -317,10 +317,13 @@ class Spool:
         """Items evicted or refused per kind, since the counters were last
         reset (persisted, so a restart does not hide a loss). ``reset=True``
         returns them and starts again from zero, for per-interval reports."""
+        if not reset:  # a read: no write transaction on every telemetry tick
+            with self._lock:
+                counts = dict(self._db.execute("SELECT kind, count FROM dropped").fetchall())
+            return {kind: int(counts.get(kind, 0)) for kind in KINDS}
         with self._lock, self._transaction("cannot read the spool's counters"):
             counts = dict(self._db.execute("SELECT kind, count FROM dropped").fetchall())
-            if reset:
-                self._db.execute("DELETE FROM dropped")
+            self._db.execute("DELETE FROM dropped")
         return {kind: int(counts.get(kind, 0)) for kind in KINDS}
 
     def counts(self) -> dict[str, int]:
