@@ -333,6 +333,19 @@ def test_receiver_wait_times_out_without_a_sender(clients: Callable[[str], PahoL
     rx.close()
 
 
+def test_receiver_wait_ends_when_the_agent_stops(clients: Callable[[str], PahoLink], tmp_path: Path) -> None:
+    """A deploy waiting for a transfer must not hold up the agent's shutdown
+    until the transfer deadline."""
+    rx = TransferReceiver(clients("cam-01"), PREFIX, uuid.uuid4().hex, "cam-01", tmp_path, max_bytes=10, **FAST).start()
+    stop = threading.Event()
+    threading.Timer(0.3, stop.set).start()
+    started = time.monotonic()
+    with pytest.raises(TransferError) as err:
+        rx.wait(3600, cancel=stop)
+    assert err.value.code == "cancelled" and time.monotonic() - started < 5
+    rx.close()
+
+
 def test_rate_limit_paces_the_chunks(payload: Path, clients: Callable[[str], PahoLink]) -> None:
     """A cellular uplink must not be saturated by a deploy: 1 MB at 4 MiB/s
     takes a quarter of a second, not a burst."""

@@ -269,7 +269,7 @@ class BundleFetcher:
         )
         rx.start()
         try:
-            return rx.wait(timeout=t.deadline_s)
+            return rx.wait(timeout=t.deadline_s, cancel=self.stop)
         finally:
             rx.close()
 

@@ -509,15 +509,22 @@ class TransferReceiver:
         self._unsubscribe.append(self.link.subscribe(self.topics.chunk_filter, self._on_chunk))
         return self
 
-    def wait(self, timeout: float | None = None) -> Path:
+    def wait(self, timeout: float | None = None, *, cancel: threading.Event | None = None) -> Path:
         """The assembled, verified file; raises :class:`TransferError` if the
-        transfer failed, ``transfer_timeout`` if ``timeout`` passed first."""
-        if not self._finished.wait(timeout):
-            raise TransferError(
-                f"transfer {self.tid} not complete after {timeout} s "
-                f"({self.received_chunks()} of {self.meta.chunks if self.meta else '?'} chunks)",
-                code="transfer_timeout",
-            )
+        transfer failed, ``transfer_timeout`` if ``timeout`` passed first,
+        ``cancelled`` as soon as ``cancel`` is set (the agent is stopping)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._finished.is_set():
+            if cancel is not None and cancel.is_set():
+                raise TransferError(f"transfer {self.tid} cancelled: the agent is stopping", code="cancelled")
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise TransferError(
+                    f"transfer {self.tid} not complete after {timeout} s "
+                    f"({self.received_chunks()} of {self.meta.chunks if self.meta else '?'} chunks)",
+                    code="transfer_timeout",
+                )
+            self._finished.wait(left if cancel is None else min(0.5, left if left is not None else 0.5))
         if self._error is not None:
             raise self._error
         assert self.result is not None
