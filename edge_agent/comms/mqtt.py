@@ -31,7 +31,9 @@ log = logging.getLogger(__name__)
 MAX_QUEUED = 1000
 
 
-class _PahoHandle:
+class PahoHandle:
+    """A paho ``MQTTMessageInfo`` as a :class:`~edge_agent.comms.transfer.PublishHandle`."""
+
     def __init__(self, info: Any) -> None:
         self._info = info
 
@@ -58,8 +60,8 @@ class PahoLink:
         self._filters: set[str] = set()
         self._lock = threading.Lock()
 
-    def publish(self, topic: str, payload: bytes, *, qos: int, retain: bool) -> _PahoHandle:
-        return _PahoHandle(self.client.publish(topic, payload, qos=qos, retain=retain))
+    def publish(self, topic: str, payload: bytes, *, qos: int, retain: bool) -> PahoHandle:
+        return PahoHandle(self.client.publish(topic, payload, qos=qos, retain=retain))
 
     def subscribe(self, topic_filter: str, callback: Callable[[str, bytes], None]) -> Callable[[], None]:
         """Deliver messages matching ``topic_filter`` to ``callback(topic,
@@ -190,10 +192,7 @@ class MqttTransport:
         if self.connected.is_set():
             info = self.publish("status", self.status("stopped"), qos=1, retain=True)
         if info is not None:
-            try:
-                info.wait_for_publish(timeout)
-            except (RuntimeError, ValueError):
-                pass
+            PahoHandle(info).wait(timeout)
         self.client.disconnect()
         try:
             self.client.loop_stop()

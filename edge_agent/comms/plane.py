@@ -31,7 +31,7 @@ from typing import Any, Callable
 
 import paho.mqtt.client as mqtt
 
-from edge_agent.comms.mqtt import MqttTransport
+from edge_agent.comms.mqtt import MqttTransport, PahoHandle
 from edge_agent.errors import EdgeAgentError, SpoolError
 
 log = logging.getLogger(__name__)
@@ -93,11 +93,7 @@ class Outbox:
         info = self.transport.client.publish(item.topic, item.payload, qos=item.qos, retain=item.retain)
         if item.qos == 0:
             return info.rc == 0
-        try:
-            info.wait_for_publish(timeout=10.0)
-        except (RuntimeError, ValueError):
-            return False
-        return info.is_published()
+        return PahoHandle(info).wait(10.0)
 
     def _replay(self) -> None:
         total = 0
