@@ -96,7 +96,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import cv2
-import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))

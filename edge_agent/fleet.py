@@ -294,7 +294,7 @@ class Console:
         import paho.mqtt.client as mqtt
         from paho.mqtt.enums import CallbackAPIVersion
 
-        from edge_agent.comms.transfer import PahoLink
+        from edge_agent.comms.mqtt import PahoLink
 
         self.settings = settings
         self.prefix = settings.prefix

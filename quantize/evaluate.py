@@ -10,7 +10,6 @@ compressed size (what an OTA download costs) and median latency.
 from __future__ import annotations
 
 import statistics
-import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence

@@ -277,22 +277,6 @@ def test_unsupported_url(url: str, tmp_path: Path) -> None:
     assert err.value.code == "unsupported_url"
 
 
-def test_file_url(tmp_path: Path) -> None:
-    source = tmp_path / "src.tar.gz"
-    source.write_bytes(CONTENT)
-    dest = tmp_path / "out" / "b.tar.gz"
-    part_path(dest).parent.mkdir()
-    part_path(dest).write_bytes(CONTENT[:1000])  # resumes a file copy too
-    download(source.as_uri(), dest, sha256=SHA, size=len(CONTENT), max_bytes=10**6)
-    assert dest.read_bytes() == CONTENT
-    with pytest.raises(DownloadError) as err:
-        download(source.as_uri(), tmp_path / "c", sha256=SHA, size=5, max_bytes=10**6)
-    assert err.value.code == "size_mismatch"
-    with pytest.raises(DownloadError) as err:
-        download((tmp_path / "missing").as_uri(), tmp_path / "c", sha256=SHA, size=5, max_bytes=10**6)
-    assert err.value.code == "download_failed" and "does not exist" in err.value.message
-
-
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
 def test_full_disk(server: FileServer, tmp_path: Path) -> None:
     """Writes into /dev/full fail with ENOSPC exactly as a full SD card does."""

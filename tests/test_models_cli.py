@@ -4,7 +4,6 @@ directly) and running (through its control socket)."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time

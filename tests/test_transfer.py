@@ -18,8 +18,8 @@ from typing import Any, Callable, Iterator
 import paho.mqtt.client as mqtt
 import pytest
 
+from edge_agent.comms.mqtt import PahoLink
 from edge_agent.comms.transfer import (
-    PahoLink,
     PublishHandle,
     Topics,
     TransferMeta,

@@ -1,6 +1,8 @@
-"""Resumable, verified bundle downloads over ``file://``, ``http://`` and
-``https://`` with the standard library only (``urllib``): the agent must stay
-lean on a Pi, and a deploy needs nothing more than GET and Range.
+"""Resumable, verified bundle downloads over ``http://`` and ``https://``
+with the standard library only (``urllib``): the agent must stay lean on a
+Pi, and a deploy needs nothing more than GET and Range. (A deploy by
+``file://`` URL needs no download: ``lifecycle.resolve_source`` opens the
+file where it is.)
 
 What a deploy can rely on:
 
@@ -41,7 +43,7 @@ from urllib.parse import urlsplit
 
 
 from edge_agent import __version__
-from edge_agent.comms.commands import SHA256_RE, URL_SCHEMES
+from edge_agent.comms.commands import SHA256_RE
 from edge_agent.errors import DownloadError, is_disk_full
 
 log = logging.getLogger(__name__)
@@ -105,9 +107,9 @@ def download(
     """
     dest = Path(dest)
     scheme = urlsplit(url).scheme.lower()
-    if scheme not in URL_SCHEMES:
+    if scheme not in ("http", "https"):
         raise DownloadError(
-            f"cannot download {url!r}: only file://, http:// and https:// URLs are supported", code="unsupported_url"
+            f"cannot download {url!r}: only http:// and https:// URLs are downloaded", code="unsupported_url"
         )
     if not SHA256_RE.fullmatch(sha256.lower()):
         raise ValueError("sha256 must be 64 hexadecimal digits")
@@ -145,12 +147,9 @@ def download(
         check_cancel()
         try:
             _check_free_space(part, size)
-            if scheme == "file":
-                _fetch_file(url, part, size=size, max_bytes=max_bytes, progress=progress)
-            else:
-                _fetch_http(
-                    url, part, size=size, max_bytes=max_bytes, progress=progress, timeout=timeout, context=ssl_context
-                )
+            _fetch_http(
+                url, part, size=size, max_bytes=max_bytes, progress=progress, timeout=timeout, context=ssl_context
+            )
         except _Transient as exc:
             attempt += 1
             if attempt > retries:
@@ -190,33 +189,7 @@ def download(
         return dest
 
 
-# -- the two transports ----------------------------------------------------------
-
-
-def _fetch_file(url: str, part: Path, *, size: int, max_bytes: int, progress: Progress | None) -> None:
-    parts = urlsplit(url)
-    if parts.netloc not in ("", "localhost"):
-        raise DownloadError(f"file URL {url!r} names a remote host", code="unsupported_url")
-    source = Path(urllib.request.url2pathname(parts.path))
-    try:
-        actual = source.stat().st_size
-        if actual > max_bytes:
-            raise DownloadError(f"{source} is {actual} bytes; the limit is {max_bytes}", code="too_large")
-        if actual != size:
-            raise DownloadError(f"{source} is {actual} bytes, not the expected {size}", code="size_mismatch")
-        offset = _part_size(part)
-        if offset > size:
-            _unlink(part)
-            offset = 0
-        with open(source, "rb") as src:
-            src.seek(offset)
-            _copy(src.read, part, offset=offset, size=size, progress=progress, append=offset > 0)
-    except FileNotFoundError:
-        raise DownloadError(f"{source} does not exist", code="download_failed") from None
-    except IsADirectoryError:
-        raise DownloadError(f"{source} is a directory, not a bundle archive", code="download_failed") from None
-    except PermissionError:
-        raise DownloadError(f"no permission to read {source}", code="download_failed") from None
+# -- the transport ----------------------------------------------------------
 
 
 def _fetch_http(

@@ -45,7 +45,6 @@ from typing import Any, Callable, Protocol
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from edge_agent.comms.commands import TOKEN_RE, Sha256, Token
-from edge_agent.comms.mqtt import PahoLink  # noqa: F401  (re-exported: the console and tests take it from here)
 from edge_agent.errors import TransferError, is_disk_full
 
 log = logging.getLogger(__name__)
