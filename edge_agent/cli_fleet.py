@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import click
 
-from edge_agent.cli_common import user_errors
+from edge_agent.cli_common import table, user_errors
 
 ENV = "EDGE_FLEET_"
 
@@ -73,7 +73,7 @@ def target_options(func: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _print_outcomes(outcomes: list[Any], as_json: bool, extra: dict[str, Any] | None = None) -> None:
-    from edge_agent.fleet import OUTCOME_HEAD, outcome_rows, table
+    from edge_agent.fleet import OUTCOME_HEAD, outcome_rows
 
     if as_json:
         data = {**(extra or {}), "outcomes": [
@@ -305,7 +305,7 @@ def status_cmd(group: str | None, wait_s: float, as_json: bool, **broker: Any) -
         where = f"in group {group}" if group else f"under prefix {settings.prefix}"
         click.echo(f"no device has published a status {where}")
         return
-    click.echo(f.table(f.STATUS_HEAD, f.status_rows(devices)))
+    click.echo(table(f.STATUS_HEAD, f.status_rows(devices)))
     online = sum(i.online for i in devices.values())
     click.echo(f"{online} of {len(devices)} device(s) online")
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import click
 
-from edge_agent.cli_common import CONFIG_HELP, DEFAULT_CONFIG, user_errors
+from edge_agent.cli_common import CONFIG_HELP, DEFAULT_CONFIG, table, user_errors
 
 USAGE_CODES = {"bad_args", "bad_command", "unknown_model", "version_not_found", "bundle_not_found"}
 
@@ -155,10 +155,7 @@ def list_cmd(model: str | None, config_path: str, as_json: bool) -> None:
     if not rows:
         click.echo("no versions installed")
         return
-    head = ["MODEL", "VERSION", "STATE", "SIZE"]
-    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(4)]
-    for r in [head, *rows]:
-        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    click.echo(table(["MODEL", "VERSION", "STATE", "SIZE"], rows))
 
 
 @models.command("add")

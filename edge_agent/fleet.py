@@ -62,7 +62,6 @@ topic, then after twice as long, and so on: the command or its reply may have
 been lost (a broker drops messages for a client whose queue is full). A
 device never runs an id twice: it answers a repeat from memory, or when the
 first run ends."""
-STEPS = ("fetching", "transfer", "verifying", "installing", "loading", "activating", "labelling")
 """The deploy steps a device reports in ``deploy_progress`` events, in order."""
 
 
@@ -487,6 +486,7 @@ class Console:
         with self.cond:
             info = self.devices.setdefault(device, DeviceInfo(device, {"state": "unknown"}))
             info.telemetry = data
+            self.cond.notify_all()  # collect_status waits for telemetry
         self._tell("telemetry", device, data)
 
     # -- devices and commands ------------------------------------------------------------
@@ -1033,8 +1033,6 @@ def deploy(
                 st.step = "started" if st.step == "waiting" else st.step
             elif event == "deploy_progress":
                 step = data.get("step")
-                if step == "fetching" and st.step in ("transfer", "fetching") and st.fraction == 1.0:
-                    return  # the install step naming the file just fetched: not a new fetch
                 if isinstance(step, str):
                     if step != st.step:
                         st.received = st.total = None
@@ -1184,11 +1182,6 @@ def format_age(seconds: float | None) -> str:
     return f"{seconds / 86400:.0f}d"
 
 
-def table(head: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
-    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in [head, *rows])
-
-
 def outcome_rows(outcomes: list[Outcome]) -> list[list[str]]:
     rows = []
     for o in outcomes:
@@ -1237,11 +1230,11 @@ def collect_status(console: Console, *, group: str | None = None, telemetry_wait
     if telemetry_wait_s > 0:
         deadline = time.monotonic() + telemetry_wait_s
         with console.cond:
-            while time.monotonic() < deadline:
+            while (left := deadline - time.monotonic()) > 0:
                 online = [i for i in console.devices.values() if i.online and (group is None or group in (i.groups or []))]
                 if online and all(i.telemetry is not None for i in online):
                     break
-                console.cond.wait(0.1)
+                console.cond.wait(left)
     devices = console.snapshot()
     if group is not None:
         devices = {d: i for d, i in devices.items() if group in (i.groups or [])}
