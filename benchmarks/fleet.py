@@ -289,9 +289,10 @@ def broadcast(console: Any, bundle: Path, n: int, timeout: float, rate: float | 
 def unicast(console: Any, bundle: Path, devices: list[str], timeout: float) -> dict[str, Any]:
     """One transfer and one command per device, all at once."""
     from edge_agent import fleet as f
-    from edge_agent.comms.transfer import TransferSender
+    from edge_agent.comms.transfer import TransferSender, build_meta
 
     prepared = f.prepare_bundle(bundle)
+    meta = build_meta(prepared.archive, tid="unicast", chunk_size=f.chunk_size_for(prepared.size))  # hashed once
     before = console.link.bytes
     t0 = time.monotonic()
     senders = []
@@ -304,8 +305,7 @@ def unicast(console: Any, bundle: Path, devices: list[str], timeout: float) -> d
             args = {"model": prepared.model, "version": prepared.version, "sha256": prepared.sha256,
                     "size": prepared.size, "transfer": tid}
             console.publish_command(console.command_topic(device), cmd_id, "deploy", args, expiry_s=timeout)
-            senders.append(TransferSender(console.link, console.prefix, prepared.archive, tid=tid,
-                                          chunk_size=f.chunk_size_for(prepared.size)))
+            senders.append(TransferSender(console.link, console.prefix, prepared.archive, tid=tid, meta=meta))
         time.sleep(0.5)  # let the devices join before the chunks flow, as broadcast does
         for sender in senders:
             sender.start()

@@ -6,7 +6,6 @@ transfer with their own error codes."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import threading
@@ -18,6 +17,7 @@ from typing import Any, Callable, Iterator
 import paho.mqtt.client as mqtt
 import pytest
 
+from edge_agent.bundle import sha256_file
 from edge_agent.comms.mqtt import PahoLink
 from edge_agent.comms.transfer import (
     PublishHandle,
@@ -58,10 +58,6 @@ def clients(broker: Any) -> Iterator[Callable[[str], PahoLink]]:
     for client in made:
         client.disconnect()
         client.loop_stop()
-
-
-def sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 class _Done:
@@ -132,7 +128,7 @@ def test_three_devices_one_late(payload: Path, clients: Callable[[str], PahoLink
         for rx in (r1, r2, r3):
             out = rx.wait(30)
             assert out.name == "classifier-3.tar.gz"
-            assert sha(out) == meta.sha256
+            assert sha256_file(out) == meta.sha256
             assert not rx.data_path.exists() and not rx.state_path.exists()
         assert sender.wait_done({"cam-01", "cam-02", "cam-03"}, 10)
         assert r3.needs_sent[0] == [[0, meta.chunks - 1]], "the late device asked for everything at once"
@@ -159,7 +155,7 @@ def test_corrupt_chunk_is_rejected_and_requested_again(payload: Path, clients: C
     link = FaultyLink(clients("console"), corrupt_chunk_3_once)
     with TransferSender(link, PREFIX, payload, tid=tid, chunk_size=CHUNK, need_delay_s=0.05) as sender:
         out = rx.wait(30)
-        assert sha(out) == sha(payload)
+        assert sha256_file(out) == sha256_file(payload)
         assert corrupted and rx.rejected == 1
         # Normally exactly [[3, 3]]; a stall on a loaded machine may add others.
         assert any(first <= 3 <= last for ranges in rx.needs_sent for first, last in ranges)
@@ -196,7 +192,7 @@ def test_a_restarted_device_continues(payload: Path, clients: Callable[[str], Pa
         second = TransferReceiver(clients("cam-01-again"), PREFIX, tid, "cam-01", tmp_path, max_bytes=10**7, **FAST).start()
         assert second.received_chunks() == 10, "resumed from the saved state"
         out = second.wait(30)
-        assert sha(out) == sha(payload)
+        assert sha256_file(out) == sha256_file(payload)
         assert second.needs_sent[0] == [[10, sender.meta.chunks - 1]]
         second.close()
     finally:
@@ -249,7 +245,7 @@ def test_a_chunk_damaged_on_disk_is_found_and_fetched_again(payload: Path, clien
     try:
         with TransferSender(link, PREFIX, payload, tid=tid, chunk_size=CHUNK, need_delay_s=0.05, repeat_after_s=0.2) as sender:
             out = rx.wait(30)
-            assert sha(out) == sha(payload) == sender.meta.sha256
+            assert sha256_file(out) == sha256_file(payload) == sender.meta.sha256
             assert lost and rotted.is_set()
             assert rx.needs_sent[0] == [[last, last]]
             assert [[0, 0]] in rx.needs_sent, rx.needs_sent
@@ -331,6 +327,27 @@ def test_receiver_wait_times_out_without_a_sender(clients: Callable[[str], PahoL
         rx.wait(0.2)
     assert err.value.code == "transfer_timeout"
     rx.close()
+
+
+def test_a_description_made_once_serves_several_transfers_of_the_file(payload: Path,
+                                                                      clients: Callable[[str], PahoLink],
+                                                                      tmp_path: Path) -> None:
+    """Unicast sends one file N times: it is hashed once, and each transfer
+    still arrives verified under its own id."""
+    shared = build_meta(payload, tid="shared", chunk_size=CHUNK)
+    console = clients("console")
+    for device in ("cam-01", "cam-02"):
+        tid = uuid.uuid4().hex
+        rx = TransferReceiver(clients(device), PREFIX, tid, device, tmp_path / device, max_bytes=10**7,
+                              expected_sha256=shared.sha256, expected_size=shared.size, **FAST)
+        acked(rx.link, 2, rx.start)
+        sender = TransferSender(console, PREFIX, payload, tid=tid, meta=shared).start()
+        try:
+            assert sender.meta.tid == tid and sender.meta.chunk_sha256 == shared.chunk_sha256
+            assert sha256_file(rx.wait(30)) == shared.sha256
+        finally:
+            sender.close()
+            rx.close()
 
 
 def test_receiver_wait_ends_when_the_agent_stops(clients: Callable[[str], PahoLink], tmp_path: Path) -> None:

@@ -225,12 +225,16 @@ class TransferSender:
         need_delay_s: float = 0.2,
         publish_timeout_s: float = 30.0,
         repeat_after_s: float = 3.0,
+        meta: TransferMeta | None = None,
     ) -> None:
         self.link = link
         self.path = Path(path)
         self.tid = tid or uuid.uuid4().hex
         self.topics = Topics(prefix, self.tid)
-        self.meta = build_meta(self.path, tid=self.tid, chunk_size=chunk_size)
+        # ``meta``: the description of this same file made once for several
+        # transfers of it (only the id differs), so the file is hashed once.
+        self.meta = (meta.model_copy(update={"tid": self.tid}) if meta is not None
+                     else build_meta(self.path, tid=self.tid, chunk_size=chunk_size))
         self.max_inflight = max(1, max_inflight)
         self.rate_bytes_s = rate_bytes_s
         self.need_delay_s = need_delay_s
