@@ -329,6 +329,27 @@ def test_restart_during_probation(tmp_path: Path, cam: Path) -> None:
         run.stop()
 
 
+def test_a_failed_activation_leaves_the_probation_running(tmp_path: Path, cam: Path) -> None:
+    """v2 is on probation; activating v3, whose file rotted on disk, fails:
+    v2 keeps serving *and* stays on probation (it is still judged)."""
+    v1, v2, v3 = (make_bundle(tmp_path / "b", v) for v in (1, 2, 3))
+    run = Running(config(tmp_path, v1, cam, probation_frames=100000, probation_s=3600))
+    try:
+        deploy(run.models, v2)
+        deploy(run.models, v3, activate=False)
+        assert run.models.status()["clf"]["probation"]["version"] == 2
+        model = next((tmp_path / "store" / "clf" / "3").glob("*.onnx"))
+        model.write_bytes(model.read_bytes()[:-100])
+        with pytest.raises(EdgeAgentError):
+            run.models.activate("clf", 3)
+        status = run.models.status()["clf"]
+        assert status["active"] == 2 and status["probation"]["version"] == 2
+        assert read_state(tmp_path)["probation"]["version"] == 2
+        run.wait_results(len(run.results()) + 3, version=2)
+    finally:
+        run.stop()
+
+
 def test_a_corrupt_active_version_on_disk_falls_back_at_start(tmp_path: Path, cam: Path) -> None:
     v1 = make_bundle(tmp_path / "b", 1)
     v2 = make_bundle(tmp_path / "b", 2)

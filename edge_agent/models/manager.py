@@ -560,11 +560,10 @@ class ModelManager:
                 current = slot.serving
             if current is not None and current.version == version:
                 return {"model": name, "version": version, "changed": False}
-            if slot.probation is not None:
-                self._end_probation(slot, passed=None)
             previous = current.version if current is not None else slot.state.active
             report = self._swap(slot, version, progress=progress)
             before = slot.state.model_copy(deep=True)
+            superseded = self._clear_probation(slot)  # no verdict: another version takes over
             state = slot.state
             state.active = version
             state.failed.pop(version, None)
@@ -575,7 +574,7 @@ class ModelManager:
                 state.last_good = version
             state.record("activated", version, reason=reason, previous=previous)
             checkpoint("activate_before_state")
-            self._save_swap(slot, report, before)
+            self._save_swap(slot, report, before, superseded)
             checkpoint("activate_after_state")
             self._commit_swap(slot, report)
             if start_probation:
@@ -603,17 +602,15 @@ class ModelManager:
             target = self._rollback_target(slot, active)
             if target is None:
                 raise StoreError(f"model {name}: no earlier good version to roll back to", code="no_rollback_target")
-            if slot.probation is not None:
-                slot.probation = None
-                state.probation = None
             report = self._swap(slot, target)
             before = slot.state.model_copy(deep=True)
+            superseded = self._clear_probation(slot)
             if active is not None and reason != "rollback requested":
                 state.failed[active] = reason
             state.active = target
             state.last_good = target
             state.record("rolled_back", active, reason=reason, to=target)
-            self._save_swap(slot, report, before)
+            self._save_swap(slot, report, before, superseded)
             self._commit_swap(slot, report)
             report.pop("_old", None)
             report.pop("_new", None)
@@ -854,16 +851,26 @@ class ModelManager:
         load_ms = (time.monotonic() - t0) * 1000.0
         return {"mode": "resource", "load_ms": round(load_ms, 1), "_old": old, "_new": new}
 
-    def _save_swap(self, slot: Slot, report: dict[str, Any], before: ModelState) -> None:
+    @staticmethod
+    def _clear_probation(slot: Slot) -> ProbationRun | None:
+        """End a probation without a verdict (the caller saves the state);
+        returns it, so a transaction that fails can put it back."""
+        run, slot.probation = slot.probation, None
+        slot.state.probation = None
+        return run
+
+    def _save_swap(self, slot: Slot, report: dict[str, Any], before: ModelState,
+                   probation: ProbationRun | None = None) -> None:
         """Write the state of a swap :meth:`_swap` prepared. If that fails (a
-        full disk), undo the swap: the state is what it was, the version that
-        served before serves again (reloaded if a resource-preserving swap
-        had closed it), and the new one is closed unless something else keeps
-        it loaded."""
+        full disk), undo the swap: the state is what it was (a probation the
+        swap ended runs on), the version that served before serves again
+        (reloaded if a resource-preserving swap had closed it), and the new
+        one is closed unless something else keeps it loaded."""
         try:
             self._save(slot)
         except BaseException:
             slot.state = before
+            slot.probation = probation
             new: LoadedModel = report["_new"]
             with self._cond:
                 kept = slot.loaded.get(new.version) is new
@@ -984,20 +991,15 @@ class ModelManager:
         if frames >= cfg.probation_frames or elapsed >= cfg.probation_s:
             with self._tx:
                 if slot.probation is run:
-                    self._end_probation(slot, passed=True, frames=frames, elapsed=elapsed)
+                    self._pass_probation(slot, frames=frames, elapsed=elapsed)
 
-    def _end_probation(self, slot: Slot, *, passed: bool | None, frames: int = 0, elapsed: float = 0.0) -> None:
-        """``passed`` True: the version becomes last good; None: superseded by
-        another activation (no verdict)."""
-        run = slot.probation
-        slot.probation = None
-        slot.state.probation = None
-        if passed and run is not None:
-            slot.state.last_good = run.version
-            slot.state.record("probation_passed", run.version, frames=frames, seconds=round(elapsed, 2))
-            removed = self.store.gc(slot.cfg.name, slot.state)
-            self._save(slot)
-            self._event("probation_passed", slot.cfg.name, run.version, frames=frames, seconds=round(elapsed, 2),
-                        removed=removed or None)
-        else:
-            self._save(slot)
+    def _pass_probation(self, slot: Slot, *, frames: int, elapsed: float) -> None:
+        """The version on probation passed: it becomes the last good one."""
+        run = self._clear_probation(slot)
+        assert run is not None
+        slot.state.last_good = run.version
+        slot.state.record("probation_passed", run.version, frames=frames, seconds=round(elapsed, 2))
+        removed = self.store.gc(slot.cfg.name, slot.state)
+        self._save(slot)
+        self._event("probation_passed", slot.cfg.name, run.version, frames=frames, seconds=round(elapsed, 2),
+                    removed=removed or None)
