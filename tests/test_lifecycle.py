@@ -53,6 +53,26 @@ def test_deploy_by_file_url_swaps_without_a_failed_frame(tmp_path: Path, cam: Pa
         run.stop()
 
 
+def test_a_bundle_folder_is_hashed_on_opening_and_after_copying_only(tmp_path: Path, cam: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Deploying a bundle folder checks its files where they are and the copy
+    in the store; loading the copy just checked does not hash them again."""
+    import edge_agent.bundle as bundle_module
+
+    v1 = make_bundle(tmp_path / "b", 1)
+    v2 = make_bundle(tmp_path / "b", 2)
+    run = Running(config(tmp_path, v1, cam))
+    hashed: list[str] = []
+    real = bundle_module.sha256_file
+    monkeypatch.setattr(bundle_module, "sha256_file", lambda path: hashed.append(Path(path).suffix) or real(path))
+    try:
+        assert deploy(run.models, v2)["active"] == 2
+        assert hashed.count(".onnx") == 2, hashed
+        run.wait_results(len(run.results()) + 3, version=2)
+    finally:
+        run.stop()
+
+
 def test_tampered_bundle_is_refused_and_the_old_version_keeps_serving(tmp_path: Path, cam: Path) -> None:
     v1 = make_bundle(tmp_path / "b", 1)
     v2 = make_bundle(tmp_path / "b", 2)

@@ -25,7 +25,7 @@ import tempfile
 from pathlib import Path
 from typing import Sequence
 
-from edge_agent.bundle import Bundle, open_bundle, verify_dir
+from edge_agent.bundle import Bundle, open_bundle, read_manifest, verify_dir
 from edge_agent.errors import BundleError, EdgeAgentError, is_disk_full
 from edge_agent.faults import checkpoint
 from edge_agent.models.state import ModelState, clean_state_leftovers, fsync_dir, read_state, write_state
@@ -93,10 +93,10 @@ def versions_in(folder: Path) -> list[int]:
 
 def installed_as(bundle: Bundle, dest: Path) -> Bundle | None:
     """``bundle`` when its verified files are the version directory ``dest``
-    (:meth:`ModelStore.install` moved them there), so loading them needs no
-    second sha256 of every file and no second signature check; else None:
-    a copy, or a version that was already there, is opened from the store
-    and verified as usual."""
+    (:meth:`ModelStore.install` has just put them there), so loading them
+    needs no second sha256 of every file and no second signature check; else
+    None: a version that was already there is opened from the store and
+    verified as usual."""
     return bundle if bundle.root == dest else None
 
 
@@ -170,15 +170,18 @@ class ModelStore:
         a no-op; a different bundle under the same name and version is refused
         (versions are immutable, as in TF Serving).
 
-        When the bundle's own verified extraction was moved into place instead
-        of copied, ``bundle.root`` is the version directory afterwards: the
+        A newly installed version was verified where it lies (the bundle's own
+        verified extraction moved into place, or a copy checked after
+        copying), so ``bundle.root`` is the version directory afterwards: the
         bundle then stands for the installed version, verified (see
         :func:`installed_as`).
         """
         m = bundle.manifest
         dest = self.path(m.name, m.version)
         if dest.exists():
-            existing = verify_dir(dest)
+            # The manifests pin every file's sha256; the installed files are
+            # checked when that version is loaded, so no hashing here.
+            existing = read_manifest(dest)
             if existing.model_copy(update={"created_at": None}) != m.model_copy(update={"created_at": None}):
                 raise BundleError(
                     f"{m.name} version {m.version} is already installed with different contents; "
@@ -195,14 +198,15 @@ class ModelStore:
             taken = self._take_extracted(bundle, work)
             if not taken:
                 shutil.copytree(bundle.root, work)
-                verify_dir(work)
+                if verify_dir(work) != m:
+                    raise BundleError(f"bundle {bundle.root} changed while it was being installed; try again",
+                                      code="checksum_mismatch")
             checkpoint("install_copied")
             _fsync_tree(work)
             checkpoint("install_synced")
             dest.parent.mkdir(parents=True, exist_ok=True)
             os.rename(work, dest)
-            if taken:
-                bundle.root = dest
+            bundle.root = dest
             fsync_dir(dest.parent)
             checkpoint("install_renamed")
         except OSError as exc:
