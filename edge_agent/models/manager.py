@@ -230,7 +230,6 @@ class LoadedModel:
 @dataclass
 class ProbationRun:
     version: int
-    previous: int | None
     started: float  # monotonic
     baseline_ms: float | None
     frames0: int
@@ -409,7 +408,7 @@ class ModelManager:
             slot.serving = serving
             slot.loaded[serving.version] = serving
             if state.probation is not None:
-                slot.probation = ProbationRun(serving.version, state.probation.previous, time.monotonic(), None, 0, 0)
+                slot.probation = ProbationRun(serving.version, time.monotonic(), None, 0, 0)
                 self._wake.set()
         self._reconcile(slot)
         log.info(
@@ -579,8 +578,7 @@ class ModelManager:
             self._commit_swap(slot, report)
             if start_probation:
                 baseline = self._baseline(report.pop("_old", None))
-                slot.probation = ProbationRun(version, state.probation.previous if state.probation else None,
-                                              time.monotonic(), baseline, *self._counts(slot, version))
+                slot.probation = ProbationRun(version, time.monotonic(), baseline, *self._counts(slot, version))
                 self._wake.set()
             else:
                 report.pop("_old", None)
