@@ -69,6 +69,7 @@ class ModelState(BaseModel):
 
 
 def fsync_dir(path: Path) -> None:
+    """fsync through a read-only descriptor: a folder (its entries), or a file."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -43,12 +43,9 @@ class StoreError(EdgeAgentError):
 
 
 def _fsync_tree(root: Path) -> None:
+    """Every file and folder under ``root``, and ``root`` itself, to disk."""
     for path in [*root.rglob("*"), root]:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_dir(path)  # an O_RDONLY fsync: files and folders alike
 
 
 def _write_error(what: str, exc: OSError) -> StoreError:
