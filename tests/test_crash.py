@@ -97,9 +97,7 @@ def check_store(root: Path, allowed: set[int]) -> int:
 @pytest.mark.parametrize("step,expect", OFFLINE_STEPS, ids=[s for s, _ in OFFLINE_STEPS])
 def test_kill_during_offline_add(setup, step: str, expect: int) -> None:
     root, cfg, v2 = setup
-    first = cli("models", "list", "--config", str(cfg), cwd=root)  # v1 is installed at the first start
-    assert first.wait(60) == 0
-    seed = cli("models", "activate", "clf", "1", "--config", str(cfg), cwd=root)
+    seed = cli("models", "activate", "clf", "1", "--config", str(cfg), cwd=root)  # installs v1
     assert seed.wait(60) == 0, seed.stderr.read()
     proc = cli("models", "add", str(v2), "--activate", "--config", str(cfg), env={"EDGE_AGENT_CRASH_AT": step}, cwd=root)
     assert proc.wait(60) == -signal.SIGKILL, proc.stderr.read()
@@ -136,8 +134,6 @@ def test_kill_during_deploy_in_a_running_agent(setup, step: str) -> None:
 @pytest.mark.parametrize("delay", [0.4, 0.6, 0.8, 1.0, 1.2, 1.4, 1.7, 2.0])
 def test_kill_at_a_random_moment(setup, delay: float) -> None:
     root, cfg, v2 = setup
-    first = cli("models", "list", "--config", str(cfg), cwd=root)
-    assert first.wait(60) == 0
     proc = cli("models", "add", str(v2), "--activate", "--config", str(cfg), cwd=root)
     time.sleep(delay)
     proc.send_signal(signal.SIGKILL)  # a no-op if it already finished
