@@ -4,7 +4,9 @@ code, real image files read by OpenCV, the real Agent and its pipeline."""
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -224,7 +226,8 @@ def test_resource_preserving_swap_reports_its_gap_and_fails_no_frame(tmp_path: P
 
 
 @pytest.mark.parametrize("swap", ["availability", "resource"])
-def test_a_full_disk_during_a_swap_keeps_the_old_version_serving(tmp_path: Path, cam: Path, swap: str) -> None:
+def test_a_full_disk_during_a_swap_keeps_the_old_version_serving(tmp_path: Path, cam: Path, swap: str,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """The state file cannot be written (disk full) after the new version
     was loaded: the activation fails with the store's error, the version
     that served before serves again (reloaded if the resource-preserving
@@ -236,13 +239,12 @@ def test_a_full_disk_during_a_swap_keeps_the_old_version_serving(tmp_path: Path,
     try:
         run.wait_results(5)
         deploy(run.models, v2, activate=False)
-        store = run.models.store
-        real_save = store.save_state
+        import edge_agent.models.store as store_module
 
-        def full(name: str, state: Any) -> None:
-            raise StoreError(f"model {name}: cannot write its state: No space left on device", code="disk_full")
+        def full(*args: Any, **kwargs: Any) -> None:  # what the kernel says when the SD card is full
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-        store.save_state = full  # type: ignore[method-assign]
+        monkeypatch.setattr(store_module, "write_state", full)
         with pytest.raises(StoreError) as err:
             run.models.activate("clf", 2)
         assert err.value.code == "disk_full"
@@ -251,7 +253,7 @@ def test_a_full_disk_during_a_swap_keeps_the_old_version_serving(tmp_path: Path,
         n = len(run.results())
         run.wait_results(n + 5, version=1)
         assert read_state(tmp_path)["active"] == 1
-        store.save_state = real_save  # type: ignore[method-assign]
+        monkeypatch.undo()  # the disk has room again
         run.models.set_label("clf", "stable", 1)  # the next state write does not record the failed swap
         assert read_state(tmp_path)["active"] == 1
         assert run.models.activate("clf", 2)["changed"]
