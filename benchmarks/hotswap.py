@@ -154,14 +154,7 @@ def child(mode: str, swaps: int, interval: float, threads: int, cache: Path) -> 
                 if not report.get("changed"):
                     raise SystemExit(f"swap {i}: version {target} was already active (a rollback?)")
                 t_done = time.monotonic()
-                t_serving = None
-                while t_serving is None and time.monotonic() - t_cmd < 30:
-                    for _, r, t in reversed(sink.items):
-                        if t < t_cmd:
-                            break
-                        if r["version"] == target:
-                            t_serving = t
-                    time.sleep(0.002)
+                t_serving = sink.first_after(t_cmd, lambda r: r["version"] == target, timeout=30)
                 swaps_out.append({"to": target, "t_cmd": t_cmd, "t_done": t_done, "t_serving": t_serving,
                                   "mode": report["mode"], "load_ms": report["load_ms"], "gap_ms": report.get("gap_ms")})
                 time.sleep(max(0.0, interval - (time.monotonic() - t_cmd)))

@@ -23,7 +23,7 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 
@@ -94,12 +94,33 @@ class RecordingSink:
     Thread-safe; ``results`` returns a snapshot."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()
         self._items: list[tuple[str, dict[str, Any], float]] = []
 
     def emit(self, source: str, result: dict[str, Any]) -> None:
         with self._lock:
             self._items.append((source, result, time.monotonic()))
+            self._lock.notify_all()
+
+    def first_after(self, after: float, match: Callable[[dict[str, Any]], bool], timeout: float) -> float | None:
+        """The time of the first result emitted at or after ``after`` (monotonic)
+        that ``match``es, waiting up to ``timeout`` s for it; None if none came.
+        Looks at each result once, without copying the list (benchmarks call
+        it in the process they measure)."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            i = len(self._items)
+            while i > 0 and self._items[i - 1][2] >= after:
+                i -= 1
+            while True:
+                while i < len(self._items):
+                    _, result, t = self._items[i]
+                    if match(result):
+                        return t
+                    i += 1
+                left = deadline - time.monotonic()
+                if left <= 0 or not self._lock.wait(left):
+                    return None
 
     @property
     def items(self) -> list[tuple[str, dict[str, Any], float]]:
