@@ -57,7 +57,6 @@ import argparse
 import math
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -152,31 +151,6 @@ def worker(args: argparse.Namespace) -> int:
 
 
 # -- the run -------------------------------------------------------------------------------------
-
-
-def start_broker(folder: Path) -> tuple[subprocess.Popen, int]:
-    exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    conf = folder / "mosquitto.conf"
-    # max_queued_messages: a device session may hold a whole 4 MB transfer
-    # plus its commands while its process is busy, and the console's session
-    # receives every device's progress events (500 devices, 2 a second each):
-    # past the limit mosquitto drops messages for that client.
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-                    "max_queued_messages 20000\nmax_inflight_messages 64\n")
-    proc = subprocess.Popen([exe, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return proc, port
-        except OSError:
-            if time.monotonic() > deadline:
-                proc.kill()
-                raise SystemExit("mosquitto did not start")
-            time.sleep(0.05)
 
 
 def start_fleet(n: int, *, port: int, prefix: str, root: Path, v1: Path, per_process: int,
@@ -341,8 +315,15 @@ def summarize(mode: str, outcomes: list[Any], n: int, seconds: float, sent: int,
 def run_size(n: int, *, bundles: dict[int, Path], root: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
     from edge_agent import fleet as f
 
+    from edge_agent.testing import Mosquitto
+
     folder = Path(tempfile.mkdtemp(prefix="bench-fleet-mq-"))
-    broker, port = start_broker(folder)
+    # max_queued_messages: a device session may hold a whole 4 MB transfer
+    # plus its commands while its process is busy, and the console's session
+    # receives every device's progress events (500 devices, 2 a second each):
+    # past the limit mosquitto drops messages for that client.
+    broker = Mosquitto(folder, extra=["max_queued_messages 20000", "max_inflight_messages 64"])
+    port = broker.port
     prefix = f"bench-{uuid.uuid4().hex[:6]}"
     stores = root / f"edge-fleet-bench-{prefix}"
     stores.mkdir(parents=True)
@@ -356,7 +337,7 @@ def run_size(n: int, *, bundles: dict[int, Path], root: Path, args: argparse.Nam
                             switch_interval=args.switch_interval, idle_s=args.idle, nice=args.nice)
         wait_online(console, n, 120)
         progress(f"N={n}: {n} agents online after {time.monotonic() - t0:.1f} s")
-        pids = {"broker": [broker.pid], "devices": [p.pid for p in procs], "console": [os.getpid()]}
+        pids = {"broker": [broker.proc.pid], "devices": [p.pid for p in procs], "console": [os.getpid()]}
         cpu0 = {k: cpu_seconds(v) for k, v in pids.items()}
         r = broadcast(console, bundles[2], n, args.timeout, args.rate, int(args.window_mb * 1024 * 1024))
         r["cpu_s"] = {k: round(cpu_seconds(v) - cpu0[k], 1) for k, v in pids.items()}
@@ -373,8 +354,7 @@ def run_size(n: int, *, bundles: dict[int, Path], root: Path, args: argparse.Nam
         console.close()
     finally:
         stop_fleet(procs)
-        broker.terminate()
-        broker.wait(10)
+        broker.stop()
         shutil.rmtree(stores, ignore_errors=True)
         shutil.rmtree(folder, ignore_errors=True)
     return results

@@ -12,6 +12,8 @@ component (and users' own tests) can use the same ones.
 * :class:`RecordingSink` keeps every result a pipeline emits.
 * :func:`tiny_onnx_classifier` writes a small ONNX classifier built in code
   (needs the ``onnx`` package, imported only when called).
+* :class:`Mosquitto` runs a real broker on a free loopback port (tests and
+  ``benchmarks/fleet.py``).
 
 Nothing here is used by the agent itself.
 """
@@ -19,11 +21,15 @@ Nothing here is used by the agent itself.
 from __future__ import annotations
 
 import dataclasses
+import os
+import shutil
+import socket
+import subprocess
 import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -210,3 +216,61 @@ def tiny_onnx_classifier(
     path = Path(path)
     onnx.save(model, str(path))
     return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Mosquitto:
+    """A mosquitto of our own on a free loopback port (tests and benchmarks):
+    ``stop()`` and ``start()`` again on the same port; ``extra`` config lines."""
+
+    def __init__(self, folder: Path, *, persistence: bool = False, tls: dict[str, Path] | None = None,
+                 users: dict[str, str] | None = None, extra: Sequence[str] = ()) -> None:
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.host, self.port = "127.0.0.1", free_port()
+        lines = [f"listener {self.port} 127.0.0.1", f"allow_anonymous {'false' if users else 'true'}",
+                 "log_dest stderr"]
+        if users:
+            pw = self.folder / "passwd"
+            pw.write_text("")
+            for user, password in users.items():
+                subprocess.run([shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd", "-b", str(pw), user,
+                                password], check=True, capture_output=True)
+            lines.append(f"password_file {pw}")
+        if os.geteuid() == 0:
+            lines.append("user root")  # run as root (CI): keep reading the test's private temp files
+        if tls:
+            lines += [f"cafile {tls['ca']}", f"certfile {tls['cert']}", f"keyfile {tls['key']}",
+                      "require_certificate true", "use_identity_as_username true"]
+        if persistence:
+            lines += ["persistence true", f"persistence_location {self.folder}/", "autosave_interval 1"]
+        else:
+            lines.append("persistence false")
+        lines += extra
+        self.conf = self.folder / "mosquitto.conf"
+        self.conf.write_text("\n".join(lines) + "\n")
+        self.proc: subprocess.Popen | None = None
+        self.start()
+
+    def start(self) -> None:
+        log = open(self.folder / "mosquitto.log", "ab")
+        self.proc = subprocess.Popen([shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c", str(self.conf)], stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection((self.host, self.port), timeout=0.2).close()
+                return
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError((self.folder / "mosquitto.log").read_text())
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)

@@ -7,9 +7,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -21,63 +19,7 @@ from typing import Any, Callable
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Mosquitto:
-    """A broker of our own: ``stop()`` and ``start()`` again on the same port."""
-
-    def __init__(self, folder: Path, *, persistence: bool = False, tls: dict[str, Path] | None = None,
-                 users: dict[str, str] | None = None) -> None:
-        self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self.host, self.port = "127.0.0.1", free_port()
-        lines = [f"listener {self.port} 127.0.0.1", f"allow_anonymous {'false' if users else 'true'}",
-                 "log_dest stderr"]
-        if users:
-            pw = self.folder / "passwd"
-            pw.write_text("")
-            for user, password in users.items():
-                subprocess.run([shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd", "-b", str(pw), user,
-                                password], check=True, capture_output=True)
-            lines.append(f"password_file {pw}")
-        if os.geteuid() == 0:
-            lines.append("user root")  # run as root (CI): keep reading the test's private temp files
-        if tls:
-            lines += [f"cafile {tls['ca']}", f"certfile {tls['cert']}", f"keyfile {tls['key']}",
-                      "require_certificate true", "use_identity_as_username true"]
-        if persistence:
-            lines += ["persistence true", f"persistence_location {self.folder}/", "autosave_interval 1"]
-        else:
-            lines.append("persistence false")
-        self.conf = self.folder / "mosquitto.conf"
-        self.conf.write_text("\n".join(lines) + "\n")
-        self.proc: subprocess.Popen | None = None
-        self.start()
-
-    def start(self) -> None:
-        log = open(self.folder / "mosquitto.log", "ab")
-        self.proc = subprocess.Popen([MOSQUITTO, "-c", str(self.conf)], stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection((self.host, self.port), timeout=0.2).close()
-                return
-            except OSError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError((self.folder / "mosquitto.log").read_text())
-                time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
+from edge_agent.testing import Mosquitto, free_port  # noqa: F401  (the tests take them from here)
 
 
 def connected(host: str, port: int, *, name: str = "test", on_message: Any = None,
