@@ -83,8 +83,9 @@ class Client:
                              timeout)
 
     def command(self, topic: str, cmd: str, args: dict | None = None, cmd_id: str | None = None) -> str:
+        """Publish a command (QoS 1) and wait until the broker has it (PUBACK)."""
         cmd_id = cmd_id or f"c-{uuid.uuid4().hex[:10]}"
-        self.client.publish(topic, json.dumps({"id": cmd_id, "cmd": cmd, "args": args or {}}), qos=1)
+        self.client.publish(topic, json.dumps({"id": cmd_id, "cmd": cmd, "args": args or {}}), qos=1).wait_for_publish(10)
         return cmd_id
 
     def close(self) -> None:

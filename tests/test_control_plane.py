@@ -205,8 +205,7 @@ def test_last_will_after_kill9_and_commands_queued_while_away(env, protocol: str
         agent.kill9()
         client.wait_for(lambda: client.json("dev1/status")[-1] == {"state": "offline"}, 15)
         # a QoS 1 command sent while the device is down waits in its session
-        cid = client.command(f"{prefix}/dev1/cmd", "ping")
-        time.sleep(0.5)
+        cid = client.command(f"{prefix}/dev1/cmd", "ping")  # acknowledged: the broker holds it
         agent, _ = start_agent(tmp, broker, prefix, v1, None, watch=client, mqtt_extra=proto)
         assert client.reply(cid)["result"] == {"pong": True}
         # a clean stop publishes "stopped", retained
