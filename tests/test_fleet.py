@@ -462,45 +462,6 @@ def test_broker_unreachable_is_a_runtime_failure() -> None:
     assert result.exit_code == 1 and "cannot reach the broker" in result.output
 
 
-@pytest.mark.parametrize("repeat_after_s, republished", [(60.0, []), (0.0, [1, 2])])
-def test_sender_holds_back_needless_repeats(fleet: Fleet, tmp_path: Path, repeat_after_s: float,
-                                            republished: list[int]) -> None:
-    """Every re-published chunk reaches every device: a chunk published
-    moments ago is not sent again for a ``need`` (under load the device asks
-    for chunks still queued for it); one published long enough ago is.
-    Through the real broker: a device's client sees the chunks and asks."""
-    from edge_agent.comms.transfer import TransferSender
-
-    path = tmp_path / "b.tar"
-    path.write_bytes(os.urandom(4 * 1024))
-    seen: list[int] = []
-    with f.Console(fleet.settings()) as console, f.Console(fleet.settings()) as device:
-        chunks = f"{fleet.prefix}/transfers/+/chunk/+"
-        device.link.subscribe(chunks, lambda topic, payload: seen.append(int(topic.rsplit("/", 1)[1])))
-        # The subscription is in place once a probe through it comes back.
-        probe = f"{fleet.prefix}/transfers/probe/chunk/99"
-        deadline = time.monotonic() + 5
-        while 99 not in seen and time.monotonic() < deadline:
-            device.link.publish(probe, b"", qos=1, retain=False)
-            time.sleep(0.1)
-        assert 99 in seen
-        time.sleep(0.1)
-        seen.clear()
-        sender = TransferSender(console.link, fleet.prefix, path, chunk_size=1024, need_delay_s=0.01,
-                                repeat_after_s=repeat_after_s)
-        with sender:
-            assert sender.wait_sent(5)
-            need = json.dumps({"device": "d1", "ranges": [[1, 2]]}).encode()
-            device.link.publish(sender.topics.need, need, qos=1, retain=False)
-            held = 2 if not republished else 0
-            deadline = time.monotonic() + 5
-            while (len(seen) < 4 + len(republished) or sender.held_back != held) and time.monotonic() < deadline:
-                time.sleep(0.01)
-            time.sleep(0.2)  # nothing more follows
-    assert seen == [0, 1, 2, 3, *republished]
-    assert sender.held_back == held
-
-
 def test_pacing_follows_the_slowest_device_heard_from() -> None:
     """The first pass waits for the slowest device still receiving; one that
     went silent or finished does not hold the fleet back."""

@@ -350,6 +350,32 @@ def test_a_description_made_once_serves_several_transfers_of_the_file(payload: P
             rx.close()
 
 
+@pytest.mark.parametrize("repeat_after_s, republished", [(60.0, []), (0.0, [1, 2])])
+def test_sender_holds_back_needless_repeats(clients: Callable[[str], PahoLink], tmp_path: Path, repeat_after_s: float,
+                                            republished: list[int]) -> None:
+    """Every re-published chunk reaches every device: a chunk published
+    moments ago is not sent again for a ``need`` (under load the device asks
+    for chunks still queued for it); one published long enough ago is.
+    Through the real broker: a device's client sees the chunks and asks."""
+    path = tmp_path / "b.tar"
+    path.write_bytes(os.urandom(4 * 1024))
+    seen: list[int] = []
+    device = clients("cam-01")
+    acked(device, 1, lambda: device.subscribe(f"{PREFIX}/transfers/+/chunk/+",
+                                              lambda topic, payload: seen.append(int(topic.rsplit("/", 1)[1]))))
+    sender = TransferSender(clients("console"), PREFIX, path, chunk_size=1024, need_delay_s=0.01,
+                            repeat_after_s=repeat_after_s)
+    held = 2 if not republished else 0
+    with sender:
+        assert sender.wait_sent(5)
+        need = json.dumps({"device": "cam-01", "ranges": [[1, 2]]}).encode()
+        device.publish(sender.topics.need, need, qos=1, retain=False)
+        assert wait_until(lambda: len(seen) >= 4 + len(republished) and sender.held_back == held, 5)
+        time.sleep(0.2)  # nothing more follows
+    assert seen == [0, 1, 2, 3, *republished]
+    assert sender.held_back == held
+
+
 def test_receiver_wait_ends_when_the_agent_stops(clients: Callable[[str], PahoLink], tmp_path: Path) -> None:
     """A deploy waiting for a transfer must not hold up the agent's shutdown
     until the transfer deadline."""
