@@ -65,6 +65,10 @@ class SourceCounters:
         self._lock = threading.Lock()
         self._max = max_samples
         self._rng = random.Random()
+        self.frames = 0
+        """Frames inferred since the start (running total; :meth:`drain` keeps it)."""
+        self.errors = 0
+        """Frames that failed since the start."""
         self._reset()
 
     def _reset(self) -> None:
@@ -76,6 +80,7 @@ class SourceCounters:
     def frame(self, latency_ms: float) -> None:
         """One frame inferred in ``latency_ms``."""
         with self._lock:
+            self.frames += 1
             self._frames += 1
             if len(self._samples) < self._max:
                 self._samples.append(latency_ms)
@@ -89,10 +94,12 @@ class SourceCounters:
         with self._lock:
             self._skipped += count
 
-    def error(self, count: int = 1) -> None:
-        """Frames that failed (inference or decoding)."""
+    def error(self, count: int = 1) -> int:
+        """Frames that failed (inference or decoding); returns the running total."""
         with self._lock:
+            self.errors += count
             self._errors += count
+            return self.errors
 
     def drain(self) -> SourceInterval:
         """The interval so far, and start a new one."""

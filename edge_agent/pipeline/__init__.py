@@ -55,26 +55,6 @@ class LogSink:
         )
 
 
-class SourceStats:
-    """Running totals of one source (telemetry's per-interval numbers and
-    latency percentiles come from the worker's ``counters``)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.frames = 0
-        self.errors = 0
-        self.started = time.monotonic()
-
-    def record(self) -> None:
-        with self._lock:
-            self.frames += 1
-
-    def error(self) -> int:
-        with self._lock:
-            self.errors += 1
-            return self.errors
-
-
 class SourceWorker:
     """Runs one source through its model until the source ends or stop is set."""
 
@@ -92,8 +72,9 @@ class SourceWorker:
         self.models = models
         self.sinks = list(sinks)
         self.stop_event = stop
-        self.stats = SourceStats()
-        self.counters = SourceCounters()  # drained by telemetry every interval
+        # Running totals (``stats.frames``, ``stats.errors``) and the interval
+        # telemetry drains, kept by one object under one lock per frame.
+        self.counters = self.stats = SourceCounters()
         self.fps = self.cfg.fps
         # The `set` command's result throttle: publish one result in `results_every`.
         self.results_enabled = True
@@ -143,7 +124,6 @@ class SourceWorker:
         except Exception as exc:  # a bug in one frame must not end the loop
             self._failed(frame.index, f"{type(exc).__name__}: {exc}")
             return
-        self.stats.record()
         self.counters.frame(out.latency_ms)
         self._seq += 1
         if not self.results_enabled or self._seq % self.results_every:
@@ -164,7 +144,6 @@ class SourceWorker:
                 log.exception("source %s: a result sink failed", self.source.name)
 
     def _failed(self, index: int, message: str) -> None:
-        self.counters.error()
-        n = self.stats.error()
+        n = self.counters.error()
         if n <= 5 or n % 100 == 0:
             log.error("source %s frame %d: %s (%d errors so far)", self.source.name, index, message, n)
