@@ -43,6 +43,7 @@ from edge_agent.manifest import (
     Manifest,
     Preprocessing,
     TensorSpec,
+    concrete_input,
 )
 
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz")
@@ -360,7 +361,6 @@ def _write_samples(
     import cv2
     import numpy as np
 
-    from edge_agent.models.manager import concrete_input
     from edge_agent.preprocess import Preprocessor
     from edge_agent.runtimes import create_runtime
 

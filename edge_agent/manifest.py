@@ -205,3 +205,15 @@ class Manifest(_Strict):
 
     def to_json(self) -> str:
         return self.model_dump_json(indent=2, exclude_none=False) + "\n"
+
+
+def concrete_input(spec: TensorSpec, pre: Preprocessing) -> TensorSpec:
+    """The input spec with dynamic dimensions filled in from the preprocessing
+    (batch 1, the configured size), so warm-up runs on a real shape."""
+    if len(spec.shape) != 4 or all(d is not None for d in spec.shape):
+        return spec
+    w, h = pre.size
+    channels = 1 if pre.color == "gray" else 3
+    filled = [1, channels, h, w] if pre.layout == "nchw" else [1, h, w, channels]
+    shape = [d if d is not None else f for d, f in zip(spec.shape, filled)]
+    return spec.model_copy(update={"shape": shape})

@@ -32,7 +32,7 @@ from edge_agent.bundle import Bundle, open_bundle
 from edge_agent.config import ModelConfig
 from edge_agent.errors import BundleError, EdgeAgentError, ModelNotAvailable
 from edge_agent.faults import checkpoint
-from edge_agent.manifest import Manifest, Preprocessing, TensorSpec
+from edge_agent.manifest import Manifest, concrete_input
 from edge_agent.models import policy
 from edge_agent.models.state import ModelState, Probation
 from edge_agent.models.store import ModelStore, StoreError, installed_as
@@ -63,18 +63,6 @@ class Inference:
     payload: dict[str, Any]
     latency_ms: float
     infer_ms: float
-
-
-def concrete_input(spec: TensorSpec, pre: Preprocessing) -> TensorSpec:
-    """The input spec with dynamic dimensions filled in from the preprocessing
-    (batch 1, the configured size), so warm-up runs on a real shape."""
-    if len(spec.shape) != 4 or all(d is not None for d in spec.shape):
-        return spec
-    w, h = pre.size
-    channels = 1 if pre.color == "gray" else 3
-    filled = [1, channels, h, w] if pre.layout == "nchw" else [1, h, w, channels]
-    shape = [d if d is not None else f for d, f in zip(spec.shape, filled)]
-    return spec.model_copy(update={"shape": shape})
 
 
 class ModelStats:
