@@ -13,32 +13,22 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from pydantic import BaseModel, ConfigDict, Field
-
-from edge_agent.comms.commands import COMMAND_ARGS, ActivateArgs, DeployArgs, RemoveArgs, RollbackArgs, SetArgs
+from edge_agent.comms.commands import (
+    COMMAND_ARGS,
+    ActivateArgs,
+    AddArgs,
+    DeployArgs,
+    LabelArgs,
+    RemoveArgs,
+    RollbackArgs,
+    SetArgs,
+)
 from edge_agent.comms.dispatcher import CommandContext, Dispatcher
-from edge_agent.config import Name
 from edge_agent.errors import EdgeAgentError
 from edge_agent.models.lifecycle import deploy
 from edge_agent.models.manager import ModelManager
 
 log = logging.getLogger(__name__)
-
-
-class AddArgs(BaseModel):
-    """``add`` (local socket only): a bundle path on this device."""
-
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
-    path: str = Field(min_length=1)
-    activate: bool = False
-    label: Name | None = None
-
-
-class LabelArgs(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
-    model: Name
-    label: Name
-    version: int | None = Field(None, ge=1, description="null removes the label")
 
 
 class Control:

@@ -164,6 +164,22 @@ class SetArgs(_Strict):
         return self.model_dump(exclude={"source", "model"}, exclude_none=True)
 
 
+class LabelArgs(_Strict):
+    """``label``: point ``label`` at ``version`` (null removes the label)."""
+
+    model: Name
+    label: Name
+    version: Version | None = Field(None, description="null removes the label")
+
+
+class AddArgs(_Strict):
+    """``add`` (local socket only): a bundle path on this device."""
+
+    path: str = Field(min_length=1)
+    activate: bool = False
+    label: Name | None = None
+
+
 COMMAND_ARGS: dict[str, type[BaseModel]] = {
     "ping": NoArgs,
     "status": NoArgs,
