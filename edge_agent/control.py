@@ -79,7 +79,8 @@ class Control:
             else:
                 if self.fetcher is None:
                     raise EdgeAgentError("this agent cannot fetch bundles (no MQTT connection)", code="unsupported_url")
-                progress("transfer" if args.transfer else "fetching")
+                if args.transfer is None:  # a transfer says "transfer" once it listens (BundleFetcher)
+                    progress("fetching")
                 source = fetched = Path(self.fetcher(args, progress))
                 sha256 = size = None  # the download or transfer has just verified both
             result = deploy(

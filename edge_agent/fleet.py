@@ -994,7 +994,7 @@ def deploy(
 
     ``via="mqtt"``: the deploy command goes out first (devices start
     listening for the transfer), the console waits up to ``join_wait_s`` for
-    the targets to report ``deploy_started``, then publishes the transfer
+    the targets to report the ``transfer`` step (they listen), then publishes the transfer
     once for all of them and serves ``need`` requests until every device
     replied; the first pass keeps within ``window_bytes`` of the slowest
     device's reported progress, so that a busy fleet is not flooded into
@@ -1062,16 +1062,15 @@ def deploy(
         if via != "mqtt" or (not online and wait_online <= 0):
             return
         # Let the devices subscribe to the transfer before its chunks flow, so
-        # the first pass reaches them all; one that is late asks for the rest.
+        # the first pass reaches them all: a device reports the "transfer"
+        # step once it listens. One that is late asks for the rest.
         limit = time.monotonic() + (join_wait_s if online else 0)
         with started:
-            while any(states.get(d, DeviceProgress(d)).step == "waiting" for d in online):
+            while any(states.get(d, DeviceProgress(d)).step in ("waiting", "started") for d in online):
                 left = limit - time.monotonic()
                 if left <= 0:
                     break
                 started.wait(left)
-        if online:
-            time.sleep(0.2)  # their SUBSCRIBE reaches the broker just after the event
         size = chunk_size or chunk_size_for(bundle.size)
         link = _PacedLink(console.link, Topics(console.prefix, transfer_id).chunk_prefix, size, bundle.size,
                           window_bytes, started, lambda: _slowest(states, online, stall_s=3.0))

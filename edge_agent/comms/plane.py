@@ -264,6 +264,10 @@ class BundleFetcher:
             idle_s=t.idle_s, max_idle_s=t.max_idle_s, deadline_s=t.deadline_s,
         )
         rx.start()
+        # Only now: the console starts the chunks when it sees this step, and
+        # the broker handles our SUBSCRIBE before this event (one client's
+        # packets in order), so the first pass reaches us.
+        progress("transfer")
         try:
             return rx.wait(timeout=t.deadline_s, cancel=self.stop)
         finally:
