@@ -48,13 +48,10 @@ def broker_options(func: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _settings(opts: dict[str, Any]):
+    """The broker options of :func:`broker_options` (all of ``**broker``) as settings."""
     from edge_agent.fleet import BrokerSettings
 
-    return BrokerSettings.from_options(
-        opts.pop("config_path"), host=opts.pop("host"), port=opts.pop("port"), prefix=opts.pop("prefix"),
-        username=opts.pop("username"), password=opts.pop("password"), ca_certs=opts.pop("ca_certs"),
-        certfile=opts.pop("certfile"), keyfile=opts.pop("keyfile"), sign_key=opts.pop("sign_key"),
-    )
+    return BrokerSettings.from_options(opts.pop("config_path"), **opts)
 
 
 def target_options(func: Callable[..., Any]) -> Callable[..., Any]:

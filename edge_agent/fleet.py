@@ -558,7 +558,7 @@ def _outcome(device: str, reply: dict[str, Any], seconds: float | None) -> Outco
                    seconds=seconds)
 
 
-def _offline_outcome(info: DeviceInfo | None, waited: float) -> Outcome:
+def _offline_outcome(device: str, info: DeviceInfo | None, waited: float) -> Outcome:
     if info is None:
         message = "never seen on this broker (no status)"
     else:
@@ -567,7 +567,7 @@ def _offline_outcome(info: DeviceInfo | None, waited: float) -> Outcome:
         message = f"not online (status {info.state}{ago})"
     if waited > 0:
         message += f"; did not come online within {waited:.0f} s"
-    return Outcome(info.device if info else "", False, code="offline", message=message)
+    return Outcome(device, False, code="offline", message=message)
 
 
 class _Reasker:
@@ -727,13 +727,11 @@ def _send_and_wait(console: Console, target: Target, cmd: str, args: dict[str, A
         else:
             info = snapshot.get(device)
             if info is not None and not info.online:
-                outcomes[device] = replace(_offline_outcome(info, 0), message="went offline before it replied")
+                outcomes[device] = Outcome(device, False, code="offline", message="went offline before it replied")
             else:
                 outcomes[device] = Outcome(device, False, code="timeout", message=f"no reply within {timeout:.0f} s")
     for device in set(offline) - set(sent_at):
-        out = _offline_outcome(snapshot.get(device), wait_online)
-        out.device = device
-        outcomes[device] = out
+        outcomes[device] = _offline_outcome(device, snapshot.get(device), wait_online)
     return [outcomes[d] for d in sorted(outcomes)]
 
 
