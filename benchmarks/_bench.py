@@ -25,6 +25,15 @@ PREPROCESSING = {
 }
 
 
+def pack_mobilenet(assets: dict[str, Path], out: Path, *, version: int = 1) -> Path:
+    """The real MobileNetV2 packed as the demo's bundle: its preprocessing and
+    the ImageNet labels (``assets`` from ``build_assets.build``)."""
+    from edge_agent.bundle import pack
+
+    return pack(assets["mobilenet_v2"], name=MODEL_NAME, version=version, out=out,
+                preprocessing=dict(PREPROCESSING), labels=assets["imagenet_labels"], task="classify")
+
+
 def emit(report: dict[str, Any], table: str, *, json_only: bool) -> None:
     """The JSON on stdout, then (unless ``json_only``) the readable table."""
     import json

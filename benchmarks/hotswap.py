@@ -58,7 +58,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _bench import MODEL_NAME, PREPROCESSING, emit, machine_info
+from _bench import MODEL_NAME, emit, machine_info, pack_mobilenet
 
 import build_assets  # noqa: E402  (scripts/ is on sys.path through _bench)
 
@@ -72,19 +72,15 @@ def prepare(cache: Path) -> dict[str, Path]:
     assets = build_assets.build(cache, only={"mobilenet_v2", "imagenet_labels", "photos", "demo_video"})
     work = cache / "bench-hotswap"
     work.mkdir(parents=True, exist_ok=True)
-    from edge_agent.bundle import pack
-
     fp32 = work / "mobilenet_v2-v2-fp32"
     if not (fp32 / "manifest.json").exists():
-        pack(assets["mobilenet_v2"], name=MODEL_NAME, version=2, out=fp32, preprocessing=dict(PREPROCESSING),
-             labels=assets["imagenet_labels"])
+        pack_mobilenet(assets, fp32, version=2)
     int8 = work / "int8" / f"{MODEL_NAME}-v1-int8-onnx"
     if not (int8 / "manifest.json").exists():
         progress("quantizing MobileNetV2 to int8 ONNX (once; cached)")
         src = work / "mobilenet_v2-v1-fp32"
         if not (src / "manifest.json").exists():
-            pack(assets["mobilenet_v2"], name=MODEL_NAME, version=1, out=src, preprocessing=dict(PREPROCESSING),
-                 labels=assets["imagenet_labels"])
+            pack_mobilenet(assets, src)
         # A separate process: the quantizer imports onnx, which the agent never does.
         subprocess.run(
             [sys.executable, "-m", "edge_agent", "quantize", str(src), "--calibration", str(assets["photos"]),

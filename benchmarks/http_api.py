@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import _bench  # noqa: F401  (the checkout on sys.path)
-from _bench import MODEL_NAME, PREPROCESSING, emit, machine_info
+from _bench import MODEL_NAME, emit, machine_info, pack_mobilenet
 
 import build_assets  # noqa: E402
 import cv2  # noqa: E402
@@ -71,7 +71,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--threads, --rounds and --requests must be >= 1")
 
     from edge_agent.agent import Agent
-    from edge_agent.bundle import pack
     from edge_agent.config import parse_config
 
     cache = args.cache if args.cache is not None else build_assets.default_cache_dir()
@@ -85,8 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         jpegs.append(base64.b64encode(buf.tobytes()).decode())
 
     with tempfile.TemporaryDirectory(prefix="edge-agent-http-bench-") as tmp:
-        bundle = pack(assets["mobilenet_v2"], name=MODEL_NAME, version=1, out=Path(tmp) / "bundle",
-                      preprocessing=dict(PREPROCESSING), labels=assets["imagenet_labels"], task="classify")
+        bundle = pack_mobilenet(assets, Path(tmp) / "bundle")
         agent = Agent(parse_config({
             "device_id": "http-bench", "log_level": "warning",
             "store": {"path": str(Path(tmp) / "store")},

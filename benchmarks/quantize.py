@@ -99,7 +99,7 @@ import cv2
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _bench import MODEL_NAME, PREPROCESSING, emit, loadavg, machine_info as _machine_info  # noqa: E402
+from _bench import PREPROCESSING, emit, loadavg, machine_info as _machine_info, pack_mobilenet  # noqa: E402
 
 # This file is named like the ``quantize`` package: when run as a script its
 # own folder is sys.path[0] and would shadow the package, so drop it (the
@@ -108,7 +108,6 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 
 import build_assets  # noqa: E402  (scripts/build_assets.py)
 
-from edge_agent.bundle import pack  # noqa: E402
 from quantize.data import Sample, make_views  # noqa: E402
 from quantize.errors import QualityGateFailed  # noqa: E402
 from quantize.evaluate import Artifact, interleaved_latency  # noqa: E402
@@ -708,15 +707,7 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="edge-quantize-bench-") as tmp:
         work = Path(tmp)
-        bundle = pack(
-            assets["mobilenet_v2"],
-            name=MODEL_NAME,
-            version=1,
-            out=work / "bundle",
-            preprocessing=dict(PREPROCESSING),
-            labels=assets["imagenet_labels"],
-            task="classify",
-        )
+        bundle = pack_mobilenet(assets, work / "bundle")
 
         def mobilenet(out: str, **kw: Any) -> QuantizeOptions:
             return QuantizeOptions(model=bundle, calibration=cal_dir, evaluation=eval_dir, out=work / out,

@@ -72,12 +72,12 @@ import numpy as np
 import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench import MODEL_NAME, PREPROCESSING, emit, machine_info  # noqa: E402  (puts the checkout on sys.path)
+from _bench import MODEL_NAME, PREPROCESSING, emit, machine_info, pack_mobilenet  # noqa: E402  (puts the checkout on sys.path)
 
 import build_assets  # noqa: E402  (scripts/build_assets.py)
 
 from edge_agent.agent import Agent  # noqa: E402
-from edge_agent.bundle import open_bundle, pack  # noqa: E402
+from edge_agent.bundle import open_bundle  # noqa: E402
 from edge_agent.config import parse_config  # noqa: E402
 from edge_agent.preprocess import Preprocessor  # noqa: E402
 
@@ -333,15 +333,7 @@ def prepare(cache: Path, workdir: Path) -> tuple[Path, Path, Path]:
     progress(f"assets from {cache} (built there when missing)")
     assets = build_assets.build(cache, only={"mobilenet_v2", "imagenet_labels", "photos", "demo_video"})
     model, video = assets["mobilenet_v2"], assets["demo_video"]
-    bundle = pack(
-        model,
-        name=MODEL_NAME,
-        version=1,
-        out=workdir / "bundle",
-        preprocessing=dict(PREPROCESSING),
-        labels=assets["imagenet_labels"],
-        task="classify",
-    )
+    bundle = pack_mobilenet(assets, workdir / "bundle")
     return model, video, bundle
 
 
