@@ -237,6 +237,24 @@ class Slot:
     gap_since: float | None = None  # set while a resource-preserving swap has nothing serving
 
 
+@dataclass
+class Swap:
+    """What :meth:`ModelManager._swap` prepared: the version that served, the
+    one that will, and the numbers a reply reports."""
+
+    mode: str  # "availability" or "resource"
+    load_ms: float
+    old: LoadedModel | None
+    new: LoadedModel
+    gap_ms: float | None = None  # 0 for availability; measured at the switch for resource
+
+    def report(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"mode": self.mode, "load_ms": self.load_ms}
+        if self.gap_ms is not None:
+            out["gap_ms"] = self.gap_ms
+        return out
+
+
 def _lower_priority() -> None:
     """nice +10 for the calling thread (Linux threads have their own)."""
     try:
@@ -548,7 +566,7 @@ class ModelManager:
             if current is not None and current.version == version:
                 return {"model": name, "version": version, "changed": False}
             previous = current.version if current is not None else slot.state.active
-            report = self._swap(slot, version, progress=progress)
+            swap = self._swap(slot, version, progress=progress)
             before = slot.state.model_copy(deep=True)
             superseded = self._clear_probation(slot)  # no verdict: another version takes over
             state = slot.state
@@ -561,23 +579,20 @@ class ModelManager:
                 state.last_good = version
             state.record("activated", version, reason=reason, previous=previous)
             checkpoint("activate_before_state")
-            self._save_swap(slot, report, before, superseded)
+            self._save_swap(slot, swap, before, superseded)
             checkpoint("activate_after_state")
-            self._commit_swap(slot, report)
+            self._commit_swap(slot, swap)
             if start_probation:
-                baseline = self._baseline(report.pop("_old", None))
+                baseline = self._baseline(swap.old)
                 slot.probation = ProbationRun(version, time.monotonic(), baseline, *self._counts(slot, version))
                 self._wake.set()
             else:
-                report.pop("_old", None)
                 self.store.gc(name, state)
             self._reconcile(slot)
-            report.pop("_new", None)
-            result = {"model": name, "version": version, "previous": previous, "changed": True,
-                      "probation": start_probation, **report}
-            self._event("activated", name, version, previous=previous, reason=reason, mode=report["mode"],
-                        gap_ms=report.get("gap_ms"), load_ms=report["load_ms"])
-            return result
+            self._event("activated", name, version, previous=previous, reason=reason, mode=swap.mode,
+                        gap_ms=swap.gap_ms, load_ms=swap.load_ms)
+            return {"model": name, "version": version, "previous": previous, "changed": True,
+                    "probation": start_probation, **swap.report()}
 
     def rollback(self, name: str, *, reason: str = "rollback requested") -> dict[str, Any]:
         """Back to the previous good version (no probation: it was good)."""
@@ -588,7 +603,7 @@ class ModelManager:
             target = self._rollback_target(slot, active)
             if target is None:
                 raise StoreError(f"model {name}: no earlier good version to roll back to", code="no_rollback_target")
-            report = self._swap(slot, target)
+            swap = self._swap(slot, target)
             before = slot.state.model_copy(deep=True)
             superseded = self._clear_probation(slot)
             if active is not None and reason != "rollback requested":
@@ -596,14 +611,11 @@ class ModelManager:
             state.active = target
             state.last_good = target
             state.record("rolled_back", active, reason=reason, to=target)
-            self._save_swap(slot, report, before, superseded)
-            self._commit_swap(slot, report)
-            report.pop("_old", None)
-            report.pop("_new", None)
+            self._save_swap(slot, swap, before, superseded)
+            self._commit_swap(slot, swap)
             self._reconcile(slot)
-            self._event("rolled_back", name, active, to=target, reason=reason, mode=report["mode"],
-                        gap_ms=report.get("gap_ms"))
-            return {"model": name, "version": target, "from": active, "reason": reason, **report}
+            self._event("rolled_back", name, active, to=target, reason=reason, mode=swap.mode, gap_ms=swap.gap_ms)
+            return {"model": name, "version": target, "from": active, "reason": reason, **swap.report()}
 
     def _rollback_target(self, slot: Slot, active: int | None) -> int | None:
         state = slot.state
@@ -793,9 +805,10 @@ class ModelManager:
         # graph) plus arenas; 3x the bundle plus 64 MB of headroom is safe.
         return available < 3 * size + (64 << 20)
 
-    def _swap(self, slot: Slot, version: int, progress: Callable[..., None] | None = None) -> dict[str, Any]:
-        """Load ``version`` and make it serve. Returns a report; the state file
-        is written by the caller between this and :meth:`_commit_swap`."""
+    def _swap(self, slot: Slot, version: int, progress: Callable[..., None] | None = None) -> Swap:
+        """Load ``version`` (and, in resource-preserving mode, unload the one
+        serving first); the caller writes the state file, then switches with
+        :meth:`_commit_swap`."""
         t0 = time.monotonic()
         with self._cond:
             old = slot.serving
@@ -807,7 +820,7 @@ class ModelManager:
                     progress("loading", version=version)
                 new = self._load_in_background(slot, version)
             load_ms = (time.monotonic() - t0) * 1000.0
-            return {"mode": "availability", "load_ms": round(load_ms, 1), "gap_ms": 0.0, "_old": old, "_new": new}
+            return Swap("availability", round(load_ms, 1), old, new, gap_ms=0.0)
         # Resource-preserving: stop handing out the old version, wait for the
         # frames in flight, close it, then load the new one, unless it is
         # loaded already (kept by a deploy, or by the policy): then it only
@@ -826,16 +839,20 @@ class ModelManager:
                     progress("loading", version=version)
                 new = self._load_version(slot, version)
         except BaseException:
-            # Put the old version back; it was serving a moment ago.
-            back = self._load_version(slot, old.version)
-            with self._cond:
-                slot.loaded[back.version] = back
-                slot.serving = back
-                slot.gap_since = None
-                self._cond.notify_all()
+            self._restore(slot, old.version)  # it was serving a moment ago
             raise
         load_ms = (time.monotonic() - t0) * 1000.0
-        return {"mode": "resource", "load_ms": round(load_ms, 1), "_old": old, "_new": new}
+        return Swap("resource", round(load_ms, 1), old, new)
+
+    def _restore(self, slot: Slot, version: int) -> None:
+        """Load ``version`` again and serve it: the one a failed
+        resource-preserving swap had closed."""
+        back = self._load_version(slot, version)
+        with self._cond:
+            slot.loaded[back.version] = back
+            slot.serving = back
+            slot.gap_since = None
+            self._cond.notify_all()
 
     @staticmethod
     def _clear_probation(slot: Slot) -> ProbationRun | None:
@@ -845,8 +862,7 @@ class ModelManager:
         slot.state.probation = None
         return run
 
-    def _save_swap(self, slot: Slot, report: dict[str, Any], before: ModelState,
-                   probation: ProbationRun | None = None) -> None:
+    def _save_swap(self, slot: Slot, swap: Swap, before: ModelState, probation: ProbationRun | None = None) -> None:
         """Write the state of a swap :meth:`_swap` prepared. If that fails (a
         full disk), undo the swap: the state is what it was (a probation the
         swap ended runs on), the version that served before serves again
@@ -857,29 +873,23 @@ class ModelManager:
         except BaseException:
             slot.state = before
             slot.probation = probation
-            new: LoadedModel = report["_new"]
             with self._cond:
-                kept = slot.loaded.get(new.version) is new
-            if report["mode"] == "resource":
-                back = self._load_version(slot, report["_old"].version)
-                with self._cond:
-                    slot.loaded[back.version] = back
-                    slot.serving = back
-                    slot.gap_since = None
-                    self._cond.notify_all()
+                kept = slot.loaded.get(swap.new.version) is swap.new
+            if swap.mode == "resource":
+                assert swap.old is not None
+                self._restore(slot, swap.old.version)
             if not kept:
-                new.close()
+                swap.new.close()
             raise
 
-    def _commit_swap(self, slot: Slot, report: dict[str, Any]) -> None:
+    def _commit_swap(self, slot: Slot, swap: Swap) -> None:
         """Switch to the new version. The old one stays loaded until the
         caller's :meth:`_reconcile` retires it (unless the policy keeps it)."""
-        new: LoadedModel = report["_new"]
         with self._cond:
-            slot.loaded[new.version] = new
-            slot.serving = new
+            slot.loaded[swap.new.version] = swap.new
+            slot.serving = swap.new
             if slot.gap_since is not None:
-                report["gap_ms"] = round((time.monotonic() - slot.gap_since) * 1000.0, 1)
+                swap.gap_ms = round((time.monotonic() - slot.gap_since) * 1000.0, 1)
                 slot.gap_since = None
             self._cond.notify_all()
 
