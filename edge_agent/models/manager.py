@@ -685,7 +685,7 @@ class ModelManager:
                 if version not in self.store.versions(name):
                     raise StoreError(f"{name} version {version} is not in the store", code="version_not_found")
                 if version not in slot.loaded:
-                    model = self._load_version(slot, version)
+                    model = self._load_in_background(slot, version)  # frames are being served meanwhile
                     with self._cond:
                         slot.loaded[version] = model
                 state.labels[label] = version
@@ -912,7 +912,7 @@ class ModelManager:
         want.add(serving) if serving is not None else None
         for version in sorted(want - have):
             try:
-                model = self._load_version(slot, version)
+                model = self._load_in_background(slot, version)
             except EdgeAgentError as exc:
                 self._event("load_failed", slot.cfg.name, version, code=exc.code, message=str(exc))
                 continue
