@@ -296,7 +296,7 @@ def unicast(console: Any, bundle: Path, devices: list[str], timeout: float) -> d
     outcomes = []
     for device in devices:
         got = console.reply(ids[device], device)
-        outcomes.append(f._outcome(device, got[0], None) if got else
+        outcomes.append(f.outcome_of(device, got[0], None) if got else
                         f.Outcome(device, False, code="timeout"))
     return summarize("unicast", outcomes, len(devices), seconds, console.link.bytes - before, prepared.size,
                      needs=sum(len(s.needs) for s in senders), chunks_published=sum(s.published for s in senders))

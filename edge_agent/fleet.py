@@ -549,7 +549,8 @@ def new_command_id(cmd: str) -> str:
     return f"fleet-{cmd}-{uuid.uuid4().hex[:12]}"
 
 
-def _outcome(device: str, reply: dict[str, Any], seconds: float | None) -> Outcome:
+def outcome_of(device: str, reply: dict[str, Any], seconds: float | None) -> Outcome:
+    """A device's reply to a command as an :class:`Outcome`."""
     if reply.get("ok"):
         result = reply.get("result") if isinstance(reply.get("result"), dict) else {}
         return Outcome(device, True, result=result, seconds=seconds)
@@ -723,7 +724,7 @@ def _send_and_wait(console: Console, target: Target, cmd: str, args: dict[str, A
         answer = console.reply(cmd_id, device)
         if answer is not None:
             reply, when = answer
-            outcomes[device] = _outcome(device, reply, round(when - at, 3))
+            outcomes[device] = outcome_of(device, reply, round(when - at, 3))
         else:
             info = snapshot.get(device)
             if info is not None and not info.online:

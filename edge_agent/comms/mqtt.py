@@ -206,17 +206,18 @@ class MqttTransport:
             self.topic(suffix), json.dumps(payload, separators=(",", ":")), qos=qos, retain=retain
         )
 
-    def publish_status(self, state: str = "online") -> None:
+    def publish_status(self) -> None:
+        """``online`` again (after a model change), when connected."""
         if self.connected.is_set():
-            self._publish_online(state)
+            self._publish_online()
 
-    def _publish_online(self, state: str = "online") -> None:
+    def _publish_online(self) -> None:
         with self._status_cond:
             if self._stopping:
                 return
             self._status_in_flight += 1
         try:
-            self.publish("status", self.status(state), qos=1, retain=True)
+            self.publish("status", self.status("online"), qos=1, retain=True)
         finally:
             with self._status_cond:
                 self._status_in_flight -= 1

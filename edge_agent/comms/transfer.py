@@ -597,13 +597,6 @@ class TransferReceiver:
             return None
         return f"transfer {self.tid}: {problem}", "bad_transfer"
 
-    def _acceptable(self, meta: TransferMeta) -> bool:
-        """Refuse a meta that is not the file the deploy asked for (fails the transfer)."""
-        mismatch = self._mismatch(meta)
-        if mismatch is not None:
-            self._fail(*mismatch)
-            return False
-        return True
 
     def _open(self, meta: TransferMeta) -> None:
         if self._fd is not None:
@@ -674,7 +667,9 @@ class TransferReceiver:
         with self._lock:
             if self._finished.is_set() or (self.meta is not None and meta == self.meta):
                 return
-            if not self._acceptable(meta):
+            mismatch = self._mismatch(meta)  # not the file the deploy asked for: the transfer fails
+            if mismatch is not None:
+                self._fail(*mismatch)
                 return
             if self.meta is not None:
                 log.warning("transfer %s: the sender announced a different file; starting over", self.tid)
