@@ -183,8 +183,11 @@ def test_instances_of_a_dynamic_batch_model_run_as_one_batch(assets, tmp_path) -
         models.append({"name": name, "bundle": str(bundle), "threads": 1})
     agent, base = start_agent(tmp_path, models, [])
     try:
-        rng = np.random.default_rng(1)
-        instances: list[Any] = [rng.standard_normal((3, 8, 8)).round(4).tolist() for _ in range(4)]
+        # Real photos: four preprocessed by the client (the agent's own
+        # preprocessing, as a client library would), one sent as a JPEG.
+        with agent.models.acquire("dyn") as model:
+            instances: list[Any] = [model.preprocess(cv2.imread(str(assets["photos"] / f"{name}.jpg")))[0][0].tolist()
+                                    for name in ("chelsea", "dog", "eagle", "kite")]
         instances.insert(2, {"b64": jpeg_b64(assets["photos"] / "coffee.jpg")})
         singles = []
         for inst in instances:
