@@ -26,6 +26,15 @@ if [ "$mode" = dev ]; then
   [ -x /usr/sbin/mosquitto ] || command -v mosquitto >/dev/null || apt_missing+=(mosquitto)
   command -v mosquitto_pub >/dev/null || apt_missing+=(mosquitto-clients)
   [ -f /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz ] || apt_missing+=(dataset-fashion-mnist)
+  # The pipe source's tests run real camera programs on the demo video.
+  command -v ffmpeg >/dev/null || apt_missing+=(ffmpeg)
+  command -v gst-launch-1.0 >/dev/null || apt_missing+=(gstreamer1.0-tools)
+  dpkg -s gstreamer1.0-plugins-good >/dev/null 2>&1 || apt_missing+=(gstreamer1.0-plugins-base gstreamer1.0-plugins-good)
+  # systemd-analyze verifies the unit; debootstrap and qemu-user-static build
+  # and run the emulated arm64 system of scripts/arm64_check.sh.
+  command -v systemd-analyze >/dev/null || apt_missing+=(systemd)
+  command -v debootstrap >/dev/null || apt_missing+=(debootstrap)
+  command -v qemu-aarch64-static >/dev/null || apt_missing+=(qemu-user-static)
 fi
 if [ ${#apt_missing[@]} -gt 0 ]; then
   echo "setup: installing Debian packages: ${apt_missing[*]}"
@@ -39,7 +48,8 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 pip=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 
-extras=tflite
+# demo: torch.onnx.export needs the onnx package (the quantize extra).
+extras=tflite,quantize
 [ "$mode" = dev ] && extras=dev,tflite
 stamp="$VENV/.edge-agent-setup-$mode"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
