@@ -13,9 +13,11 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
+from pathlib import Path
 from typing import Any, Callable
 
-from edge_agent.config import AgentConfig
+from edge_agent.config import AgentConfig, SourceConfig
 from edge_agent.errors import EdgeAgentError, SourceError
 from edge_agent.models.manager import ModelManager
 from edge_agent.models.store import ModelStore, StoreLock
@@ -40,16 +42,11 @@ class Agent:
         self.models = ModelManager(
             self.store, config.models, trusted_keys=config.store.trusted_keys, on_event=self._on_event
         )
-        self.sinks: list[Sink] = [LogSink(), *(extra_sinks or [])]
-        self.transport = None
-        self.plane = None
-        if config.mqtt is not None:
-            from edge_agent.comms.mqtt import MqttTransport
-
-            self.transport = MqttTransport(
-                config.mqtt, config.device_id, status_provider=self.models.status, groups=config.groups
-            )
-            self.sinks.append(_PlaneResults(self))
+        # Results go to the control plane's outbox whenever one runs (an
+        # [mqtt] section added by a reload starts publishing at once).
+        self.sinks: list[Sink] = [LogSink(), *(extra_sinks or []), _PlaneResults(self)]
+        self.transport: Any = None
+        self.plane: Any = None
         self._skipped_seen: dict[str, int] = {}
         from edge_agent.comms.local import LocalControlServer
         from edge_agent.control import Control, build_dispatcher
@@ -57,15 +54,11 @@ class Agent:
         self.control = Control(self.models, status=self.status_message, apply_settings=self.apply_settings)
         self.local_dispatcher = build_dispatcher(self.control, local=True, events=self._on_event)
         self.control_server = LocalControlServer(config.store.socket_path, self.local_dispatcher.handle)
+        # Replaced (never mutated) when a source starts or stops, so readers
+        # in other threads (telemetry, HTTP, the watchdog) iterate a snapshot.
         self.sources: list[FrameSource] = []
         self.workers: list[SourceWorker] = []
-        self.http = None
-        if config.http.enabled:
-            from edge_agent.httpapi import HttpServer
-
-            self.http = HttpServer(self, config.http.host, config.http.port,
-                                   max_body_bytes=int(config.http.max_body_mb * 1e6),
-                                   idle_timeout_s=config.http.idle_timeout_s)
+        self.http: Any = None
         self._started: list[tuple[str, Callable[[], None]]] = []
 
     def start(self) -> None:
@@ -74,22 +67,9 @@ class Agent:
             self._step("store lock", self._lock_store, self.store_lock.release)
             self._step("models", self.models.start, self.models.stop)
             self._step("control socket", self.control_server.start, self.control_server.stop)
-            if self.http is not None:
-                self._step("http", self.http.start, self.http.stop)
-            if self.transport is not None:
-                self._step("control plane", self._start_plane, self._stop_plane)
-                self._step("mqtt", self.transport.start, self.transport.stop)
-            for cfg in self.config.sources:
-                try:
-                    source = open_source(cfg)
-                except SourceError as exc:
-                    log.error("%s", exc)
-                    continue
-                worker = SourceWorker(source, self.models, self.sinks, self.stop_event)
-                self._step(f"source {cfg.name}", source.start, source.stop)
-                self._step(f"worker {cfg.name}", worker.start, lambda w=worker: w.join(timeout=10.0))
-                self.sources.append(source)
-                self.workers.append(worker)
+            self._step("http", self._start_http, self._stop_http)
+            self._step("mqtt", self._start_mqtt, self._stop_mqtt)
+            self._step("sources", self._start_sources, self._stop_sources)
         except BaseException:
             self.shutdown()
             raise
@@ -97,9 +77,78 @@ class Agent:
             self.shutdown()
             raise EdgeAgentError("no source could be started (see the errors above)", code="no_sources")
 
-    def _start_plane(self) -> None:
-        """Commands, events, telemetry and store-and-forward over MQTT (the
+    # -- components that a reload may replace -------------------------------
+
+    def _start_sources(self) -> None:
+        for cfg in self.config.sources:
+            self._start_source(cfg)
+
+    def _start_source(self, cfg: SourceConfig) -> None:
+        """Open and start one source and its worker; a source that cannot
+        be built is logged and left out (the others run)."""
+        try:
+            source = open_source(cfg)
+        except SourceError as exc:
+            log.error("%s", exc)
+            return
+        worker = SourceWorker(source, self.models, self.sinks, threading.Event())
+        source.start()
+        worker.start()
+        self.sources = [*self.sources, source]
+        self.workers = [*self.workers, worker]
+
+    def _stop_source(self, worker: SourceWorker) -> None:
+        self.workers = [w for w in self.workers if w is not worker]
+        self.sources = [s for s in self.sources if s is not worker.source]
+        worker.stop_event.set()
+        worker.source.stop()
+        worker.join(timeout=10.0)
+
+    def _stop_sources(self) -> None:
+        for worker in reversed(self.workers):
+            self._stop_source(worker)
+
+    def _start_http(self) -> None:
+        cfg = self.config.http
+        if not cfg.enabled:
+            return
+        from edge_agent.httpapi import HttpServer
+
+        self.http = HttpServer(self, cfg.host, cfg.port, max_body_bytes=int(cfg.max_body_mb * 1e6),
+                               idle_timeout_s=cfg.idle_timeout_s)
+        self.http.start()
+
+    def _stop_http(self) -> None:
+        http, self.http = self.http, None
+        if http is not None:
+            http.stop()
+
+    def _start_mqtt(self) -> None:
+        """The transport and the control plane on top of it (the plane's
         subscriptions and hooks are in place before the first connect)."""
+        cfg = self.config
+        if cfg.mqtt is None:
+            return
+        from edge_agent.comms.mqtt import MqttTransport
+
+        self.transport = MqttTransport(cfg.mqtt, cfg.device_id, status_provider=self.models.status,
+                                       groups=cfg.groups)
+        try:
+            self._start_plane()
+            self.transport.start()
+        except BaseException:
+            self._stop_plane()
+            self.transport = None
+            raise
+
+    def _stop_mqtt(self) -> None:
+        if self.transport is not None:
+            self.transport.stop()
+        self._stop_plane()
+        self.transport = self.plane = None
+
+    def _start_plane(self) -> None:
+        """Commands, events, telemetry and store-and-forward over MQTT."""
         from edge_agent.comms.plane import BundleFetcher, ControlPlane
         from edge_agent.control import Control, build_dispatcher
         from edge_agent.telemetry import TelemetryCollector
@@ -138,10 +187,81 @@ class Agent:
         self.plane.start()
 
     def _stop_plane(self) -> None:
-        if self.plane is not None:
-            if self.plane.event in self.events:
-                self.events.remove(self.plane.event)
-            self.plane.stop()
+        plane, self.plane = self.plane, None
+        if plane is not None:
+            if plane.event in self.events:
+                self.events.remove(plane.event)
+            plane.stop()
+
+    # -- reload (SIGHUP) -----------------------------------------------------
+
+    def reload(self, new: AgentConfig) -> list[str]:
+        """Apply a re-read config without unloading models; returns one line
+        per change made.
+
+        Applied at once: sources (added, removed, restarted when their input
+        changed; ``fps``, ``threshold`` and ``top_k`` changed on the running
+        worker), the MQTT connection and everything riding on it (``mqtt``,
+        ``groups``, ``commands``, ``spool``, ``download``, ``transfer``),
+        ``http`` and the log level. ``device_id``, ``store`` and ``models``
+        take effect at the next start (logged). Raises ConfigError, changing
+        nothing, when a source names a model this agent does not serve.
+        """
+        from edge_agent.errors import ConfigError
+
+        old = self.config
+        served = {m.name for m in old.models}
+        problems = [f"sources ({s.name}).model: {s.model!r} is not served by the running agent (models change "
+                    "at the next restart)" for s in new.sources if s.model not in served]
+        if problems:
+            raise ConfigError(problems)
+        changes = []
+        later = [key for key in ("device_id", "store", "models") if getattr(old, key) != getattr(new, key)]
+        if later:
+            log.warning("reload: %s changed; that takes effect when the agent restarts", ", ".join(later))
+        if old.log_level != new.log_level:
+            logging.getLogger().setLevel(new.log_level.upper())
+            changes.append(f"log_level {new.log_level}")
+        self.config = new
+        plane_keys = ("mqtt", "groups", "commands", "spool", "download", "transfer")
+        if any(getattr(old, k) != getattr(new, k) for k in plane_keys):
+            self._stop_mqtt()
+            self._start_mqtt()
+            changes.append("mqtt reconnected" if new.mqtt else "mqtt off")
+        if old.http != new.http:
+            self._stop_http()
+            self._start_http()
+            changes.append("http restarted" if new.http.enabled else "http off")
+        changes += self._reload_sources(new.sources)
+        return changes
+
+    def _reload_sources(self, wanted: list[SourceConfig]) -> list[str]:
+        live_keys = {"fps", "threshold", "top_k"}
+        changes = []
+        running = {w.source.name: w for w in self.workers}
+        names = {c.name for c in wanted}
+        for name, worker in running.items():
+            if name not in names:
+                self._stop_source(worker)
+                changes.append(f"source {name} removed")
+        for cfg in wanted:
+            worker = running.get(cfg.name)
+            if worker is None:
+                self._start_source(cfg)
+                changes.append(f"source {cfg.name} added")
+                continue
+            old = worker.cfg
+            if old == cfg:
+                continue
+            differ = {k for k in type(cfg).model_fields if getattr(old, k) != getattr(cfg, k)}
+            if differ <= live_keys:
+                worker.apply_config(cfg)
+                changes.append(f"source {cfg.name}: " + ", ".join(f"{k} {getattr(cfg, k)}" for k in sorted(differ)))
+            else:
+                self._stop_source(worker)
+                self._start_source(cfg)
+                changes.append(f"source {cfg.name} restarted ({', '.join(sorted(differ))} changed)")
+        return changes
 
     def _source_intervals(self) -> dict[str, Any]:
         """Per source, what happened since the previous telemetry message."""
@@ -171,12 +291,43 @@ class Agent:
         start()
         self._started.append((name, stop))
 
-    def wait(self, poll_s: float = 0.5) -> None:
-        """Block until stop is requested or every source has ended."""
+    def wait(self, poll_s: float = 0.5, interrupt: threading.Event | None = None) -> None:
+        """Block until stop is requested, every source has ended, or
+        ``interrupt`` is set (checked every ``poll_s``)."""
         while not self.stop_event.wait(poll_s):
-            if self.workers and all(w.done for w in self.workers):
+            if interrupt is not None and interrupt.is_set():
+                break
+            workers = self.workers
+            if workers and all(w.done for w in workers):
                 log.info("all sources have ended")
                 break
+
+    def wait_opened(self, timeout: float) -> list[str]:
+        """Wait until every source has tried its first open; returns the
+        names of those still opening when ``timeout`` ran out."""
+        deadline = time.monotonic() + timeout
+        while True:
+            pending = [s.name for s in self.sources if getattr(s, "state", "open") == "starting"]
+            if not pending or self.stop_event.wait(min(0.05, max(0.0, deadline - time.monotonic()))) \
+                    or time.monotonic() >= deadline:
+                return pending
+
+    def status_line(self, rates: dict[str, float]) -> str:
+        """One line for ``systemctl status``: model versions, fps per
+        source (or its state), the broker."""
+        models = self.models.status()
+        parts = [", ".join(f"{n} v{m.get('active')}" for n, m in models.items()) or "no models"]
+        srcs = []
+        for w in self.workers:
+            state = getattr(w.source, "state", "open")
+            if w.done:
+                state = "ended"
+            srcs.append(f"{w.source.name} {rates.get(w.source.name, 0.0):.1f} fps" if state == "open"
+                        else f"{w.source.name} {state}")
+        parts.append(", ".join(srcs) or "no sources")
+        if self.transport is not None:
+            parts.append("broker " + ("connected" if self.transport.connected.is_set() else "disconnected"))
+        return " | ".join(parts)
 
     def shutdown(self) -> None:
         """Stop components in reverse start order; safe to call twice."""
@@ -239,17 +390,36 @@ class _PlaneResults:
             self.agent.plane.result(source, result)
 
 
-def run_agent(config: AgentConfig) -> int:
-    """Run until SIGTERM/SIGINT or the sources end; returns the exit code."""
+def run_agent(config: AgentConfig, config_path: Path | str | None = None) -> int:
+    """Run until SIGTERM/SIGINT or the sources end; returns the exit code.
+
+    SIGHUP re-reads ``config_path`` and applies it (:meth:`Agent.reload`);
+    an invalid file is refused with every problem logged. Under systemd the
+    notify protocol and the watchdog run (:mod:`edge_agent.service`).
+    """
+    from edge_agent.service import Notifier, RateMeter, Supervisor
+
     agent = Agent(config)
+    notifier = Notifier()
+    hangup = threading.Event()
 
     def _on_signal(signum: int, _frame: Any) -> None:
         log.info("received %s: finishing the frame in flight", signal.Signals(signum).name)
         agent.stop_event.set()
 
+    def _on_hup(_signum: int, _frame: Any) -> None:
+        hangup.set()
+
     previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, _on_hup)
+    meter = RateMeter()
+    supervisor = Supervisor(
+        agent, notifier, stall_s=config.watchdog.stall_s,
+        status_line=lambda: agent.status_line(meter.rates((w.source.name, w.counters.frames) for w in agent.workers)),
+    )
     try:
         agent.start()
+        pending = agent.wait_opened(timeout=max([getattr(s, 'stall_timeout_s', 10.0) for s in config.sources], default=0) + 5)
         log.info(
             "edge-agent running as %s: %d model(s), %d source(s)%s",
             config.device_id,
@@ -257,14 +427,50 @@ def run_agent(config: AgentConfig) -> int:
             len(agent.workers),
             "" if config.mqtt else " (offline: no [mqtt] section)",
         )
-        agent.wait()
+        if pending:
+            log.warning("ready while still opening: %s", ", ".join(pending))
+        supervisor.start()
+        notifier.ready(agent.status_line({}))
+        while True:
+            agent.wait(interrupt=hangup)
+            if not hangup.is_set():
+                break
+            hangup.clear()
+            _reload(agent, config_path, notifier)
         failed = [s.name for s in agent.sources if s.failed]
     finally:
+        notifier.stopping()
+        supervisor.stop()
         agent.shutdown()
         for s, handler in previous.items():
             signal.signal(s, handler)
+        notifier.close()
     if failed:
         log.error("edge-agent stopped; source(s) that could not be read: %s", ", ".join(failed))
         return 1
     log.info("edge-agent stopped")
     return 0
+
+
+def _reload(agent: Agent, config_path: Path | str | None, notifier: Any) -> None:
+    """SIGHUP: re-read the config and apply it, or keep the running one."""
+    from edge_agent.config import load_config
+    from edge_agent.errors import ConfigError
+
+    if config_path is None:
+        log.warning("SIGHUP: no config file to re-read; nothing changed")
+        return
+    notifier.reloading()
+    try:
+        new = load_config(config_path)
+        changes = agent.reload(new)
+    except ConfigError as exc:
+        log.error("reload refused, the running config stays: %d problem(s)", len(exc.problems))
+        for problem in exc.problems:
+            log.error("reload: %s", problem)
+    except Exception:
+        log.exception("reload failed; what was applied before the failure stays")
+    else:
+        log.info("reloaded %s: %s", config_path, "; ".join(changes) or "nothing changed")
+    finally:
+        notifier.ready()

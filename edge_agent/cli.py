@@ -15,17 +15,9 @@ from typing import Any, Callable, TypeVar
 import click
 
 from edge_agent import __version__
-from edge_agent.cli_common import CONFIG_HELP, DEFAULT_CONFIG, user_errors
+from edge_agent.cli_common import CONFIG_ENV, CONFIG_HELP, DEFAULT_CONFIG, config_option, user_errors
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -35,19 +27,32 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--config", "config_path", default=DEFAULT_CONFIG, show_default=True, help=CONFIG_HELP)
+@config_option
+@click.option("--log-format", type=click.Choice(["text", "json"]), default=None,
+              help="Log lines as text (the journal's default) or one JSON object per line "
+              "[default: the config's logging.format, else text].")
 @user_errors
-def run(config_path: str) -> None:
-    """Run the agent (what systemd starts)."""
+def run(config_path: str, log_format: str | None) -> None:
+    """Run the agent (what systemd starts).
+
+    SIGTERM/SIGINT stop it cleanly; SIGHUP re-reads the config. Under
+    systemd (NOTIFY_SOCKET set) it speaks the notify protocol and the
+    watchdog (docs/deployment.md).
+    """
+    import faulthandler
+
     from edge_agent.agent import run_agent
     from edge_agent.config import load_config
-
     from edge_agent.errors import EdgeAgentError
+    from edge_agent.logs import setup_logging
 
     config = load_config(config_path)
-    _setup_logging(config.log_level)
+    setup_logging(config.log_level, log_format or config.logging.format)
+    # systemd's watchdog ends a stuck agent with SIGABRT: dump every
+    # thread's stack to the journal first, so the stuck call is on record.
+    faulthandler.enable(all_threads=True)
     try:
-        code = run_agent(config)
+        code = run_agent(config, config_path)
     except EdgeAgentError as exc:
         # The config was valid: whatever stops the agent now is a runtime failure.
         logging.getLogger("edge_agent").error("cannot run: %s", exc)
@@ -57,7 +62,8 @@ def run(config_path: str) -> None:
 
 @main.command("validate-config")
 @click.argument("path", required=False)
-@click.option("--config", "config_path", default=None, help=CONFIG_HELP + f" [default: {DEFAULT_CONFIG}]")
+@click.option("--config", "config_path", default=None, envvar=CONFIG_ENV, show_envvar=True,
+              help=CONFIG_HELP + f" [default: {DEFAULT_CONFIG}]")
 @user_errors
 def validate_config(path: str | None, config_path: str | None) -> None:
     """Check a config file and print every problem in it."""

@@ -12,6 +12,14 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 CONFIG_HELP = "Agent config file (TOML)."
 DEFAULT_CONFIG = "/etc/edge-agent/agent.toml"
+CONFIG_ENV = "EDGE_AGENT_CONFIG"
+
+
+def config_option(func: F) -> F:
+    """``--config PATH`` of the device-side commands; ``EDGE_AGENT_CONFIG``
+    is its environment form (what the systemd unit sets)."""
+    return click.option("--config", "config_path", default=DEFAULT_CONFIG, show_default=True,
+                        envvar=CONFIG_ENV, show_envvar=True, help=CONFIG_HELP)(func)
 
 
 def user_errors(func: F) -> F:

@@ -25,20 +25,20 @@ def broker_options(func: Callable[..., Any]) -> Callable[..., Any]:
     """Where the broker is: ``--config`` (an agent config's ``[mqtt]``)
     and/or the options, which win. Each option also reads EDGE_FLEET_<NAME>."""
     options = [
-        click.option("--config", "config_path", type=click.Path(dir_okay=False), envvar=ENV + "CONFIG",
+        click.option("--config", "config_path", type=click.Path(dir_okay=False), envvar=ENV + "CONFIG", show_envvar=True,
                      help="Agent-style config file: the broker address, credentials and TLS of its [mqtt]."),
-        click.option("--host", envvar=ENV + "HOST", help="Broker host [default: 127.0.0.1]."),
-        click.option("--port", type=click.IntRange(1, 65535), envvar=ENV + "PORT", help="Broker port [default: 1883]."),
-        click.option("--prefix", envvar=ENV + "PREFIX", help="Topic prefix (mqtt.topic_prefix) [default: edge]."),
-        click.option("--username", envvar=ENV + "USERNAME", help="Broker user name."),
-        click.option("--password", envvar=ENV + "PASSWORD", help="Broker password (better: EDGE_FLEET_PASSWORD)."),
-        click.option("--ca-certs", type=click.Path(dir_okay=False, exists=True), envvar=ENV + "CA_CERTS",
+        click.option("--host", envvar=ENV + "HOST", show_envvar=True, help="Broker host [default: 127.0.0.1]."),
+        click.option("--port", type=click.IntRange(1, 65535), envvar=ENV + "PORT", show_envvar=True, help="Broker port [default: 1883]."),
+        click.option("--prefix", envvar=ENV + "PREFIX", show_envvar=True, help="Topic prefix (mqtt.topic_prefix) [default: edge]."),
+        click.option("--username", envvar=ENV + "USERNAME", show_envvar=True, help="Broker user name."),
+        click.option("--password", envvar=ENV + "PASSWORD", show_envvar=True, help="Broker password (better: EDGE_FLEET_PASSWORD)."),
+        click.option("--ca-certs", type=click.Path(dir_okay=False, exists=True), envvar=ENV + "CA_CERTS", show_envvar=True,
                      help="CA bundle of the broker's certificate (turns TLS on)."),
-        click.option("--certfile", type=click.Path(dir_okay=False, exists=True), envvar=ENV + "CERTFILE",
+        click.option("--certfile", type=click.Path(dir_okay=False, exists=True), envvar=ENV + "CERTFILE", show_envvar=True,
                      help="Client certificate for mutual TLS."),
-        click.option("--keyfile", type=click.Path(dir_okay=False, exists=True), envvar=ENV + "KEYFILE",
+        click.option("--keyfile", type=click.Path(dir_okay=False, exists=True), envvar=ENV + "KEYFILE", show_envvar=True,
                      help="Private key of --certfile."),
-        click.option("--sign-key", type=click.Path(dir_okay=False, exists=True), envvar=ENV + "SIGN_KEY",
+        click.option("--sign-key", type=click.Path(dir_okay=False, exists=True), envvar=ENV + "SIGN_KEY", show_envvar=True,
                      help="Ed25519 private key (edge-agent keygen) to sign every command with, for devices "
                      "with [commands] trusted_keys."),
     ]

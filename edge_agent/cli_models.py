@@ -19,7 +19,7 @@ from typing import Any
 
 import click
 
-from edge_agent.cli_common import CONFIG_HELP, DEFAULT_CONFIG, table, user_errors
+from edge_agent.cli_common import config_option, table, user_errors
 
 USAGE_CODES = {"bad_args", "bad_command", "unknown_model", "version_not_found", "bundle_not_found"}
 
@@ -116,7 +116,7 @@ def models() -> None:
 
 def _options(func):
     func = click.option("--json", "as_json", is_flag=True, help="Print the raw reply.")(func)
-    return click.option("--config", "config_path", default=DEFAULT_CONFIG, show_default=True, help=CONFIG_HELP)(func)
+    return config_option(func)
 
 
 @models.command("list")

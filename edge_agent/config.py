@@ -167,23 +167,103 @@ class ModelConfig(_Section):
 
 
 class SourceConfig(_Section):
+    """One camera, stream, file, folder or program. Exactly one of ``uri`` and
+    ``command``; ``format``, ``width``, ``height`` and ``pixel_format`` belong to
+    ``command`` (the raw geometry to ``format = "raw"``)."""
+
     name: Name = Field(description="The source's name; results go to results/<name>.")
-    uri: str = Field(
+    # Declared before `uri`, `format` before the raw geometry: their validators read it.
+    command: list[Annotated[str, Field(min_length=1)]] | None = Field(
+        None,
         min_length=1,
+        description="A program and its arguments (argv, no shell) whose stdout carries the frames, "
+        "e.g. rpicam-vid, gst-launch-1.0 or ffmpeg; instead of `uri`.",
+    )
+    uri: str | None = Field(
+        None,
+        min_length=1,
+        validate_default=True,
         description="A camera index ('0') or /dev/videoN, an rtsp:// or http(s):// stream, "
         "a video file or a folder of images.",
     )
     model: Name = Field(description="The model that serves this source.")
     label: Name | None = Field(None, description="Serve by this version label (e.g. 'canary') instead of the active version.")
+    format: Literal["mjpeg", "raw"] = Field(
+        "mjpeg", description="With `command`: what its stdout carries, concatenated JPEG frames or raw frames."
+    )
+    width: int | None = Field(
+        None, ge=1, le=16384, validate_default=True, description="With format = 'raw': frame width in pixels."
+    )
+    height: int | None = Field(
+        None, ge=1, le=16384, validate_default=True, description="With format = 'raw': frame height in pixels."
+    )
+    pixel_format: Literal["bgr24", "rgb24", "gray"] | None = Field(
+        None, validate_default=True, description="With format = 'raw': the pixel layout (3, 3 or 1 bytes a pixel)."
+    )
+    stall_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="A live source (camera, stream, command) that delivers no frame for this long is "
+        "restarted: the capture reopened, the program killed and started again.",
+    )
+
+    @field_validator("command", mode="before")
+    @classmethod
+    def _argv(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            raise ValueError(
+                'must be a list of arguments, run without a shell, e.g. ["rpicam-vid", "-t", "0", "--codec", '
+                f'"mjpeg", "-o", "-"], not one string (got {value!r})'
+            )
+        return value
 
     @field_validator("uri")
     @classmethod
-    def _file_uri(cls, value: str, info: ValidationInfo) -> str:
-        """A file or folder path is resolved like every other path in the file."""
+    def _file_uri(cls, value: str | None, info: ValidationInfo) -> str | None:
+        """Exactly one of uri and command; a file or folder path is resolved
+        like every other path in the file."""
+        if "command" not in info.data:
+            return value  # `command` itself is wrong: reported on its own
+        command = info.data["command"]
+        if value is None:
+            if command is None:
+                raise ValueError("required key is missing (or give `command`, a program whose stdout carries the frames)")
+            return None
+        if command is not None:
+            raise ValueError("give either `uri` or `command`, not both")
         value = value.strip()
         if value.isdigit() or "://" in value or value.startswith("/dev/"):
             return value
         return str(_resolve_path(Path(value), info))
+
+    @field_validator("width", "height", "pixel_format")
+    @classmethod
+    def _raw_geometry(cls, value: Any, info: ValidationInfo) -> Any:
+        """A raw stream has no frame boundaries of its own: its size and pixel
+        format must be given, and only there do they mean anything."""
+        if "format" not in info.data or "command" not in info.data:
+            return value  # reported on their own
+        raw = info.data["format"] == "raw" and info.data["command"] is not None
+        if raw and value is None:
+            what = {"width": "frame width in pixels", "height": "frame height in pixels",
+                    "pixel_format": '"bgr24", "rgb24" or "gray"'}[info.field_name or ""]
+            raise ValueError(f'required with format = "raw" ({what})')
+        if not raw and value is not None:
+            raise ValueError('only used with `command` and format = "raw"')
+        return value
+
+    @model_validator(mode="after")
+    def _format_needs_command(self) -> "SourceConfig":
+        if self.command is None and "format" in self.model_fields_set:
+            raise ValueError("format: only used with `command` (what the program's stdout carries)")
+        return self
+
+    @property
+    def frame_bytes(self) -> int | None:
+        """Bytes of one raw frame (format = "raw"), else None."""
+        if self.format != "raw" or self.width is None or self.height is None or self.pixel_format is None:
+            return None
+        return self.width * self.height * (1 if self.pixel_format == "gray" else 3)
 
     fps: float | None = Field(None, gt=0, description="Inference rate cap; frames in between are skipped.")
     loop: bool = Field(False, description="Replay a file or folder when it ends.")
@@ -248,6 +328,20 @@ class HttpConfig(_Section):
     idle_timeout_s: float = Field(30.0, gt=0, description="A connection idle (or stalled mid-request) this long is closed.")
 
 
+class LoggingConfig(_Section):
+    format: Literal["text", "json"] = Field(
+        "text", description="text: one readable line per record (the journal's default); json: one JSON object "
+        "per line (ts, level, logger, message, thread, exc) for Loki, Elasticsearch and the like."
+    )
+
+
+class WatchdogConfig(_Section):
+    stall_s: float = Field(
+        60.0, gt=0, description="A frame that takes longer than this to process, or a capture thread stuck in one "
+        "call this long (and 3x the source's stall_timeout_s), stops the systemd watchdog pings."
+    )
+
+
 class AgentConfig(_Section):
     device_id: Name = Field(default_factory=lambda: _default_device_id(), description="This device's id in topics.")
     groups: list[Name] = Field(default_factory=list, description="Fleet groups this device answers to.")
@@ -261,6 +355,8 @@ class AgentConfig(_Section):
     spool: SpoolConfig = Field(default_factory=SpoolConfig, description="Store-and-forward while the broker is away.")
     download: DownloadConfig = Field(default_factory=DownloadConfig, description="Bundle downloads by URL.")
     transfer: TransferConfig = Field(default_factory=TransferConfig, description="Bundle delivery over MQTT.")
+    logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Log format.")
+    watchdog: WatchdogConfig = Field(default_factory=WatchdogConfig, description="The systemd watchdog.")
 
     def model(self, name: str) -> ModelConfig:
         return next(m for m in self.models if m.name == name)

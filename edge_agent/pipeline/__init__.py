@@ -84,6 +84,26 @@ class SourceWorker:
         self._clock = clock
         self._seq = 0
         self._thread: threading.Thread | None = None
+        # For the watchdog (edge_agent.service): refreshed every loop turn
+        # (at least every 0.5 s while idle); ``blocked_in`` names the call
+        # in progress. ``finished_cleanly``: the loop ended, not the thread died.
+        self.last_progress = time.monotonic()
+        self.blocked_in: str | None = None
+        self.finished_cleanly = False
+
+    def apply_config(self, cfg: Any) -> None:
+        """A reloaded config for the same source and model: its ``fps``,
+        ``threshold`` and ``top_k`` apply from the next frame on.
+
+        Thread-safety: these settings are plain attributes, read once per
+        frame by the worker thread and replaced whole (never mutated) by
+        command or reload threads; a frame sees either the old or the new
+        value, never a mix.
+        """
+        self.cfg = cfg
+        self.fps = cfg.fps
+        self.threshold = cfg.threshold
+        self.top_k = cfg.top_k
 
     @property
     def done(self) -> bool:
@@ -98,8 +118,13 @@ class SourceWorker:
             self._thread.join(timeout)
 
     def _run(self) -> None:
+        self._loop()
+        self.finished_cleanly = True
+
+    def _loop(self) -> None:
         next_slot = self._clock()
         while not self.stop_event.is_set():
+            self.last_progress = time.monotonic()
             if self.fps:
                 delay = next_slot - self._clock()
                 if delay > 0 and self.stop_event.wait(delay):
@@ -111,7 +136,9 @@ class SourceWorker:
                 continue
             if self.fps:
                 next_slot = max(next_slot + 1.0 / self.fps, self._clock())
+            self.blocked_in = "processing a frame"
             self._process(frame)
+            self.blocked_in = None
 
     def _process(self, frame: Any) -> None:
         try:
