@@ -136,6 +136,8 @@ class SourceWorker:
                 continue
             if self.fps:
                 next_slot = max(next_slot + 1.0 / self.fps, self._clock())
+            # Frames grabbed well before the next slot are not decoded (the source's clock is monotonic).
+            self.source.want_after(time.monotonic() + next_slot - self._clock() if self.fps else None)
             self.blocked_in = "processing a frame"
             self._process(frame)
             self.blocked_in = None
