@@ -118,8 +118,12 @@ class SourceWorker:
             self._thread.join(timeout)
 
     def _run(self) -> None:
-        self._loop()
-        self.finished_cleanly = True
+        try:
+            self._loop()
+        except Exception:  # the per-frame guard is in _process: this is a bug
+            log.exception("source %s: the inference loop crashed; the watchdog reports it", self.source.name)
+        else:
+            self.finished_cleanly = True
 
     def _loop(self) -> None:
         next_slot = self._clock()
