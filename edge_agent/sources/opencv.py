@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 
 import cv2
 import numpy as np
@@ -50,7 +51,14 @@ class VideoSource(FrameSource):
 
     def _grab(self) -> bool | None:
         assert self._cap is not None
-        return True if self._cap.grab() else None
+        started = time.monotonic()
+        if self._cap.grab():
+            return True
+        waited = time.monotonic() - started
+        if self.live and waited >= 0.9 * self.cfg.stall_timeout_s:
+            # the stream's read time-out fired: say so, rather than "ended"
+            raise SourceError(f"no frame for {waited:.1f}s from {self.display_uri}")
+        return None
 
     def _retrieve(self, grabbed: bool) -> np.ndarray | None:
         assert self._cap is not None
