@@ -157,7 +157,7 @@ class _StderrLogger(threading.Thread):
         window_start, logged, dropped = time.monotonic(), 0, 0
         try:
             for raw in iter(self.stream.readline, b""):
-                line = raw.decode("utf-8", "replace").rstrip()
+                line = redact(raw.decode("utf-8", "replace").rstrip())  # ffmpeg repeats its input URL
                 if not line:
                     continue
                 self.last_line = line[:500]
