@@ -397,7 +397,7 @@ def run_agent(config: AgentConfig, config_path: Path | str | None = None) -> int
     an invalid file is refused with every problem logged. Under systemd the
     notify protocol and the watchdog run (:mod:`edge_agent.service`).
     """
-    from edge_agent.service import Notifier, RateMeter, Supervisor
+    from edge_agent.service import Notifier, RateMeter, StartupExtender, Supervisor
 
     agent = Agent(config)
     notifier = Notifier()
@@ -418,8 +418,9 @@ def run_agent(config: AgentConfig, config_path: Path | str | None = None) -> int
         status_line=lambda: agent.status_line(meter.rates((w.source.name, w.counters.frames) for w in agent.workers)),
     )
     try:
-        agent.start()
-        pending = agent.wait_opened(timeout=max([getattr(s, 'stall_timeout_s', 10.0) for s in config.sources], default=0) + 5)
+        with StartupExtender(notifier):
+            agent.start()
+            pending = agent.wait_opened(timeout=max([s.stall_timeout_s for s in config.sources], default=0) + 5)
         log.info(
             "edge-agent running as %s: %d model(s), %d source(s)%s",
             config.device_id,

@@ -97,6 +97,38 @@ class Notifier:
                 self._sock = None
 
 
+class StartupExtender:
+    """While the agent starts (models verified and loaded, sources opened),
+    ask systemd for more time every ``every_s`` seconds with
+    ``EXTEND_TIMEOUT_USEC``, so a big model on a slow SD card is not killed
+    by ``TimeoutStartSec``; never beyond ``limit_s`` in all, so a start that
+    hangs still fails. A context manager; a no-op without systemd."""
+
+    def __init__(self, notifier: Notifier, *, every_s: float = 30.0, limit_s: float = 900.0) -> None:
+        self.notifier = notifier
+        self.every_s = every_s
+        self.limit_s = limit_s
+        self._done = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> "StartupExtender":
+        if self.notifier.enabled:
+            self.notifier.status("starting: verifying and loading models, opening sources")
+            self._thread = threading.Thread(target=self._run, name="startup-extender", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._done.set()
+        if self._thread is not None:
+            self._thread.join(2.0)
+
+    def _run(self) -> None:
+        deadline = time.monotonic() + self.limit_s
+        while not self._done.wait(self.every_s) and time.monotonic() < deadline:
+            self.notifier.extend_timeout(min(2 * self.every_s, deadline - time.monotonic()))
+
+
 def _watchdog_usec(env: dict[str, str] | Any) -> int | None:
     """``WATCHDOG_USEC`` when it is meant for this process (sd_watchdog_enabled)."""
     try:

@@ -130,6 +130,23 @@ def test_watchdog_usec_is_read_only_when_meant_for_this_process() -> None:
     assert _watchdog_usec({}) is None
 
 
+def test_a_slow_start_asks_systemd_for_more_time_within_a_limit(listener: NotifyListener) -> None:
+    """Loading a big model from an SD card can outlast TimeoutStartSec: the
+    agent asks for more time while it starts, but not for ever."""
+    from edge_agent.service import StartupExtender
+
+    notifier = Notifier({"NOTIFY_SOCKET": listener.path})
+    with StartupExtender(notifier, every_s=0.1, limit_s=0.55):
+        listener.poll(1.0)
+    got = [m for _, m in listener.messages]
+    assert got[0] == {"STATUS": "starting: verifying and loading models, opening sources"}
+    extends = [int(m["EXTEND_TIMEOUT_USEC"]) for m in got if "EXTEND_TIMEOUT_USEC" in m]
+    assert 3 <= len(extends) <= 6  # every 0.1 s until the 0.55 s limit, then no more
+    assert all(0 < usec <= 200_000 for usec in extends)
+    with StartupExtender(Notifier({})):  # without systemd: nothing, no thread
+        pass
+
+
 # -- logs and the command line --------------------------------------------------
 
 
