@@ -418,6 +418,7 @@ attempt("inet6", lambda: socket.socket(socket.AF_INET6, socket.SOCK_STREAM))
         assert seen[needed] == "ok", (needed, seen)
 
 
+@pytest.mark.integration
 @needs_analyze
 @needs_seccomp
 def test_agent_serves_under_the_units_sandbox(assets, mobilenet_bundle, blazeface_bundle, broker,
