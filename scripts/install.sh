@@ -237,7 +237,10 @@ cleanup() {
 }
 trap cleanup EXIT
 
-pip() { "$VENV/bin/python" -m pip --disable-pip-version-check --no-input --progress-bar off "$@"; }
+pip() { PIP_PROGRESS_BAR=off "$VENV/bin/python" -m pip --disable-pip-version-check --no-input "$@"; }
+
+# What pip prints when it cannot reach the index (it then also says "No matching distribution").
+NET_ERRORS='Failed to establish a new connection|Temporary failure in name resolution|Name or service not known|Network is unreachable|Connection (refused|reset|timed out)|Read timed out|ConnectTimeoutError|ProxyError|SSLError|CERTIFICATE_VERIFY_FAILED|No route to host|Could not fetch URL'
 
 # pip failed: say why in one line from its output, and what to do.
 pip_failed() {  # what, output file
@@ -245,8 +248,8 @@ pip_failed() {  # what, output file
   cat "$out" >>"$LOG"
   if grep -qiE 'No space left on device' "$out"; then
     reason="the disk is full: free some space (apt-get clean; journalctl --vacuum-size=50M), then run this again"
-  elif grep -qiE 'Failed to establish a new connection|Temporary failure in name resolution|Name or service not known|Network is unreachable|Connection (refused|reset|timed out)|Read timed out|ConnectTimeoutError|ProxyError|SSLError|CERTIFICATE_VERIFY_FAILED|No route to host' "$out"; then
-    reason="no network to the package index: connect the device (check DNS, proxy, clock), or use a mirror: --index-url URL, or wheels in a folder: --find-links DIR"
+  elif grep -qiE "$NET_ERRORS" "$out"; then
+    reason="no network to the package index ($(grep -oiE -m1 "$NET_ERRORS" "$out" | head -n 1)): connect the device (check DNS, proxy, clock, CA certificates), or use a mirror: --index-url URL, or wheels in a folder: --find-links DIR"
   elif grep -qiE 'No matching distribution found|Could not find a version that satisfies' "$out"; then
     reason="no wheel for this machine ($arch, Python $pyver): $(grep -iE -m1 'No matching distribution found|Could not find a version' "$out" | sed 's/^ERROR: //'); or the index/mirror could not be reached"
   else
@@ -277,7 +280,7 @@ if [ "$extras" = auto ]; then
   if pip download --no-deps --only-binary=:all: --dest "$work/probe" "${pip_opts[@]}" 'ai-edge-litert>=1.0' >"$work/probe.log" 2>&1; then
     extras=tflite
   elif grep -qiE 'No matching distribution found|Could not find a version that satisfies' "$work/probe.log" \
-      && ! grep -qiE 'Failed to establish a new connection|Temporary failure in name resolution|Network is unreachable|ConnectTimeoutError|ProxyError' "$work/probe.log"; then
+      && ! grep -qiE "$NET_ERRORS" "$work/probe.log"; then
     extras=
     warn "ai-edge-litert has no wheel for $arch / Python $pyver: installing without TFLite (ONNX models only)"
   else
@@ -363,7 +366,7 @@ config_ok=1
 "$VENV/bin/edge-agent" validate-config --config "$CONF" >"$work/validate.log" 2>&1 || config_ok=0
 if [ "$config_ok" -eq 0 ] && [ "$new_config" -eq 0 ]; then
   sed 's/^/  | /' "$work/validate.log" >&2
-  warn "$CONF has the problems above: fix them, then check with: edge-agent validate-config --config $CONF"
+  warn "$CONF has the problems above: fix them, then check with: sudo edge-agent validate-config"
 fi
 
 if ! systemd_running; then
@@ -371,7 +374,7 @@ if ! systemd_running; then
 elif [ "$start" -eq 0 ]; then
   say "installed $version; enabled, not started (--no-start): systemctl restart $NAME"
 elif [ "$new_config" -eq 1 ]; then
-  say "installed $version; enabled, not started yet: edit $CONF, check it with: edge-agent validate-config --config $CONF; then: systemctl start $NAME"
+  say "installed $version; enabled, not started yet: edit $CONF, check it with: sudo edge-agent validate-config; then: systemctl start $NAME"
 elif [ "$config_ok" -eq 0 ]; then
   say "installed $version; the service was not (re)started because of the config's problems"
 else
