@@ -290,16 +290,18 @@ def test_program_that_exits_at_once_backs_off(caplog: pytest.LogCaptureFixture) 
 
 def test_stderr_goes_to_the_log_rate_limited(caplog: pytest.LogCaptureFixture) -> None:
     """The program's complaints reach the journal, prefixed with the source, without flooding it;
-    its last line explains the exit."""
+    its last line explains the exit; a password in it is masked."""
     caplog.set_level(logging.INFO, "edge_agent.sources")
-    script = "import sys\nfor i in range(100): print(f'line {i}', file=sys.stderr)\nprint('camera not found', file=sys.stderr)\nsys.exit(3)"
+    script = ("import sys\nfor i in range(100): print(f'line {i}', file=sys.stderr)\n"
+              "print('rtsp://admin:secret@cam/1: camera not found', file=sys.stderr)\nsys.exit(3)")
     with running(PipeSource(pipe_cfg([sys.executable, "-c", script]))) as source:
         wait_until(lambda: source.errors >= 1, 5, "the program exits")
     name = Path(sys.executable).name
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"source cam: {name}: ")]
     assert lines[:2] == [f"source cam: {name}: line 0", f"source cam: {name}: line 1"]
     assert len(lines) <= 25 and any("stderr lines not logged" in line for line in lines), lines
-    assert f"cam: {name} exited with status 3 after 0 frames: camera not found" in caplog.text
+    assert f"cam: {name} exited with status 3 after 0 frames: rtsp://***@cam/1: camera not found" in caplog.text
+    assert "secret" not in caplog.text, "credentials a program prints are masked like a uri's"
 
 
 def test_raw_frame_size_that_does_not_match_the_stream(demo: Path, caplog: pytest.LogCaptureFixture) -> None:
