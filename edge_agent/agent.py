@@ -36,7 +36,7 @@ class Agent:
         limit_malloc_arenas()
         self.config = config
         self.stop_event = threading.Event()
-        self.store = ModelStore(config.store.path, keep_versions=config.store.keep_versions)
+        self.store = ModelStore.from_config(config.store)
         self.store_lock = StoreLock(config.store.path)
         self.events: list[Callable[[dict[str, Any]], None]] = []
         self.models = ModelManager(
@@ -181,7 +181,8 @@ class Agent:
                 verifier=verifier,
             ),
             groups=cfg.groups, workers=cfg.commands.workers, telemetry=telemetry,
-            interval_s=cfg.mqtt.telemetry_interval_s, spool=spool,
+            interval_s=cfg.mqtt.telemetry_interval_s, spool=spool, max_waiting=cfg.commands.max_waiting,
+            max_payload=cfg.commands.max_payload,
         )
         self.events.append(self.plane.event)
         self.plane.start()

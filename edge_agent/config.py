@@ -287,6 +287,10 @@ class CommandsConfig(_Section):
     max_payload: int = Field(256 * 1024, ge=1024, description="Largest command accepted, in bytes (payload_too_large).")
     memory: int = Field(1024, ge=1, description="Command ids remembered so that a repeat is answered, not run again.")
     workers: int = Field(2, ge=1, le=16, description="Commands executed at once (a deploy takes one for its duration).")
+    max_waiting: int = Field(
+        256, ge=1, le=100_000, description="Commands waiting for a worker; one more is answered `busy` (not run), "
+        "or shed and counted when its id cannot be read."
+    )
     trusted_keys: list[ConfigPath] = Field(
         default_factory=list,
         description="Ed25519 public keys (from `edge-agent keygen`); when set, every command over MQTT must be "

@@ -31,6 +31,8 @@ from typing import Any, Callable
 
 import paho.mqtt.client as mqtt
 
+from edge_agent.comms.commands import TOKEN_RE
+from edge_agent.comms.dispatcher import error_reply
 from edge_agent.comms.mqtt import MqttTransport, PahoHandle
 from edge_agent.errors import EdgeAgentError, SpoolError
 
@@ -53,20 +55,31 @@ class Outbox:
         self._replaying = False
         self._stop = threading.Event()
 
+    retry_s = 0.05
+    """Pause of a drain that could not hand paho anything (its queue full)."""
+
     def send(self, kind: str, suffix: str, payload: dict[str, Any], *, qos: int = 1) -> None:
         topic = self.transport.topic(suffix)
         data = json.dumps(payload, separators=(",", ":")).encode("utf-8")
         with self._lock:
             if self.spool is not None and (self._backlog or not self.transport.connected.is_set()):
                 self._spool(kind, topic, data, qos)
-                return
+                drain = self.transport.connected.is_set()
+            else:
+                drain = None
+        if drain is not None:
+            if drain:
+                self.drain()  # connected but backed up: the backlog drains now, not at the next reconnect
+            return
         info = self.transport.client.publish(topic, data, qos=qos)
         if info.rc == 0 or (qos > 0 and info.rc == mqtt.MQTT_ERR_NO_CONN):
             return  # sent, or (QoS 1, connection just lost) kept by paho and sent after reconnecting
-        # QoS 0 without a connection, or paho's queue full: not sent, keep it here
+        # QoS 0 without a connection, or paho's queue full (a burst faster
+        # than the broker acknowledges): keep it here, in order, and drain.
         if self.spool is not None:
             with self._lock:
                 self._spool(kind, topic, data, qos)
+            self.drain()
         else:
             log.warning("MQTT: a %s message could not be sent (%s) and there is no spool", kind, info.rc)
 
@@ -78,8 +91,15 @@ class Outbox:
             log.error("store-and-forward: cannot keep a %s message: %s", kind, exc)
 
     def on_connected(self) -> None:
-        """Replay what was spooled (on its own thread: paho's must go on)."""
-        if self.spool is None:
+        """After a (re)connect: replay what was spooled."""
+        self.drain()
+
+    def drain(self) -> None:
+        """Publish what was spooled, oldest first, on a thread of its own
+        (paho's must go on), unless a drain already runs. Whatever is sent
+        meanwhile joins the spool behind it, so the order holds; once the
+        spool is empty, messages go straight to paho again."""
+        if self.spool is None or self._stop.is_set():
             return
         with self._lock:
             if self._replaying or not self._backlog:
@@ -99,13 +119,16 @@ class Outbox:
         total = 0
         try:
             while True:
-                total += self.spool.replay(self._publish_item)
+                sent = self.spool.replay(self._publish_item)
+                total += sent
                 with self._lock:
                     if len(self.spool) == 0:
                         self._backlog = False
                         break
                 if not self.transport.connected.is_set() or self._stop.is_set():
                     break
+                if not sent and self._stop.wait(self.retry_s):
+                    break  # paho's queue is still full: give the broker's acknowledgements a moment
         except Exception:
             log.exception("store-and-forward: replay failed")
         finally:
@@ -137,13 +160,23 @@ class ControlPlane:
         telemetry: Any | None,
         interval_s: float,
         spool: Any | None,
+        max_waiting: int = 256,
+        max_payload: int = 256 * 1024,
     ) -> None:
         self.transport = transport
         self.outbox = Outbox(transport, spool)
         self.dispatcher = dispatcher_factory(self.event)
         self.telemetry = telemetry
         self.interval_s = interval_s
-        self._queue: queue.Queue[tuple[str, bytes] | None] = queue.Queue()
+        self.max_payload = max_payload
+        # Bounded: a flood beyond what the workers can take is answered
+        # `busy` (or shed, counted, when no id can be read) instead of
+        # growing memory and delaying every later command.
+        self._queue: queue.Queue[tuple[str, bytes] | None] = queue.Queue(maxsize=max_waiting)
+        self._shed_lock = threading.Lock()
+        self.shed = {"busy": 0, "unreadable": 0}
+        """Commands refused because too many were waiting, since the start."""
+        self._shed_logged = 0.0
         self._workers = [threading.Thread(target=self._work, name=f"command-{i}", daemon=True) for i in range(workers)]
         self._stop = threading.Event()
         self._telemetry_thread = threading.Thread(target=self._telemetry_loop, name="telemetry", daemon=True)
@@ -170,6 +203,11 @@ class ControlPlane:
     def stop(self) -> None:
         self._stop.set()
         self.outbox.stop()
+        while True:  # what still waits is not run: make room for the workers' end marks
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
         for _ in self._workers:
             self._queue.put(None)
         for w in self._workers:
@@ -182,7 +220,39 @@ class ControlPlane:
     # -- commands ----------------------------------------------------------
 
     def _on_command(self, topic: str, payload: bytes) -> None:
-        self._queue.put((topic, payload))  # paho's thread: hand over, return
+        """On paho's thread: hand over and return, never block."""
+        try:
+            self._queue.put_nowait((topic, payload))
+        except queue.Full:
+            self._refuse_busy(topic, payload)
+
+    def _refuse_busy(self, topic: str, payload: bytes) -> None:
+        """More commands are waiting than the agent can take: answer this
+        one ``busy`` (it was not run; sending it again later is safe), or,
+        when no id can be read from it, shed it. Both are counted
+        (``commands_shed`` in telemetry) and logged at most once a second."""
+        cmd_id = None
+        if len(payload) <= self.max_payload:
+            try:
+                data = json.loads(payload)
+            except (ValueError, RecursionError):
+                data = None
+            raw_id = data.get("id") if isinstance(data, dict) else None
+            if isinstance(raw_id, str) and TOKEN_RE.fullmatch(raw_id):
+                cmd_id = raw_id
+        with self._shed_lock:
+            self.shed["busy" if cmd_id is not None else "unreadable"] += 1
+            counts = dict(self.shed)
+            now = time.monotonic()
+            say = now - self._shed_logged >= 1.0
+            if say:
+                self._shed_logged = now
+        if say:
+            log.warning("commands arrive faster than they can be run (%d waiting): %d refused as busy, %d unreadable "
+                        "shed so far", self._queue.maxsize, counts["busy"], counts["unreadable"])
+        if cmd_id is not None:
+            self._reply(error_reply(cmd_id, "busy", f"{self._queue.maxsize} commands are already waiting; this one "
+                                    "was not run: send it again later"))
 
     def _work(self) -> None:
         while True:
@@ -219,6 +289,9 @@ class ControlPlane:
                 dropped = self.outbox.spool.dropped()
                 if any(dropped.values()):  # CONTRACT extension: only when something was lost
                     message["spool_dropped"] = dropped
+            with self._shed_lock:
+                if any(self.shed.values()):  # likewise: only once a command was refused for want of room
+                    message["commands_shed"] = dict(self.shed)
             self.outbox.send("telemetry", "telemetry", message, qos=1)
 
 
