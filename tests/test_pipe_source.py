@@ -379,8 +379,7 @@ def test_stop_terminates_the_program_group() -> None:
     with running(source):
         wait_until(lambda: source.pid is not None, 5, "the program runs")
         pid = source.pid
-        children = psutil.Process(pid).children()
-        wait_until(lambda: psutil.Process(pid).children(), 5, "the children run")
+        wait_until(lambda: len(psutil.Process(pid).children()) == 2, 5, "the children run")
         children = psutil.Process(pid).children()
     assert source.pid is None and source.state == "stopped"
     assert not psutil.pid_exists(pid)
