@@ -283,7 +283,11 @@ class FrameSource:
                     self._call("open", self._open)
                 except SourceError as exc:
                     self._error(str(exc))
-                    if not self.live:
+                    if not self.live and not (self.opens and self.cfg.loop):
+                        # A file or folder that cannot be read at start is a
+                        # bad config; one that a looping source read before
+                        # and that went away (an unmounted USB stick, a NAS, an
+                        # rsync replacing it) is waited for, like a camera.
                         log.error("source %s: %s", self.name, exc)
                         self.failed = True
                         self.state = FAILED
