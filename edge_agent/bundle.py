@@ -6,7 +6,10 @@ archive (``.tar`` or ``.tar.gz``) of that directory's contents. Opening a
 bundle verifies every file before anything else may read it, and refuses:
 
 * an archive member that would land outside the bundle (absolute paths, ``..``,
-  links, devices),
+  links, devices), that the manifest does not list, or whose size is not the
+  listed one, before anything is written,
+* an archive that would unpack to more than its limit or than the free disk
+  (a decompression bomb), also before anything is written,
 * a manifest that does not validate,
 * a listed file that is missing, of another size or another sha256,
 * a file that is present but not listed (only the manifest and its signature
@@ -21,11 +24,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import lzma
 import os
 import shutil
 import tarfile
 import tempfile
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -103,11 +108,14 @@ def open_bundle(
     *,
     workdir: Path | None = None,
     trusted_keys: Sequence[Path | str] | None = None,
+    limits: UnpackLimits | None = None,
 ) -> Bundle:
     """Open a bundle directory or archive and verify it completely.
 
-    An archive is extracted (safely) into a new temporary directory under
-    ``workdir`` (default: the system temp dir), owned by the returned Bundle.
+    An archive is extracted (safely, see :func:`extract_archive`) into a new
+    temporary directory under ``workdir`` (default: the system temp dir),
+    owned by the returned Bundle; ``limits`` bound what it may unpack to.
+    On any refusal nothing of it is left on disk.
 
     With ``trusted_keys`` (public key files), the bundle must also carry a
     signature by one of them, checked after every file's sha256; the
@@ -127,9 +135,14 @@ def open_bundle(
         raise BundleError(
             f"bundle {path}: expected a directory or a .tar/.tar.gz archive", code="bad_archive"
         )
-    tmp = Path(tempfile.mkdtemp(prefix="bundle-", dir=workdir))
     try:
-        extract_archive(path, tmp)
+        tmp = Path(tempfile.mkdtemp(prefix="bundle-", dir=workdir))
+    except OSError as exc:
+        if is_disk_full(exc):
+            raise BundleError(f"bundle {path}: no space left on device to unpack it into", code="disk_full") from None
+        raise
+    try:
+        extract_archive(path, tmp, limits or NO_LIMITS)
         return Bundle(tmp, verify_dir(tmp), _tmpdir=tmp, signed_by=_check_signature(tmp, trusted))
     except BundleError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -148,48 +161,238 @@ def _check_signature(root: Path, trusted: Any) -> str | None:
     return check_signature(root, trusted)
 
 
-def extract_archive(archive: Path, dest: Path) -> None:
-    """Extract regular files and directories only; anything else is refused."""
+@dataclass(frozen=True)
+class UnpackLimits:
+    """Bounds on what unpacking an archive may write.
+
+    ``max_bytes``: the most the bundle may unpack to (every file it holds,
+    the manifest included; ``None``: no bound). ``min_free_bytes``: free space
+    that must remain on the destination's file system once it is unpacked.
+    The model store passes ``[store] max_unpacked_mb`` and ``min_free_mb``.
+    """
+
+    max_bytes: int | None = None
+    min_free_bytes: int = 0
+
+
+NO_LIMITS = UnpackLimits()
+MAX_MEMBERS = 10_000  # a bundle holds a model, labels and samples; far fewer in practice
+MAX_MANIFEST_BYTES = 4 << 20  # a manifest listing thousands of files is still well under this
+MAX_SIGNATURE_BYTES = 64 << 10  # manifest.sig is a few hundred bytes of JSON
+_FREE_CHECK_EVERY = 16 << 20  # bytes written between two checks of the free space
+
+
+def size_text(n: int) -> str:
+    """Bytes for a person: ``200.0 MB``, or ``12.3 kB`` below 0.1 MB."""
+    return f"{n / 1e6:.1f} MB" if n >= 100_000 else f"{n / 1e3:.1f} kB"
+
+
+def free_bytes(path: Path) -> int:
+    """Bytes an unprivileged process may still write on ``path``'s file system."""
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+@dataclass
+class _Plan:
+    """What the first pass over an archive found: its files and their sizes."""
+
+    manifest: Manifest
+    sizes: dict[str, int]  # every regular member (manifest and signature included) -> size
+    total: int
+
+
+def extract_archive(archive: Path, dest: Path, limits: UnpackLimits = NO_LIMITS) -> Manifest:
+    """Unpack a bundle archive into the folder ``dest`` (made if missing) and
+    return its manifest (not yet checked against the files' sha256:
+    :func:`verify_dir` does that). Nothing is written unless the whole archive is acceptable:
+
+    1. a first pass reads the member headers only (no file is written) and
+       refuses, as soon as a header shows it: a member that is not a regular
+       file or folder or would land outside ``dest`` (``bad_archive``); a
+       total size beyond ``limits.max_bytes`` (``bundle_too_large_unpacked``)
+       or beyond the free space (``disk_full``). It reads and validates
+       ``manifest.json`` (``bad_manifest``).
+    2. Then, still before writing: a member the manifest does not list
+       (``unlisted_member``), a member whose size is not the listed one
+       (``size_mismatch``), a listed file that is absent (``missing_file``),
+       the sum of the manifest's sizes against the limit and against the free
+       space less ``limits.min_free_bytes``.
+    3. The second pass writes the listed files, each stopped as soon as it
+       would exceed its listed size, and the free space is checked again
+       every few MB (another writer may be filling the disk meanwhile).
+
+    On a refusal ``dest`` may hold part of the files; the caller removes it
+    (:func:`open_bundle` does).
+    """
     try:
-        with tarfile.open(archive, "r:*") as tar:
-            members = tar.getmembers()
-            for member in members:
-                name = member.name.removeprefix("./")
-                parts = name.split("/")
-                if member.name.startswith("/") or ".." in parts:
-                    raise BundleError(
-                        f"bundle {archive}: member {member.name!r} would be written outside the bundle",
-                        code="bad_archive",
-                    )
-                if not (member.isfile() or member.isdir()):
-                    raise BundleError(
-                        f"bundle {archive}: member {member.name!r} is not a regular file", code="bad_archive"
-                    )
-            if hasattr(tarfile, "data_filter"):
-                tar.extractall(dest, members=members, filter="data")
-            else:  # pragma: no cover - Python < 3.10.12
-                tar.extractall(dest, members=members)
-    except (tarfile.TarError, EOFError, OSError) as exc:
+        dest.mkdir(parents=True, exist_ok=True)
+        plan = _plan_archive(archive, limits, dest)
+        _write_archive(archive, dest, plan, limits)
+        return plan.manifest
+    except (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError, OSError) as exc:
         if is_disk_full(exc):
             raise BundleError(f"bundle {archive}: no space left on device while extracting", code="disk_full") from None
         raise BundleError(f"bundle {archive}: not a readable tar archive ({exc})", code="bad_archive") from None
 
 
+def _member_name(archive: Path, member: tarfile.TarInfo) -> str:
+    """The member's path inside the bundle, after the safety checks."""
+    name = member.name.removeprefix("./")
+    parts = name.split("/")
+    if member.name.startswith("/") or ".." in parts:
+        raise BundleError(
+            f"bundle {archive}: member {member.name!r} would be written outside the bundle", code="bad_archive"
+        )
+    if not (member.isfile() or member.isdir()) or member.issparse():
+        raise BundleError(f"bundle {archive}: member {member.name!r} is not a regular file", code="bad_archive")
+    return name
+
+
+def _too_large(archive: Path, total: int, limits: UnpackLimits, what: str) -> BundleError:
+    assert limits.max_bytes is not None
+    return BundleError(
+        f"bundle {archive}: {what} {size_text(total)} unpacked, more than the {size_text(limits.max_bytes)} "
+        "this device accepts ([store] max_unpacked_mb)",
+        code="bundle_too_large_unpacked",
+    )
+
+
+def _no_room(archive: Path, needed: int, free: int, limits: UnpackLimits, dest: Path) -> BundleError:
+    keep = ""
+    if limits.min_free_bytes:
+        keep = f" and {size_text(limits.min_free_bytes)} must stay free ([store] min_free_mb)"
+    return BundleError(
+        f"bundle {archive}: unpacking needs {size_text(needed)}{keep}, but only {size_text(free)} are free "
+        f"on the disk holding {dest}",
+        code="disk_full",
+    )
+
+
+def _plan_archive(archive: Path, limits: UnpackLimits, dest: Path) -> _Plan:
+    free = free_bytes(dest)
+    sizes: dict[str, int] = {}
+    total = 0
+    raw_manifest: bytes | None = None
+    with tarfile.open(archive, "r:*") as tar:
+        for count, member in enumerate(tar, 1):  # headers only: data is skipped, never written
+            if count > MAX_MEMBERS:
+                raise BundleError(f"bundle {archive}: more than {MAX_MEMBERS} members", code="bad_archive")
+            name = _member_name(archive, member)
+            if member.isdir():
+                continue
+            if name in sizes:
+                raise BundleError(f"bundle {archive}: member {name!r} appears twice", code="bad_archive")
+            sizes[name] = member.size
+            total += member.size
+            # Refused on the header's word, before its data is even decompressed.
+            if limits.max_bytes is not None and total > limits.max_bytes:
+                raise _too_large(archive, total, limits, "its members hold at least")
+            if total + limits.min_free_bytes > free:
+                raise _no_room(archive, total, free, limits, dest)
+            if name == MANIFEST_NAME:
+                if member.size > MAX_MANIFEST_BYTES:
+                    raise BundleError(
+                        f"bundle {archive}: {MANIFEST_NAME} is {member.size} bytes, more than a manifest may be "
+                        f"({MAX_MANIFEST_BYTES})",
+                        code="bad_manifest",
+                    )
+                fh = tar.extractfile(member)
+                assert fh is not None
+                raw_manifest = fh.read()
+            elif name == SIGNATURE_NAME and member.size > MAX_SIGNATURE_BYTES:
+                raise BundleError(
+                    f"bundle {archive}: {SIGNATURE_NAME} is {member.size} bytes, more than a signature may be "
+                    f"({MAX_SIGNATURE_BYTES})",
+                    code="signature_invalid",
+                )
+    if raw_manifest is None:
+        raise BundleError(f"bundle {archive}: no {MANIFEST_NAME}", code="bad_manifest")
+    manifest = parse_manifest(raw_manifest, f"bundle {archive}")
+    listed = {entry.path: entry.size for entry in manifest.files}
+    for name, size in sizes.items():
+        if name in (MANIFEST_NAME, SIGNATURE_NAME):
+            continue
+        if name not in listed:
+            raise BundleError(
+                f"bundle {archive}: member {name!r} is not listed in the manifest", code="unlisted_member"
+            )
+        if size != listed[name]:
+            raise BundleError(
+                f"bundle {archive}: member {name!r} is {size} bytes, the manifest says {listed[name]}",
+                code="size_mismatch",
+            )
+    for name in listed:
+        if name not in sizes:
+            raise BundleError(f"bundle {archive}: listed file {name!r} is missing", code="missing_file")
+    unpacked = sum(listed.values()) + sizes[MANIFEST_NAME] + sizes.get(SIGNATURE_NAME, 0)
+    if limits.max_bytes is not None and unpacked > limits.max_bytes:
+        raise _too_large(archive, unpacked, limits, "the manifest lists")
+    if unpacked + limits.min_free_bytes > free:
+        raise _no_room(archive, unpacked, free, limits, dest)
+    return _Plan(manifest, sizes, unpacked)
+
+
+def _write_archive(archive: Path, dest: Path, plan: _Plan, limits: UnpackLimits) -> None:
+    written = 0
+    next_check = _FREE_CHECK_EVERY
+    with tarfile.open(archive, "r:*") as tar:
+        for member in tar:
+            name = _member_name(archive, member)
+            if member.isdir():
+                continue
+            if plan.sizes.get(name) != member.size:  # the archive changed since the first pass
+                raise BundleError(f"bundle {archive}: changed while it was being unpacked", code="bad_archive")
+            target = dest / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            src = tar.extractfile(member)
+            assert src is not None
+            # "x": never write through something already there (a second
+            # member of the same name, or a link planted in dest).
+            with src, open(target, "xb") as out:
+                n = 0
+                while chunk := src.read(_CHUNK):
+                    n += len(chunk)
+                    if n > member.size:
+                        raise BundleError(
+                            f"bundle {archive}: member {name!r} holds more than the {member.size} bytes "
+                            "the manifest lists",
+                            code="size_mismatch",
+                        )
+                    written += len(chunk)
+                    if limits.max_bytes is not None and written > limits.max_bytes:
+                        raise _too_large(archive, written, limits, "writing it reached")
+                    out.write(chunk)
+                    if written >= next_check:
+                        next_check = written + _FREE_CHECK_EVERY
+                        free = free_bytes(dest)
+                        remaining = plan.total - written
+                        if free < remaining + limits.min_free_bytes // 2:
+                            raise _no_room(archive, remaining, free, limits, dest)
+
+
 def read_manifest(root: Path) -> Manifest:
     path = root / MANIFEST_NAME
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise BundleError(f"bundle {root}: no {MANIFEST_NAME}", code="bad_manifest") from None
+    return parse_manifest(raw, f"bundle {root}")
+
+
+def parse_manifest(raw: bytes, where: str) -> Manifest:
+    """Validate the bytes of a ``manifest.json``; ``where`` starts the messages."""
+    try:
+        data = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BundleError(f"bundle {root}: {MANIFEST_NAME} is not valid JSON ({exc})", code="bad_manifest") from None
+        raise BundleError(f"{where}: {MANIFEST_NAME} is not valid JSON ({exc})", code="bad_manifest") from None
     try:
         return Manifest.model_validate(data)
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in e['loc']) or 'manifest'}: {e['msg']}" for e in exc.errors()
         )
-        raise BundleError(f"bundle {root}: invalid {MANIFEST_NAME}: {problems}", code="bad_manifest") from None
+        raise BundleError(f"{where}: invalid {MANIFEST_NAME}: {problems}", code="bad_manifest") from None
 
 
 def verify_dir(root: Path) -> Manifest:

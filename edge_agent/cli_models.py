@@ -55,7 +55,7 @@ def send(config_path: str, cmd: str, args: dict[str, Any]) -> tuple[dict[str, An
         from edge_agent.control import Control, build_dispatcher
         from edge_agent.models.manager import ModelManager
 
-        store = ModelStore(root, keep_versions=config.store.keep_versions)
+        store = ModelStore.from_config(config.store)
         manager = ModelManager(store, config.models, trusted_keys=config.store.trusted_keys, probation=False)
         manager.start(require=False)
         try:

@@ -116,6 +116,20 @@ class StoreConfig(_Section):
         None, description="Unix socket of the running agent's local control path (default: <path>/agent.sock)."
     )
     max_bundle_mb: float = Field(512.0, gt=0, description="Largest bundle a deploy may bring.")
+    max_unpacked_mb: float = Field(
+        1024.0, gt=0, description="Largest size a bundle may unpack to (its files summed, as its manifest lists them)."
+    )
+    min_free_mb: float = Field(
+        64.0, ge=0, description="Free space a deploy must leave on the store's disk once the bundle is unpacked."
+    )
+
+    @property
+    def max_unpacked_bytes(self) -> int:
+        return int(self.max_unpacked_mb * 1e6)
+
+    @property
+    def min_free_bytes(self) -> int:
+        return int(self.min_free_mb * 1e6)
 
     @property
     def socket_path(self) -> Path:

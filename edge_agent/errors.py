@@ -64,7 +64,10 @@ class BundleError(EdgeAgentError):
     ``missing_file``, ``size_mismatch``, ``checksum_mismatch``,
     ``unexpected_file``, ``unsupported_model``; with trusted keys (see
     :mod:`edge_agent.signing`): ``signature_missing``, ``signature_invalid``,
-    ``untrusted_key``.
+    ``untrusted_key``. Unpacking an archive, before anything is written:
+    ``unlisted_member`` (a member the manifest does not list),
+    ``bundle_too_large_unpacked`` (more than ``[store] max_unpacked_mb``),
+    ``disk_full`` (more than the free space less ``[store] min_free_mb``).
     """
 
     code = "bad_bundle"

@@ -28,7 +28,7 @@ import urllib.parse
 from pathlib import Path
 from typing import Any, Callable
 
-from edge_agent.bundle import open_bundle, sha256_file
+from edge_agent.bundle import sha256_file
 from edge_agent.errors import BundleError, EdgeAgentError
 from edge_agent.models.manager import ModelManager
 from edge_agent.models.store import installed_as
@@ -84,7 +84,7 @@ def deploy(
         raise DeployError(f"bundle {path}: sha256 and size apply to an archive, not a directory", code="bad_args")
 
     say("verifying")
-    with open_bundle(path, workdir=store.staging(), trusted_keys=manager.trusted_keys) as bundle:
+    with store.open_incoming(path, trusted_keys=manager.trusted_keys) as bundle:
         m = bundle.manifest
         if model is not None and m.name != model:
             raise DeployError(f"the bundle holds model {m.name!r}, not {model!r}", code="name_mismatch")

@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from edge_agent.bundle import Bundle, open_bundle
+from edge_agent.bundle import Bundle
 from edge_agent.config import ModelConfig
 from edge_agent.errors import BundleError, EdgeAgentError, ModelNotAvailable
 from edge_agent.faults import checkpoint
@@ -358,7 +358,7 @@ class ModelManager:
                 raise ModelNotAvailable(
                     f"model {name}: the store {self.store.root} holds no version and no bundle is configured"
                 )
-            with open_bundle(cfg.bundle, workdir=self.store.staging(), trusted_keys=self.trusted_keys) as bundle:
+            with self.store.open_incoming(cfg.bundle, trusted_keys=self.trusted_keys) as bundle:
                 if bundle.manifest.name != name:
                     raise EdgeAgentError(
                         f"model {name}: bundle {cfg.bundle} is named {bundle.manifest.name!r}", code="name_mismatch"

@@ -23,12 +23,23 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-from edge_agent.bundle import Bundle, open_bundle, read_manifest, verify_dir
+from edge_agent.bundle import (
+    Bundle,
+    UnpackLimits,
+    free_bytes,
+    open_bundle,
+    read_manifest,
+    size_text,
+    verify_dir,
+)
 from edge_agent.errors import BundleError, EdgeAgentError, is_disk_full
 from edge_agent.faults import checkpoint
 from edge_agent.models.state import ModelState, clean_state_leftovers, fsync_dir, read_state, write_state
+
+if TYPE_CHECKING:
+    from edge_agent.config import StoreConfig
 
 log = logging.getLogger(__name__)
 
@@ -104,15 +115,25 @@ class ModelStore:
     serialises every transaction, and one process owns a store (StoreLock).
     """
 
-    def __init__(self, root: Path, *, keep_versions: int = 3) -> None:
+    def __init__(self, root: Path, *, keep_versions: int = 3, max_unpacked_bytes: int | None = None,
+                 min_free_bytes: int = 0) -> None:
         self.root = Path(root)
         self.keep_versions = keep_versions
+        # What a bundle coming in may unpack to, and the free space it must
+        # leave ([store] max_unpacked_mb, min_free_mb).
+        self.limits = UnpackLimits(max_unpacked_bytes, min_free_bytes)
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StoreError(f"model store {self.root}: cannot create it ({exc.strerror})", code="store_unusable") from None
         if not os.access(self.root, os.W_OK):
             raise StoreError(f"model store {self.root}: not writable", code="store_unusable")
+
+    @classmethod
+    def from_config(cls, cfg: "StoreConfig") -> "ModelStore":
+        """The store a ``[store]`` section describes."""
+        return cls(cfg.path, keep_versions=cfg.keep_versions, max_unpacked_bytes=cfg.max_unpacked_bytes,
+                   min_free_bytes=cfg.min_free_bytes)
 
     def clean_staging(self) -> None:
         """Delete what an interrupted install or removal left in ``.staging``.
@@ -128,6 +149,13 @@ class ModelStore:
         path = self.root / STAGING
         path.mkdir(exist_ok=True)
         return path
+
+    def open_incoming(self, path: Path | str, *, trusted_keys: Sequence[Path] | None = None) -> Bundle:
+        """Open (and verify) a bundle that is to be installed: an archive is
+        unpacked into staging within the store's limits (a decompression bomb
+        is refused before it is written: ``bundle_too_large_unpacked``,
+        ``disk_full``, ``unlisted_member``)."""
+        return open_bundle(path, workdir=self.staging(), trusted_keys=trusted_keys, limits=self.limits)
 
     # -- reading -----------------------------------------------------------
 
@@ -194,6 +222,7 @@ class ModelStore:
             work = tmp / "bundle"
             taken = self._take_extracted(bundle, work)
             if not taken:
+                self._check_room(bundle)
                 shutil.copytree(bundle.root, work)
                 if verify_dir(work) != m:
                     raise BundleError(f"bundle {bundle.root} changed while it was being installed; try again",
@@ -212,6 +241,28 @@ class ModelStore:
             shutil.rmtree(tmp, ignore_errors=True)
         log.info("installed %s version %d into %s", m.name, m.version, dest)
         return dest, True
+
+    def _check_room(self, bundle: Bundle) -> None:
+        """Before copying a bundle folder in: its size against the store's
+        limits (an archive was checked as it was unpacked, into staging)."""
+        m = bundle.manifest
+        size = sum(entry.size for entry in m.files)
+        limit = self.limits.max_bytes
+        if limit is not None and size > limit:
+            raise BundleError(
+                f"{m.name} v{m.version}: its files hold {size_text(size)}, more than the {size_text(limit)} "
+                "this device accepts ([store] max_unpacked_mb)",
+                code="bundle_too_large_unpacked",
+            )
+        free = free_bytes(self.root)
+        keep = self.limits.min_free_bytes
+        if size + keep > free:
+            must = f" and {size_text(keep)} must stay free ([store] min_free_mb)" if keep else ""
+            raise StoreError(
+                f"cannot install {m.name} v{m.version}: it needs {size_text(size)}{must}, but only "
+                f"{size_text(free)} are free in {self.root}",
+                code="disk_full",
+            )
 
     def _take_extracted(self, bundle: Bundle, work: Path) -> bool:
         """Move an archive's extraction into ``work`` instead of copying it,
