@@ -91,8 +91,21 @@ class Console:
 
 
 @pytest.fixture
-def flooded_agent(tmp_path: Path, broker: Broker, mobilenet_bundle: Path, assets):
+def flood_broker(tmp_path: Path):
+    """A mosquitto of its own that queues as much as the console falls
+    behind: by default the broker drops what a slow subscriber has not
+    taken beyond 1,000 messages, which would count against the agent."""
+    from edge_agent.testing import Mosquitto
+
+    made = Mosquitto(tmp_path / "broker", extra=["max_queued_messages 100000"])
+    yield made
+    made.stop()
+
+
+@pytest.fixture
+def flooded_agent(tmp_path: Path, flood_broker: Broker, mobilenet_bundle: Path, assets):
     """A real agent on the looping demo video at 10 fps, and a console."""
+    broker = flood_broker
     device = f"flood-{uuid.uuid4().hex[:6]}"
     config = tmp_path / "agent.toml"
     config.write_text(f"""

@@ -4,6 +4,7 @@ silently."""
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 import textwrap
@@ -296,3 +297,58 @@ def test_replay_through_a_real_broker_in_order(tmp_path: Path, broker: Any) -> N
         for c in (sub, pub):
             c.disconnect()
             c.loop_stop()
+
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path):
+    """A real 1 MiB file system (tmpfs), so a full disk is the kernel's
+    ENOSPC, not a simulation. Needs root and mount; skipped otherwise."""
+    import os
+    import subprocess
+
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True, text=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_while_spooling_loses_a_bounded_count_and_says_so(tiny_disk: Path, caplog) -> None:
+    """The broker is away and the disk fills up: what cannot be kept is
+    counted per kind (telemetry's spool_dropped), logged at most once a
+    minute rather than once per frame, and spooling resumes when room is
+    made."""
+    from edge_agent.comms.plane import Outbox
+
+    class Offline:
+        """A transport whose broker is away: everything goes to the spool."""
+
+        connected = threading.Event()
+
+        def topic(self, suffix: str) -> str:
+            return f"p/d/{suffix}"
+
+    filler = tiny_disk / "filler"
+    with Spool(tiny_disk / "s.db", max_bytes=100 * 1024 * 1024) as spool:
+        outbox = Outbox(Offline(), spool)
+        filler.write_bytes(b"\0" * 700 * 1024)
+        with caplog.at_level(logging.ERROR, logger="edge_agent.comms.plane"):
+            for i in range(400):
+                outbox.send("results", "results/cam", {"seq": i, "pad": "x" * 1000}, qos=0)
+                outbox.send("telemetry", "telemetry", {"seq": i, "pad": "y" * 1000})
+        kept = spool.counts()
+        dropped = spool.dropped()
+        assert dropped["results"] > 0 and dropped["telemetry"] > 0
+        assert kept["results"] + dropped["results"] == 400  # every one kept or counted, none unaccounted
+        assert kept["telemetry"] + dropped["telemetry"] == 400
+        lines = [r for r in caplog.records if "cannot keep" in r.message]
+        assert len(lines) == 1 and "disk holding" in lines[0].message
+        filler.unlink()  # room again
+        outbox.send("events", "events", {"event": "after"})
+        assert spool.counts()["events"] == 1
+        assert spool.dropped(reset=True)["results"] == dropped["results"]
+        assert spool.dropped() == {k: 0 for k in spool.dropped()}

@@ -54,6 +54,8 @@ class Outbox:
         self._backlog = bool(spool is not None and len(spool))
         self._replaying = False
         self._stop = threading.Event()
+        self._lost = 0
+        self._lost_logged = -60.0
 
     retry_s = 0.05
     """Pause of a drain that could not hand paho anything (its queue full)."""
@@ -88,7 +90,14 @@ class Outbox:
             self.spool.put(topic, data, qos=max(qos, 1) if kind != "results" else qos, kind=kind)
             self._backlog = True
         except SpoolError as exc:
-            log.error("store-and-forward: cannot keep a %s message: %s", kind, exc)
+            # Counted by the spool (telemetry's spool_dropped); logged at most
+            # once a minute, as a line per lost frame would fill the very disk.
+            self._lost += 1
+            now = time.monotonic()
+            if now - self._lost_logged >= 60.0:
+                log.error("store-and-forward: cannot keep a %s message: %s (%d lost since the last such line)",
+                          kind, exc, self._lost)
+                self._lost, self._lost_logged = 0, now
 
     def on_connected(self) -> None:
         """After a (re)connect: replay what was spooled."""

@@ -134,6 +134,7 @@ class Spool:
         self.path = Path(path)
         self.max_bytes = max_bytes
         self._lock = threading.Lock()
+        self._lost: dict[str, int] = {}  # not written at all (disk full), per kind; see dropped()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -197,15 +198,23 @@ class Spool:
         payload = bytes(payload)
         size = _item_size(topic, payload)
         with self._lock:
-            with self._transaction(f"cannot spool a {kind} message"):
-                evicted = self._make_room(size, kind)
-                if evicted is None:
-                    self._count_dropped(kind, 1)
-                else:
-                    cur = self._db.execute(
-                        "INSERT INTO items (kind, topic, payload, qos, retain, size, ts) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                        (kind, topic, payload, qos, int(retain), size, time.time()),
-                    )
+            try:
+                with self._transaction(f"cannot spool a {kind} message"):
+                    evicted = self._make_room(size, kind)
+                    if evicted is None:
+                        self._count_dropped(kind, 1)
+                    else:
+                        cur = self._db.execute(
+                            "INSERT INTO items (kind, topic, payload, qos, retain, size, ts) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                            (kind, topic, payload, qos, int(retain), size, time.time()),
+                        )
+            except SpoolError as exc:
+                if exc.code != "spool_full":
+                    # Nothing could be written (a full disk): counted in
+                    # memory, as the disk takes no count either. (spool_full,
+                    # an event/reply over the cap, is the caller's to handle.)
+                    self._lost[kind] = self._lost.get(kind, 0) + 1
+                raise
             if evicted is None:
                 log.debug("spool full: dropped a new %s message for %s", kind, topic)
                 return None
@@ -316,15 +325,21 @@ class Spool:
     def dropped(self, *, reset: bool = False) -> dict[str, int]:
         """Items evicted or refused per kind, since the counters were last
         reset (persisted, so a restart does not hide a loss). ``reset=True``
-        returns them and starts again from zero, for per-interval reports."""
+        returns them and starts again from zero, for per-interval reports.
+
+        Messages that could not be written at all (a full disk) are counted
+        too, in memory: there was no room to persist the count either.
+        """
         if not reset:  # a read: no write transaction on every telemetry tick
             with self._lock:
                 counts = dict(self._db.execute("SELECT kind, count FROM dropped").fetchall())
-            return {kind: int(counts.get(kind, 0)) for kind in KINDS}
+                lost = dict(self._lost)
+            return {kind: int(counts.get(kind, 0)) + lost.get(kind, 0) for kind in KINDS}
         with self._lock, self._transaction("cannot read the spool's counters"):
             counts = dict(self._db.execute("SELECT kind, count FROM dropped").fetchall())
             self._db.execute("DELETE FROM dropped")
-        return {kind: int(counts.get(kind, 0)) for kind in KINDS}
+            lost, self._lost = self._lost, {}
+        return {kind: int(counts.get(kind, 0)) + lost.get(kind, 0) for kind in KINDS}
 
     def counts(self) -> dict[str, int]:
         """Items waiting, per kind."""
