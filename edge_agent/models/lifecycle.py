@@ -117,6 +117,7 @@ def deploy(
         except BaseException as exc:
             if installed:
                 manager.reject_installed(name, ver, exc)
+            manager.collect(name, "collected after a failed deploy")
             raise
     result["active"] = manager.active_version(name)
     result["seconds"] = round(time.monotonic() - t0, 3)

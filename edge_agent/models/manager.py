@@ -417,6 +417,9 @@ class ModelManager:
                 slot.probation = ProbationRun(serving.version, time.monotonic(), None, 0, 0)
                 self._wake.set()
         self._reconcile(slot)
+        # What crashed or failed deploys left behind (versions installed and
+        # never activated, versions failed on the way back from a probation).
+        self._collect(slot, "collected at start")
         log.info(
             "model %s version %d serving (%s, %s, input %s)",
             name,
@@ -586,9 +589,9 @@ class ModelManager:
                 baseline = self._baseline(swap.old)
                 slot.probation = ProbationRun(version, time.monotonic(), baseline, *self._counts(slot, version))
                 self._wake.set()
-            else:
-                self.store.gc(name, state)
             self._reconcile(slot)
+            if not start_probation:
+                self._collect(slot, "collected after an activation")
             self._event("activated", name, version, previous=previous, reason=reason, mode=swap.mode,
                         gap_ms=swap.gap_ms, load_ms=swap.load_ms)
             return {"model": name, "version": version, "previous": previous, "changed": True,
@@ -615,6 +618,7 @@ class ModelManager:
             self._commit_swap(slot, swap)
             self._reconcile(slot)
             self._event("rolled_back", name, active, to=target, reason=reason, mode=swap.mode, gap_ms=swap.gap_ms)
+            self._collect(slot, "collected after a rollback")
             return {"model": name, "version": target, "from": active, "reason": reason, **swap.report()}
 
     def _rollback_target(self, slot: Slot, active: int | None) -> int | None:
@@ -673,6 +677,58 @@ class ModelManager:
                 self._event("rejected", name, version, code=getattr(exc, "code", "error"), message=str(exc))
             except (StoreError, OSError) as cleanup:
                 log.error("model %s: could not remove rejected version %d: %s", name, version, cleanup)
+
+    def collect(self, name: str, why: str) -> list[int]:
+        """Garbage-collect ``name``'s versions (see :meth:`_collect`); never raises."""
+        with self._tx:
+            try:
+                return self._collect(self._slot(name), why)
+            except Exception:
+                log.exception("model %s: garbage collection failed", name)
+                return []
+
+    def _needed(self, slot: Slot) -> set[int]:
+        """Versions garbage collection must leave besides the ones the state
+        protects (active, last good, labelled, on probation and the one
+        before): those the policy serves or keeps loaded, those loaded now,
+        and the target a rollback would go to."""
+        planned = policy.plan(slot.policy, self._snapshot(slot))
+        needed = set(planned.load)
+        if planned.serving is not None:
+            needed.add(planned.serving)
+        with self._cond:
+            needed |= set(slot.loaded)
+            serving = slot.serving
+        active = serving.version if serving is not None else slot.state.active
+        if active is not None:
+            needed.add(active)
+        target = self._rollback_target(slot, active)
+        if target is not None:
+            needed.add(target)
+        return needed
+
+    def _collect(self, slot: Slot, why: str, *, save: bool = True) -> list[int]:
+        """Remove the versions beyond ``keep_versions`` that nothing needs
+        (:meth:`ModelStore.collectable`): what interrupted deploys and failed
+        probations leave behind. Each removal is recorded in the history and
+        announced (event ``removed``); ``save`` writes the state (a failure
+        to is logged: the versions are gone either way, and the next start
+        repairs the state from the disk)."""
+        name = slot.cfg.name
+        removed = self.store.gc(name, slot.state, self._needed(slot))
+        if not removed:
+            return removed
+        reason = f"{why}: beyond keep_versions ({self.store.keep_versions})"
+        for version in removed:
+            slot.state.failed.pop(version, None)
+            slot.state.record("removed", version, reason=reason)
+            self._event("removed", name, version, reason=reason)
+        if save:
+            try:
+                self._save(slot)
+            except EdgeAgentError as exc:
+                log.error("model %s: %s", name, exc)
+        return removed
 
     def set_label(self, name: str, label: str, version: int | None) -> dict[str, Any]:
         """Point ``label`` at ``version`` (loaded and checked first), or remove it (None)."""
@@ -995,7 +1051,7 @@ class ModelManager:
         assert run is not None
         slot.state.last_good = run.version
         slot.state.record("probation_passed", run.version, frames=frames, seconds=round(elapsed, 2))
-        removed = self.store.gc(slot.cfg.name, slot.state)
+        removed = self._collect(slot, "collected after a probation passed", save=False)
         self._save(slot)
         self._event("probation_passed", slot.cfg.name, run.version, frames=frames, seconds=round(elapsed, 2),
                     removed=removed or None)

@@ -23,7 +23,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 from edge_agent.bundle import (
     Bundle,
@@ -296,18 +296,30 @@ class ModelStore:
         shutil.rmtree(trash, ignore_errors=True)
         log.info("removed %s version %d from the store", name, version)
 
-    def collectable(self, name: str, state: ModelState) -> list[int]:
-        """Versions garbage collection would remove: beyond the ``keep_versions``
-        newest of those that are neither active, last good nor labelled."""
+    def collectable(self, name: str, state: ModelState, keep: Iterable[int] = ()) -> list[int]:
+        """Versions garbage collection would remove, ascending.
+
+        Never the active or last good version, a labelled one, the version on
+        probation or the one before it. Of the others, ``keep_versions`` stay
+        for rollback: first those in ``keep`` (what the manager needs: the
+        rollback target, versions the policy serves or keeps loaded; these
+        stay even beyond ``keep_versions``), then the newest that have not
+        failed, then the newest failed ones. The rest is collectable: what
+        interrupted and failed deploys left behind."""
         protected = {state.active, state.last_good, *state.labels.values()}
         if state.probation is not None:
             protected |= {state.probation.version, state.probation.previous}
         others = [v for v in self.versions(name) if v not in protected]
-        return others[: max(0, len(others) - self.keep_versions)]
+        needed = {v for v in others if v in set(keep)}
+        rest = sorted((v for v in others if v not in needed), key=lambda v: (v not in state.failed, v), reverse=True)
+        kept = needed | set(rest[: max(0, self.keep_versions - len(needed))])
+        return [v for v in others if v not in kept]
 
-    def gc(self, name: str, state: ModelState) -> list[int]:
+    def gc(self, name: str, state: ModelState, keep: Iterable[int] = ()) -> list[int]:
+        """Remove what :meth:`collectable` names; returns the versions removed
+        (the caller updates and saves the state)."""
         removed = []
-        for version in self.collectable(name, state):
+        for version in self.collectable(name, state, keep):
             try:
                 self.delete_version(name, version)
                 removed.append(version)
