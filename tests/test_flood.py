@@ -202,7 +202,7 @@ def test_huge_nested_and_binary_payloads_do_not_stop_the_output(flooded_agent) -
     assert proc.poll() is None
 
 
-def test_commands_beyond_the_waiting_room_are_answered_busy_and_counted(broker: Broker) -> None:
+def test_commands_beyond_the_waiting_room_are_answered_busy_and_counted(flood_broker: Broker) -> None:
     """With every worker busy and the waiting room full, a command gets a
     ``busy`` reply at once (it was not run, so sending it again is safe);
     one whose id cannot be read is shed and counted. Nothing is silent."""
@@ -223,8 +223,10 @@ def test_commands_beyond_the_waiting_room_are_answered_busy_and_counted(broker: 
     def factory(events):
         dispatcher = Dispatcher(events=events)
         dispatcher.register("hold", NoArgs, hold)
+        dispatcher.register("ping", NoArgs, lambda args, ctx: {"pong": True})
         return dispatcher
 
+    broker = flood_broker
     transport = MqttTransport(MqttConfig(host=broker.host, port=broker.port, topic_prefix=PREFIX), device)
     plane = ControlPlane(transport=transport, dispatcher_factory=factory, groups=[], workers=1, telemetry=None,
                          interval_s=60, spool=None, max_waiting=2)
@@ -233,6 +235,9 @@ def test_commands_beyond_the_waiting_room_are_answered_busy_and_counted(broker: 
     console = Console(broker, device)
     try:
         assert transport.connected.wait(10)
+        # the device's subscription is in place once a ping is answered
+        assert console.ping_answered(10) is not None
+        console.messages.clear()
         send = lambda payload: console.client.publish(f"{PREFIX}/{device}/cmd", payload, qos=1).wait_for_publish(5)
         send(json.dumps({"id": "h0", "cmd": "hold"}))
         assert entered.wait(10)  # the only worker is busy with h0
@@ -243,6 +248,9 @@ def test_commands_beyond_the_waiting_room_are_answered_busy_and_counted(broker: 
         busy = console.on("/reply")
         assert [(r["id"], r["error"]["code"]) for r in busy] == [("h3", "busy"), ("h4", "busy"), ("h5", "busy")]
         assert "send it again later" in busy[0]["error"]["message"]
+        deadline = time.monotonic() + 10
+        while plane.shed["unreadable"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
         release.set()
         assert console.wait_for(lambda: len(console.on("/reply")) >= 6, 10)
         done = [r for r in console.on("/reply") if r["ok"]]
