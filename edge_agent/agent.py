@@ -47,6 +47,7 @@ class Agent:
         self.sinks: list[Sink] = [LogSink(), *(extra_sinks or []), _PlaneResults(self)]
         self.transport: Any = None
         self.plane: Any = None
+        self.journal: Any = None  # the command journal: opened with the first control plane, kept across reloads
         self._skipped_seen: dict[str, int] = {}
         from edge_agent.comms.local import LocalControlServer
         from edge_agent.control import Control, build_dispatcher
@@ -178,7 +179,7 @@ class Agent:
             transport=self.transport,
             dispatcher_factory=lambda events: build_dispatcher(
                 control, local=False, events=events, max_payload=cfg.commands.max_payload, memory=cfg.commands.memory,
-                verifier=verifier,
+                verifier=verifier, journal=self._command_journal(),
             ),
             groups=cfg.groups, workers=cfg.commands.workers, telemetry=telemetry,
             interval_s=cfg.mqtt.telemetry_interval_s, spool=spool, max_waiting=cfg.commands.max_waiting,
@@ -186,6 +187,19 @@ class Agent:
         )
         self.events.append(self.plane.event)
         self.plane.start()
+        plane = self.plane  # commands a crash cut short: answered once, through the outbox (spooled until connected)
+        plane.dispatcher.recover(control.recover, lambda reply: plane.outbox.send("replies", "reply", reply, qos=1))
+
+    def _command_journal(self) -> Any:
+        """The command journal in the store (one per process; see edge_agent.comms.journal)."""
+        from edge_agent.comms.journal import JOURNAL_NAME, CommandJournal
+
+        c = self.config.commands
+        if self.journal is None:
+            self.journal = CommandJournal(self.config.store.path / JOURNAL_NAME, keep=c.memory, max_age_s=c.max_age_s)
+        else:
+            self.journal.configure(keep=c.memory, max_age_s=c.max_age_s)
+        return self.journal
 
     def _stop_plane(self) -> None:
         plane, self.plane = self.plane, None
@@ -339,6 +353,9 @@ class Agent:
                 stop()
             except Exception:
                 log.exception("stopping %s failed", name)
+        if self.journal is not None:
+            self.journal.close()
+            self.journal = None
 
     def status(self) -> dict[str, Any]:
         return {"models": self.models.status(), "sources": {w.source.name: w.source.stats() for w in self.workers}}

@@ -4,6 +4,11 @@ The same handlers serve the MQTT command topics (issue: control plane) and the
 local control socket of ``edge-agent models``; :func:`build_dispatcher` makes
 the table. ``local=True`` adds the commands that name files on the device
 (``add``) and therefore must not be reachable from the network.
+
+:meth:`Control.recover` answers a command that a crash interrupted (found in
+the command journal at the next start): from the store as it is now, the
+command's outcome when it had in fact completed, else ``interrupted`` with
+what the device holds.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from edge_agent.comms.commands import (
     COMMAND_ARGS,
@@ -25,10 +30,17 @@ from edge_agent.comms.commands import (
 )
 from edge_agent.comms.dispatcher import CommandContext, Dispatcher
 from edge_agent.errors import EdgeAgentError
+
+if TYPE_CHECKING:
+    from edge_agent.comms.journal import Entry
 from edge_agent.models.lifecycle import deploy
 from edge_agent.models.manager import ModelManager
 
 log = logging.getLogger(__name__)
+
+DURABLE_COMMANDS = frozenset({"deploy", "activate", "rollback", "remove", "label"})
+"""The commands that change the store: written down before they run, so a
+crash in the middle gets them answered at the next start."""
 
 
 class Control:
@@ -117,6 +129,66 @@ class Control:
             raise EdgeAgentError("this agent has no run-time settings to change", code="unsupported_command")
         return self.apply_settings(args)
 
+    # -- after a crash ----------------------------------------------------------
+
+    def recover(self, entry: "Entry") -> dict[str, Any]:
+        """The answer to a command an earlier run took and never answered
+        (the agent died while it ran). Called at start, once the store was
+        recovered and the models loaded, so the store is what it will be.
+
+        Returns the command's result, marked ``"recovered": true``, when what
+        it asked for is what the device now holds (``deploy``: the version
+        serves, with its label; with ``activate`` false, only when it had
+        reached its ``labelling`` step, since its checks end without a step
+        of their own; ``activate``; ``remove``; ``label``). Raises
+        ``interrupted`` otherwise, saying when it was taken, its last step,
+        and what the store holds now."""
+        args = entry.args
+        model = args.get("model") if isinstance(args.get("model"), str) else None
+        now = self.models.status().get(model) if model else None
+        version = args.get("version")
+        outcome: dict[str, Any] | None = None
+        if now is not None:
+            versions, active, labels = now.get("versions", []), now.get("active"), now.get("labels", {})
+            if entry.cmd == "deploy" and version in versions and (
+                    active == version if args.get("activate", True) else entry.step == "labelling"
+            ) and (args.get("label") is None or labels.get(args["label"]) == version):
+                outcome = {"model": model, "version": version, "active": active}
+                if args.get("label") is not None:
+                    outcome["label"] = args["label"]
+            elif entry.cmd == "activate" and active == version:
+                outcome = {"model": model, "version": version, "active": active}
+            elif entry.cmd == "remove" and isinstance(version, int) and version not in versions:
+                outcome = {"model": model, "version": version, "removed": True}
+            elif entry.cmd == "label" and isinstance(args.get("label"), str) and labels.get(args["label"]) == version:
+                outcome = {"model": model, "label": args["label"], "version": version}
+        if outcome is not None:
+            return {**outcome, "recovered": True}
+        raise EdgeAgentError(self._interrupted_message(entry, model, now), code="interrupted")
+
+    def _interrupted_message(self, entry: "Entry", model: str | None, now: dict[str, Any] | None) -> str:
+        ago = max(0.0, time.time() - entry.started)
+        step = f", at its step {entry.step!r}" if entry.step else ""
+        what = (f"the agent restarted while it ran this {entry.cmd} (taken {_duration(ago)} ago{step}), so it did "
+                "not finish")
+        if entry.cmd == "set":
+            return what + "; settings made by set do not outlive a restart anyway (the config's values apply)"
+        if now is None:
+            return what + (f"; model {model!r} is not served here" if model else "")
+        state = f"; now {model} serves version {now.get('active')}"
+        version = entry.args.get("version")
+        if isinstance(version, int) and entry.cmd in ("deploy", "activate", "remove", "label"):
+            failed = (now.get("failed") or {}).get(str(version))
+            if version in now.get("versions", []):
+                state += f", version {version} is installed" + (f" but failed ({failed})" if failed else "")
+            else:
+                state += f", version {version} is not installed"
+        labels = now.get("labels") or {}
+        if labels:
+            state += ", labels " + ", ".join(f"{k}={v}" for k, v in sorted(labels.items()))
+        return what + state + ". The store is consistent (it was recovered at start); send the command again, " \
+            "with a new id, to retry"
+
 
 def _remove_fetched(path: Path) -> None:
     """The fetched archive is not needed once the store holds the version (or
@@ -150,6 +222,10 @@ def command_verifier(trusted_keys: Sequence[Path], max_age_s: float) -> Callable
 
 def build_dispatcher(control: Control, *, local: bool, events: Callable[[dict[str, Any]], None] | None = None,
                      **kwargs: Any) -> Dispatcher:
+    """The table of commands. ``kwargs`` go to :class:`Dispatcher`
+    (``journal=`` makes :data:`DURABLE_COMMANDS` and signed commands survive
+    a restart; :meth:`Dispatcher.recover` with :meth:`Control.recover`
+    answers those a crash interrupted)."""
     d = Dispatcher(events=events, **kwargs)
     handlers = {
         "ping": control.ping,
@@ -161,8 +237,16 @@ def build_dispatcher(control: Control, *, local: bool, events: Callable[[dict[st
         "set": control.set,
     }
     for name, handler in handlers.items():
-        d.register(name, COMMAND_ARGS[name], handler)
-    d.register("label", LabelArgs, control.label)
+        d.register(name, COMMAND_ARGS[name], handler, durable=name in DURABLE_COMMANDS)
+    d.register("label", LabelArgs, control.label, durable=True)
     if local:
         d.register("add", AddArgs, control.add)
     return d
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"

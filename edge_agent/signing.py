@@ -32,6 +32,7 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -363,6 +364,10 @@ def verify_command(trusted: TrustedKeys, data: Mapping[str, object], *, now: flo
       ``now`` (a replay of an old command); 0 disables the check. A ``ts``
       in the future is accepted: a device whose clock is behind (a Pi
       without a real-time clock, before NTP) must not refuse its console.
+
+    This checks one message. That a signed command runs only once, also
+    after a restart, is the command journal's work
+    (:mod:`edge_agent.comms.journal`), which does not rely on ``now``.
     """
     from edge_agent.errors import CommandError
 
@@ -385,6 +390,15 @@ def verify_command(trusted: TrustedKeys, data: Mapping[str, object], *, now: flo
         raise CommandError("the signature does not match the command: it was changed after signing, "
                            "or the signature is forged", code="signature_invalid") from None
     if max_age_s > 0 and isinstance(ts, (int, float)) and now - float(ts) > max_age_s:
-        raise CommandError(f"the command was signed {now - float(ts):.0f} s ago; commands older than "
-                           f"{max_age_s:g} s are refused (a replay, or a clock far off)", code="stale_command")
+        raise CommandError(
+            f"the command was signed at {_utc(float(ts))}, {now - float(ts):.0f} s before this device's clock "
+            f"({_utc(now)}); commands older than {max_age_s:g} s are refused: a replay, a command held back, "
+            "or a clock that is wrong (check NTP on the device and the console)", code="stale_command")
     return kid
+
+
+def _utc(ts: float) -> str:
+    try:
+        return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ts))
+    except (OverflowError, OSError, ValueError):
+        return f"{ts:.0f}"

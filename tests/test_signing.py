@@ -444,3 +444,47 @@ def test_a_command_from_the_future_is_accepted_and_max_age_0_disables_the_age_ch
     d0, ran0 = signed_dispatcher(keys, max_age_s=0)
     assert d0.handle(command(keys["a"][0], "old", ts=1_000_000_000), "t")["ok"] is True
     assert ran == ["f"] and ran0 == ["old"]
+
+
+def test_a_signed_command_replayed_beyond_memory_or_after_a_restart_is_answered_not_run(keys, tmp_path: Path) -> None:
+    """The in-memory id list holds ``memory`` ids and dies with the process;
+    the command journal keeps every signed id until the command would be
+    stale anyway, so a captured command runs once, ever."""
+    from edge_agent.comms.commands import NoArgs
+    from edge_agent.comms.dispatcher import Dispatcher
+    from edge_agent.comms.journal import CommandJournal
+    from edge_agent.control import command_verifier
+
+    ran: list[str] = []
+
+    def device(journal: CommandJournal) -> Dispatcher:
+        d = Dispatcher(memory=2, verifier=command_verifier([keys["a"][1]], 3600.0), journal=journal)
+        d.register("ping", NoArgs, lambda args, ctx: ran.append(ctx.id) or {"pong": True, "run": len(ran)})
+        return d
+
+    journal = CommandJournal(tmp_path / ".commands.db", keep=2, max_age_s=3600.0)
+    d = device(journal)
+    captured = command(keys["a"][0], "once")
+    first = d.handle(captured, "t")
+    for i in range(5):  # push it out of memory
+        assert d.handle(command(keys["a"][0], f"other-{i}"), "t")["ok"] is True
+    assert d.handle(captured, "t") == first  # CONTRACT §3: the first reply again
+    journal.close()
+    journal = CommandJournal(tmp_path / ".commands.db", keep=2, max_age_s=3600.0)  # a restart
+    assert device(journal).handle(captured, "t") == first
+    journal.prune()  # its reply beyond `keep` is dropped; its id is kept until it is stale
+    again = device(journal).handle(captured, "t")
+    assert again["ok"] is False and again["error"]["code"] == "replayed_command", again
+    assert ran.count("once") == 1
+    journal.close()
+
+
+def test_a_stale_command_names_both_clocks(keys) -> None:
+    """A device refusing everything because its own clock is wrong must say
+    so in terms a person can check."""
+    import time as _time
+
+    d, _ran = signed_dispatcher(keys, max_age_s=60.0)
+    reply = d.handle(command(keys["a"][0], ts=_time.time() - 3600), "t")
+    assert reply["error"]["code"] == "stale_command"
+    assert "UTC" in reply["error"]["message"] and "NTP" in reply["error"]["message"]

@@ -14,13 +14,22 @@ to :meth:`Dispatcher.handle` and publishes whatever comes back on
   a deploy must not run twice. Replies are remembered in a bounded LRU; a
   repeat that arrives while the first is still running gets the same reply
   when the first ends (by waiting for it, or, given a ``later`` callback,
-  without holding the caller's thread).
+  without holding the caller's thread);
+* with a :class:`~edge_agent.comms.journal.CommandJournal`, the same across
+  restarts for the commands registered ``durable`` and for every signed
+  command: each is written down before it runs and its reply before it is
+  sent, and :meth:`Dispatcher.recover` answers, once, those an earlier run
+  took and never answered (``interrupted``, or their outcome).
 
 Error codes of the reply: ``payload_too_large``, ``bad_json``,
 ``bad_command``, ``unknown_command``, ``bad_args``, the code of an optional
 verifier's refusal (``signature_missing``, ``untrusted_key``,
 ``signature_invalid``, ``stale_command``: see
-:func:`edge_agent.control.command_verifier`), the ``code`` of any
+:func:`edge_agent.control.command_verifier`), the journal's
+(``stale_command`` for a signed command older than its horizon,
+``replayed_command`` for a signed id whose first reply is no longer kept,
+``disk_full``/``store_write_failed`` when a command cannot be written down,
+``interrupted`` for a command a restart cut short), the ``code`` of any
 :class:`~edge_agent.errors.EdgeAgentError` a handler raises, and
 ``internal_error`` for anything else (logged with its traceback).
 """
@@ -33,12 +42,15 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from pydantic import BaseModel, ValidationError
 
 from edge_agent.comms.commands import TOKEN_RE, Envelope
 from edge_agent.errors import CommandError, EdgeAgentError
+
+if TYPE_CHECKING:
+    from edge_agent.comms.journal import CommandJournal, Entry
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +60,7 @@ DEFAULT_MEMORY = 1024
 Reply = dict[str, Any]
 EventSink = Callable[[dict[str, Any]], None]
 Verifier = Callable[[Envelope, dict[str, Any]], None]  # (the command, the JSON object it was parsed from)
-
+Resolver = Callable[["Entry"], dict[str, Any]]  # an interrupted command -> its result, or raises its error
 
 
 @dataclass(frozen=True)
@@ -75,6 +87,7 @@ class Handler(Protocol):
 class _Route:
     args_model: type[BaseModel]
     handler: Handler
+    durable: bool = False
 
 
 class _Pending:
@@ -141,7 +154,13 @@ class Dispatcher:
     about a well-formed command and raises an
     :class:`~edge_agent.errors.EdgeAgentError` (e.g. ``bad_signature``) to
     refuse it; a refused command is not remembered, so a correctly signed
-    copy can still run.
+    copy can still run. Every command that passes a verifier counts as
+    signed: its ``ts`` goes to the journal.
+
+    ``journal`` (a :class:`~edge_agent.comms.journal.CommandJournal`), when
+    given, makes the memory of ``durable`` commands and of signed commands
+    survive a restart; the dispatcher does not close it (its owner may hand
+    it to the next dispatcher, after a reload).
     """
 
     def __init__(
@@ -151,6 +170,7 @@ class Dispatcher:
         memory: int = DEFAULT_MEMORY,
         events: EventSink | None = None,
         verifier: Verifier | None = None,
+        journal: "CommandJournal | None" = None,
     ) -> None:
         if max_payload < 1 or memory < 1:
             raise ValueError("max_payload and memory must be positive")
@@ -158,6 +178,7 @@ class Dispatcher:
         self.memory = memory
         self._events = events
         self._verifier = verifier
+        self._journal = journal
         self._routes: dict[str, _Route] = {}
         self._replies: OrderedDict[str, Reply] = OrderedDict()  # completed, LRU order
         self._running: dict[str, _Pending] = {}
@@ -165,15 +186,18 @@ class Dispatcher:
 
     # -- the table --------------------------------------------------------------
 
-    def register(self, name: str, args_model: type[BaseModel], handler: Handler) -> None:
+    def register(self, name: str, args_model: type[BaseModel], handler: Handler, *, durable: bool = False) -> None:
         """Route command ``name`` to ``handler(args, ctx)`` after validating
-        ``args`` with ``args_model``. Registering a name twice is a mistake."""
+        ``args`` with ``args_model``. ``durable``: the command changes the
+        device, so with a journal it is written down before it runs and
+        answered after a crash (see :meth:`recover`). Registering a name twice
+        is a mistake."""
         if not isinstance(name, str) or not name:
             raise ValueError("a command name must be a non-empty string")
         with self._lock:
             if name in self._routes:
                 raise ValueError(f"command {name!r} is already registered")
-            self._routes[name] = _Route(args_model, handler)
+            self._routes[name] = _Route(args_model, handler, durable)
 
     @property
     def commands(self) -> list[str]:
@@ -215,40 +239,69 @@ class Dispatcher:
             except Exception:
                 log.exception("command %s on %s: the signature verifier failed", envelope.id, origin)
                 return error_reply(envelope.id, "internal_error", "the signature check failed unexpectedly")
+        signed_ts = envelope.ts if self._verifier is not None else None
 
+        journal = self._journal
+        stored: Entry | None = None
         with self._lock:
+            route = self._routes.get(envelope.cmd)
             earlier = self._replies.get(envelope.id)
             running = self._running.get(envelope.id)
-            if earlier is not None:
+            if earlier is None and running is None and journal is not None:
+                stored = journal.lookup(envelope.id)
+                if stored is not None and stored.state != "running":
+                    earlier = self._remember(envelope.id, _stored_reply(stored))
+                elif stored is not None and not stored.here:  # left by an earlier run: recover() answers it
+                    earlier = _stored_reply(stored)
+            if earlier is not None and envelope.id in self._replies:
                 self._replies.move_to_end(envelope.id)
-            elif running is None:
+            elif earlier is None and running is None and stored is None:
                 pending = self._running[envelope.id] = _Pending()
-            elif later is not None:
+            elif earlier is None and running is not None and later is not None:
                 running.later.append(later)
                 log.info("command %s on %s is a repeat of one still running: its reply follows", envelope.id, origin)
                 return None
-        if earlier is not None or running is not None:
+        if earlier is not None or running is not None or stored is not None:
             log.info("command %s on %s is a repeat: answering with the first reply", envelope.id, origin)
             if running is not None:
                 running.done.wait()
                 assert running.reply is not None
                 return running.reply
-            assert earlier is not None
-            return earlier
+            if earlier is not None:
+                return earlier
+            assert stored is not None and journal is not None  # running in this process, for another dispatcher
+            return self._await_journal(journal, envelope.id, later)
 
+        journaled = journal is not None and (signed_ts is not None or (route is not None and route.durable))
         reply: Reply | None = None
+        remember = True
         try:
-            reply = self._execute(envelope, origin)
+            if journaled:
+                assert journal is not None
+                try:
+                    journal.begin(envelope.id, envelope.cmd,
+                                  envelope.args if route is not None and route.durable else None,
+                                  origin=origin, signed_ts=signed_ts)
+                except EdgeAgentError as exc:
+                    # Not written down, so not run, and not remembered: the
+                    # same id may run once the journal can be written again.
+                    log.warning("command %s on %s refused (%s): %s", envelope.id, origin, exc.code, exc.message)
+                    remember = False
+                    reply = error_reply(envelope.id, exc.code, exc.message)
+                    return reply
+            reply = self._execute(envelope, origin, route, journaled)
             return reply
         finally:
             # Even a BaseException (KeyboardInterrupt) must release the waiters.
             final = reply or error_reply(envelope.id, "internal_error", "the command was interrupted")
+            if journaled and remember:
+                assert journal is not None
+                journal.finish(envelope.id, final)  # on the disk before anyone sends it
             pending.reply = final
             with self._lock:
-                self._replies[envelope.id] = final
                 del self._running[envelope.id]
-                while len(self._replies) > self.memory:
-                    self._replies.popitem(last=False)
+                if remember:
+                    self._remember(envelope.id, final)
                 waiting = list(pending.later)
             pending.done.set()
             for answer in waiting:
@@ -256,6 +309,66 @@ class Dispatcher:
                     answer(final)
                 except Exception:
                     log.exception("command %s: answering a repeat failed", envelope.id)
+
+    def _remember(self, cmd_id: str, reply: Reply) -> Reply:
+        """Keep ``reply`` in the LRU (the caller holds the lock)."""
+        self._replies[cmd_id] = reply
+        self._replies.move_to_end(cmd_id)
+        while len(self._replies) > self.memory:
+            self._replies.popitem(last=False)
+        return reply
+
+    def _await_journal(self, journal: "CommandJournal", cmd_id: str,
+                       later: Callable[[Reply], None] | None) -> Reply | None:
+        """A repeat of a command another dispatcher of this process still runs
+        (the control plane was restarted by a reload meanwhile)."""
+        if later is not None and journal.wait(cmd_id, later):
+            return None
+        box: list[Reply] = []
+        done = threading.Event()
+        if journal.wait(cmd_id, lambda r: (box.append(r), done.set())):
+            done.wait()
+            return box[0]
+        entry = journal.lookup(cmd_id)  # it ended meanwhile
+        if entry is not None and entry.state != "running":
+            return _stored_reply(entry)
+        return error_reply(cmd_id, "internal_error", "the first run of this command ended without a reply")
+
+    def recover(self, resolve: Resolver, send: Callable[[Reply], None]) -> int:
+        """Answer, once, every command an earlier run of the agent took (it
+        is in the journal) and never answered: ``resolve(entry)`` returns the
+        result of one whose outcome is known (it had in fact completed) or
+        raises an :class:`~edge_agent.errors.EdgeAgentError` (``interrupted``)
+        saying what the device looks like now. Each reply goes to
+        ``send`` (the outbox, which keeps it on disk while the broker is
+        away), then into the journal, so a repeat of the id gets it too; a
+        crash between the two sends it again rather than never. Call it once,
+        before the first :meth:`handle`; returns how many were answered."""
+        journal = self._journal
+        if journal is None:
+            return 0
+        answered = 0
+        for entry in journal.interrupted():
+            try:
+                reply = ok_reply(entry.id, resolve(entry))
+            except EdgeAgentError as exc:
+                reply = error_reply(entry.id, exc.code, exc.message)
+            except Exception:
+                log.exception("command %s (%s): working out what an interrupted command did failed", entry.id,
+                              entry.cmd)
+                reply = error_reply(entry.id, "interrupted", f"the agent restarted while it ran this {entry.cmd}; "
+                                    "what it changed could not be worked out (see the agent's log)")
+            log.warning("command %s (%s) was taken by an earlier run of the agent and never answered: replying %s",
+                        entry.id, entry.cmd, "ok" if reply["ok"] else reply["error"]["code"])
+            try:
+                send(reply)
+            except Exception:
+                log.exception("command %s: could not send its reply; a repeat of the id gets it", entry.id)
+            journal.finish(entry.id, reply)
+            with self._lock:
+                self._remember(entry.id, reply)
+            answered += 1
+        return answered
 
     def _parse(self, raw: bytes) -> tuple[Envelope, dict[str, Any]]:
         if len(raw) > self.max_payload:
@@ -277,9 +390,7 @@ class Dispatcher:
         except ValidationError as exc:
             raise _Refused(f"bad command: {format_validation_error(exc)}", code="bad_command", cmd_id=readable_id) from None
 
-    def _execute(self, envelope: Envelope, origin: str) -> Reply:
-        with self._lock:
-            route = self._routes.get(envelope.cmd)
+    def _execute(self, envelope: Envelope, origin: str, route: _Route | None, journaled: bool) -> Reply:
         if route is None:
             known = ", ".join(self.commands) or "none"
             log.warning("command %s on %s: unknown command %r", envelope.id, origin, envelope.cmd)
@@ -292,7 +403,7 @@ class Dispatcher:
             return error_reply(envelope.id, "bad_args", message)
 
         ctx = CommandContext(
-            id=envelope.id, cmd=envelope.cmd, origin=origin, emit_event=self._emitter(envelope.id)
+            id=envelope.id, cmd=envelope.cmd, origin=origin, emit_event=self._emitter(envelope.id, journaled)
         )
         started = time.monotonic()
         log.info("command %s on %s: %s", envelope.id, origin, envelope.cmd)
@@ -314,10 +425,16 @@ class Dispatcher:
         log.info("command %s (%s) done in %.3f s", envelope.id, envelope.cmd, time.monotonic() - started)
         return ok_reply(envelope.id, result)
 
-    def _emitter(self, cmd_id: str) -> Callable[..., None]:
+    def _emitter(self, cmd_id: str, journaled: bool = False) -> Callable[..., None]:
         sink = self._events
+        journal = self._journal if journaled else None
+        noted: list[str] = []
 
         def emit_event(event: str, **fields: Any) -> None:
+            step = fields.get("step")
+            if journal is not None and isinstance(step, str) and step not in noted[-1:]:
+                noted.append(step)
+                journal.note(cmd_id, step)  # said in its answer, should the agent die now
             message = {"ts": time.time(), "id": cmd_id, "event": event, **fields}
             if sink is None:
                 log.info("event (no sink): %s", message)
@@ -328,3 +445,18 @@ class Dispatcher:
                 log.exception("could not publish event %s of command %s", event, cmd_id)
 
         return emit_event
+
+
+def _stored_reply(entry: "Entry") -> Reply:
+    """The reply a repeat of a journaled command gets: its first reply, or,
+    when that is no longer kept (a signed command, beyond ``memory``),
+    ``replayed_command``; ``interrupted`` for one an earlier run left
+    running and :meth:`Dispatcher.recover` has not answered yet."""
+    if entry.reply is not None:
+        return entry.reply
+    if entry.state == "running":
+        return error_reply(entry.id, "interrupted", f"the agent restarted while it ran this {entry.cmd}; its "
+                           "outcome is being worked out and will be sent")
+    return error_reply(entry.id, "replayed_command",
+                       f"command {entry.id} ({entry.cmd}) has already run on this device and a command id runs only "
+                       "once; its reply is no longer kept (only the newest commands.memory are)")
