@@ -244,6 +244,28 @@ class MqttTransport:
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         was = self.connected.is_set()
         self.connected.clear()
-        if was and reason.is_failure:
-            log.warning("MQTT: connection lost (%s); reconnecting", reason)
+        if not (was and reason.is_failure):
+            return
+        where = f"{self.cfg.host}:{self.cfg.port}"
+        name = reason.getName()
+        if getattr(flags, "is_disconnect_packet_from_server", False):
+            # MQTT 5: the broker said why (0x8B server shutting down, 0x8E session taken over, ...).
+            said = getattr(props, "ReasonString", None)
+            hint = ""
+            if reason.value == 0x8E:
+                hint = f" (another client connected with this one's client id: two agents with device_id " \
+                       f"{self.device_id}?)"
+            log.warning("MQTT: the broker %s closed the connection: %s (MQTT reason code 0x%02X)%s%s; reconnecting",
+                        where, name, reason.value, f": {said}" if said else "", hint)
+        elif name == "Keep alive timeout":
+            log.warning("MQTT: no answer from the broker %s within the keep-alive (%d s); reconnecting",
+                        where, self.cfg.keepalive_s)
+        elif name == "Unspecified error":
+            # paho's name for a socket that closed without a DISCONNECT packet: how
+            # mosquitto 2.0 shuts down, and how every MQTT 3.1.1 broker ends a connection.
+            log.warning("MQTT: the broker %s closed the connection without giving a reason (it stopped or "
+                        "restarted, or the network dropped the connection); reconnecting", where)
+        else:
+            log.warning("MQTT: connection to the broker %s lost: %s (MQTT reason code 0x%02X); reconnecting",
+                        where, name, reason.value)
 

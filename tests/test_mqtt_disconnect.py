@@ -1,0 +1,84 @@
+"""What the agent logs when it loses the broker: a broker that shuts down
+cleanly is not an "Unspecified error", and an MQTT 5 broker that says why it
+disconnects (DISCONNECT with a reason code) is quoted, code included."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from edge_agent.comms.mqtt import MqttTransport
+from edge_agent.config import MqttConfig
+from mqtt_helpers import Mosquitto
+
+
+def wait(predicate, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+@pytest.mark.integration
+def test_a_broker_that_shuts_down_is_logged_as_closing_the_connection(tmp_path: Path, caplog) -> None:
+    """mosquitto (2.0) closes the socket on SIGTERM without a DISCONNECT:
+    paho calls that reason code 128, "Unspecified error", which misleads an
+    operator reading the log at 3 am."""
+    broker = Mosquitto(tmp_path / "broker")
+    transport = MqttTransport(MqttConfig(host=broker.host, port=broker.port), "dev1")
+    try:
+        transport.start()
+        assert transport.connected.wait(10)
+        with caplog.at_level(logging.INFO, logger="edge_agent.comms.mqtt"):
+            broker.stop()
+            wait(lambda: not transport.connected.is_set())
+            wait(lambda: "reconnecting" in caplog.text)
+        assert "Unspecified error" not in caplog.text, caplog.text
+        assert f"the broker {broker.host}:{broker.port} closed the connection" in caplog.text, caplog.text
+    finally:
+        transport.stop()
+        broker.stop()
+
+
+class _Mqtt5ServerThatDisconnects:
+    """An MQTT 5 server that accepts one client, then sends DISCONNECT with
+    reason code 0x8B (server shutting down) and a reason string: what a broker
+    such as EMQX or HiveMQ sends on shutdown (mosquitto 2.0 sends nothing)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        conn, _ = self.sock.accept()
+        with conn:
+            conn.recv(65536)  # CONNECT
+            conn.sendall(bytes([0x20, 3, 0x00, 0x00, 0x00]))  # CONNACK: no session, success, no properties
+            time.sleep(0.3)
+            reason = b"maintenance at 03:00"
+            props = bytes([0x1F]) + len(reason).to_bytes(2, "big") + reason  # Reason String
+            body = bytes([0x8B, len(props)]) + props
+            conn.sendall(bytes([0xE0, len(body)]) + body)
+            time.sleep(1.0)
+        self.sock.close()
+
+
+def test_an_mqtt5_disconnect_from_the_broker_is_quoted_with_its_reason_code(caplog) -> None:
+    server = _Mqtt5ServerThatDisconnects()
+    transport = MqttTransport(MqttConfig(host="127.0.0.1", port=server.port), "dev1")
+    try:
+        with caplog.at_level(logging.INFO, logger="edge_agent.comms.mqtt"):
+            transport.start()
+            assert transport.connected.wait(10)
+            wait(lambda: "reconnecting" in caplog.text)
+        assert "Server shutting down" in caplog.text and "0x8B" in caplog.text, caplog.text
+        assert "maintenance at 03:00" in caplog.text
+    finally:
+        transport.stop()
