@@ -94,3 +94,67 @@ source_fps = 20
         agent.stop()
         httpd.shutdown()
         broker.stop()
+
+
+# Codes that never reach a command's reply, each with where it goes instead.
+NOT_IN_REPLIES = {
+    # defaults of base classes: every raise in the code names its own code
+    "error": "EdgeAgentError's default", "bad_bundle": "BundleError's default",
+    "deploy_failed": "DeployError's default", "store_error": "StoreError's default",
+    # the command line, before or without a running agent (exit code 2 or 1)
+    "bad_usage": "CLI", "bad_config": "CLI", "bad_key": "CLI, or the agent refusing to start",
+    "key_exists": "edge-agent keygen", "bad_sample": "edge-agent pack", "bad_bench_input": "edge-agent bench",
+    "agent_unreachable": "edge-agent models", "store_unusable": "start-up", "store_locked": "start-up",
+    "no_sources": "start-up", "http_bind_failed": "start-up",
+    # the fleet console's own outcomes (docs/fleet.md)
+    "broker_refused": "fleet", "broker_unreachable": "fleet", "fleet_error": "fleet", "offline": "fleet",
+    "publish_failed": "fleet", "serve_failed": "fleet", "timeout": "fleet",
+    # frames and the HTTP API, not commands
+    "source_failed": "sources", "model_not_available": "frames and HTTP",
+    # the spool: logged and counted (telemetry's spool_dropped), never a reply
+    "spool_full": "spool", "spool_failed": "spool",
+    # `set` on an agent built without run-time settings (never the real agent)
+    "unsupported_command": "tests",
+}
+
+
+def test_every_error_code_a_reply_can_carry_is_in_the_error_table() -> None:
+    """A console author reads the table to handle each code; a code the
+    code can send that the table does not list (``inference_failed`` was
+    one) is a silent gap in the contract."""
+    import ast
+
+    package = Path(__file__).resolve().parent.parent / "edge_agent"
+    codes: dict[str, str] = {}
+    for path in sorted(package.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.keyword) and node.arg == "code":
+                value = node.value
+            elif isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "code" for t in node.targets):
+                value = node.value
+            else:
+                continue
+            for code in _literals(value):
+                codes.setdefault(code, str(path.relative_to(package.parent)))
+    table = DOC.read_text().split("### Error codes", 1)[1].split("\n\n", 2)[1]
+    documented = {code for line in table.splitlines() if line.startswith("| `")
+                  for code in re.findall(r"`([a-z_]+)`", line.split("|")[1])}
+    missing = {code: where for code, where in codes.items() if code not in documented and code not in NOT_IN_REPLIES}
+    assert not missing, f"error codes not in docs/protocol.md's table (code: file): {missing}"
+    assert "inference_failed" in documented
+    stale = sorted(code for code in NOT_IN_REPLIES if code not in codes)
+    assert not stale, f"NOT_IN_REPLIES lists codes the code no longer has: {stale}"
+
+
+def _literals(node) -> list[str]:
+    """The code names an expression given as ``code=`` can be: a string, or
+    either side of ``"a" if full else "b"`` / ``x or "b"``."""
+    import ast
+
+    if isinstance(node, ast.Constant) and isinstance(node.value, str) and re.fullmatch(r"[a-z][a-z_]+", node.value):
+        return [node.value]
+    if isinstance(node, ast.IfExp):
+        return _literals(node.body) + _literals(node.orelse)
+    if isinstance(node, ast.BoolOp):
+        return [code for value in node.values for code in _literals(value)]
+    return []
