@@ -287,19 +287,28 @@ def test_an_archive_replaced_between_the_two_passes_is_refused(tmp_path: Path, v
 # ------------------------------------------------------------ a real small disk
 
 
-@pytest.fixture
-def small_disk(tmp_path: Path):
-    """A 64 MB tmpfs: a store on a small SD card, for real."""
-    mnt = tmp_path / "disk"
+def mounted_tmpfs(mnt: Path, options: str):
     mnt.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mnt)], capture_output=True,
-                          text=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mnt)], capture_output=True, text=True)
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip() or 'not permitted'}); needs root")
     try:
         yield mnt
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """A 64 MB tmpfs: a store on a small SD card, for real."""
+    yield from mounted_tmpfs(tmp_path / "disk", "size=64m")
+
+
+@pytest.fixture
+def inode_disk(tmp_path: Path):
+    """A tmpfs with room for bytes but 200 inodes: filling its inodes makes
+    creating a file fail with ENOSPC, a full disk the byte count does not show."""
+    yield from mounted_tmpfs(tmp_path / "disk", "size=64m,nr_inodes=200")
 
 
 class FreeWatch:
@@ -336,10 +345,10 @@ def test_a_bomb_larger_than_the_free_disk_never_fills_it(small_disk: Path, tmp_p
         watch = FreeWatch(small_disk)
         reply = deploy_command(run, bomb)
         lowest = watch.stop()
+        assert lowest > 32 * MB, f"the disk went down to {lowest} bytes free"
         assert not reply["ok"] and reply["error"]["code"] == "disk_full", reply
         message = reply["error"]["message"]
         assert "needs 200.0 MB" in message and "8.0 MB must stay free" in message and "are free" in message
-        assert lowest > 32 * MB, f"the disk went down to {lowest} bytes free"
         assert_nothing_left(small_disk / "store")
         n = len(run.results())
         run.wait_results(n + 5, version=1)
@@ -370,6 +379,44 @@ def test_a_full_disk_during_a_deploy_is_disk_full_and_v1_keeps_serving(small_dis
         run.wait_results(n + 5, version=1)
         assert run.errors() == 0 and run.models.store.versions("clf") == [1]
         ballast.unlink()
+        assert deploy_command(run, archive)["ok"]
+        run.wait_results(len(run.results()) + 5, version=2)
+    finally:
+        run.stop()
+
+
+def test_a_disk_that_fills_while_unpacking_is_disk_full_and_nothing_is_left(inode_disk: Path, tmp_path: Path,
+                                                                             v1: Path, v2_dir: Path) -> None:
+    """The disk runs out in the middle of the unpacking, after the checks
+    passed (here: its inodes, so the free bytes never showed it): the write's
+    ENOSPC is ``disk_full``, the partial unpacking is removed, v1 serves, and
+    the deploy succeeds once there is room."""
+    cam = frames(tmp_path / "frames")
+    archive = archive_with(v2_dir, tmp_path / "v2.tar.gz", extra={"data.bin": (1000, 1000)})  # three files
+    run = Running(config(tmp_path, v1, cam, store={"path": str(inode_disk / "store"), "min_free_mb": 0}))
+    ballast = inode_disk / "ballast"
+    ballast.mkdir()
+    try:
+        run.wait_results(5, version=1)
+        run.models.store.staging()  # the folder unpacking happens in
+        files = []
+        try:
+            while True:
+                files.append(ballast / str(len(files)))
+                files[-1].touch()
+        except OSError as exc:
+            assert exc.errno == 28, exc  # ENOSPC: no inode left
+            files.pop()
+        for path in files[-2:]:  # room for the extraction folder and one file, not three
+            path.unlink()
+        reply = deploy_command(run, archive)
+        assert not reply["ok"] and reply["error"]["code"] == "disk_full", reply
+        assert "no space left on device while extracting" in reply["error"]["message"], reply
+        assert_nothing_left(inode_disk / "store")
+        n = len(run.results())
+        run.wait_results(n + 5, version=1)
+        assert run.errors() == 0 and run.models.store.versions("clf") == [1]
+        shutil.rmtree(ballast)
         assert deploy_command(run, archive)["ok"]
         run.wait_results(len(run.results()) + 5, version=2)
     finally:

@@ -135,9 +135,13 @@ def test_versions_that_fail_their_probation_are_collected_after_the_rollback(tmp
             back = run.wait_event("rolled_back")
             assert back["version"] == v and back["to"] == 1
             run.events.clear()
+        deadline = time.monotonic() + 10  # the collection follows the rolled_back event
+        while list(read_state(tmp_path)["failed"]) != ["4"] and time.monotonic() < deadline:
+            time.sleep(0.02)
         assert run.models.store.versions("clf") == [1, 4]
         state = read_state(tmp_path)
         assert state["active"] == 1 and list(state["failed"]) == ["4"]
+        assert [h["version"] for h in state["history"] if h["event"] == "removed"] == [2, 3]
         n = len(run.results())
         run.wait_results(n + 5, version=1)
     finally:
