@@ -319,6 +319,7 @@ if ! "$VENV/bin/python" -c "$check" >"$work/import.log" 2>&1; then
   die "the installed runtimes do not import ($check): a system library is missing; see the lines above (log: $LOG)"
 fi
 version=$("$VENV/bin/edge-agent" --version)
+if [ "$upgrade" -eq 1 ]; then done_verb=upgraded; else done_verb=installed; fi
 ln -sfn "$VENV/bin/edge-agent" /usr/local/bin/edge-agent
 
 # --- user, directories, config ----------------------------------------------
@@ -370,13 +371,13 @@ if [ "$config_ok" -eq 0 ] && [ "$new_config" -eq 0 ]; then
 fi
 
 if ! systemd_running; then
-  say "installed $version; systemd is not running here (chroot or container): the service is enabled and starts at the next boot; nothing was started"
+  say "$done_verb $version; systemd is not running here (chroot or container): the service is enabled and starts at the next boot; nothing was started"
 elif [ "$start" -eq 0 ]; then
-  say "installed $version; enabled, not started (--no-start): systemctl restart $NAME"
+  say "$done_verb $version; enabled, not started (--no-start): systemctl restart $NAME"
 elif [ "$new_config" -eq 1 ]; then
   say "installed $version; enabled, not started yet: edit $CONF, check it with: sudo edge-agent validate-config; then: systemctl start $NAME"
 elif [ "$config_ok" -eq 0 ]; then
-  say "installed $version; the service was not (re)started because of the config's problems"
+  say "$done_verb $version; the service was not (re)started because of the config's problems"
 else
   systemctl restart "$NAME.service" || die "systemctl restart $NAME failed: see journalctl -u $NAME -n 50"
   if [ "$upgrade" -eq 1 ]; then say "upgraded to $version and restarted: journalctl -u $NAME -f"; else say "installed $version and started: journalctl -u $NAME -f"; fi
