@@ -242,17 +242,22 @@ class Dispatcher:
         signed_ts = envelope.ts if self._verifier is not None else None
 
         journal = self._journal
-        stored: Entry | None = None
         with self._lock:
             route = self._routes.get(envelope.cmd)
+            known = envelope.id in self._replies or envelope.id in self._running
+        # The journal is read without our lock held: its writes wait for the
+        # disk, and a repeat answered from memory must not wait for them.
+        stored = journal.lookup(envelope.id) if journal is not None and not known else None
+        with self._lock:
             earlier = self._replies.get(envelope.id)
             running = self._running.get(envelope.id)
-            if earlier is None and running is None and journal is not None:
-                stored = journal.lookup(envelope.id)
-                if stored is not None and stored.state != "running":
+            if earlier is None and running is None and stored is not None:
+                if stored.state != "running":
                     earlier = self._remember(envelope.id, _stored_reply(stored))
-                elif stored is not None and not stored.here:  # left by an earlier run: recover() answers it
+                elif not stored.here:  # left by an earlier run: recover() answers it
                     earlier = _stored_reply(stored)
+            else:
+                stored = None  # answered from memory
             if earlier is not None and envelope.id in self._replies:
                 self._replies.move_to_end(envelope.id)
             elif earlier is None and running is None and stored is None:

@@ -159,8 +159,7 @@ class CommandJournal:
         if fresh_horizon is not None:
             with self._lock:
                 self._write(lambda: self._set_meta("horizon", fresh_horizon), "cannot start a new command journal")
-        self._horizon = self._get_meta("horizon", float("-inf"))
-        self._newest = self._get_meta("newest_ts", None)
+            self._horizon = fresh_horizon
 
     # -- opening ----------------------------------------------------------------
 
@@ -171,6 +170,8 @@ class CommandJournal:
             self._db.execute("PRAGMA synchronous = FULL")  # a commit is on the disk when it returns
             self._db.executescript(_SCHEMA)
             self._db.execute("SELECT COUNT(*) FROM commands").fetchone()  # reads the file: corrupt -> raises here
+            self._horizon = self._get_meta("horizon", float("-inf"))
+            self._newest = self._get_meta("newest_ts", None)
         except BaseException:
             self._db.close()
             raise
@@ -200,12 +201,19 @@ class CommandJournal:
     # -- reading ----------------------------------------------------------------
 
     def lookup(self, cmd_id: str) -> Entry | None:
-        """The journaled command ``cmd_id``, or None."""
+        """The journaled command ``cmd_id``, or None. A journal that cannot be
+        read is logged and reads as empty: the command then goes to
+        :meth:`begin`, which refuses it when the journal cannot be written
+        either."""
         with self._lock:
-            row = self._db.execute(
-                "SELECT id, cmd, args, origin, signed_ts, started, step, state, reply FROM commands WHERE id = ?",
-                (cmd_id,),
-            ).fetchone()
+            try:
+                row = self._db.execute(
+                    "SELECT id, cmd, args, origin, signed_ts, started, step, state, reply FROM commands WHERE id = ?",
+                    (cmd_id,),
+                ).fetchone()
+            except sqlite3.Error as exc:
+                log.error("command journal: cannot look up %s: %s (%s)", cmd_id, exc, self.path)
+                return None
             return None if row is None else self._entry(row)
 
     def _entry(self, row: tuple) -> Entry:
@@ -226,10 +234,13 @@ class CommandJournal:
             if self._recovered:
                 return []
             self._recovered = True
-            rows = self._db.execute(
-                "SELECT id, cmd, args, origin, signed_ts, started, step, state, reply FROM commands "
-                "WHERE state = ? ORDER BY seq", (RUNNING,),
-            ).fetchall()
+            try:
+                rows = self._db.execute(
+                    "SELECT id, cmd, args, origin, signed_ts, started, step, state, reply FROM commands "
+                    "WHERE state = ? ORDER BY seq", (RUNNING,),
+                ).fetchall()
+            except sqlite3.Error as exc:
+                raise self._error("cannot read the commands an earlier run left unanswered", exc) from None
             return [self._entry(row) for row in rows if row[0] not in self._mine]
 
     def wait(self, cmd_id: str, callback: Callable[[dict[str, Any]], None]) -> bool:
@@ -327,7 +338,10 @@ class CommandJournal:
                 self._write(self._prune, "cannot prune the command journal")
             except EdgeAgentError as exc:
                 log.warning("command journal: %s", exc)
-                self._horizon = self._get_meta("horizon", float("-inf"))
+                try:
+                    self._horizon = self._get_meta("horizon", float("-inf"))  # what the disk kept
+                except sqlite3.Error:
+                    pass  # keep the one in memory: it only ever grows
 
     def _prune(self) -> None:
         row = self._db.execute("SELECT seq FROM commands WHERE state = ? ORDER BY seq DESC LIMIT 1 OFFSET ?",
