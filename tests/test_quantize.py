@@ -76,10 +76,37 @@ def _photo_tensors(assets: dict[str, Path], size: int = 16) -> np.ndarray:
     return np.stack(out)
 
 
-def _run(model: onnx.ModelProto | Path, x: np.ndarray) -> np.ndarray:
+def _run(model: onnx.ModelProto | Path, x: np.ndarray, *, fuse: bool = True) -> np.ndarray:
+    """The model's outputs for each row of ``x``. ``fuse=False`` runs the
+    graph as written (no QDQ -> QLinear fusion): what the graph means,
+    independent of the int8 kernels of this CPU (on x86 without VNNI,
+    ONNX Runtime's u8s8 kernels saturate, so two equivalent graphs fused
+    differently can differ)."""
     data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
-    sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    if not fuse:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
     return np.stack([sess.run(None, {"input": x[i : i + 1]})[0][0] for i in range(len(x))])
+
+
+def _accuracy(model: Path, images: np.ndarray, labels: np.ndarray) -> float:
+    """Top-1 accuracy of a Fashion-MNIST model run as written (no fusion)."""
+    x = ((images.astype(np.float32) / 255.0 - 0.286) / 0.353)[:, None]
+    return float(np.mean(_run(model, x, fuse=False).argmax(axis=1) == labels))
+
+
+def _int8_dot_exact() -> bool:
+    """ONNX Runtime's u8s8 kernels are exact here: not x86, or x86 with VNNI."""
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return True
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_vnni" in flags or "avx_vnni" in flags
 
 
 @pytest.fixture()
@@ -225,10 +252,19 @@ def test_fashion_mnist_int8_keeps_its_accuracy(tmp_path: Path, fashion_mnist: Pa
     report = json.loads((out / "report.json").read_text())
     fp32, int8 = report["artifacts"]
     assert fp32["accuracy"] > 0.85
-    assert fp32["accuracy"] - int8["accuracy"] <= 0.005
+    # The int8 graph itself (run as written: exact int8 arithmetic, what an
+    # ARM device or an x86 CPU with VNNI computes) keeps accuracy within
+    # half a point. The report measures with this machine's fused kernels:
+    # on x86 without VNNI ONNX Runtime's u8s8 kernels saturate (measured on
+    # an AVX2-only EPYC: 0.8835 fused against 0.8900 as written, fp32
+    # 0.8895), so there the report may show up to a point less.
+    (bundle_dir,) = [Path(p) for p in report["bundles"]]
+    test = np.load(fashion_mnist / "test.npz")
+    as_written = _accuracy(next(bundle_dir.glob("*.onnx")), test["images"], test["labels"])
+    assert fp32["accuracy"] - as_written <= 0.005, as_written
+    assert fp32["accuracy"] - int8["accuracy"] <= (0.005 if _int8_dot_exact() else 0.01)
     assert int8["size_bytes"] / fp32["size_bytes"] < 0.3
     assert report["gate"]["passed"] and (out / "report.html").read_text().startswith("<!doctype html>")
-    (bundle_dir,) = [Path(p) for p in report["bundles"]]
     with open_bundle(bundle_dir) as bundle:
         assert json.loads((bundle.root / "report.json").read_text())["gate"]["passed"]
         model = LoadedModel.load(bundle, ModelConfig(name=bundle.manifest.name, threads=1))
@@ -507,7 +543,7 @@ def test_float_residuals_outputs_and_compact(tmp_path: Path, assets: dict[str, P
     keep = {o for n in onnx.load(str(q.prepared)).graph.node for o in n.output}
     small = compact(res, keep)
     assert len(small.SerializeToString()) < len(res.SerializeToString())
-    np.testing.assert_allclose(_run(small, x), _run(res, x), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(_run(small, x, fuse=False), _run(res, x, fuse=False), rtol=1e-5, atol=1e-5)
     assert "c1" in {o for n in small.graph.node for o in n.output}  # fp32 names kept
     zps = [n for n in small.graph.node if n.op_type == "DequantizeLinear" and len(n.input) == 2]
     assert zps  # zero points of int8 weights / int32 biases dropped
