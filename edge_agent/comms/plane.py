@@ -20,6 +20,7 @@ transfers (:mod:`.transfer`) bring bundles. This module wires them:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import queue
@@ -331,9 +332,14 @@ class BundleFetcher:
         dest = self.staging / f"{args.model}-{args.version}-{args.sha256[:12]}" / name
         throttled = _throttle(lambda got, total: progress("fetching", received=got, total=total))
         d = self.download_cfg
-        return download(args.url, dest, sha256=args.sha256, size=args.size, max_bytes=self.max_bytes,
-                        progress=throttled, retries=d.retries, timeout=d.timeout_s, backoff_s=d.backoff_s,
-                        max_backoff_s=d.max_backoff_s, cancel=self.stop)
+        try:
+            return download(args.url, dest, sha256=args.sha256, size=args.size, max_bytes=self.max_bytes,
+                            progress=throttled, retries=d.retries, timeout=d.timeout_s, backoff_s=d.backoff_s,
+                            max_backoff_s=d.max_backoff_s, cancel=self.stop)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                dest.parent.rmdir()  # only when nothing was kept there for a resume
+            raise
 
     def _transfer(self, args: Any, progress: Callable[..., None]) -> Path:
         from edge_agent.comms.transfer import TransferReceiver

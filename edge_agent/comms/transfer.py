@@ -28,6 +28,7 @@ or receiver, without holding the lock the link's thread takes.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import logging
@@ -534,7 +535,9 @@ class TransferReceiver:
         return self.result
 
     def close(self) -> None:
-        """Stop listening; keep what was received for a later resume."""
+        """Stop listening; keep what was received for a later resume (a
+        folder with nothing in it, as a transfer refused for its meta
+        leaves, is removed)."""
         for unsubscribe in self._unsubscribe:
             unsubscribe()
         self._unsubscribe.clear()
@@ -551,6 +554,8 @@ class TransferReceiver:
             if self._fd is not None:
                 os.close(self._fd)
                 self._fd = None
+        with contextlib.suppress(OSError):
+            self.dir.rmdir()  # only when empty
 
     def __enter__(self) -> "TransferReceiver":
         return self.start()
