@@ -215,7 +215,10 @@ class TelemetryCollector:
         self._totals: dict[str, _Totals] = {}
         self._last = monotonic()
         self._process = psutil.Process(os.getpid())
-        self._started = self._process.create_time()
+        # The process's start on the monotonic clock (its age read once from
+        # the wall clock), so uptime_s stays right when the wall clock jumps
+        # (NTP at boot on a Pi without an RTC, a hand-set date).
+        self._started = monotonic() - max(0.0, clock() - self._process.create_time())
         self._probes = {name: _Probe(name) for name in ("cpu", "memory", "rss", "temperature", "disk", "sources", "models")}
         # cpu_percent() measures since the previous call: prime it so the
         # first message reports the first interval, not 0.0.
@@ -232,7 +235,7 @@ class TelemetryCollector:
             return {
                 "ts": self._clock(),
                 "seq": self._seq,
-                "uptime_s": round(max(0.0, time.time() - self._started), 1),
+                "uptime_s": round(max(0.0, now - self._started), 1),
                 "cpu_percent": p["cpu"].run(lambda: round(psutil.cpu_percent(interval=None), 1), None),
                 "mem_percent": p["memory"].run(lambda: round(psutil.virtual_memory().percent, 1), None),
                 "rss_mb": p["rss"].run(lambda: round(self._process.memory_info().rss / 2**20, 1), None),
