@@ -27,9 +27,13 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# benchmarks/ only while importing the benchmark: left on sys.path, its
+# quantize.py would hide the quantize package from the tests collected after.
 sys.path.insert(0, str(REPO / "benchmarks"))
-
-import faults  # noqa: E402
+try:
+    import faults  # noqa: E402
+finally:
+    sys.path.remove(str(REPO / "benchmarks"))
 
 pytestmark = pytest.mark.integration
 
