@@ -109,15 +109,16 @@ class Agent:
         for worker in reversed(self.workers):
             self._stop_source(worker)
 
-    def _start_http(self) -> None:
-        cfg = self.config.http
+    def _start_http(self, cfg: Any = None) -> None:
+        cfg = cfg or self.config.http
         if not cfg.enabled:
             return
         from edge_agent.httpapi import HttpServer
 
-        self.http = HttpServer(self, cfg.host, cfg.port, max_body_bytes=int(cfg.max_body_mb * 1e6),
-                               idle_timeout_s=cfg.idle_timeout_s)
-        self.http.start()
+        http = HttpServer(self, cfg.host, cfg.port, max_body_bytes=int(cfg.max_body_mb * 1e6),
+                          idle_timeout_s=cfg.idle_timeout_s)
+        http.start()
+        self.http = http
 
     def _stop_http(self) -> None:
         http, self.http = self.http, None
@@ -125,37 +126,60 @@ class Agent:
             http.stop()
 
     def _start_mqtt(self) -> None:
-        """The transport and the control plane on top of it (the plane's
-        subscriptions and hooks are in place before the first connect)."""
-        cfg = self.config
-        if cfg.mqtt is None:
+        if self.config.mqtt is None:
             return
-        from edge_agent.comms.mqtt import MqttTransport
+        transport, plane, control = self._build_mqtt(self.config)
+        self._run_mqtt(transport, plane)
+        # Commands a crash cut short: answered once, through the outbox
+        # (spooled until connected). Only at start: at a reload, what the
+        # journal holds as running is still running.
+        plane.dispatcher.recover(control.recover, lambda reply: plane.outbox.send("replies", "reply", reply, qos=1))
 
-        self.transport = MqttTransport(cfg.mqtt, cfg.device_id, status_provider=self.models.status,
-                                       groups=cfg.groups)
+    def _run_mqtt(self, transport: Any, plane: Any, pending: list[tuple[str, bytes]] = ()) -> None:
+        """Start a built transport and plane (the plane's subscriptions and
+        hooks in place before the first connect); ``pending``: commands a
+        replaced plane had taken but not started, handed over."""
+        self.transport, self.plane = transport, plane
+        self.events.append(plane.event)
         try:
-            self._start_plane()
-            self.transport.start()
+            plane.start()
+            for topic, payload in pending:
+                plane.take(topic, payload)
+            transport.start()
         except BaseException:
-            self._stop_plane()
-            self.transport = None
+            self._stop_mqtt()
             raise
 
-    def _stop_mqtt(self) -> None:
-        if self.transport is not None:
-            self.transport.stop()
-        self._stop_plane()
+    def _stop_mqtt(self, successor: Any = None) -> list[tuple[str, bytes]]:
+        """Disconnect and stop the plane; returns the commands it had taken
+        but not started. With ``successor`` (a reload), replies and events
+        of commands still running go out through it."""
+        transport, plane = self.transport, self.plane
         self.transport = self.plane = None
+        if transport is not None:
+            transport.stop()
+        if plane is None:
+            return []
+        if plane.event in self.events:
+            self.events.remove(plane.event)
+        return plane.stop(successor=successor)
 
-    def _start_plane(self) -> None:
-        """Commands, events, telemetry and store-and-forward over MQTT."""
+    def _build_mqtt(self, cfg: AgentConfig) -> tuple[Any, Any, Any]:
+        """The transport and control plane for ``cfg``, built but not
+        started: whatever they read (TLS files, trusted keys, the spool)
+        fails here, before a running connection is given up."""
+        from edge_agent.comms.mqtt import MqttTransport
         from edge_agent.comms.plane import BundleFetcher, ControlPlane
         from edge_agent.control import Control, build_dispatcher
         from edge_agent.telemetry import TelemetryCollector
 
-        cfg = self.config
-        assert self.transport is not None and cfg.mqtt is not None
+        assert cfg.mqtt is not None
+        transport = MqttTransport(cfg.mqtt, cfg.device_id, status_provider=self.models.status, groups=cfg.groups)
+        verifier = None
+        if cfg.commands.trusted_keys:
+            from edge_agent.control import command_verifier
+
+            verifier = command_verifier(cfg.commands.trusted_keys, cfg.commands.max_age_s)
         spool = None
         if cfg.spool.enabled:
             from edge_agent.comms.spool import Spool
@@ -163,50 +187,36 @@ class Agent:
             spool = Spool(cfg.spool.path or cfg.store.path / ".spool.db", max_bytes=cfg.spool.max_bytes)
         max_bytes = int(cfg.store.max_bundle_mb * 1e6)
         self.fetcher = BundleFetcher(
-            transport=self.transport, staging=cfg.transfer.staging or cfg.store.path / ".transfers",
+            transport=transport, staging=cfg.transfer.staging or cfg.store.path / ".transfers",
             max_bytes=max_bytes, download_cfg=cfg.download, transfer_cfg=cfg.transfer, stop=self.stop_event,
         )
         control = Control(self.models, status=self.status_message, apply_settings=self.apply_settings,
                           fetcher=self.fetcher.fetch, max_bytes=max_bytes)
-        verifier = None
-        if cfg.commands.trusted_keys:
-            from edge_agent.control import command_verifier
-
-            verifier = command_verifier(cfg.commands.trusted_keys, cfg.commands.max_age_s)
         telemetry = TelemetryCollector(disk_path=cfg.store.path, sources=self._source_intervals,
                                        models=self.models.model_stats)
-        self.plane = ControlPlane(
-            transport=self.transport,
+        journal = self._command_journal(cfg)
+        plane = ControlPlane(
+            transport=transport,
             dispatcher_factory=lambda events: build_dispatcher(
                 control, local=False, events=events, max_payload=cfg.commands.max_payload, memory=cfg.commands.memory,
-                verifier=verifier, journal=self._command_journal(),
+                verifier=verifier, journal=journal,
             ),
             groups=cfg.groups, workers=cfg.commands.workers, telemetry=telemetry,
             interval_s=cfg.mqtt.telemetry_interval_s, spool=spool, max_waiting=cfg.commands.max_waiting,
             max_payload=cfg.commands.max_payload,
         )
-        self.events.append(self.plane.event)
-        self.plane.start()
-        plane = self.plane  # commands a crash cut short: answered once, through the outbox (spooled until connected)
-        plane.dispatcher.recover(control.recover, lambda reply: plane.outbox.send("replies", "reply", reply, qos=1))
+        return transport, plane, control
 
-    def _command_journal(self) -> Any:
+    def _command_journal(self, cfg: AgentConfig) -> Any:
         """The command journal in the store (one per process; see edge_agent.comms.journal)."""
         from edge_agent.comms.journal import JOURNAL_NAME, CommandJournal
 
-        c = self.config.commands
+        c = cfg.commands
         if self.journal is None:
             self.journal = CommandJournal(self.config.store.path / JOURNAL_NAME, keep=c.memory, max_age_s=c.max_age_s)
         else:
             self.journal.configure(keep=c.memory, max_age_s=c.max_age_s)
         return self.journal
-
-    def _stop_plane(self) -> None:
-        plane, self.plane = self.plane, None
-        if plane is not None:
-            if plane.event in self.events:
-                self.events.remove(plane.event)
-            plane.stop()
 
     # -- reload (SIGHUP) -----------------------------------------------------
 
@@ -231,22 +241,43 @@ class Agent:
         if problems:
             raise ConfigError(problems)
         changes = []
-        later = [key for key in ("device_id", "store", "models") if getattr(old, key) != getattr(new, key)]
+        later = [key for key in ("device_id", "store", "models", "logging") if getattr(old, key) != getattr(new, key)]
         if later:
             log.warning("reload: %s changed; that takes effect when the agent restarts", ", ".join(later))
+        plane_keys = ("mqtt", "groups", "commands", "spool")
+        rebuild = any(getattr(old, k) != getattr(new, k) for k in plane_keys)
+        built = None
+        if rebuild and new.mqtt is not None:
+            try:  # everything the new connection reads, read before the running one is given up
+                built = self._build_mqtt(new)
+            except Exception as exc:
+                raise ConfigError([f"mqtt: cannot use the new settings: {exc}"]) from None
+        if old.http != new.http:
+            self._stop_http()
+            try:
+                self._start_http(new.http)
+            except Exception as exc:
+                self._start_http(old.http)  # the running one comes back
+                if built is not None:
+                    built[1].close()
+                raise ConfigError([f"http: cannot serve on {new.http.host}:{new.http.port}: {exc}"]) from None
+            changes.append("http restarted" if new.http.enabled else "http off")
         if old.log_level != new.log_level:
             logging.getLogger().setLevel(new.log_level.upper())
             changes.append(f"log_level {new.log_level}")
+        if rebuild:
+            pending = self._stop_mqtt(successor=built[1] if built else None)
+            if built is not None:
+                self._run_mqtt(built[0], built[1], pending)
+                changes.append("mqtt reconnected")
+            else:
+                if pending:
+                    log.warning("reload: [mqtt] removed: %d command(s) taken but not started are dropped", len(pending))
+                changes.append("mqtt off")
+        elif self.plane is not None and (old.download != new.download or old.transfer != new.transfer):
+            self.fetcher.download_cfg, self.fetcher.transfer_cfg = new.download, new.transfer
+            changes.append("download/transfer settings")
         self.config = new
-        plane_keys = ("mqtt", "groups", "commands", "spool", "download", "transfer")
-        if any(getattr(old, k) != getattr(new, k) for k in plane_keys):
-            self._stop_mqtt()
-            self._start_mqtt()
-            changes.append("mqtt reconnected" if new.mqtt else "mqtt off")
-        if old.http != new.http:
-            self._stop_http()
-            self._start_http()
-            changes.append("http restarted" if new.http.enabled else "http off")
         changes += self._reload_sources(new.sources)
         return changes
 
@@ -404,8 +435,9 @@ class _PlaneResults:
         self.agent = agent
 
     def emit(self, source: str, result: dict[str, Any]) -> None:
-        if self.agent.plane is not None:
-            self.agent.plane.result(source, result)
+        plane = self.agent.plane  # read once: a reload may replace it meanwhile
+        if plane is not None:
+            plane.result(source, result)
 
 
 def run_agent(config: AgentConfig, config_path: Path | str | None = None) -> int:

@@ -553,3 +553,109 @@ topic_prefix = "reload"
     finally:
         agent.shutdown()
         sub.close()
+
+
+class _SlowFiles:
+    """A local HTTP server for one file that holds its answer until released."""
+
+    def __init__(self, path: Path) -> None:
+        import http.server
+
+        self.release = threading.Event()
+        data, release = path.read_bytes(), self.release
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                release.wait(30)
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/{path.name}"
+
+    def close(self) -> None:
+        self.release.set()
+        self.server.shutdown()
+
+
+@pytest.mark.integration
+def test_a_reload_that_reconnects_mqtt_loses_no_command(tmp_path: Path, mobilenet_bundle: Path, assets,
+                                                        broker) -> None:
+    """A deploy running and commands waiting when `systemctl reload` changes
+    the MQTT settings: every one is answered, once, over the new connection."""
+    from test_flood import Console
+
+    from edge_agent.bundle import sha256_file
+    from edge_agent.config import load_config
+    from lifecycle_helpers import make_bundle
+
+    v2 = make_bundle(tmp_path / "b", 2, name="mobilenet_v2", archive=True)
+    files = _SlowFiles(v2)
+    mqtt = f"""
+[mqtt]
+host = "{broker.host}"
+port = {broker.port}
+topic_prefix = "flood"
+telemetry_interval_s = {{interval}}
+
+[commands]
+workers = 1
+"""
+    agent, path = _agent(tmp_path, mobilenet_bundle, _video_source("a", assets["demo_video"]),
+                         extra=mqtt.format(interval=10))
+    agent.start()
+    console = Console(broker, "svc")
+    try:
+        assert console.ping_answered(10) is not None
+        deploy = {"id": "dep-1", "cmd": "deploy", "args": {"model": "mobilenet_v2", "version": 2, "url": files.url,
+                                                          "sha256": sha256_file(v2), "size": v2.stat().st_size}}
+        console.client.publish("flood/svc/cmd", json.dumps(deploy), qos=1).wait_for_publish(5)
+        deadline = time.monotonic() + 10
+        while not any(e.get("event") == "fetching" for e in console.on("/events")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for i in range(3):  # the only worker is busy: these wait
+            console.client.publish("flood/svc/cmd", json.dumps({"id": f"q{i}", "cmd": "ping"}), qos=1).wait_for_publish(5)
+        time.sleep(0.3)
+        path.write_text(_config_text(mobilenet_bundle, _video_source("a", assets["demo_video"]),
+                                     extra=mqtt.format(interval=5)))
+        assert agent.reload(load_config(path)) == ["mqtt reconnected"]
+        files.release.set()
+        ids = {"dep-1", "q0", "q1", "q2"}
+        assert console.wait_for(lambda: ids <= {r.get("id") for r in console.on("/reply")}, 30), console.on("/reply")
+        replies = [r for r in console.on("/reply") if r.get("id") in ids]
+        assert len(replies) == 4 and all(r["ok"] for r in replies), replies
+    finally:
+        files.close()
+        agent.shutdown()
+        console.close()
+
+
+@pytest.mark.integration
+def test_a_reload_whose_mqtt_files_are_missing_is_refused_and_stays_connected(
+    tmp_path: Path, mobilenet_bundle: Path, assets, broker
+) -> None:
+    from test_flood import Console
+
+    from edge_agent.agent import _reload
+
+    mqtt = f'\n[mqtt]\nhost = "{broker.host}"\nport = {broker.port}\ntopic_prefix = "flood"\n'
+    agent, path = _agent(tmp_path, mobilenet_bundle, _video_source("a", assets["demo_video"]), extra=mqtt)
+    agent.start()
+    console = Console(broker, "svc")
+    try:
+        assert console.ping_answered(10) is not None
+        before = agent.config
+        path.write_text(_config_text(mobilenet_bundle, _video_source("a", assets["demo_video"], fps=2),
+                                     extra=mqtt + f'[mqtt.tls]\nca_certs = "{tmp_path}/missing-ca.pem"\n'))
+        _reload(agent, path, Notifier({}))
+        assert agent.config is before and agent.workers[0].fps == 5  # nothing applied
+        assert console.ping_answered(10) is not None  # still connected
+    finally:
+        agent.shutdown()
+        console.close()

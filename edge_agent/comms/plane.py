@@ -187,6 +187,8 @@ class ControlPlane:
         self.shed = {"busy": 0, "unreadable": 0}
         """Commands refused because too many were waiting, since the start."""
         self._shed_logged = 0.0
+        self.successor: ControlPlane | None = None
+        """Set when a reload replaced this plane: late replies and events go there."""
         self._workers = [threading.Thread(target=self._work, name=f"command-{i}", daemon=True) for i in range(workers)]
         self._stop = threading.Event()
         self._telemetry_thread = threading.Thread(target=self._telemetry_loop, name="telemetry", daemon=True)
@@ -210,22 +212,42 @@ class ControlPlane:
         if self.transport.connected.is_set():
             self.outbox.on_connected()
 
-    def stop(self) -> None:
+    def stop(self, successor: "ControlPlane | None" = None) -> list[tuple[str, bytes]]:
+        """Stop; returns the commands taken but not started (the broker was
+        told they arrived, so a successor must run them: see :meth:`take`).
+
+        With ``successor`` (a reload), the replies and events of commands
+        still running here go out through it when they end; without, a
+        command still running is answered through this plane's outbox while
+        it can."""
+        self.successor = successor
         self._stop.set()
         self.outbox.stop()
-        while True:  # what still waits is not run: make room for the workers' end marks
+        pending = []
+        while True:  # what still waits is not run here: make room for the workers' end marks
             try:
-                self._queue.get_nowait()
+                item = self._queue.get_nowait()
             except queue.Empty:
                 break
+            if item is not None:
+                pending.append(item)
         for _ in self._workers:
             self._queue.put(None)
         for w in self._workers:
             w.join(timeout=5.0)
         if self._telemetry_thread.is_alive():
             self._telemetry_thread.join(timeout=5.0)
+        self.close()
+        return pending
+
+    def close(self) -> None:
+        """Release the spool (also of a plane built but never started)."""
         if self.outbox.spool is not None:
             self.outbox.spool.close()
+
+    def take(self, topic: str, payload: bytes) -> None:
+        """A command received elsewhere (handed over from a replaced plane)."""
+        self._on_command(topic, payload)
 
     # -- commands ----------------------------------------------------------
 
@@ -275,6 +297,9 @@ class ControlPlane:
                 self._reply(reply)
 
     def _reply(self, reply: dict[str, Any]) -> None:
+        if self.successor is not None:
+            self.successor._reply(reply)
+            return
         self.outbox.send("replies", "reply", reply, qos=1)
 
     # -- events, results, telemetry ------------------------------------------
@@ -282,6 +307,9 @@ class ControlPlane:
     def event(self, message: dict[str, Any]) -> None:
         """A lifecycle or command event: to ``P/D/events``; a model change
         also re-publishes the retained status."""
+        if self.successor is not None:
+            self.successor.event(message)
+            return
         message.setdefault("id", None)
         self.outbox.send("events", "events", message, qos=1)
         if message.get("event") in STATUS_EVENTS:
