@@ -63,7 +63,10 @@ class Notifier:
             try:
                 if self._sock is None:
                     self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-                self._sock.sendto(payload, self.address)
+                # Never block: a notify socket nobody reads must not stall
+                # the watchdog thread (systemd reads at once; a full buffer
+                # is an error like any other).
+                self._sock.sendto(payload, socket.MSG_DONTWAIT, self.address)
                 return True
             except OSError as exc:
                 if not self._warned:

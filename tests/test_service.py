@@ -659,3 +659,31 @@ def test_a_reload_whose_mqtt_files_are_missing_is_refused_and_stays_connected(
     finally:
         agent.shutdown()
         console.close()
+
+
+@pytest.mark.integration
+def test_a_slow_fps_is_not_a_stall_and_a_faster_fps_applies_at_once(
+    tmp_path: Path, listener: NotifyListener, mobilenet_bundle: Path, assets
+) -> None:
+    """A time-lapse camera (one frame every 5 s) waits longer than the
+    watchdog's stall_s between frames: that is not a stall. Raising its fps
+    (`set`, reload) applies at once, not after the long wait."""
+    agent, _ = _agent(tmp_path, mobilenet_bundle, _video_source("slow", assets["demo_video"], fps=0.2))
+    supervisor = _supervise(agent, listener, stall_s=1.0)
+    agent.start()
+    try:
+        worker = agent.workers[0]
+        deadline = time.monotonic() + 10
+        while worker.counters.frames < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert worker.counters.frames == 1
+        for _ in range(25):  # 2.5 s into the 5 s wait, checked as the watchdog does
+            assert supervisor.check() == []
+            listener.poll(0.1)
+        worker.fps = 20.0
+        deadline = time.monotonic() + 1.5
+        while worker.counters.frames < 5 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert worker.counters.frames >= 5
+    finally:
+        agent.shutdown()

@@ -126,22 +126,31 @@ class SourceWorker:
             self.finished_cleanly = True
 
     def _loop(self) -> None:
-        next_slot = self._clock()
+        last_slot: float | None = None  # when the previous frame's slot was
         while not self.stop_event.is_set():
             self.last_progress = time.monotonic()
-            if self.fps:
-                delay = next_slot - self._clock()
-                if delay > 0 and self.stop_event.wait(delay):
+            fps = self.fps
+            due = last_slot + 1.0 / fps if (fps and last_slot is not None) else self._clock()
+            delay = due - self._clock()
+            # The source decodes only frames grabbed near the slot (its clock
+            # is monotonic); told every turn, so a new fps applies at once.
+            self.source.want_after(time.monotonic() + delay if fps else None)
+            if delay > 0:
+                # Wait for the slot in steps: the watchdog sees progress at
+                # any fps (a time-lapse at fps = 0.01), and a `set` or reload
+                # that changes fps applies at once.
+                if self.stop_event.wait(min(delay, 0.5)):
                     break
+                continue
             frame = self.source.next_frame(timeout=0.5)
             if frame is None:
                 if self.source.finished:
                     break
                 continue
-            if self.fps:
-                next_slot = max(next_slot + 1.0 / self.fps, self._clock())
-            # Frames grabbed well before the next slot are not decoded (the source's clock is monotonic).
-            self.source.want_after(time.monotonic() + next_slot - self._clock() if self.fps else None)
+            now = self._clock()
+            last_slot = max(due, now - 1.0 / fps) if fps else now
+            if fps:
+                self.source.want_after(time.monotonic() + (last_slot + 1.0 / fps) - now)
             self.blocked_in = "processing a frame"
             self._process(frame)
             self.blocked_in = None
