@@ -59,6 +59,7 @@ class Agent:
         # in other threads (telemetry, HTTP, the watchdog) iterate a snapshot.
         self.sources: list[FrameSource] = []
         self.workers: list[SourceWorker] = []
+        self.lingering: list[SourceWorker] = []  # stopped by a reload, threads not ended
         self.http: Any = None
         self._started: list[tuple[str, Callable[[], None]]] = []
 
@@ -101,9 +102,14 @@ class Agent:
     def _stop_source(self, worker: SourceWorker) -> None:
         self.workers = [w for w in self.workers if w is not worker]
         self.sources = [s for s in self.sources if s is not worker.source]
+        self._skipped_seen.pop(worker.source.name, None)  # a restarted source counts from 0 again
         worker.stop_event.set()
         worker.source.stop()
         worker.join(timeout=10.0)
+        if not worker.done or worker.source.capture_alive:
+            # stuck in a read or an inference: still the watchdog's business
+            log.error("source %s: its threads did not stop; the watchdog keeps watching them", worker.source.name)
+            self.lingering = [*self.lingering, worker]
 
     def _stop_sources(self) -> None:
         for worker in reversed(self.workers):
@@ -488,6 +494,7 @@ def run_agent(config: AgentConfig, config_path: Path | str | None = None) -> int
                 break
             hangup.clear()
             _reload(agent, config_path, notifier)
+            supervisor.stall_s = agent.config.watchdog.stall_s
         failed = [s.name for s in agent.sources if s.failed]
     finally:
         notifier.stopping()

@@ -171,6 +171,8 @@ class Stall:
 def find_stalls(agent: Any, now: float, stall_s: float) -> list[Stall]:
     """Every capture thread and worker of ``agent`` that has stopped moving.
 
+    Also checked: workers a reload stopped whose threads did not end
+    (``agent.lingering``), and a live source whose capture thread crashed.
     A capture thread counts when it is alive and has shown no progress for
     longer than ``max(stall_s, 3 * stall_timeout_s)``: the source restarts a
     silent camera itself after ``stall_timeout_s``, so only a call that does
@@ -179,9 +181,13 @@ def find_stalls(agent: Any, now: float, stall_s: float) -> list[Stall]:
     longer than ``stall_s``.
     """
     stalls = []
-    for worker in list(agent.workers):
+    for worker in [*agent.workers, *getattr(agent, "lingering", ())]:
         source = worker.source
         name = source.name
+        if getattr(source, "live", False) and getattr(source, "state", None) == "failed":
+            # a camera's capture thread that crashed: nothing reads it any more
+            stalls.append(Stall(f"source {name}", "capture thread crashed", now - source.last_progress))
+            continue
         if getattr(source, "capture_alive", False):
             limit = max(stall_s, 3 * float(getattr(source.cfg, "stall_timeout_s", 0) or 0))
             idle = now - source.last_progress
@@ -287,6 +293,8 @@ class RateMeter:
         out = {}
         for name, total in totals:
             then, before = self._mark.setdefault(name, (now, total))
+            if total < before:  # a restarted source counts from 0 again
+                then, before = self._mark[name] = (now, total)
             if now - then >= self.min_s:
                 self._rate[name] = (total - before) / (now - then)
                 self._mark[name] = (now, total)

@@ -687,3 +687,37 @@ def test_a_slow_fps_is_not_a_stall_and_a_faster_fps_applies_at_once(
         assert worker.counters.frames >= 5
     finally:
         agent.shutdown()
+
+
+@pytest.mark.integration
+def test_a_camera_whose_capture_thread_crashes_is_a_stall_and_a_failure(
+    tmp_path: Path, listener: NotifyListener, mobilenet_bundle: Path, assets, monkeypatch
+) -> None:
+    """A bug or an OS error inside a camera's capture thread ends that
+    thread: nothing would read the camera again, so the watchdog stops
+    pinging and the source counts as failed (exit status 1)."""
+    import edge_agent.agent as agent_module
+    from edge_agent.sources.base import FrameSource
+
+    class Crashing(FrameSource):
+        live = True
+
+        def _open(self) -> None:
+            pass
+
+        def _grab(self):
+            raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(agent_module, "open_source", lambda cfg: Crashing(cfg))
+    agent, _ = _agent(tmp_path, mobilenet_bundle, '\n[[sources]]\nname = "usb"\nuri = "/dev/video9"\nmodel = "mobilenet_v2"\n')
+    supervisor = _supervise(agent, listener, stall_s=5.0)
+    agent.start()
+    try:
+        source = agent.sources[0]
+        deadline = time.monotonic() + 5
+        while source.state != "failed" and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert source.failed
+        assert [(s.part, s.what) for s in supervisor.check()] == [("source usb", "capture thread crashed")]
+    finally:
+        agent.shutdown()

@@ -333,6 +333,7 @@ class FrameSource:
         except Exception as exc:  # never let a capture thread die silently
             self._error(f"capture failed: {exc}")
             self.state = FAILED
+            self.failed = True  # the agent's exit status says so, and the watchdog sees a live one
             log.exception("source %s: capture failed", self.name)
         finally:
             self._close()
