@@ -261,3 +261,34 @@ def test_commands_beyond_the_waiting_room_are_answered_busy_and_counted(flood_br
         console.close()
         transport.stop()
         plane.stop()
+
+
+def test_a_spool_that_keeps_failing_is_retried_with_back_off_not_in_a_hot_loop(flood_broker: Broker,
+                                                                                tmp_path: Path, caplog) -> None:
+    """An SD card that fails under the spool while the broker is up: the
+    drain logs the failure and tries again later, instead of spinning (and
+    re-sending the oldest message) thousands of times a second."""
+    import logging
+
+    from edge_agent.comms.mqtt import MqttTransport
+    from edge_agent.comms.plane import Outbox
+    from edge_agent.comms.spool import Spool
+    from edge_agent.config import MqttConfig
+
+    broker = flood_broker
+    transport = MqttTransport(MqttConfig(host=broker.host, port=broker.port, topic_prefix=PREFIX), "sd")
+    spool = Spool(tmp_path / "s.db")
+    spool.put(f"{PREFIX}/sd/reply", b'{"id":"x"}', kind="replies")
+    outbox = Outbox(transport, spool)
+    transport.start()
+    try:
+        assert transport.connected.wait(10)
+        spool._db.close()  # the card is gone: every read and write fails from now on
+        with caplog.at_level(logging.ERROR, logger="edge_agent.comms.plane"):
+            outbox.drain()
+            time.sleep(2.0)
+        failures = [r for r in caplog.records if "replay failed" in r.message]
+        assert 1 <= len(failures) <= 4, len(failures)  # after 0.5 s, 1 s, 2 s: not a hot loop
+    finally:
+        outbox.stop()
+        transport.stop()

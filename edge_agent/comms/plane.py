@@ -57,9 +57,12 @@ class Outbox:
         self._stop = threading.Event()
         self._lost = 0
         self._lost_logged = -60.0
+        self._failures = 0  # drains in a row that ended in an error
 
     retry_s = 0.05
-    """Pause of a drain that could not hand paho anything (its queue full)."""
+    """Pause of a drain that could not hand paho everything (its queue full)."""
+    batch = 50
+    """Spooled messages handed to paho at once by a drain."""
 
     def send(self, kind: str, suffix: str, payload: dict[str, Any], *, qos: int = 1) -> None:
         topic = self.transport.topic(suffix)
@@ -117,41 +120,60 @@ class Outbox:
             self._replaying = True
         threading.Thread(target=self._replay, name="spool-replay", daemon=True).start()
 
-    def _publish_item(self, item: Any) -> bool:
-        if not self.transport.connected.is_set() or self._stop.is_set():
-            return False
-        info = self.transport.client.publish(item.topic, item.payload, qos=item.qos, retain=item.retain)
-        if item.qos == 0:
-            return info.rc == 0
-        return PahoHandle(info).wait(10.0)
+    def _publish_batch(self, items: list[Any]) -> list[int]:
+        """Hand ``items`` to paho together (its in-flight window fills, one
+        round trip for the lot), then wait for each acknowledgement; returns
+        the seqs published, oldest first, up to the first that was not."""
+        handles = []
+        for item in items:
+            if not self.transport.connected.is_set() or self._stop.is_set():
+                break
+            info = self.transport.client.publish(item.topic, item.payload, qos=item.qos, retain=item.retain)
+            if info.rc != 0:
+                break  # paho's queue is full, or the connection just went
+            handles.append((item, info))
+        done = []
+        for item, info in handles:
+            if item.qos and not PahoHandle(info).wait(10.0):
+                break
+            done.append(item.seq)
+        return done
 
     def _replay(self) -> None:
         total = 0
+        failed = False
         try:
             while True:
-                sent = self.spool.replay(self._publish_item)
-                total += sent
+                items = self.spool.peek(self.batch)
+                done = self._publish_batch(items) if items else []
+                if done:
+                    self.spool.ack(done)  # one transaction for the batch
+                    total += len(done)
                 with self._lock:
                     if len(self.spool) == 0:
                         self._backlog = False
                         break
                 if not self.transport.connected.is_set() or self._stop.is_set():
                     break
-                if not sent and self._stop.wait(self.retry_s):
+                if len(done) < len(items) and self._stop.wait(self.retry_s):
                     break  # paho's queue is still full: give the broker's acknowledgements a moment
         except Exception:
+            failed = True
             log.exception("store-and-forward: replay failed")
         finally:
             with self._lock:
                 self._replaying = False
             if total:
                 log.info("store-and-forward: replayed %d message(s) kept while the broker was away", total)
+        self._failures = self._failures + 1 if failed else 0
+        if self._failures and self._stop.wait(min(30.0, 0.5 * 2 ** (self._failures - 1))):
+            return  # a spool that keeps failing (a bad SD card) is retried with back-off, not in a hot loop
         # Whatever arrived in the spool while we decided may need another pass.
         if self.transport.connected.is_set() and not self._stop.is_set():
             with self._lock:
                 again = self._backlog and not self._replaying
             if again:
-                self.on_connected()
+                self.drain()
 
     def stop(self) -> None:
         self._stop.set()
