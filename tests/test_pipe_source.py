@@ -633,3 +633,17 @@ def test_bad_pipe_leaves_the_other_source_alone(demo: Path, mobilenet_bundle: Pa
     assert not any(s == "broken" for s, _, _ in sink.items)
     assert "source broken: cannot start 'no-such-camera': no such program" in caplog.text
     assert no_children_left() == []
+
+
+def test_the_program_does_not_inherit_the_agents_systemd_sockets(monkeypatch, tmp_path: Path) -> None:
+    """NOTIFY_SOCKET and WATCHDOG_* are for the agent alone: a camera program
+    that speaks sd_notify (gst-launch can) must not report in its name."""
+    monkeypatch.setenv("NOTIFY_SOCKET", "/run/systemd/notify")
+    monkeypatch.setenv("WATCHDOG_USEC", "30000000")
+    out = tmp_path / "env.txt"
+    source = PipeSource(pipe_cfg(["sh", "-c", f"env > {out}; sleep 5"]))
+    with running(source):
+        wait_until(lambda: out.exists() and out.stat().st_size > 0, 5, "the program ran")
+    env = out.read_text()
+    assert "NOTIFY_SOCKET" not in env and "WATCHDOG_USEC" not in env
+    assert "PATH=" in env

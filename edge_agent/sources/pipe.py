@@ -257,7 +257,7 @@ class PipeSource(FrameSource):
         try:
             proc = subprocess.Popen(
                 self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                start_new_session=True, close_fds=True, bufsize=0,
+                start_new_session=True, close_fds=True, bufsize=0, env=_program_env(),
             )
         except FileNotFoundError:
             raise SourceError(f"cannot start {self.argv[0]!r}: no such program (is it installed, and on PATH?)") from None
@@ -406,3 +406,12 @@ class PipeSource(FrameSource):
                 except OSError:
                     pass
         self._pending.clear()
+
+
+_SYSTEMD_ONLY = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES")
+
+
+def _program_env() -> dict[str, str]:
+    """The agent's environment, less what systemd meant for the agent alone:
+    a camera program must not speak the notify protocol in its name."""
+    return {k: v for k, v in os.environ.items() if k not in _SYSTEMD_ONLY}
