@@ -236,6 +236,25 @@ def extract_archive(archive: Path, dest: Path, limits: UnpackLimits = NO_LIMITS)
         raise BundleError(f"bundle {archive}: not a readable tar archive ({exc})", code="bad_archive") from None
 
 
+class _HeaderTooLarge(tarfile.TarError):
+    pass
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    """A tar header that refuses GNU long-name and pax headers over 64 KiB:
+    tarfile reads those whole into memory before any member is seen, so a
+    1 MB archive could otherwise take hundreds of MB of a 1 GB device."""
+
+    MAX_EXTENDED = 64 * 1024
+    _EXTENDED = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE,
+                 tarfile.SOLARIS_XHDTYPE)
+
+    def _proc_member(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+        if self.type in self._EXTENDED and self.size > self.MAX_EXTENDED:
+            raise _HeaderTooLarge(f"an extended tar header of {self.size} bytes (the limit is 64 KiB)")
+        return super()._proc_member(tarfile_)
+
+
 def _member_name(archive: Path, member: tarfile.TarInfo) -> str:
     """The member's path inside the bundle, after the safety checks."""
     name = member.name.removeprefix("./")
@@ -274,7 +293,7 @@ def _plan_archive(archive: Path, limits: UnpackLimits, dest: Path) -> _Plan:
     sizes: dict[str, int] = {}
     total = 0
     raw_manifest: bytes | None = None
-    with tarfile.open(archive, "r:*") as tar:
+    with tarfile.open(archive, "r:*", tarinfo=_BoundedTarInfo) as tar:
         for count, member in enumerate(tar, 1):  # headers only: data is skipped, never written
             if count > MAX_MEMBERS:
                 raise BundleError(f"bundle {archive}: more than {MAX_MEMBERS} members", code="bad_archive")
@@ -336,7 +355,7 @@ def _plan_archive(archive: Path, limits: UnpackLimits, dest: Path) -> _Plan:
 def _write_archive(archive: Path, dest: Path, plan: _Plan, limits: UnpackLimits) -> None:
     written = 0
     next_check = _FREE_CHECK_EVERY
-    with tarfile.open(archive, "r:*") as tar:
+    with tarfile.open(archive, "r:*", tarinfo=_BoundedTarInfo) as tar:
         for member in tar:
             name = _member_name(archive, member)
             if member.isdir():

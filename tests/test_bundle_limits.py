@@ -421,3 +421,28 @@ def test_a_disk_that_fills_while_unpacking_is_disk_full_and_nothing_is_left(inod
         run.wait_results(len(run.results()) + 5, version=2)
     finally:
         run.stop()
+
+
+def test_a_huge_extended_tar_header_is_refused_before_it_is_read_into_memory(tmp_path: Path) -> None:
+    """A pax header of 50 MB compresses to a few KB; tarfile would read it
+    whole into memory before the first member is seen."""
+    import gzip
+    import io
+    import tarfile
+
+    import psutil
+
+    from edge_agent.bundle import UnpackLimits, extract_archive
+
+    archive = tmp_path / "headers.tar.gz"
+    member = tarfile.TarInfo("manifest.json")
+    member.pax_headers = {"comment": "x" * 50_000_000}
+    with gzip.open(archive, "wb") as gz, tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        tar.addfile(member, io.BytesIO(b""))
+    assert archive.stat().st_size < 1_000_000
+    rss = psutil.Process().memory_info().rss
+    with pytest.raises(BundleError) as err:
+        extract_archive(archive, tmp_path / "out", UnpackLimits(max_bytes=10**9, min_free_bytes=0))
+    assert err.value.code == "bad_archive"
+    assert "extended tar header" in err.value.message
+    assert psutil.Process().memory_info().rss - rss < 30_000_000
