@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sqlite3
 import threading
 import time
@@ -177,18 +176,13 @@ class CommandJournal:
             raise
 
     def _move_aside(self) -> Path:
-        aside = self.path.with_name(f"{self.path.name}.corrupt-{int(time.time())}")
+        from edge_agent.comms.spool import move_db_aside
+
         try:
-            os.replace(self.path, aside)
-            for suffix in ("-wal", "-shm"):
-                try:
-                    os.unlink(f"{self.path}{suffix}")
-                except FileNotFoundError:
-                    pass
+            return move_db_aside(self.path)
         except OSError as exc:
             raise self._error(f"the command journal {self.path} is unreadable and cannot be moved aside",
                               exc) from None
-        return aside
 
     def configure(self, *, keep: int | None = None, max_age_s: float | None = None) -> None:
         """New ``keep``/``max_age_s`` (a reload of the config)."""

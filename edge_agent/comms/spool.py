@@ -83,6 +83,20 @@ CREATE TABLE IF NOT EXISTS dropped (
 
 
 
+def move_db_aside(path: Path) -> Path:
+    """An unreadable SQLite file (an SD card that corrupted it) renamed to
+    ``<name>.corrupt-<time>``, its WAL and shared-memory files removed, so a
+    new one can start; returns the new name. Raises OSError."""
+    aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
+    os.replace(path, aside)
+    for suffix in ("-wal", "-shm"):
+        try:
+            os.unlink(f"{path}{suffix}")
+        except FileNotFoundError:
+            pass
+    return aside
+
+
 @dataclass(frozen=True)
 class SpooledItem:
     """One message waiting to be published; ``seq`` is what :meth:`Spool.ack` takes."""
@@ -168,17 +182,10 @@ class Spool:
             raise
 
     def _move_aside(self) -> Path:
-        aside = self.path.with_name(f"{self.path.name}.corrupt-{int(time.time())}")
         try:
-            os.replace(self.path, aside)
-            for suffix in ("-wal", "-shm"):
-                try:
-                    os.unlink(f"{self.path}{suffix}")
-                except FileNotFoundError:
-                    pass
+            return move_db_aside(self.path)
         except OSError as exc:
             raise SpoolError(f"the spool {self.path} is unreadable and cannot be moved aside: {exc.strerror}") from None
-        return aside
 
     # -- writing --------------------------------------------------------------
 
