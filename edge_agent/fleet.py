@@ -1,6 +1,6 @@
 """The fleet console: commands out, replies, events and telemetry in
 (CONTRACT §1 ``edge-agent fleet``, §3 MQTT). No click here; the command line
-is :mod:`edge_agent.cli_fleet`, and a script or a test can drive a fleet with
+is :mod:`edge_agent.cli.fleet`, and a script or a test can drive a fleet with
 this module alone.
 
 * :class:`BrokerSettings` says where the broker is (from an agent-style

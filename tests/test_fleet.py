@@ -497,7 +497,7 @@ class _Stream:
 def test_progress_is_readable_with_and_without_a_terminal() -> None:
     """On a terminal: a bar per device redrawn in place; in a log: a line per
     step change and per quarter of the transfer, no escape codes."""
-    from edge_agent.cli_fleet import ProgressView
+    from edge_agent.cli.fleet import ProgressView
 
     steps = [f.DeviceProgress("cam-1", "transfer", r, 400, done=False) for r in (0, 50, 100, 120, 400)]
     steps.append(f.DeviceProgress("cam-1", "done", done=True, ok=True))

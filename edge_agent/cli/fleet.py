@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import click
 
-from edge_agent.cli_common import table, user_errors
+from edge_agent.cli.common import table, user_errors
 
 ENV = "EDGE_FLEET_"
 

@@ -15,7 +15,7 @@ from typing import Any, Callable, TypeVar
 import click
 
 from edge_agent import __version__
-from edge_agent.cli_common import CONFIG_ENV, CONFIG_HELP, DEFAULT_CONFIG, config_option, user_errors
+from edge_agent.cli.common import CONFIG_ENV, CONFIG_HELP, DEFAULT_CONFIG, config_option, user_errors
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -301,11 +301,11 @@ def bench(models: tuple[str, ...], threads: int, rounds: int, runs: int, warmup:
     click.echo(json.dumps(report, indent=2) if as_json else bench_mod.table(report))
 
 
-from edge_agent.cli_models import models as _models_group  # noqa: E402
+from edge_agent.cli.models import models as _models_group  # noqa: E402
 
 main.add_command(_models_group)
 
-from edge_agent.cli_fleet import fleet as _fleet_group  # noqa: E402
+from edge_agent.cli.fleet import fleet as _fleet_group  # noqa: E402
 
 main.add_command(_fleet_group)
 

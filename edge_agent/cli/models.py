@@ -19,7 +19,7 @@ from typing import Any
 
 import click
 
-from edge_agent.cli_common import config_option, table, user_errors
+from edge_agent.cli.common import config_option, table, user_errors
 
 USAGE_CODES = {"bad_args", "bad_command", "unknown_model", "version_not_found", "bundle_not_found"}
 
