@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from edge_agent.bundle import extract_archive, open_bundle, pack
+from edge_agent.bundle import extract_archive, open_bundle, pack, sign_bundle, verify_bundle_signature
 from edge_agent.cli import main
 from edge_agent.errors import BundleError, UsageError
 from edge_agent.manifest import MANIFEST_NAME, SIGNATURE_NAME
@@ -23,8 +23,6 @@ from edge_agent.signing import (
     load_private_key,
     load_public_key,
     load_trusted_keys,
-    sign_bundle,
-    verify_bundle_signature,
 )
 from edge_agent.testing import tiny_onnx_classifier
 
