@@ -133,3 +133,30 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
         pytest.fail(f"mosquitto did not start: {exc}")
     yield made
     made.stop()
+
+
+# Fixtures that bring the real models, photos or a broker: a test using any
+# of them (directly or through another fixture) is an integration test.
+REAL_FIXTURES = {"assets", "broker", "flood_broker", "mobilenet_bundle", "blazeface_bundle", "mobilenet",
+                 "blazeface", "fashion_mnist"}
+# ... and so is one that starts a broker or an agent process of its own.
+REAL_CALLS = ("Mosquitto(", "AgentProcess(", "agent_process(", "start_broker(")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark ``integration`` every test that needs a real model or a broker,
+    so that ``pytest -m "not integration"`` is the quick suite."""
+    import inspect
+
+    for item in items:
+        if item.get_closest_marker("integration"):
+            continue
+        uses = REAL_FIXTURES & set(getattr(item, "fixturenames", ()))
+        if not uses:
+            try:
+                source = inspect.getsource(item.function)  # type: ignore[attr-defined]
+            except (AttributeError, OSError, TypeError):
+                source = ""
+            uses = {call for call in REAL_CALLS if call in source}
+        if uses:
+            item.add_marker(pytest.mark.integration)
