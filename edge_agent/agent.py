@@ -135,6 +135,7 @@ class Agent:
         if self.config.mqtt is None:
             return
         transport, plane, control = self._build_mqtt(self.config)
+        self.fetcher.sweep()  # at start only: at a reload, transfers may be in flight
         self._run_mqtt(transport, plane)
         # Commands a crash cut short: answered once, through the outbox
         # (spooled until connected). Only at start: at a reload, what the

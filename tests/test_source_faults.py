@@ -71,3 +71,4 @@ def test_an_input_missing_at_start_or_without_loop_still_ends(tmp_path: Path, as
         assert source.failed and source.state == "failed"
     finally:
         source.stop()
+

@@ -431,3 +431,30 @@ def test_meta_checks_itself(payload: Path) -> None:
         with pytest.raises(ValueError):
             TransferMeta.model_validate_json(json.dumps({**data, **change}))
     assert TransferMeta.model_validate_json(json.dumps({**data, "future_field": 1})) == meta
+
+
+def test_leftovers_of_interrupted_deploys_are_swept_at_start_but_recent_ones_resume(tmp_path: Path) -> None:
+    """Each crash during a transfer left its partial bundle in .transfers
+    for ever (R2 of benchmarks/faults.py: 294 MB after 50 kills). At start
+    the agent keeps the two most recent, if recent (a console re-sending
+    the same deploy resumes them), and removes the rest."""
+    import os
+    import threading
+    from types import SimpleNamespace
+
+    from edge_agent.comms.plane import BundleFetcher
+
+    staging = tmp_path / ".transfers"
+    now = time.time()
+    for i, age in enumerate([10, 20, 30, 40, 7200]):
+        folder = staging / f"t{i}"
+        folder.mkdir(parents=True)
+        (folder / "data.part").write_bytes(b"x" * 1000)
+        for p in (folder / "data.part", folder):
+            os.utime(p, (now - age, now - age))
+    fetcher = BundleFetcher(transport=None, staging=staging, max_bytes=10**9, download_cfg=None,
+                            transfer_cfg=SimpleNamespace(deadline_s=3600.0), stop=threading.Event())
+    assert fetcher.sweep() == 3000
+    assert sorted(p.name for p in staging.iterdir()) == ["t0", "t1"]
+    assert BundleFetcher(transport=None, staging=tmp_path / "none", max_bytes=1, download_cfg=None,
+                         transfer_cfg=SimpleNamespace(deadline_s=1.0), stop=threading.Event()).sweep() == 0

@@ -368,6 +368,43 @@ class BundleFetcher:
         self.transfer_cfg = transfer_cfg
         self.stop = stop
 
+    def sweep(self, *, keep: int = 2, max_age_s: float | None = None) -> int:
+        """Remove what interrupted deploys left in ``staging``: partial
+        downloads and transfers a crash cut short (the next deploy's
+        transfer has another id, so nothing else would). The ``keep`` most
+        recently written folders stay, if written within ``max_age_s``
+        (default ``transfer.deadline_s``): a console that sends the same
+        deploy again resumes them. Call at start, with the store lock held.
+        Returns the bytes removed."""
+        import shutil
+
+        max_age_s = self.transfer_cfg.deadline_s if max_age_s is None else max_age_s
+        try:
+            folders = [p for p in self.staging.iterdir() if p.is_dir() and not p.is_symlink()]
+        except FileNotFoundError:
+            return 0
+        except OSError as exc:
+            log.warning("cannot look for leftovers of interrupted deploys in %s: %s", self.staging, exc)
+            return 0
+
+        def newest(folder: Path) -> float:
+            return max([folder.stat().st_mtime, *(f.stat().st_mtime for f in folder.rglob("*"))])
+
+        def size(folder: Path) -> int:
+            return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+        now = time.time()
+        ranked = sorted(folders, key=newest, reverse=True)
+        stale = [f for i, f in enumerate(ranked) if i >= keep or now - newest(f) > max_age_s]
+        removed = 0
+        for folder in stale:
+            removed += size(folder)
+            shutil.rmtree(folder, ignore_errors=True)
+        if stale:
+            log.info("removed %d folder(s), %.1f MB, of deploys interrupted before they were installed (%s)",
+                     len(stale), removed / 1e6, self.staging)
+        return removed
+
     def fetch(self, args: Any, progress: Callable[..., None]) -> Path:
         """The verified bundle under ``staging`` (``download()`` and
         ``TransferReceiver.start()`` create the folders, with coded errors)."""
