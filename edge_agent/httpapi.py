@@ -45,7 +45,7 @@ import time
 from contextlib import contextmanager
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator, Protocol
 from urllib.parse import unquote, urlsplit
 
 import numpy as np
@@ -54,8 +54,20 @@ from edge_agent import __version__
 from edge_agent.errors import EdgeAgentError, ModelNotAvailable
 
 if TYPE_CHECKING:
-    from edge_agent.agent import Agent
-    from edge_agent.models.manager import LoadedModel
+    from edge_agent.config import AgentConfig
+    from edge_agent.models.manager import LoadedModel, ModelManager
+
+
+class Agent(Protocol):
+    """What the HTTP API reads of the running agent (edge_agent.agent.Agent
+    is one): its config, the model manager it serves through, the
+    per-source workers (readiness, metrics) and the MQTT transport (its
+    connection, for a metric). Read only; the API changes nothing of it."""
+
+    config: "AgentConfig"
+    models: "ModelManager"
+    workers: list[Any]
+    transport: Any
 
 log = logging.getLogger(__name__)
 
