@@ -16,7 +16,7 @@ import numpy as np
 
 from edge_agent.errors import InferenceError, ModelLoadError, RuntimeUnavailable
 from edge_agent.manifest import Quantization, TensorSpec
-from edge_agent.runtimes import Runtime, prepare_input, quantize  # noqa: F401 (quantize re-exported)
+from edge_agent.runtimes.base import Runtime, prepare_input, quantize  # noqa: F401 (quantize re-exported)
 
 
 def interpreter_class() -> Any:

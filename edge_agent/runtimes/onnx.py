@@ -10,7 +10,7 @@ import onnxruntime as ort
 
 from edge_agent.errors import BundleError, InferenceError, ModelLoadError
 from edge_agent.manifest import TensorSpec
-from edge_agent.runtimes import Runtime, prepare_input
+from edge_agent.runtimes.base import Runtime, prepare_input
 
 log = logging.getLogger(__name__)
 
