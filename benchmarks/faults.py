@@ -100,6 +100,19 @@ PAUSE_S = 1.0
 BROKER_EXTRA = ["max_queued_messages 100000", "max_inflight_messages 100"]
 
 
+_LIVE: dict[int, Any] = {}
+"""Brokers, agents and clients started here, for :func:`cleanup`."""
+
+
+def cleanup() -> None:
+    """Stop every broker, agent and client a scenario started: what one that
+    failed half-way (an exception in its setup) left running."""
+    while _LIVE:
+        _, thing = _LIVE.popitem()
+        with suppress(Exception):
+            (thing.close if isinstance(thing, Watcher) else thing.stop)()
+
+
 def progress(msg: str) -> None:
     print(f"[faults] {msg}", file=sys.stderr, flush=True)
 
@@ -209,6 +222,7 @@ class Broker:
         self.folder = Path(folder)
         self.m = Mosquitto(self.folder, persistence=persistence, tls=tls, users=users,
                            extra=[*BROKER_EXTRA, *(extra or [])])
+        _LIVE[id(self)] = self
         self.host, self.port = self.m.host, self.m.port
 
     @property
@@ -273,6 +287,7 @@ class Watcher:
         self.client.on_subscribe = lambda *a: self.subscribed.set()
         self.client.connect(broker.host, broker.port, keepalive=10)
         self.client.loop_start()
+        _LIVE[id(self)] = self
         if topics and not self.subscribed.wait(timeout):
             self.close()
             raise RuntimeError(f"subscription to {topics} not acknowledged ({self.refused or 'no answer'})")
@@ -473,6 +488,7 @@ class Agent:
             self.proc = subprocess.Popen([sys.executable, "-m", "edge_agent", "run", "--config", str(self.config)],
                                          stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                          cwd=self.config.parent, env=env)
+        _LIVE[id(self)] = self
         return self
 
     @property
@@ -2247,6 +2263,8 @@ def main() -> int:
                 traceback.print_exc()
                 r = verdict({"scenario": name, "what": "(did not complete)", "error": repr(exc)[:2000]},
                             [f"the scenario did not complete: {exc!r}"[:500]])
+            finally:
+                cleanup()
             r["seconds"] = round(time.monotonic() - t0, 1)
             r["loadavg_after"] = loadavg()
             runs.append(r)

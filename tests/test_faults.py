@@ -45,6 +45,13 @@ def ctx(assets, tmp_path_factory: pytest.TempPathFactory) -> faults.Ctx:
     return faults.Ctx(tmp_path_factory.mktemp("faults"))
 
 
+@pytest.fixture(autouse=True)
+def _stop_leftovers():
+    """A scenario that fails half-way leaves no broker or agent running."""
+    yield
+    faults.cleanup()
+
+
 def passed(result: dict) -> None:
     assert result["verdict"] == "pass", "\n".join(result["failures"])
 
