@@ -1125,7 +1125,7 @@ def bad_bundles(ctx: Ctx, base_version: int, *, bomb_mb: int, key: str = "a", ot
                              ("inference_failed", "smoke_test_failed", "model_load_failed"))
         if kind in ("dotdot_path", "absolute_path", "symlink", "hardlink"):
             src, ver = fresh()
-            info = tarfile.TarInfo({"dotdot_path": "../escaped.txt", "absolute_path": f"/tmp/faults-{uuid.uuid4().hex}",
+            info = tarfile.TarInfo({"dotdot_path": "../escaped.txt", "absolute_path": os.path.join(tempfile.gettempdir(), f"faults-{uuid.uuid4().hex}"),
                                     "symlink": "link.txt", "hardlink": "hard.txt"}[kind])
             fh: Any = None
             if kind in ("dotdot_path", "absolute_path"):
