@@ -368,8 +368,9 @@ class Agent:
     def status_line(self, rates: dict[str, float]) -> str:
         """One line for ``systemctl status``: model versions, fps per
         source (or its state), the broker."""
-        models = self.models.status()
-        parts = [", ".join(f"{n} v{m.get('active')}" for n, m in models.items()) or "no models"]
+        # Once a second: the serving versions only (status() lists the store's folders and copies the state)
+        names = [m.name for m in self.config.models]
+        parts = [", ".join(f"{n} v{self.models.active_version(n)}" for n in names) or "no models"]
         srcs = []
         for w in self.workers:
             state = getattr(w.source, "state", "open")
