@@ -360,7 +360,7 @@ class Agent:
         names of those still opening when ``timeout`` ran out."""
         deadline = time.monotonic() + timeout
         while True:
-            pending = [s.name for s in self.sources if getattr(s, "state", "open") == "starting"]
+            pending = [s.name for s in self.sources if s.state == "starting"]
             if not pending or self.stop_event.wait(min(0.05, max(0.0, deadline - time.monotonic()))) \
                     or time.monotonic() >= deadline:
                 return pending
@@ -373,7 +373,7 @@ class Agent:
         parts = [", ".join(f"{n} v{self.models.active_version(n)}" for n in names) or "no models"]
         srcs = []
         for w in self.workers:
-            state = getattr(w.source, "state", "open")
+            state = w.source.state
             if w.done:
                 state = "ended"
             srcs.append(f"{w.source.name} {rates.get(w.source.name, 0.0):.1f} fps" if state == "open"

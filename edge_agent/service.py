@@ -27,7 +27,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Protocol
+from typing import Any, Callable, Iterable
 
 log = logging.getLogger(__name__)
 
@@ -144,18 +144,6 @@ def _watchdog_usec(env: dict[str, str] | Any) -> int | None:
     return usec if usec > 0 else None
 
 
-class Watched(Protocol):
-    """What the supervisor reads of a capture thread or a worker.
-
-    ``last_progress`` is a ``time.monotonic()`` the thread refreshes at least
-    every second while it is not blocked; ``blocked_in`` names the call it is
-    inside ("read", "open", "inference"), or None.
-    """
-
-    last_progress: float
-    blocked_in: str | None
-
-
 @dataclass(frozen=True)
 class Stall:
     """One part that does not make progress: what and for how long."""
@@ -181,15 +169,15 @@ def find_stalls(agent: Any, now: float, stall_s: float) -> list[Stall]:
     longer than ``stall_s``.
     """
     stalls = []
-    for worker in [*agent.workers, *getattr(agent, "lingering", ())]:
+    for worker in [*agent.workers, *agent.lingering]:
         source = worker.source
         name = source.name
-        if getattr(source, "live", False) and getattr(source, "state", None) == "failed":
+        if source.live and source.state == "failed":
             # a camera's capture thread that crashed: nothing reads it any more
             stalls.append(Stall(f"source {name}", "capture thread crashed", now - source.last_progress))
             continue
-        if getattr(source, "capture_alive", False):
-            limit = max(stall_s, 3 * float(getattr(source.cfg, "stall_timeout_s", 0) or 0))
+        if source.capture_alive:
+            limit = max(stall_s, 3 * source.cfg.stall_timeout_s)
             idle = now - source.last_progress
             if idle > limit:
                 where = source.blocked_in or "its loop"
