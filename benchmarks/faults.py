@@ -1846,57 +1846,6 @@ def r6_soak(ctx: Ctx, *, minutes: float = 30.0, fps: float = 10.0, predict_every
 # -- R7: security ------------------------------------------------------------------------------------------
 
 
-def make_certs(folder: Path, clients: list[str]) -> dict[str, dict[str, Path]]:
-    """A CA with a broker certificate (127.0.0.1) and one client certificate
-    per name (the CN is the name), plus ``rogue``: a client certificate from
-    another CA. Valid for two days."""
-    import datetime
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    folder.mkdir(parents=True, exist_ok=True)
-    now = datetime.datetime.now(datetime.timezone.utc)
-
-    def write(name: str, key: Any, cert: Any) -> tuple[Path, Path]:
-        k, c = folder / f"{name}.key", folder / f"{name}.crt"
-        k.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
-                                        serialization.NoEncryption()))
-        c.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        return k, c
-
-    def authority(cn: str) -> tuple[Any, Any, Path]:
-        key = ec.generate_private_key(ec.SECP256R1())
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-        cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-                .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
-                .not_valid_after(now + datetime.timedelta(days=2))
-                .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-                .sign(key, hashes.SHA256()))
-        return key, cert, write(cn.replace(" ", "-"), key, cert)[1]
-
-    def leaf(ca: tuple[Any, Any, Path], cn: str, server: bool = False) -> dict[str, Path]:
-        key = ec.generate_private_key(ec.SECP256R1())
-        b = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
-             .issuer_name(ca[1].subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
-             .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=2)))
-        if server:
-            b = b.add_extension(x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-        k, c = write(cn, key, b.sign(ca[0], hashes.SHA256()))
-        return {"ca": ca[2], "cert": c, "key": k}
-
-    ca = authority("faults-ca")
-    other = authority("faults-rogue-ca")
-    out = {"broker": leaf(ca, "broker", server=True), "rogue": {**leaf(other, "rogue"), "ca": ca[2]}}
-    for name in clients:
-        out[name] = leaf(ca, name)
-    return out
-
-
 def _connects(broker: Broker, *, tls: dict[str, Path] | None = None, auth: tuple[str, str] | None = None,
               timeout: float = 5.0) -> tuple[bool, str]:
     """Whether a client with these credentials gets a successful CONNACK."""
@@ -2042,6 +1991,8 @@ def r7_security(ctx: Ctx, *, fps: float = 5.0, parts: tuple[str, ...] = ("signed
             broker.stop()
 
     if "tls" in parts:
+        from edge_agent.testing import make_certs
+
         certs = make_certs(folder / "certs", ["r7-dev", "r7-console"])
         broker = Broker(folder / "broker-tls", tls=certs["broker"])
         ok, why = _connects(broker, tls={"ca": certs["broker"]["ca"]})

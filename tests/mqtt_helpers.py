@@ -4,7 +4,6 @@ client, agents as subprocesses, and TLS certificates made in code."""
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import signal
@@ -155,42 +154,7 @@ class AgentProcess:
 
 def make_certs(folder: Path) -> dict[str, dict[str, Path]]:
     """A CA, a broker certificate for 127.0.0.1/localhost and a client one."""
-    import ipaddress
+    from edge_agent.testing import make_certs as certs
 
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    folder.mkdir(parents=True, exist_ok=True)
-    now = datetime.datetime.now(datetime.timezone.utc)
-
-    def write(name: str, key: Any, cert: Any) -> tuple[Path, Path]:
-        k, c = folder / f"{name}.key", folder / f"{name}.crt"
-        k.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
-                                        serialization.NoEncryption()))
-        c.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        return k, c
-
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "edge-agent test CA")])
-    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
-          .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
-          .not_valid_after(now + datetime.timedelta(days=2))
-          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-          .sign(ca_key, hashes.SHA256()))
-    _, ca_path = write("ca", ca_key, ca)
-
-    def leaf(cn: str, server: bool) -> tuple[Path, Path]:
-        key = ec.generate_private_key(ec.SECP256R1())
-        b = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
-             .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
-             .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=2)))
-        if server:
-            b = b.add_extension(x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-        return write(cn, key, b.sign(ca_key, hashes.SHA256()))
-
-    skey, scert = leaf("broker", True)
-    ckey, ccert = leaf("device-1", False)
-    return {"broker": {"ca": ca_path, "cert": scert, "key": skey}, "client": {"ca": ca_path, "cert": ccert, "key": ckey}}
+    made = certs(folder, ["device-1"])
+    return {"broker": made["broker"], "client": made["device-1"]}
