@@ -224,24 +224,37 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def password_file(path: Path, users: dict[str, str]) -> Path:
+    """A mosquitto password file (``mosquitto_passwd``) for ``users``."""
+    path.write_text("")
+    for user, password in users.items():
+        subprocess.run([shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd", "-b", str(path), user,
+                        password], check=True, capture_output=True)
+    return path
+
+
 class Mosquitto:
     """A mosquitto of our own on a free loopback port (tests and benchmarks):
     ``stop()`` and ``start()`` again on the same port; ``extra`` config lines."""
 
     def __init__(self, folder: Path, *, persistence: bool = False, tls: dict[str, Path] | None = None,
-                 users: dict[str, str] | None = None, extra: Sequence[str] = ()) -> None:
+                 users: dict[str, str] | None = None, extra: Sequence[str] = (),
+                 config: Callable[[str, int], str] | None = None) -> None:
+        """``config``: the whole configuration instead, from the host and port
+        it must listen on (a shipped file with its paths filled in)."""
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.host, self.port = "127.0.0.1", free_port()
+        self.conf = self.folder / "mosquitto.conf"
+        self.proc: subprocess.Popen | None = None
+        if config is not None:
+            self.conf.write_text(config(self.host, self.port))
+            self.start()
+            return
         lines = [f"listener {self.port} 127.0.0.1", f"allow_anonymous {'false' if users else 'true'}",
                  "log_dest stderr"]
         if users:
-            pw = self.folder / "passwd"
-            pw.write_text("")
-            for user, password in users.items():
-                subprocess.run([shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd", "-b", str(pw), user,
-                                password], check=True, capture_output=True)
-            lines.append(f"password_file {pw}")
+            lines.append(f"password_file {password_file(self.folder / 'passwd', users)}")
         if os.geteuid() == 0:
             lines.append("user root")  # run as root (CI): keep reading the test's private temp files
         if tls:
@@ -252,9 +265,7 @@ class Mosquitto:
         else:
             lines.append("persistence false")
         lines += extra
-        self.conf = self.folder / "mosquitto.conf"
         self.conf.write_text("\n".join(lines) + "\n")
-        self.proc: subprocess.Popen | None = None
         self.start()
 
     def start(self) -> None:

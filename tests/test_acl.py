@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -26,7 +25,8 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from lifecycle_helpers import frames, make_bundle
-from mqtt_helpers import AgentProcess, free_port, make_certs
+from edge_agent.testing import Mosquitto, password_file
+from mqtt_helpers import AgentProcess, make_certs
 
 pytestmark = pytest.mark.integration
 
@@ -36,60 +36,38 @@ PASSWORDS = {"cam-01": "pw-cam-01", "cam-02": "pw-cam-02", "console": "pw-consol
 GROUP_BLOCK = "\nuser cam-01\ntopic read edge/groups/lobby/cmd\n"
 
 
-class ShippedBroker:
+class ShippedBroker(Mosquitto):
     """mosquitto run from the shipped mosquitto.conf and acl."""
 
     def __init__(self, folder: Path) -> None:
         if not (shutil.which("mosquitto") or Path("/usr/sbin/mosquitto").exists()):
             pytest.skip("mosquitto is not installed (scripts/test.sh installs it with apt)")
         folder.mkdir(parents=True, exist_ok=True)
-        self.folder = folder
         self.certs = make_certs(folder / "certs")
-        passwd = folder / "edge-agent.passwd"
-        passwd.write_text("")
-        for user, password in PASSWORDS.items():
-            subprocess.run([shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd", "-b", str(passwd), user,
-                            password], check=True, capture_output=True)
+        passwd = password_file(folder / "edge-agent.passwd", PASSWORDS)
         acl = folder / "edge-agent.acl"
         acl.write_text((SHIPPED / "acl").read_text() + GROUP_BLOCK)
-        self.host, self.port = "127.0.0.1", free_port()
-        text = (SHIPPED / "mosquitto.conf").read_text()
-        server = self.certs["broker"]
-        for shipped, here in {
-            "listener 8883": f"listener {self.port} {self.host}",
-            "/etc/mosquitto/certs/ca.crt": server["ca"], "/etc/mosquitto/certs/broker.crt": server["cert"],
-            "/etc/mosquitto/certs/broker.key": server["key"],
-            "/etc/mosquitto/edge-agent.passwd": passwd, "/etc/mosquitto/edge-agent.acl": acl,
-        }.items():
-            assert shipped in text, f"the shipped mosquitto.conf no longer has {shipped!r}"
-            text = text.replace(shipped, str(here))
-        settings = [line for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
-        assert not [line for line in settings if "/etc/" in line], "a path of the shipped config was not replaced"
-        text += "\nlog_dest stderr\npersistence false\n" + ("user root\n" if os.geteuid() == 0 else "")
-        self.conf = folder / "mosquitto.conf"
-        self.conf.write_text(text)
-        self.log = open(folder / "mosquitto.log", "ab")
-        self.proc = subprocess.Popen([shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c", str(self.conf)],
-                                     stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection((self.host, self.port), timeout=0.2).close()
-                return
-            except OSError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError((folder / "mosquitto.log").read_text())
-                time.sleep(0.05)
+
+        def config(host: str, port: int) -> str:
+            text = (SHIPPED / "mosquitto.conf").read_text()
+            server = self.certs["broker"]
+            for shipped, here in {
+                "listener 8883": f"listener {port} {host}",
+                "/etc/mosquitto/certs/ca.crt": server["ca"], "/etc/mosquitto/certs/broker.crt": server["cert"],
+                "/etc/mosquitto/certs/broker.key": server["key"],
+                "/etc/mosquitto/edge-agent.passwd": passwd, "/etc/mosquitto/edge-agent.acl": acl,
+            }.items():
+                assert shipped in text, f"the shipped mosquitto.conf no longer has {shipped!r}"
+                text = text.replace(shipped, str(here))
+            settings = [line for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+            assert not [line for line in settings if "/etc/" in line], "a path of the shipped config was not replaced"
+            return text + "\nlog_dest stderr\npersistence false\n" + ("user root\n" if os.geteuid() == 0 else "")
+
+        super().__init__(folder, config=config)
 
     @property
     def ca(self) -> Path:
         return self.certs["broker"]["ca"]
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
-        self.log.close()
 
 
 class Peer:
