@@ -122,6 +122,20 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def readable_id(raw: bytes, max_payload: int) -> str | None:
+    """The ``id`` of a command, when the dispatcher would read one from it:
+    within ``max_payload``, UTF-8 JSON (no NaN), an object, a valid token.
+    For answering a command that will not be run (``busy``) under its id."""
+    if len(raw) > max_payload:
+        return None
+    try:
+        data = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    cmd_id = data.get("id") if isinstance(data, dict) else None
+    return cmd_id if isinstance(cmd_id, str) and TOKEN_RE.fullmatch(cmd_id) else None
+
+
 def format_validation_error(exc: ValidationError, prefix: str = "") -> str:
     """Every problem as ``field: message``, joined by ``; `` (for a person)."""
     problems = []

@@ -32,8 +32,7 @@ from typing import Any, Callable
 
 import paho.mqtt.client as mqtt
 
-from edge_agent.comms.commands import TOKEN_RE
-from edge_agent.comms.dispatcher import error_reply
+from edge_agent.comms.dispatcher import error_reply, readable_id
 from edge_agent.comms.mqtt import MqttTransport, PahoHandle
 from edge_agent.errors import EdgeAgentError, SpoolError
 
@@ -285,15 +284,7 @@ class ControlPlane:
         one ``busy`` (it was not run; sending it again later is safe), or,
         when no id can be read from it, shed it. Both are counted
         (``commands_shed`` in telemetry) and logged at most once a second."""
-        cmd_id = None
-        if len(payload) <= self.max_payload:
-            try:
-                data = json.loads(payload)
-            except (ValueError, RecursionError):
-                data = None
-            raw_id = data.get("id") if isinstance(data, dict) else None
-            if isinstance(raw_id, str) and TOKEN_RE.fullmatch(raw_id):
-                cmd_id = raw_id
+        cmd_id = readable_id(payload, self.max_payload)
         with self._shed_lock:
             self.shed["busy" if cmd_id is not None else "unreadable"] += 1
             counts = dict(self.shed)
