@@ -874,6 +874,7 @@ def r2_kill_during_deploys(ctx: Ctx, *, kills: int = 50, seed: int = 12, fps: fl
             row["reply_after_restart"] = None if late is None else (
                 "ok" if late.get("ok") else late.get("error", {}).get("code"))
         row["problems"] = problems
+        row["replies"] = len(console.replies.get(cmd_id, []))
         return row
 
     try:
@@ -939,6 +940,9 @@ def r2_kill_during_deploys(ctx: Ctx, *, kills: int = 50, seed: int = 12, fps: fl
                                  if runs else None,
                                  "max": max((x["restart_to_serving_s"] for x in runs), default=None)},
         "interrupted_deploys_replied_after_restart": answered_late,
+        # QoS 1 is "at least once": a reply the agent sent just before it was
+        # killed, not yet acknowledged, is sent again by the next start.
+        "deploys_answered_twice": sum(1 for r in runs if r.get("replies", 0) > 1),
         "versions_on_disk_at_end": versions_left, "keep_versions": 3,
         "partial_downloads_at_end": {"folders": len(partial_folders), "files": len(partial),
                                      "mb": round(sum(p.stat().st_size for p in partial) / 1e6, 1)},

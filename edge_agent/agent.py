@@ -138,9 +138,10 @@ class Agent:
         self.fetcher.sweep()  # at start only: at a reload, transfers may be in flight
         self._run_mqtt(transport, plane)
         # Commands a crash cut short: answered once, through the outbox
-        # (spooled until connected). Only at start: at a reload, what the
-        # journal holds as running is still running.
-        plane.dispatcher.recover(control.recover, lambda reply: plane.outbox.send("replies", "reply", reply, qos=1))
+        # (spooled until connected); replies it cut short: sent again. Only
+        # at start: at a reload, what the journal holds as running is still
+        # running, and the replies in flight are still in flight.
+        plane.dispatcher.recover(control.recover, plane.send_reply)
 
     def _run_mqtt(self, transport: Any, plane: Any, pending: list[tuple[str, bytes]] = ()) -> None:
         """Start a built transport and plane (the plane's subscriptions and

@@ -82,3 +82,56 @@ def test_an_mqtt5_disconnect_from_the_broker_is_quoted_with_its_reason_code(capl
         assert "maintenance at 03:00" in caplog.text
     finally:
         transport.stop()
+
+
+@pytest.mark.integration
+def test_a_reply_counts_as_delivered_only_once_the_broker_or_the_spool_has_it(tmp_path: Path) -> None:
+    """The outbox's ``delivered`` callback (what lets the command journal
+    send a reply again after a crash) runs once mosquitto acknowledged the
+    message, or once the spool on disk kept it while the broker was away;
+    never for a message that is only in paho's memory."""
+    from edge_agent.comms.plane import Outbox
+    from edge_agent.comms.spool import Spool
+
+    broker = Mosquitto(tmp_path / "broker")
+    transport = MqttTransport(MqttConfig(host=broker.host, port=broker.port), "dev1")
+    acked: list[str] = []
+    spool = Spool(tmp_path / "spool.db")
+    try:
+        transport.start()
+        assert transport.connected.wait(10)
+        bare = Outbox(transport, None)  # no spool: only the broker's PUBACK counts
+        bare.send("replies", "reply", {"id": "a"}, delivered=lambda: acked.append("a"))
+        wait(lambda: acked == ["a"])
+        broker.stop()
+        wait(lambda: not transport.connected.is_set())
+        bare.send("replies", "reply", {"id": "b"}, delivered=lambda: acked.append("b"))  # kept by paho only
+        spooled = Outbox(transport, spool)
+        spooled.send("replies", "reply", {"id": "c"}, delivered=lambda: acked.append("c"))  # on disk
+        assert acked == ["a", "c"] and len(spool) == 1
+        broker.start()
+        assert transport.connected.wait(20)
+        wait(lambda: "b" in acked)  # paho sent it after the reconnect, and the broker acknowledged it
+        assert sorted(acked) == ["a", "b", "c"]
+    finally:
+        transport.stop()
+        spool.close()
+        broker.stop()
+
+
+def test_an_acknowledgement_that_comes_before_anyone_waits_for_it_is_not_missed() -> None:
+    """paho may call ``on_publish`` (on its network thread) before
+    ``publish`` has returned to the thread that registers the callback."""
+    transport = MqttTransport(MqttConfig(host="127.0.0.1", port=1), "dev1")
+
+    class Info:
+        mid = 7
+
+    calls: list[int] = []
+    transport._on_publish(transport.client, None, 7, None, None)
+    transport.when_acknowledged(Info(), lambda: calls.append(1))
+    assert calls == [1]
+    transport.when_acknowledged(Info(), lambda: calls.append(2))  # the mid comes round again: waits for its ack
+    assert calls == [1]
+    transport._on_publish(transport.client, None, 7, None, None)
+    assert calls == [1, 2]

@@ -358,15 +358,28 @@ class Dispatcher:
         is in the journal) and never answered: ``resolve(entry)`` returns the
         result of one whose outcome is known (it had in fact completed) or
         raises an :class:`~edge_agent.errors.EdgeAgentError` (``interrupted``)
-        saying what the device looks like now. Each reply goes to
-        ``send`` (the outbox, which keeps it on disk while the broker is
-        away), then into the journal, so a repeat of the id gets it too; a
-        crash between the two sends it again rather than never. Call it once,
-        before the first :meth:`handle`; returns how many were answered."""
+        saying what the device looks like now. Each reply goes into the
+        journal, so a repeat of the id gets it too, then to ``send`` (the
+        outbox, which keeps it on disk while the broker is away, and calls
+        :meth:`delivered`); a crash between the two sends it at the next
+        start rather than never. The replies an earlier run wrote down but
+        never saw delivered are sent again first. Call it once, before the
+        first :meth:`handle`; returns how many were answered or sent again."""
         journal = self._journal
         if journal is None:
             return 0
         answered = 0
+        for entry in journal.unsent():
+            reply = _stored_reply(entry)
+            log.warning("command %s (%s): its reply was written down by an earlier run that stopped before the "
+                        "broker acknowledged it: sending it again", entry.id, entry.cmd)
+            try:
+                send(reply)
+            except Exception:
+                log.exception("command %s: could not send its reply; a repeat of the id gets it", entry.id)
+            with self._lock:
+                self._remember(entry.id, reply)
+            answered += 1
         for entry in journal.interrupted():
             try:
                 reply = ok_reply(entry.id, resolve(entry))
@@ -379,15 +392,22 @@ class Dispatcher:
                                     "what it changed could not be worked out (see the agent's log)")
             log.warning("command %s (%s) was taken by an earlier run of the agent and never answered: replying %s",
                         entry.id, entry.cmd, "ok" if reply["ok"] else reply["error"]["code"])
+            journal.finish(entry.id, reply)
+            with self._lock:
+                self._remember(entry.id, reply)
             try:
                 send(reply)
             except Exception:
                 log.exception("command %s: could not send its reply; a repeat of the id gets it", entry.id)
-            journal.finish(entry.id, reply)
-            with self._lock:
-                self._remember(entry.id, reply)
             answered += 1
         return answered
+
+    def delivered(self, cmd_id: str | None) -> None:
+        """The reply to ``cmd_id`` reached the broker or the spool (the
+        outbox says so): a journaled one need not be sent again after a
+        crash. Any thread."""
+        if self._journal is not None and cmd_id is not None:
+            self._journal.delivered(cmd_id)
 
     def _parse(self, raw: bytes) -> tuple[Envelope, dict[str, Any]]:
         if len(raw) > self.max_payload:

@@ -10,6 +10,12 @@ on disk (``<store.path>/.commands.db``, SQLite):
   next start was interrupted by a crash or a power cut: the agent answers it
   then, once (:meth:`CommandJournal.interrupted`), with what it can tell of
   its outcome, and a repeat of its id gets that same reply.
+* **Every reply reaches the broker.** A journaled reply counts as sent
+  only once the broker acknowledged it (PUBACK) or it went into the
+  store-and-forward spool (:meth:`CommandJournal.delivered`); one that was
+  written down but whose sending a crash cut short is sent again at the next
+  start (:meth:`CommandJournal.unsent`). So a reply may arrive twice after a
+  crash (MQTT's QoS 1 says "at least once"), never zero times.
 * **A signed command runs once, ever.** With ``[commands] trusted_keys`` set,
   the id and ``ts`` of every signed command are written down before it runs
   and kept until the command would be refused as stale anyway; a repeat of
@@ -82,7 +88,8 @@ CREATE TABLE IF NOT EXISTS commands (
     step TEXT,
     state TEXT NOT NULL,
     reply TEXT,
-    finished REAL
+    finished REAL,
+    sent INTEGER NOT NULL DEFAULT 1
 );
 CREATE INDEX IF NOT EXISTS commands_signed ON commands (signed_ts) WHERE signed_ts IS NOT NULL;
 CREATE INDEX IF NOT EXISTS commands_state ON commands (state, seq);
@@ -136,6 +143,9 @@ class CommandJournal:
         self._lock = threading.Lock()
         self._mine: dict[str, list[Callable[[dict[str, Any]], None]]] = {}  # begun here, still running
         self._recovered = False
+        self._resent = False
+        self._awaiting: set[str] = set()  # replies written down here and not yet delivered
+        self._delivered: set[str] = set()  # delivered, to be written down with the next write
         self._finished = 0
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -168,6 +178,9 @@ class CommandJournal:
             self._db.execute("PRAGMA journal_mode = WAL")
             self._db.execute("PRAGMA synchronous = FULL")  # a commit is on the disk when it returns
             self._db.executescript(_SCHEMA)
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(commands)")}
+            if "sent" not in columns:  # a journal written before replies were tracked: all count as sent
+                self._db.execute("ALTER TABLE commands ADD COLUMN sent INTEGER NOT NULL DEFAULT 1")
             self._db.execute("SELECT COUNT(*) FROM commands").fetchone()  # reads the file: corrupt -> raises here
             self._horizon = self._get_meta("horizon", float("-inf"))
             self._newest = self._get_meta("newest_ts", None)
@@ -237,6 +250,39 @@ class CommandJournal:
                 raise self._error("cannot read the commands an earlier run left unanswered", exc) from None
             return [self._entry(row) for row in rows if row[0] not in self._mine]
 
+    def unsent(self) -> list[Entry]:
+        """The commands an earlier run answered and wrote down whose reply
+        it never saw delivered (the process died between writing the reply
+        and the broker's acknowledgement), oldest first: send them again.
+        Only the first call returns them; call it before the first command
+        of this run finishes."""
+        with self._lock:
+            if self._resent:
+                return []
+            self._resent = True
+            try:
+                rows = self._db.execute(
+                    "SELECT id, cmd, args, origin, signed_ts, started, step, state, reply FROM commands "
+                    "WHERE state = ? AND sent = 0 AND reply IS NOT NULL ORDER BY seq", (DONE,),
+                ).fetchall()
+            except sqlite3.Error as exc:
+                raise self._error("cannot read the replies an earlier run left unsent", exc) from None
+            entries = [self._entry(row) for row in rows
+                       if row[0] not in self._awaiting and row[0] not in self._delivered]
+            self._awaiting.update(e.id for e in entries)  # their delivery is awaited again
+            return entries
+
+    def delivered(self, cmd_id: str) -> None:
+        """The reply of ``cmd_id`` reached the broker (or the spool). Written
+        down with the journal's next write, or at :meth:`close`, so that
+        delivering costs no disk write of its own: a crash before then sends
+        the reply once more at the next start. Any thread (paho's network
+        thread calls it); ids the journal does not await are ignored."""
+        with self._lock:
+            if cmd_id in self._awaiting:
+                self._awaiting.discard(cmd_id)
+                self._delivered.add(cmd_id)
+
     def wait(self, cmd_id: str, callback: Callable[[dict[str, Any]], None]) -> bool:
         """Call ``callback(reply)`` when command ``cmd_id``, still running in
         this process, ends. False (and no call) when it is not running here."""
@@ -299,18 +345,21 @@ class CommandJournal:
                 log.warning("command journal: %s", exc)
 
     def finish(self, cmd_id: str, reply: dict[str, Any]) -> None:
-        """Write down the reply of ``cmd_id`` (before it is sent); then call
-        whoever :meth:`wait`\\ s for it. A failure to write is logged, not
+        """Write down the reply of ``cmd_id`` (before it is sent: call
+        :meth:`delivered` once it is); then call whoever :meth:`wait`\\ s for it. A failure to write is logged, not
         raised: the reply still goes out, but a repeat after a restart may
         not find it."""
         text = json.dumps(reply, separators=(",", ":"))
         with self._lock:
+            self._delivered.discard(cmd_id)  # a reply written anew (after a crash) awaits its delivery again
             try:
                 self._write(lambda: self._db.execute(
-                    "UPDATE commands SET state = ?, reply = ?, finished = ? WHERE id = ?",
+                    "UPDATE commands SET state = ?, reply = ?, finished = ?, sent = 0 WHERE id = ?",
                     (DONE, text, self.clock(), cmd_id)), f"cannot record the reply of {cmd_id}")
             except EdgeAgentError as exc:
                 log.error("command journal: %s", exc)
+            else:
+                self._awaiting.add(cmd_id)
             waiters = self._mine.pop(cmd_id, [])
             self._finished += 1
             prune = self._finished % _PRUNE_EVERY == 0
@@ -363,6 +412,11 @@ class CommandJournal:
 
     def close(self) -> None:
         with self._lock:
+            if self._delivered:
+                try:
+                    self._write(lambda: None, "cannot record which replies were delivered")
+                except EdgeAgentError as exc:
+                    log.warning("command journal: %s", exc)
             try:
                 self._db.close()
             except sqlite3.Error as exc:  # pragma: no cover - close rarely fails
@@ -378,7 +432,11 @@ class CommandJournal:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 work()
+                delivered = list(self._delivered)
+                if delivered:  # written down with this transaction (see delivered())
+                    self._db.executemany("UPDATE commands SET sent = 1 WHERE id = ?", [(i,) for i in delivered])
                 self._db.execute("COMMIT")
+                self._delivered.difference_update(delivered)
             except BaseException:
                 try:
                     self._db.execute("ROLLBACK")

@@ -18,6 +18,7 @@ import json
 import logging
 import ssl
 import threading
+from collections import OrderedDict
 from typing import Any, Callable, Sequence
 
 import paho.mqtt.client as mqtt
@@ -29,6 +30,7 @@ from edge_agent.config import MqttConfig
 log = logging.getLogger(__name__)
 
 MAX_QUEUED = 1000
+_RECENT_ACKS = 4096  # acknowledgements kept for a waiter that registers late (mids recur only every 65,535)
 
 
 class PahoHandle:
@@ -148,6 +150,10 @@ class MqttTransport:
         self.client.max_queued_messages_set(MAX_QUEUED)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
+        self.client.on_publish = self._on_publish
+        self._acks_lock = threading.Lock()
+        self._ack_waiters: dict[int, Callable[[], None]] = {}
+        self._acked: OrderedDict[int, None] = OrderedDict()
         self.link = PahoLink(self.client)
         """Every subscription on this connection (commands, MQTT transfers)."""
 
@@ -206,6 +212,21 @@ class MqttTransport:
             self.topic(suffix), json.dumps(payload, separators=(",", ":")), qos=qos, retain=retain
         )
 
+    def when_acknowledged(self, info: mqtt.MQTTMessageInfo, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` once the broker acknowledged the QoS 1
+        message ``info`` (on paho's network thread; it must be quick), even
+        when the acknowledgement came before this call. A broker that
+        refuses it (an MQTT 5 PUBACK with an error code) calls nothing, nor
+        does a message paho drops."""
+        with self._acks_lock:
+            if self._acked.pop(info.mid, "no") is None:
+                early = True
+            else:
+                early = False
+                self._ack_waiters[info.mid] = callback
+        if early:
+            callback()
+
     def publish_status(self) -> None:
         """``online`` again (after a model change), when connected."""
         if self.connected.is_set():
@@ -240,6 +261,27 @@ class MqttTransport:
                 hook()
             except Exception:
                 log.exception("MQTT: a connect hook failed")
+
+    def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, props: Any) -> None:
+        # paho calls this before it marks the message published, so a waiter
+        # that registers in between finds the mid among the recent ones.
+        if reason is not None and getattr(reason, "is_failure", False):
+            with self._acks_lock:
+                self._ack_waiters.pop(mid, None)
+            log.warning("MQTT: the broker refused a message (mid %d): %s", mid, reason)
+            return
+        with self._acks_lock:
+            callback = self._ack_waiters.pop(mid, None)
+            if callback is None:
+                self._acked[mid] = None
+                self._acked.move_to_end(mid)
+                if len(self._acked) > _RECENT_ACKS:
+                    self._acked.popitem(last=False)
+        if callback is not None:
+            try:
+                callback()
+            except Exception:  # never let it kill paho's network thread
+                log.exception("MQTT: an acknowledgement callback failed")
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         was = self.connected.is_set()

@@ -63,35 +63,51 @@ class Outbox:
     batch = 50
     """Spooled messages handed to paho at once by a drain."""
 
-    def send(self, kind: str, suffix: str, payload: dict[str, Any], *, qos: int = 1) -> None:
+    def send(self, kind: str, suffix: str, payload: dict[str, Any], *, qos: int = 1,
+             delivered: Callable[[], None] | None = None) -> None:
+        """Publish ``payload`` on ``P/D/<suffix>``. ``delivered()``, when
+        given, is called once the message is safe from this process dying:
+        the broker acknowledged it (QoS 1), or it is in the spool on disk
+        (it is then replayed, after a restart too). It may be called on this
+        thread or on paho's; not at all when the message is lost."""
         topic = self.transport.topic(suffix)
         data = json.dumps(payload, separators=(",", ":")).encode("utf-8")
         with self._lock:
             if self.spool is not None and (self._backlog or not self.transport.connected.is_set()):
-                self._spool(kind, topic, data, qos)
+                kept = self._spool(kind, topic, data, qos)
                 drain = self.transport.connected.is_set()
             else:
                 drain = None
         if drain is not None:
+            if kept and delivered is not None:
+                delivered()
             if drain:
                 self.drain()  # connected but backed up: the backlog drains now, not at the next reconnect
             return
         info = self.transport.client.publish(topic, data, qos=qos)
         if info.rc == 0 or (qos > 0 and info.rc == mqtt.MQTT_ERR_NO_CONN):
-            return  # sent, or (QoS 1, connection just lost) kept by paho and sent after reconnecting
+            # sent, or (QoS 1, connection just lost) kept by paho and sent after reconnecting
+            if delivered is not None and qos > 0:
+                self.transport.when_acknowledged(info, delivered)
+            return
         # QoS 0 without a connection, or paho's queue full (a burst faster
         # than the broker acknowledges): keep it here, in order, and drain.
         if self.spool is not None:
             with self._lock:
-                self._spool(kind, topic, data, qos)
+                kept = self._spool(kind, topic, data, qos)
+            if kept and delivered is not None:
+                delivered()
             self.drain()
         else:
             log.warning("MQTT: a %s message could not be sent (%s) and there is no spool", kind, info.rc)
 
-    def _spool(self, kind: str, topic: str, data: bytes, qos: int) -> None:
+    def _spool(self, kind: str, topic: str, data: bytes, qos: int) -> bool:
+        """Keep a message in the spool (the caller holds the lock); False
+        when the spool could not keep it (counted and logged)."""
         try:
             self.spool.put(topic, data, qos=max(qos, 1) if kind != "results" else qos, kind=kind)
             self._backlog = True
+            return True
         except SpoolError as exc:
             # Counted by the spool (telemetry's spool_dropped); logged at most
             # once a minute, as a line per lost frame would fill the very disk.
@@ -101,6 +117,7 @@ class Outbox:
                 log.error("store-and-forward: cannot keep a %s message: %s (%d lost since the last such line)",
                           kind, exc, self._lost)
                 self._lost, self._lost_logged = 0, now
+            return False
 
     def on_connected(self) -> None:
         """After a (re)connect: replay what was spooled."""
@@ -310,10 +327,19 @@ class ControlPlane:
                 self._reply(reply)
 
     def _reply(self, reply: dict[str, Any]) -> None:
+        self.send_reply(reply)
+
+    def send_reply(self, reply: dict[str, Any]) -> None:
+        """Send a command's reply on ``P/D/reply`` (through the successor
+        after a reload); a journaled one is marked delivered once the broker
+        acknowledged it or the spool kept it, else it is sent again after a
+        crash (:meth:`Dispatcher.recover`)."""
         if self.successor is not None:
-            self.successor._reply(reply)
+            self.successor.send_reply(reply)
             return
-        self.outbox.send("replies", "reply", reply, qos=1)
+        cmd_id = reply.get("id")
+        self.outbox.send("replies", "reply", reply, qos=1,
+                         delivered=None if cmd_id is None else lambda: self.dispatcher.delivered(cmd_id))
 
     # -- events, results, telemetry ------------------------------------------
 
