@@ -28,7 +28,7 @@ PREPROCESSING = {
 def pack_mobilenet(assets: dict[str, Path], out: Path, *, version: int = 1) -> Path:
     """The real MobileNetV2 packed as the demo's bundle: its preprocessing and
     the ImageNet labels (``assets`` from ``build_assets.build``)."""
-    from edge_agent.bundle import pack
+    from edge_agent.bundles.pack import pack
 
     return pack(assets["mobilenet_v2"], name=MODEL_NAME, version=version, out=out,
                 preprocessing=dict(PREPROCESSING), labels=assets["imagenet_labels"], task="classify")

@@ -163,7 +163,7 @@ class Ctx:
 
     def keypair(self, name: str) -> tuple[Path, Path]:
         """(private, public) key files of key pair ``name``."""
-        from edge_agent.signing import generate_keypair
+        from edge_agent.bundles.signing import generate_keypair
 
         with self._lock:
             if name not in self._keys:
@@ -189,11 +189,11 @@ class Ctx:
             if not src.exists():
                 pack_mobilenet(self.assets, src, version=version)
                 if key:
-                    from edge_agent.signing import load_private_key, sign_dir
+                    from edge_agent.bundles.signing import load_private_key, sign_dir
 
                     sign_dir(src, load_private_key(self.keypair(key)[0]))
             if archive:
-                from edge_agent.bundle import write_bundle
+                from edge_agent.bundles.pack import write_bundle
 
                 write_bundle(src, out)
         with self._lock:
@@ -388,7 +388,7 @@ class Watcher:
         if sign_key is not None or ts is not None:
             message["ts"] = time.time() if ts is None else ts
         if sign_key is not None:
-            from edge_agent.signing import load_private_key, sign_command
+            from edge_agent.bundles.signing import load_private_key, sign_command
 
             message["sig"] = sign_command(load_private_key(sign_key), cmd_id, cmd, message["args"], message["ts"])
         payload = json.dumps(message).encode()
@@ -769,7 +769,7 @@ class Deployer:
 
 def check_store_after_restart(cfg: Path, store: Path, serving_version: int) -> list[str]:
     """What R2 asks of a store once the agent serves again."""
-    from edge_agent.bundle import verify_dir
+    from edge_agent.bundles import verify_dir
     from edge_agent.errors import EdgeAgentError
 
     problems = []
@@ -1021,7 +1021,7 @@ def _write_manifest(folder: Path, manifest: dict[str, Any], key: Path | None) ->
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     (folder / "manifest.sig").unlink(missing_ok=True)
     if key is not None:
-        from edge_agent.signing import load_private_key, sign_dir
+        from edge_agent.bundles.signing import load_private_key, sign_dir
 
         sign_dir(folder, load_private_key(key))
 
@@ -1932,7 +1932,7 @@ def r7_security(ctx: Ctx, *, fps: float = 5.0, parts: tuple[str, ...] = ("signed
 
         def signed(cmd: str, args: dict, *, key: Path = console_key, ts: float | None = None,
                    cmd_id: str | None = None) -> dict:
-            from edge_agent.signing import load_private_key, sign_command
+            from edge_agent.bundles.signing import load_private_key, sign_command
 
             msg = {"id": cmd_id or f"s-{uuid.uuid4().hex[:10]}", "cmd": cmd, "args": args,
                    "ts": time.time() if ts is None else ts}

@@ -82,7 +82,7 @@ def progress(msg: str) -> None:
 def make_bundles(folder: Path, versions: list[int]) -> dict[int, Path]:
     """v1 (tiny, installed at start) and each later version as a ~4 MB .tar
     archive: the tiny model packed with 4 MB of random bytes (an extra file)."""
-    from edge_agent.bundle import pack
+    from edge_agent.bundles.pack import pack
     from edge_agent.testing import tiny_onnx_classifier
 
     pre = {"size": (16, 16), "resize": "stretch"}

@@ -77,7 +77,7 @@ from _bench import MODEL_NAME, PREPROCESSING, emit, machine_info, pack_mobilenet
 import build_assets  # noqa: E402  (scripts/build_assets.py)
 
 from edge_agent.agent import Agent  # noqa: E402
-from edge_agent.bundle import open_bundle  # noqa: E402
+from edge_agent.bundles import open_bundle  # noqa: E402
 from edge_agent.config import parse_config  # noqa: E402
 from edge_agent.preprocess import Preprocessor  # noqa: E402
 

@@ -64,7 +64,7 @@ def expand(paths: Sequence[str | Path]) -> list[Path]:
     """Model files, bundle directories and archives; a directory that is not
     a bundle but holds bundles (``edge-agent quantize --out``) stands for
     the bundles in it, in name order."""
-    from edge_agent.bundle import is_archive
+    from edge_agent.bundles import is_archive
 
     out: list[Path] = []
     for raw in paths:
@@ -115,7 +115,7 @@ def _measured(load: Callable[[], Any]) -> tuple[Any, float, float]:
 
 
 def _bundle_candidate(path: Path, threads: int, image: np.ndarray | None, workdir: Path | None) -> Candidate:
-    from edge_agent.bundle import open_bundle
+    from edge_agent.bundles import open_bundle
     from edge_agent.config import ModelConfig
     from edge_agent.models.manager import LoadedModel
 

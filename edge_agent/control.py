@@ -208,7 +208,7 @@ def command_verifier(trusted_keys: Sequence[Path], max_age_s: float) -> Callable
     """The dispatcher's verifier for signed commands (CONTRACT §3: ``ts`` and
     ``sig``): every command must be signed by one of ``trusted_keys``. The
     key files are read here, once, so a bad one stops the agent at start."""
-    from edge_agent.signing import load_trusted_keys, verify_command
+    from edge_agent.bundles.signing import load_trusted_keys, verify_command
 
     trusted = load_trusted_keys(list(trusted_keys))
 

@@ -63,7 +63,7 @@ class BundleError(EdgeAgentError):
     Codes: ``bundle_not_found``, ``bad_archive``, ``bad_manifest``,
     ``missing_file``, ``size_mismatch``, ``checksum_mismatch``,
     ``unexpected_file``, ``unsupported_model``; with trusted keys (see
-    :mod:`edge_agent.signing`): ``signature_missing``, ``signature_invalid``,
+    :mod:`edge_agent.bundles.signing`): ``signature_missing``, ``signature_invalid``,
     ``untrusted_key``. Unpacking an archive, before anything is written:
     ``unlisted_member`` (a member the manifest does not list),
     ``bundle_too_large_unpacked`` (more than ``[store] max_unpacked_mb``),

@@ -300,7 +300,7 @@ class Console:
         self.telemetry = telemetry
         self._sign_key = None
         if settings.sign_key is not None:
-            from edge_agent.signing import load_private_key
+            from edge_agent.bundles.signing import load_private_key
 
             self._sign_key = load_private_key(settings.sign_key)  # a bad key file: exit 2 before connecting
         self.client_id = client_id or f"edge-fleet-{uuid.uuid4().hex[:12]}"
@@ -523,7 +523,7 @@ class Console:
         waiting, rather than run it on the device whenever it returns."""
         message: dict[str, Any] = {"id": cmd_id, "cmd": cmd, "args": args, "ts": time.time()}
         if self._sign_key is not None:
-            from edge_agent.signing import sign_command
+            from edge_agent.bundles.signing import sign_command
 
             message["sig"] = sign_command(self._sign_key, cmd_id, cmd, args, message["ts"])
         payload = json.dumps(message, separators=(",", ":"))
@@ -759,7 +759,8 @@ class PreparedBundle:
 def prepare_bundle(path: Path | str) -> PreparedBundle:
     """Verify the bundle at ``path`` (directory or archive) as a device will
     and, for a directory, archive it (``.tar.gz``) to a temporary file."""
-    from edge_agent.bundle import is_archive, open_bundle, sha256_file, write_bundle
+    from edge_agent.bundles import is_archive, open_bundle, sha256_file
+    from edge_agent.bundles.pack import write_bundle
     from edge_agent.errors import BundleError
 
     path = Path(path).expanduser()

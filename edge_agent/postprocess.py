@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 import cv2
 import numpy as np
 
-from edge_agent.manifest import ClassifyParams, DetectParams, Manifest, TensorSpec
+from edge_agent.bundles.manifest import ClassifyParams, DetectParams, Manifest, TensorSpec
 from edge_agent.preprocess import Transform
 
 Postprocessor = Callable[[Sequence[np.ndarray], Transform], dict[str, Any]]

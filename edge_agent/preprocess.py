@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from edge_agent.manifest import Preprocessing, TensorSpec
+from edge_agent.bundles.manifest import Preprocessing, TensorSpec
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ import cv2
 import numpy as np
 from onnxruntime.quantization import CalibrationDataReader
 
-from edge_agent.manifest import Preprocessing, TensorSpec
+from edge_agent.bundles.manifest import Preprocessing, TensorSpec
 from edge_agent.preprocess import Preprocessor
 from edge_agent.sources import IMAGE_SUFFIXES
 from quantize.errors import QuantizeInputError

@@ -16,8 +16,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from edge_agent.manifest import Preprocessing
-from edge_agent.manifest import concrete_input
+from edge_agent.bundles.manifest import Preprocessing
+from edge_agent.bundles.manifest import concrete_input
 from edge_agent.runtimes import create_runtime, describe_model, runtime_for_file
 from quantize.data import Sample, preprocess_all
 from quantize.prune import compressed_size

@@ -26,9 +26,10 @@ import numpy as np
 import onnx
 
 from edge_agent import __version__
-from edge_agent.bundle import default_preprocessing, is_archive, open_bundle, pack
+from edge_agent.bundles import is_archive, open_bundle
+from edge_agent.bundles.manifest import Preprocessing, TensorSpec
+from edge_agent.bundles.pack import default_preprocessing, pack
 from edge_agent.errors import BundleError
-from edge_agent.manifest import Preprocessing, TensorSpec
 from edge_agent.runtimes import describe_model
 from quantize import report as report_mod
 from quantize.data import SampleSet, TensorReader, load_samples, preprocess_all

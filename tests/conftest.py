@@ -54,7 +54,7 @@ def fashion_mnist() -> Path:
 
 @pytest.fixture(scope="session")
 def mobilenet_bundle(assets: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from edge_agent.bundle import pack
+    from edge_agent.bundles.pack import pack
 
     out = tmp_path_factory.mktemp("bundles") / "mobilenet_v2"
     return pack(
@@ -76,7 +76,7 @@ def mobilenet_bundle(assets: dict[str, Path], tmp_path_factory: pytest.TempPathF
 
 @pytest.fixture(scope="session")
 def blazeface_bundle(assets: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from edge_agent.bundle import pack
+    from edge_agent.bundles.pack import pack
 
     labels = tmp_path_factory.mktemp("labels") / "face.txt"
     labels.write_text("face\n")
@@ -92,7 +92,7 @@ def blazeface_bundle(assets: dict[str, Path], tmp_path_factory: pytest.TempPathF
 
 
 def _loaded(bundle_path: Path, name: str):
-    from edge_agent.bundle import open_bundle
+    from edge_agent.bundles import open_bundle
     from edge_agent.config import ModelConfig
     from edge_agent.models.manager import LoadedModel
 

@@ -12,7 +12,8 @@ import cv2
 import numpy as np
 
 from edge_agent.agent import Agent
-from edge_agent.bundle import pack, sha256_file
+from edge_agent.bundles import sha256_file
+from edge_agent.bundles.pack import pack
 from edge_agent.config import parse_config
 from edge_agent.testing import RecordingSink, tiny_onnx_classifier
 

@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from edge_agent.bundle import open_bundle, pack
+from edge_agent.bundles import open_bundle
+from edge_agent.bundles.manifest import MANIFEST_NAME
+from edge_agent.bundles.pack import pack
 from edge_agent.cli import main
 from edge_agent.errors import BundleError
-from edge_agent.manifest import MANIFEST_NAME
 from edge_agent.testing import tiny_onnx_classifier
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.bundle import UnpackLimits, extract_archive, open_bundle, sha256_file
+from edge_agent.bundles import UnpackLimits, extract_archive, open_bundle, sha256_file
 from edge_agent.errors import BundleError, EdgeAgentError
 from edge_agent.models.lifecycle import deploy
 from lifecycle_helpers import Running, config, frames, make_bundle
@@ -265,7 +265,7 @@ def test_an_archive_replaced_between_the_two_passes_is_refused(tmp_path: Path, v
     first pass accepted: an archive replaced in between by one whose member
     is 200 MB instead of the listed 1 kB is refused, and that member is not
     written beyond its listed size."""
-    import edge_agent.bundle as bundle_module
+    import edge_agent.bundles.verify as bundle_module
 
     small = archive_with(v2_dir, tmp_path / "small.tar.gz", extra={"weights.bin": (1000, 1000)})
     big = archive_with(v2_dir, tmp_path / "big.tar.gz", extra={"weights.bin": (1000, BOMB_BYTES)})
@@ -432,7 +432,7 @@ def test_a_huge_extended_tar_header_is_refused_before_it_is_read_into_memory(tmp
 
     import psutil
 
-    from edge_agent.bundle import UnpackLimits, extract_archive
+    from edge_agent.bundles import UnpackLimits, extract_archive
 
     archive = tmp_path / "headers.tar.gz"
     member = tarfile.TarInfo("manifest.json")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.bundle import sha256_file
+from edge_agent.bundles import sha256_file
 from edge_agent.models.lifecycle import deploy, file_url
 from edge_agent.telemetry import TelemetryCollector
 from lifecycle_helpers import Running, config, frames, make_bundle

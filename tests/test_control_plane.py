@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.bundle import sha256_file
+from edge_agent.bundles import sha256_file
 from lifecycle_helpers import frames, make_bundle
 from mqtt_helpers import AgentProcess, Client, Mosquitto, agent_config, make_certs
 

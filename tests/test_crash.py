@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.bundle import verify_dir
+from edge_agent.bundles import verify_dir
 from edge_agent.comms.local import agent_listening
 from edge_agent.models.manager import ModelManager
 from edge_agent.models.store import ModelStore

@@ -30,7 +30,7 @@ from click.testing import CliRunner
 
 from edge_agent import fleet as f
 from edge_agent.agent import Agent
-from edge_agent.bundle import pack
+from edge_agent.bundles.pack import pack
 from edge_agent.cli import main
 from edge_agent.config import parse_config
 from edge_agent.testing import tiny_onnx_classifier
@@ -360,7 +360,7 @@ def test_devices_with_trusted_keys_run_only_commands_signed_by_them(fleet: Fleet
     """``[commands] trusted_keys``: an unsigned console, or one signing with
     another key, is refused with a clear code and changes nothing; the
     console with ``--sign-key`` deploys and rolls back as usual."""
-    from edge_agent.signing import generate_keypair
+    from edge_agent.bundles.signing import generate_keypair
 
     ours, theirs = (tmp_path / "keys" / "ours", tmp_path / "keys" / "theirs")
     for prefix in (ours, theirs):
@@ -546,7 +546,7 @@ def test_console_sees_an_agent_started_by_edge_agent_run(fleet: Fleet, tmp_path:
 def test_a_bundle_directory_is_archived_for_the_deploy(bundles: dict[str, Path]) -> None:
     """``fleet deploy ./dir/`` ships a .tar.gz of the directory, verified as
     a device will open it, and removes it afterwards."""
-    from edge_agent.bundle import open_bundle, sha256_file
+    from edge_agent.bundles import open_bundle, sha256_file
 
     prepared = f.prepare_bundle(bundles["v1"])
     try:

@@ -170,7 +170,7 @@ def test_instances_of_a_dynamic_batch_model_run_as_one_batch(assets, tmp_path) -
     """A model whose batch dimension is dynamic answers a request's
     instances (tensors and pictures mixed) in one runtime call, with the
     same answers as one at a time; a batch-1 model runs them in turn."""
-    from edge_agent.bundle import pack
+    from edge_agent.bundles.pack import pack
     from edge_agent.testing import tiny_onnx_classifier
 
     labels = tmp_path / "labels.txt"
@@ -345,7 +345,7 @@ def test_readiness_names_what_is_missing(assets, mobilenet_bundle, tmp_path) -> 
 
 
 def test_a_hot_swap_fails_no_request(assets, mobilenet_bundle, tmp_path) -> None:
-    from edge_agent.bundle import pack
+    from edge_agent.bundles.pack import pack
     from edge_agent.models.lifecycle import deploy
 
     agent, base = start_agent(tmp_path, [{"name": "mobilenet_v2", "bundle": str(mobilenet_bundle), "threads": 1}],

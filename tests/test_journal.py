@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from edge_agent.bundle import sha256_file
+from edge_agent.bundles import sha256_file
 from lifecycle_helpers import frames, make_bundle
 from mqtt_helpers import AgentProcess, Client, Mosquitto, agent_config
 
@@ -176,7 +176,7 @@ def test_a_signed_command_runs_once_ever_beyond_memory_and_across_restarts(tmp_p
     """A captured signed deploy, replayed after more commands than the
     agent keeps in memory (``commands.memory = 4``) and again after a
     restart, is answered with the first reply and never deploys again."""
-    from edge_agent.signing import generate_keypair, load_private_key, sign_command
+    from edge_agent.bundles.signing import generate_keypair, load_private_key, sign_command
 
     prefix = f"j{uuid.uuid4().hex[:6]}"
     generate_keypair(tmp_path / "console.key", tmp_path / "console.pub")

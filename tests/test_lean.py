@@ -16,3 +16,28 @@ def test_agent_imports_no_workstation_tools() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]", out
+
+
+def test_the_bundle_device_path_imports_no_packing_signing_or_runtimes() -> None:
+    """Opening and verifying a bundle (edge_agent.bundles) stays what the device needs:
+    not the workstation's packing code, not the runtimes it describes models with, not
+    the preprocessing, and no Ed25519 until a signature is checked."""
+    code = (
+        "import sys; import edge_agent.bundles;"
+        "print([m for m in ('edge_agent.bundles.pack', 'edge_agent.bundles.signing', 'edge_agent.runtimes',"
+        " 'edge_agent.preprocess', 'cryptography', 'numpy', 'cv2') if m in sys.modules])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out
+
+
+def test_agent_imports_no_bundle_packing() -> None:
+    """`edge-agent run` and the device's commands open bundles; only `pack`, the quantizer and the
+    fleet console make them."""
+    code = (
+        "import sys; import edge_agent.cli, edge_agent.agent, edge_agent.models.store, edge_agent.models.lifecycle,"
+        " edge_agent.comms.plane, edge_agent.control, edge_agent.httpapi, edge_agent.bench;"
+        "print('edge_agent.bundles.pack' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False", out

@@ -14,11 +14,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from edge_agent.bundle import sha256_file
+from edge_agent.bundles import sha256_file
+from edge_agent.bundles.signing import generate_keypair
 from edge_agent.errors import BundleError, EdgeAgentError
 from edge_agent.models.lifecycle import deploy, file_url
 from edge_agent.models.store import StoreError
-from edge_agent.signing import generate_keypair
 from lifecycle_helpers import Running, config, frames, make_bundle, read_state, rehash
 
 
@@ -59,7 +59,7 @@ def test_a_bundle_folder_is_hashed_on_opening_and_after_copying_only(tmp_path: P
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """Deploying a bundle folder checks its files where they are and the copy
     in the store; loading the copy just checked does not hash them again."""
-    import edge_agent.bundle as bundle_module
+    import edge_agent.bundles.verify as bundle_module
 
     v1 = make_bundle(tmp_path / "b", 1)
     v2 = make_bundle(tmp_path / "b", 2)

@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 import pytest
 
-from edge_agent.manifest import Preprocessing, TensorSpec
+from edge_agent.bundles.manifest import Preprocessing, TensorSpec
 from edge_agent.preprocess import Preprocessor, Transform
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

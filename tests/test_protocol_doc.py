@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.bundle import sha256_file
+from edge_agent.bundles import sha256_file
 from lifecycle_helpers import make_bundle
 from mqtt_helpers import AgentProcess, Client, Mosquitto
 

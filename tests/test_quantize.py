@@ -15,12 +15,12 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
-from edge_agent.bundle import open_bundle
+from edge_agent.bundles import open_bundle
+from edge_agent.bundles.manifest import Preprocessing
 from edge_agent.cli import main
 from edge_agent.config import ModelConfig
 from edge_agent.models.manager import LoadedModel
 from edge_agent.testing import tiny_onnx_classifier
-from edge_agent.manifest import Preprocessing
 from quantize.data import Sample, TensorReader, load_samples, make_views
 from quantize.evaluate import Artifact, evaluate
 from quantize.report import floor_line

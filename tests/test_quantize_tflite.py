@@ -22,7 +22,7 @@ import cv2
 import numpy as np
 import pytest
 
-from edge_agent.manifest import Preprocessing, TensorSpec
+from edge_agent.bundles.manifest import Preprocessing, TensorSpec
 from edge_agent.preprocess import Preprocessor
 from quantize import tflite
 from quantize.data import make_views
@@ -228,7 +228,7 @@ def test_int8_mobilenet_is_full_integer_with_builtin_ops(plain: tflite.TfliteArt
 
 def test_int8_mobilenet_classifies_chelsea_through_litert(plain: tflite.TfliteArtifact, assets: dict[str, Path]) -> None:
     """Through the agent's own LiteRT runtime, with the artifact's quant params, a real cat photo is still a cat."""
-    from edge_agent.manifest import Quantization, TensorSpec
+    from edge_agent.bundles.manifest import Quantization, TensorSpec
     from edge_agent.runtimes.litert import LiteRTRuntime
 
     inp = TensorSpec(name=plain.input_name, shape=list(plain.input_shape), dtype="int8", quantization=Quantization(scale=plain.input_quant[0], zero_point=plain.input_quant[1]))

@@ -12,10 +12,10 @@ import cv2
 import numpy as np
 import pytest
 
-from edge_agent.bundle import open_bundle
+from edge_agent.bundles import open_bundle
+from edge_agent.bundles.manifest import ClassifyParams, Quantization, TensorSpec
 from edge_agent.config import ModelConfig
 from edge_agent.errors import InferenceError, ModelLoadError, RuntimeUnavailable
-from edge_agent.manifest import ClassifyParams, Quantization, TensorSpec
 from edge_agent.models.manager import LoadedModel
 from edge_agent.postprocess import Classifier, softmax
 from edge_agent.preprocess import Transform

@@ -591,7 +591,7 @@ def test_a_reload_that_reconnects_mqtt_loses_no_command(tmp_path: Path, mobilene
     the MQTT settings: every one is answered, once, over the new connection."""
     from test_flood import Console
 
-    from edge_agent.bundle import sha256_file
+    from edge_agent.bundles import sha256_file
     from edge_agent.config import load_config
     from lifecycle_helpers import make_bundle
 

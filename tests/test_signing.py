@@ -14,16 +14,17 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from edge_agent.bundle import extract_archive, open_bundle, pack, sign_bundle, verify_bundle_signature
-from edge_agent.cli import main
-from edge_agent.errors import BundleError, UsageError
-from edge_agent.manifest import MANIFEST_NAME, SIGNATURE_NAME
-from edge_agent.signing import (
+from edge_agent.bundles import extract_archive, open_bundle, verify_bundle_signature
+from edge_agent.bundles.manifest import MANIFEST_NAME, SIGNATURE_NAME
+from edge_agent.bundles.pack import pack, sign_bundle
+from edge_agent.bundles.signing import (
     generate_keypair,
     load_private_key,
     load_public_key,
     load_trusted_keys,
 )
+from edge_agent.cli import main
+from edge_agent.errors import BundleError, UsageError
 from edge_agent.testing import tiny_onnx_classifier
 
 
@@ -312,9 +313,9 @@ def test_agent_does_not_import_cryptography_unless_it_verifies(unsigned_dir: Pat
     code = (
         "import sys\n"
         "from edge_agent import cli, agent\n"
-        "from edge_agent.bundle import open_bundle\n"
+        "from edge_agent.bundles import open_bundle\n"
         f"open_bundle({str(unsigned_dir)!r}).close()\n"
-        "assert 'cryptography' not in sys.modules and 'edge_agent.signing' not in sys.modules\n"
+        "assert 'cryptography' not in sys.modules and 'edge_agent.bundles.signing' not in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
 
@@ -388,7 +389,7 @@ def command(private: Path, cmd_id: str = "c1", *, ts: float | None = None, args:
             **override: object) -> bytes:
     import time as _time
 
-    from edge_agent.signing import load_private_key, sign_command
+    from edge_agent.bundles.signing import load_private_key, sign_command
 
     msg: dict = {"id": cmd_id, "cmd": "ping", "args": args or {}, "ts": _time.time() if ts is None else ts}
     msg["sig"] = sign_command(load_private_key(private), msg["id"], msg["cmd"], msg["args"], msg["ts"])

@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator
 import paho.mqtt.client as mqtt
 import pytest
 
-from edge_agent.bundle import sha256_file
+from edge_agent.bundles import sha256_file
 from edge_agent.comms.mqtt import PahoLink
 from edge_agent.comms.transfer import (
     PublishHandle,

@@ -159,7 +159,7 @@ def pack(
     **pre: Any,
 ) -> None:
     """Wrap an .onnx or .tflite MODEL into a model bundle."""
-    from edge_agent.bundle import pack as pack_bundle
+    from edge_agent.bundles.pack import pack as pack_bundle
 
     post: dict[str, Any] = {}
     if top_k is not None:
@@ -182,7 +182,7 @@ def pack(
     )
     signed = ""
     if sign_key:
-        from edge_agent.signing import key_id, load_private_key
+        from edge_agent.bundles.signing import key_id, load_private_key
 
         signed = f", signed with key {key_id(load_private_key(Path(sign_key)).public_key())}"
     click.echo(f"wrote bundle {name} v{version} to {path}{signed}")
@@ -203,7 +203,7 @@ def keygen(prefix: str) -> None:
     Sign with the private key (pack --sign-key PREFIX.key); give the devices
     the public key (PREFIX.pub). Existing files are never overwritten.
     """
-    from edge_agent.signing import generate_keypair
+    from edge_agent.bundles.signing import generate_keypair
 
     if not Path(prefix).name or prefix.endswith("/"):
         raise click.BadParameter(f"{prefix!r}: give a file name prefix, e.g. keys/fleet", param_hint="--out")

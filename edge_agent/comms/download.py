@@ -343,7 +343,7 @@ def _unlink(path: Path) -> None:
 
 
 def _sha256_of(path: Path) -> str:
-    from edge_agent.bundle import sha256_file
+    from edge_agent.bundles import sha256_file
 
     try:
         return sha256_file(path)

@@ -427,7 +427,7 @@ class BundleFetcher:
         ``TransferReceiver.start()`` create the folders, with coded errors)."""
         if args.transfer is not None:
             return self._transfer(args, progress)
-        from edge_agent.bundle import is_archive
+        from edge_agent.bundles import is_archive
         from edge_agent.comms.download import download
 
         name = Path(urllib.parse.urlparse(args.url).path).name

@@ -793,7 +793,7 @@ class TransferReceiver:
         a different meta (``_open``) or a failure is noticed afterwards, and
         the result thrown away.
         """
-        from edge_agent.bundle import sha256_file
+        from edge_agent.bundles import sha256_file
 
         with self._lock:
             meta = self.meta

@@ -28,7 +28,7 @@ import urllib.parse
 from pathlib import Path
 from typing import Any, Callable
 
-from edge_agent.bundle import sha256_file
+from edge_agent.bundles import sha256_file
 from edge_agent.errors import BundleError, EdgeAgentError
 from edge_agent.models.manager import ModelManager
 from edge_agent.models.store import installed_as

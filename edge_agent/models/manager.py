@@ -28,11 +28,11 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from edge_agent.bundle import Bundle
+from edge_agent.bundles import Bundle
+from edge_agent.bundles.manifest import Manifest, concrete_input
 from edge_agent.config import ModelConfig
 from edge_agent.errors import BundleError, EdgeAgentError, ModelNotAvailable
 from edge_agent.faults import checkpoint
-from edge_agent.manifest import Manifest, concrete_input
 from edge_agent.models import policy
 from edge_agent.models.state import ModelState, Probation
 from edge_agent.models.store import ModelStore, StoreError, installed_as

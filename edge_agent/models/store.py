@@ -25,7 +25,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Sequence
 
-from edge_agent.bundle import (
+from edge_agent.bundles import (
     Bundle,
     UnpackLimits,
     free_bytes,

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Sequence
 
 
+from edge_agent.bundles.manifest import TensorSpec
 from edge_agent.errors import BundleError
-from edge_agent.manifest import TensorSpec
 from edge_agent.runtimes.base import Runtime, prepare_input, quantize
 
 __all__ = ["Runtime", "prepare_input", "quantize", "create_runtime", "describe_model", "runtime_class",

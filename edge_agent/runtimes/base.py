@@ -10,7 +10,7 @@ from typing import Sequence
 
 import numpy as np
 
-from edge_agent.manifest import Quantization, TensorSpec
+from edge_agent.bundles.manifest import Quantization, TensorSpec
 
 
 class Runtime(abc.ABC):

@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from edge_agent.bundles.manifest import Quantization, TensorSpec
 from edge_agent.errors import InferenceError, ModelLoadError, RuntimeUnavailable
-from edge_agent.manifest import Quantization, TensorSpec
 from edge_agent.runtimes.base import Runtime, prepare_input, quantize  # noqa: F401 (quantize re-exported)
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from edge_agent.bundles.manifest import TensorSpec
 from edge_agent.errors import BundleError, InferenceError, ModelLoadError
-from edge_agent.manifest import TensorSpec
 from edge_agent.runtimes.base import Runtime, prepare_input
 
 log = logging.getLogger(__name__)

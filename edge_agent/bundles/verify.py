@@ -1,4 +1,4 @@
-"""Model bundles: open and verify them, and make them (``edge-agent pack``).
+"""Model bundles on the device: open one and verify it completely.
 
 A bundle is a directory with ``manifest.json`` at its root and the files the
 manifest lists, each with its sha256 and size; for transport it is a tar
@@ -15,9 +15,15 @@ bundle verifies every file before anything else may read it, and refuses:
 * a file that is present but not listed (only the manifest and its signature
   may be unlisted),
 * when trusted keys are given: a missing, invalid or untrusted signature
-  (checked after the files; see :mod:`edge_agent.signing`).
+  (checked after the files; see :mod:`edge_agent.bundles.signing`, imported
+  only then).
 
 Each refusal is a :class:`~edge_agent.errors.BundleError` with a specific code.
+
+This is the device's path: it imports neither the packing code
+(:mod:`edge_agent.bundles.pack`, the workstation's) nor the runtimes nor the
+preprocessing. Its functions keep no state between calls; a :class:`Bundle`
+belongs to whoever opened it.
 """
 
 from __future__ import annotations
@@ -29,7 +35,6 @@ import os
 import shutil
 import tarfile
 import tempfile
-import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,22 +42,10 @@ from typing import Any, Sequence
 
 from pydantic import ValidationError
 
-from edge_agent import __version__
-from edge_agent.errors import BundleError, ModelLoadError, is_disk_full
-from edge_agent.manifest import (
-    MANIFEST_NAME,
-    SIGNATURE_NAME,
-    ClassifyParams,
-    DetectParams,
-    FileEntry,
-    Manifest,
-    Preprocessing,
-    TensorSpec,
-    concrete_input,
-)
+from edge_agent.bundles.manifest import MANIFEST_NAME, SIGNATURE_NAME, Manifest
+from edge_agent.errors import BundleError, is_disk_full
 
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz")
-SAMPLES_NAME = "samples.npz"
 _CHUNK = 1 << 20
 
 
@@ -124,7 +117,7 @@ def open_bundle(
     path = Path(path).expanduser()
     trusted = None
     if trusted_keys is not None:
-        from edge_agent.signing import load_trusted_keys
+        from edge_agent.bundles.signing import load_trusted_keys
 
         trusted = load_trusted_keys(trusted_keys)
     if not path.exists():
@@ -156,7 +149,7 @@ def open_bundle(
 def _check_signature(root: Path, trusted: Any) -> str | None:
     if trusted is None:
         return None
-    from edge_agent.signing import check_signature
+    from edge_agent.bundles.signing import check_signature
 
     return check_signature(root, trusted)
 
@@ -444,219 +437,7 @@ def verify_dir(root: Path) -> Manifest:
     return manifest
 
 
-# --------------------------------------------------------------------- packing
-
-
-def default_preprocessing(inp: TensorSpec, **overrides: Any) -> Preprocessing:
-    """Preprocessing for a model input: explicit options win, the rest is read
-    off the input's shape (layout from where the channel axis is, size from
-    the spatial dims). Raises BundleError when the size cannot be known."""
-    shape = inp.shape
-    opts = {k: v for k, v in overrides.items() if v is not None}
-    if "layout" not in opts and len(shape) == 4:
-        opts["layout"] = "nhwc" if shape[3] in (1, 3) and shape[1] not in (1, 3) else "nchw"
-    layout = opts.get("layout", "nchw")
-    if len(shape) == 4:
-        channels = shape[1] if layout == "nchw" else shape[3]
-        if channels == 1 and "color" not in opts:
-            opts["color"] = "gray"
-    if "size" not in opts:
-        if len(shape) != 4:
-            raise BundleError(f"input {inp.name!r} has shape {shape}: give --size WxH", code="unsupported_model")
-        h, w = (shape[2], shape[3]) if layout == "nchw" else (shape[1], shape[2])
-        if h is None or w is None:
-            raise BundleError(
-                f"input {inp.name!r} has dynamic spatial dimensions {shape}: give --size WxH", code="unsupported_model"
-            )
-        opts["size"] = (w, h)
-    return Preprocessing(**opts)
-
-
-def pack(
-    model: Path | str,
-    *,
-    name: str,
-    version: int,
-    out: Path | str,
-    preprocessing: dict[str, Any] | None = None,
-    labels: Path | str | None = None,
-    task: str = "classify",
-    postprocessing: dict[str, Any] | None = None,
-    metadata: dict[str, Any] | None = None,
-    extra_files: dict[str, Path] | None = None,
-    sign_key: Path | str | None = None,
-    sample_images: Sequence[Path | str] = (),
-) -> Path:
-    """Wrap an .onnx or .tflite file into a bundle at ``out`` (a directory, or
-    an archive when ``out`` ends in .tar/.tar.gz). Returns ``out``.
-
-    With ``sign_key`` (an Ed25519 private key file) the staged bundle is
-    signed (``manifest.sig``) before it is written out or archived.
-
-    The model is opened with its runtime to read the input/output specs, so a
-    file the runtime cannot read is refused here rather than on the device.
-
-    ``sample_images`` are preprocessed and run through the model here; the
-    inputs and outputs go into ``samples.npz`` so that the device can check,
-    before a version serves, that it computes the same answers.
-    """
-    from edge_agent.runtimes import describe_model, runtime_for_file
-
-    model = Path(model).expanduser()
-    out = Path(out).expanduser()
-    if not model.is_file():
-        raise BundleError(f"model {model}: not found", code="bundle_not_found")
-    private_key = None
-    if sign_key is not None:  # a bad key fails before any work is done
-        from edge_agent.signing import load_private_key
-
-        private_key = load_private_key(sign_key)
-    runtime = runtime_for_file(model)
-    try:
-        inputs, outputs = describe_model(model, runtime)
-    except ModelLoadError as exc:
-        # The file given to pack is not a model its runtime can read: the
-        # user's mistake (exit 2), not a runtime failure on the device.
-        raise BundleError(f"model {model}: not a usable model file ({exc})", code="unsupported_model") from None
-    if len(inputs) != 1:
-        raise BundleError(
-            f"model {model}: has {len(inputs)} inputs; a camera model takes exactly one image", code="unsupported_model"
-        )
-    pre = default_preprocessing(inputs[0], **(preprocessing or {}))
-    post_cls = DetectParams if task == "detect" else ClassifyParams
-    post = post_cls.model_validate(postprocessing or {})
-
-    with tempfile.TemporaryDirectory(prefix="pack-", dir=out.parent if out.parent.exists() else None) as tmp:
-        stage = Path(tmp) / "bundle"
-        stage.mkdir()
-        files = {model.name: model}
-        label_name = None
-        if labels is not None:
-            labels = Path(labels).expanduser()
-            if not labels.is_file():
-                raise BundleError(f"labels {labels}: not found", code="bundle_not_found")
-            label_name = "labels.txt"
-            files[label_name] = labels
-        files.update(extra_files or {})
-        entries = []
-        for rel, src in files.items():
-            shutil.copyfile(src, stage / rel)
-            entries.append(FileEntry(path=rel, sha256=sha256_file(stage / rel), size=(stage / rel).stat().st_size))
-        try:
-            manifest = Manifest(
-                name=name,
-                version=version,
-                runtime=runtime,
-                model_file=model.name,
-                files=entries,
-                inputs=inputs,
-                outputs=outputs,
-                preprocessing=pre,
-                task=task,
-                postprocessing=post,
-                labels=label_name,
-                created_at=time.time(),
-                created_by=f"edge-agent {__version__}",
-                metadata=metadata or {},
-            )
-        except ValidationError as exc:
-            raise BundleError(f"cannot pack {model}: {exc.errors()[0]['msg']}", code="bad_manifest") from None
-        if sample_images:
-            _write_samples(stage / SAMPLES_NAME, model, runtime, manifest, sample_images)
-            entry = FileEntry(
-                path=SAMPLES_NAME, sha256=sha256_file(stage / SAMPLES_NAME), size=(stage / SAMPLES_NAME).stat().st_size
-            )
-            manifest = manifest.model_copy(update={"files": [*manifest.files, entry], "samples": SAMPLES_NAME})
-        (stage / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
-        if private_key is not None:
-            from edge_agent.signing import sign_dir
-
-            sign_dir(stage, private_key)
-        write_bundle(stage, out)
-    return out
-
-
-def _write_samples(
-    dest: Path, model: Path, runtime: str, manifest: Manifest, images: Sequence[Path | str]
-) -> None:
-    """Preprocess ``images`` as the agent will and record the model's outputs."""
-    import cv2
-    import numpy as np
-
-    from edge_agent.preprocess import Preprocessor
-    from edge_agent.runtimes import create_runtime
-
-    spec = concrete_input(manifest.inputs[0], manifest.preprocessing)
-    pre = Preprocessor(manifest.preprocessing, spec)
-    rt = create_runtime(runtime, model, [spec], manifest.outputs, threads=1)
-    rt.load()
-    inputs, outputs = [], []
-    try:
-        for image in images:
-            frame = cv2.imread(str(image), cv2.IMREAD_COLOR)
-            if frame is None:
-                raise BundleError(f"sample image {image}: not a readable image", code="bad_sample")
-            tensor, _ = pre(frame)
-            inputs.append(tensor)
-            outputs.append(rt.infer(tensor))
-    finally:
-        rt.close()
-    arrays = {"input": np.concatenate(inputs)}
-    for k in range(len(outputs[0])):
-        arrays[f"output_{k}"] = np.concatenate([o[k] for o in outputs])
-    np.savez(dest, **arrays)
-
-
-def write_bundle(stage: Path, out: Path) -> None:
-    """Move a staged bundle directory to ``out`` (dir or archive), replacing
-    nothing: an existing ``out`` is an error rather than silently overwritten."""
-    if out.exists():
-        raise BundleError(f"{out} already exists; remove it or choose another --out", code="bad_usage")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if is_archive(out):
-        mode = "w:gz" if out.name.endswith((".gz", ".tgz")) else "w"
-        tmp_out = out.with_name(out.name + ".partial")
-        with tarfile.open(tmp_out, mode) as tar:
-            for item in sorted(stage.iterdir()):
-                tar.add(item, arcname=item.name)
-        os.replace(tmp_out, out)
-    else:
-        shutil.copytree(stage, out)
-
-
-# ----------------------------------------------------------------- signing
-
-
-def sign_bundle(bundle: Path | str, private_key_path: Path | str) -> Path:
-    """Sign a bundle with the Ed25519 private key at ``private_key_path``.
-
-    The bundle is verified first (manifest schema, every file's size and
-    sha256): only a bundle that verifies gets signed. A directory gets
-    ``manifest.sig`` beside its ``manifest.json`` (an older signature is
-    replaced) and the signature's path is returned. An archive is unpacked,
-    signed and written back in place (atomically; its sha256 changes) and its
-    path is returned. ``edge-agent pack --sign-key`` signs the staged
-    directory before it writes the archive, which is the cheaper order.
-    """
-    from edge_agent.signing import load_private_key, sign_dir
-
-    bundle = Path(bundle).expanduser()
-    key = load_private_key(private_key_path)
-    if bundle.is_dir():
-        verify_dir(bundle)
-        return sign_dir(bundle, key)
-    with open_bundle(bundle) as opened:  # refuses what is neither a bundle dir nor an archive
-        sign_dir(opened.root, key)
-        assert is_archive(bundle)
-        tmp_out = bundle.with_name(f".signing-{os.getpid()}-{bundle.name}")
-        tmp_out.unlink(missing_ok=True)
-        try:
-            write_bundle(opened.root, tmp_out)
-            os.replace(tmp_out, bundle)
-        except BaseException:
-            tmp_out.unlink(missing_ok=True)
-            raise
-    return bundle
+# ------------------------------------------------------------ signatures
 
 
 def verify_bundle_signature(bundle: Path | str, trusted_keys: Sequence[Path | str] | Path | str) -> str:

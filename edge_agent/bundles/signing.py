@@ -40,8 +40,8 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from edge_agent.bundles.manifest import MANIFEST_NAME, SIGNATURE_NAME
 from edge_agent.errors import BundleError, UsageError
-from edge_agent.manifest import MANIFEST_NAME, SIGNATURE_NAME
 
 ALGORITHM = "ed25519"
 KEY_ID_LENGTH = 16
@@ -185,7 +185,7 @@ def load_trusted_keys(paths: Sequence[Path | str] | Path | str) -> dict[str, Ed2
 def sign_dir(root: Path, private_key: Ed25519PrivateKey) -> Path:
     """Write ``root/manifest.sig`` for ``root/manifest.json`` as it is now,
     replacing an older signature. Does not check the bundle's files (see
-    :func:`edge_agent.bundle.sign_bundle`). Returns the signature's path."""
+    :func:`edge_agent.bundles.pack.sign_bundle`). Returns the signature's path."""
     manifest_path = root / MANIFEST_NAME
     try:
         data = manifest_path.read_bytes()
@@ -217,7 +217,7 @@ def check_signature(root: Path, trusted: TrustedKeys) -> str:
     trusted keys (from :func:`load_trusted_keys`); return the signer's key id.
 
     This checks the signature only, not the files: call it after
-    :func:`edge_agent.bundle.verify_dir` (``open_bundle(..., trusted_keys=...)``
+    :func:`edge_agent.bundles.verify.verify_dir` (``open_bundle(..., trusted_keys=...)``
     does both, in that order). Raises BundleError:
 
     * ``signature_missing``: there is no ``manifest.sig``;
