@@ -198,12 +198,12 @@ def test_a_lost_reply_is_asked_for_again_and_never_runs_twice(fleet: Fleet, bund
     real_send = outbox.send
     replies: list[dict[str, Any]] = []
 
-    def send(kind: str, suffix: str, payload: dict[str, Any], *, qos: int = 1) -> None:
+    def send(kind: str, suffix: str, payload: dict[str, Any], *, qos: int = 1, delivered: Any = None) -> None:
         if kind == "replies":
             replies.append(payload)
             if len(replies) == 1:
                 return  # lost
-        real_send(kind, suffix, payload, qos=qos)
+        real_send(kind, suffix, payload, qos=qos, delivered=delivered)
 
     outbox.send = send  # type: ignore[method-assign]
     events: list[str] = []
