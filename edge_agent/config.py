@@ -35,12 +35,14 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 
 DEFAULT_CONFIG_PATH = Path("/etc/edge-agent/agent.toml")
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+"""A device, group, source or model name (they end up in MQTT topics and
+directory names); the fleet console checks its targets with it too."""
 
 
 def _check_name(value: str) -> str:
     """Names end up in MQTT topics and directory names: keep them tame."""
-    if not _NAME_RE.fullmatch(value):
+    if not NAME_RE.fullmatch(value):
         raise ValueError(
             f"{value!r} is not a valid name: use 1-64 letters, digits, '_', '.' or '-', "
             "starting with a letter or digit"

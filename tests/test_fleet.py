@@ -33,6 +33,8 @@ from edge_agent.agent import Agent
 from edge_agent.bundles.pack import pack
 from edge_agent.cli import main
 from edge_agent.config import parse_config
+from edge_agent.errors import UsageError
+from edge_agent.fleet.deployment import _slowest
 from edge_agent.testing import tiny_onnx_classifier
 
 PRE = {"size": (16, 16), "resize": "stretch"}
@@ -198,12 +200,12 @@ def test_a_lost_reply_is_asked_for_again_and_never_runs_twice(fleet: Fleet, bund
     real_send = outbox.send
     replies: list[dict[str, Any]] = []
 
-    def send(kind: str, suffix: str, payload: dict[str, Any], *, qos: int = 1) -> None:
+    def send(kind: str, suffix: str, payload: dict[str, Any], *, qos: int = 1, delivered: Any = None) -> None:
         if kind == "replies":
             replies.append(payload)
             if len(replies) == 1:
                 return  # lost
-        real_send(kind, suffix, payload, qos=qos)
+        real_send(kind, suffix, payload, qos=qos, delivered=delivered)
 
     outbox.send = send  # type: ignore[method-assign]
     events: list[str] = []
@@ -451,7 +453,7 @@ def test_broker_settings_from_an_agent_config(tmp_path: Path) -> None:
         "mq.lan", 18883, "site1", "ops", "pw", ca, True)
     bare = tmp_path / "bare.toml"
     bare.write_text('device_id = "x"\n')
-    with pytest.raises(f.UsageError, match="no \\[mqtt\\] section"):
+    with pytest.raises(UsageError, match="no \\[mqtt\\] section"):
         f.BrokerSettings.from_options(bare)
 
 
@@ -472,8 +474,8 @@ def test_pacing_follows_the_slowest_device_heard_from() -> None:
         "c": f.DeviceProgress("c", "transfer", 10, 4_000_000, updated=now - 60),  # silent
         "d": f.DeviceProgress("d", "done", done=True, ok=True, updated=now),
     }
-    assert f._slowest(states, ["a", "b", "c", "d"], stall_s=3) == 1_000_000
-    assert f._slowest(states, ["c", "d"], stall_s=3) is None
+    assert _slowest(states, ["a", "b", "c", "d"], stall_s=3) == 1_000_000
+    assert _slowest(states, ["c", "d"], stall_s=3) is None
     assert f.chunk_size_for(4_000_000) == 256 * 1024
     big = f.chunk_size_for(2_000_000_000)
     assert big % 1024 == 0 and 2_000_000_000 / big <= 1024  # the meta stays small

@@ -1,6 +1,6 @@
 """``edge-agent fleet ...``: the console side of the fleet (CONTRACT §1).
 
-The logic is in :mod:`edge_agent.fleet`; this module parses options, shows
+The logic is in the package :mod:`edge_agent.fleet`; this module parses options, shows
 progress (stderr) and prints tables (stdout). Exit codes: 0 when every
 targeted device succeeded, 1 when one did not (or was offline), 2 for bad
 usage or a bad config file.

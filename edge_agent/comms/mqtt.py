@@ -1,6 +1,8 @@
 """The MQTT transport (paho-mqtt 2.x). It knows topics and connections, not
 commands.
 
+* a client made by :func:`~edge_agent.comms.client.make_client` with a
+  persistent session (stable client id ``edge-agent-<device>``);
 * ``connect_async`` + paho's network thread with reconnect back-off, so a
   broker that is down at boot never blocks start-up;
 * a retained last will ``{"state": "offline"}`` on ``P/D/status``;
@@ -16,14 +18,13 @@ from __future__ import annotations
 
 import json
 import logging
-import ssl
 import threading
 from collections import OrderedDict
 from typing import Any, Callable, Sequence
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
 
+from edge_agent.comms.client import TlsFiles, connect_options, make_client
 from edge_agent.comms.commands import status_object
 from edge_agent.config import MqttConfig
 
@@ -125,24 +126,13 @@ class MqttTransport:
         self._status_in_flight = 0
         self._stopping = False
         self.on_connected: list[Callable[[], None]] = []  # run on paho's thread after each (re)connect
-        self._v5 = cfg.protocol == "5"
-        protocol = mqtt.MQTTv5 if self._v5 else mqtt.MQTTv311
         # A stable client id and a persistent session: QoS 1 commands sent
         # while the device was away are delivered when it comes back.
-        kwargs: dict[str, Any] = {} if self._v5 else {"clean_session": False}
-        self.client = mqtt.Client(
-            CallbackAPIVersion.VERSION2, client_id=client_id or f"edge-agent-{device_id}", protocol=protocol, **kwargs
-        )
-        if cfg.username is not None:
-            self.client.username_pw_set(cfg.username, cfg.password)
+        tls = None
         if cfg.tls is not None:
-            self.client.tls_set(
-                ca_certs=str(cfg.tls.ca_certs) if cfg.tls.ca_certs else None,
-                certfile=str(cfg.tls.certfile) if cfg.tls.certfile else None,
-                keyfile=str(cfg.tls.keyfile) if cfg.tls.keyfile else None,
-                cert_reqs=ssl.CERT_REQUIRED,
-            )
-            self.client.tls_insecure_set(cfg.tls.insecure)
+            tls = TlsFiles(cfg.tls.ca_certs, cfg.tls.certfile, cfg.tls.keyfile, cfg.tls.insecure)
+        self.client = make_client(client_id or f"edge-agent-{device_id}", protocol=cfg.protocol, persistent=True,
+                                  username=cfg.username, password=cfg.password, tls=tls)
         self.client.will_set(self.topic("status"), json.dumps({"state": "offline"}, separators=(",", ":")), qos=1, retain=True)
         self.client.reconnect_delay_set(min_delay=1, max_delay=60)
         # Bound what paho buffers while the broker is away (QoS 1 results):
@@ -171,17 +161,8 @@ class MqttTransport:
         return self.link.subscribe(topic_filter, callback)
 
     def start(self) -> None:
-        if self._v5:
-            from paho.mqtt.packettypes import PacketTypes
-            from paho.mqtt.properties import Properties
-
-            props = Properties(PacketTypes.CONNECT)
-            props.SessionExpiryInterval = self.cfg.session_expiry_s
-            self.client.connect_async(
-                self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive_s, clean_start=False, properties=props
-            )
-        else:
-            self.client.connect_async(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive_s)
+        session = connect_options(self.cfg.protocol, session_expiry_s=self.cfg.session_expiry_s)
+        self.client.connect_async(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive_s, **session)
         self.client.loop_start()
         log.info("MQTT: connecting to %s:%d as %s", self.cfg.host, self.cfg.port, self.device_id)
 
