@@ -30,7 +30,7 @@ DEMO_MAX_ZOOM = 1.10  # Ken Burns: 10 % zoom over one photo
 
 
 def ken_burns_frames(image: np.ndarray, count: int, size: tuple[int, int],
-                      variant: int) -> Iterator[np.ndarray]:
+                     variant: int) -> Iterator[np.ndarray]:
     """``count`` frames of ``size`` (w, h) slowly zooming/panning over ``image``.
 
     The largest window of the output aspect ratio is cropped from the photo
@@ -69,6 +69,7 @@ def ken_burns_frames(image: np.ndarray, count: int, size: tuple[int, int],
 
 
 def demo_sequence(photos: Path) -> list[str]:
+    """The names of :data:`DEMO_SEQUENCE` that ``photos`` holds, in that order."""
     return [name for name in DEMO_SEQUENCE if (photos / f"{name}.jpg").is_file()]
 
 

@@ -129,7 +129,7 @@ def _fashion_mnist_cnn():
 
 def _fashion_onnx_valid(path: Path) -> bool:
     return onnx_io_valid(path, 10_000, FASHION_MNIST_INPUT_NAME, FASHION_MNIST_INPUT_SHAPE,
-                          FASHION_MNIST_OUTPUT_NAME, [1, len(FASHION_MNIST_CLASSES)])
+                         FASHION_MNIST_OUTPUT_NAME, [1, len(FASHION_MNIST_CLASSES)])
 
 
 def _fashion_info_valid(path: Path, onnx_path: Path) -> bool:
@@ -303,8 +303,8 @@ def build_fashion_mnist(cache_dir: Path, force: bool = False) -> Path:
                  and load_fashion_mnist_labels() == list(FASHION_MNIST_CLASSES))
     if force or not labels_ok:
         atomic_write_text(FASHION_MNIST_LABELS_PATH, "\n".join(FASHION_MNIST_CLASSES) + "\n")
-    model_ok = not force and _fashion_onnx_valid(onnx_path) and _fashion_info_valid(info_path,
-                                                                                     onnx_path)
+    model_ok = (not force and _fashion_onnx_valid(onnx_path)
+                and _fashion_info_valid(info_path, onnx_path))
     calib_ok = not force and _fashion_npz_valid(calib_path, FASHION_MNIST_CALIBRATION)
     test_ok = not force and _fashion_npz_valid(test_path, FASHION_MNIST_TEST)
     images_ok = not force and _fashion_images_valid(images_dir)
