@@ -10,10 +10,8 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-SCRIPTS = REPO / "scripts"
-for _path in (SCRIPTS, REPO):  # the checkout's packages, even without installing
-    if str(_path) not in sys.path:
-        sys.path.insert(0, str(_path))
+if str(REPO) not in sys.path:  # the checkout's packages (and testassets), even without installing
+    sys.path.insert(0, str(REPO))
 
 MODEL_NAME = "mobilenet_v2"
 # The demo's ImageNet preprocessing (configs/demo.toml's bundle, scripts/demo.sh).
@@ -27,7 +25,7 @@ PREPROCESSING = {
 
 def pack_mobilenet(assets: dict[str, Path], out: Path, *, version: int = 1) -> Path:
     """The real MobileNetV2 packed as the demo's bundle: its preprocessing and
-    the ImageNet labels (``assets`` from ``build_assets.build``)."""
+    the ImageNet labels (``assets`` from ``testassets.build``)."""
     from edge_agent.bundles.pack import pack
 
     return pack(assets["mobilenet_v2"], name=MODEL_NAME, version=version, out=out,

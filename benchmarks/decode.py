@@ -63,7 +63,10 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _bench import REPO, emit, loadavg, machine_info, pack_mobilenet  # noqa: E402  (puts the checkout on sys.path)
 
-import build_assets  # noqa: E402  (scripts/build_assets.py)
+import testassets  # noqa: E402
+from testassets.common import read_bgr  # noqa: E402
+from testassets.demo_video import demo_sequence, ken_burns_frames  # noqa: E402
+from testassets.photos import build_photos  # noqa: E402
 
 BEFORE_COMMIT = "476b8ba"
 SIZE = (1920, 1080)
@@ -85,8 +88,8 @@ def build_video(cache: Path) -> Path:
         cap.release()
         if ok:
             return video
-    photos = build_assets.build_photos(cache)
-    sequence = build_assets._demo_sequence(photos)
+    photos = build_photos(cache)
+    sequence = demo_sequence(photos)
     video.parent.mkdir(parents=True, exist_ok=True)
     tmp = video.with_suffix(".tmp.avi")
     writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*"MJPG"), CAMERA_FPS, SIZE)
@@ -95,8 +98,8 @@ def build_video(cache: Path) -> Path:
     progress(f"building {video} ({len(sequence)} photos, 1920x1080, 30 fps)")
     try:
         for variant, name in enumerate(sequence):
-            image = build_assets._read_bgr(photos / f"{name}.jpg")
-            for frame in build_assets._ken_burns_frames(image, CAMERA_FPS, SIZE, variant):
+            image = read_bgr(photos / f"{name}.jpg")
+            for frame in ken_burns_frames(image, CAMERA_FPS, SIZE, variant):
                 writer.write(frame)
     finally:
         writer.release()
@@ -195,8 +198,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("ffmpeg is not installed (scripts/setup.sh dev installs it)")
 
     machine = machine_info()  # its load average is the one at the start
-    cache = args.cache or build_assets.default_cache_dir()
-    assets = build_assets.build(cache, only={"mobilenet_v2", "imagenet_labels", "photos"})
+    cache = args.cache or testassets.default_cache_dir()
+    assets = testassets.build(cache, only={"mobilenet_v2", "imagenet_labels", "photos"})
     video = build_video(cache)
     made: list[Path] = []
     tree = before_tree(args.before_tree, made)

@@ -89,7 +89,7 @@ from typing import Any, Callable, Iterator
 
 from _bench import MODEL_NAME, REPO, emit, loadavg, machine_info, pack_mobilenet
 
-import build_assets  # noqa: E402  (scripts/ is on sys.path through _bench)
+import testassets  # noqa: E402  (the checkout is on sys.path through _bench)
 
 SCENARIOS = ("R1", "R2", "R3", "R4", "R5", "R6", "R7")
 FFMPEG = ["ffmpeg", "-hide_banner", "-nostdin", "-loglevel", "error"]
@@ -145,7 +145,7 @@ class Ctx:
     def __init__(self, work: Path, cache: Path | None = None) -> None:
         self.work = Path(work)
         self.work.mkdir(parents=True, exist_ok=True)
-        self.assets = build_assets.build(cache or build_assets.default_cache_dir(),
+        self.assets = testassets.build(cache or testassets.default_cache_dir(),
                                          only={"mobilenet_v2", "imagenet_labels", "photos", "demo_video"})
         self._bundles: dict[tuple, Path] = {}
         self._keys: dict[str, tuple[Path, Path]] = {}

@@ -60,7 +60,7 @@ from typing import Any
 
 from _bench import MODEL_NAME, emit, machine_info, pack_mobilenet
 
-import build_assets  # noqa: E402  (scripts/ is on sys.path through _bench)
+import testassets  # noqa: E402  (the checkout is on sys.path through _bench)
 
 
 def progress(msg: str) -> None:
@@ -69,7 +69,7 @@ def progress(msg: str) -> None:
 
 def prepare(cache: Path) -> dict[str, Path]:
     """The fp32 and int8 bundles (cached under ``cache/bench-hotswap``) and the video."""
-    assets = build_assets.build(cache, only={"mobilenet_v2", "imagenet_labels", "photos", "demo_video"})
+    assets = testassets.build(cache, only={"mobilenet_v2", "imagenet_labels", "photos", "demo_video"})
     work = cache / "bench-hotswap"
     work.mkdir(parents=True, exist_ok=True)
     fp32 = work / "mobilenet_v2-v2-fp32"
@@ -296,7 +296,7 @@ def main() -> None:
     p.add_argument("--json-only", action="store_true")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
-    cache = args.cache or build_assets.default_cache_dir()
+    cache = args.cache or testassets.default_cache_dir()
     if args.child:
         if args.mode == "churn":
             print(json.dumps(churn(args.churn_swaps, args.threads, cache)))

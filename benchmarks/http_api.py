@@ -4,7 +4,7 @@ done in-process.
 
 One process, the real MobileNetV2 (fp32 ONNX, the demo's bundle and
 preprocessing) and real photos (the 9 photos of things of
-``scripts/build_assets.py``'s ``photos``, each sent as a JPEG of quality 95).
+the ``photos`` asset of ``testassets``, each sent as a JPEG of quality 95).
 Variants, interleaved in ``--rounds`` rounds (each variant ``--requests``
 requests per round, one client, one after the other):
 
@@ -47,9 +47,9 @@ from typing import Any, Callable
 import _bench  # noqa: F401  (the checkout on sys.path)
 from _bench import MODEL_NAME, emit, machine_info, pack_mobilenet
 
-import build_assets  # noqa: E402
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
+import testassets  # noqa: E402
 
 PHOTOS = ["chelsea", "coffee", "dog", "eagle", "rocket", "horses", "china", "kite", "camera"]
 VARIANTS = ("direct", "http_b64", "http_tensor")
@@ -73,8 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     from edge_agent.agent import Agent
     from edge_agent.config import parse_config
 
-    cache = args.cache if args.cache is not None else build_assets.default_cache_dir()
-    assets = build_assets.build(cache, only={"mobilenet_v2", "imagenet_labels", "photos"})
+    cache = args.cache if args.cache is not None else testassets.default_cache_dir()
+    assets = testassets.build(cache, only={"mobilenet_v2", "imagenet_labels", "photos"})
     machine = machine_info()
     jpegs = []
     for name in PHOTOS:

@@ -7,7 +7,7 @@ Everything goes through the real job, :func:`quantize.pipeline.run` (what the
 written before :class:`quantize.errors.QualityGateFailed` is raised).
 
 Data (built once, cached under ``<cache>/quantize-bench/``): 18 of the real
-photos of ``scripts/build_assets.py`` (photos of things; the textures,
+photos of ``testassets`` (photos of things; the textures,
 microscopy and text pages are left out, since fp32's own top-1 on them is a
 near tie) split into two *disjoint* sets of photos, 12 camera-like views of
 each made by :func:`quantize.data.make_views` (the photo, its mirror image,
@@ -71,7 +71,7 @@ quantizes the model once per candidate tensor)::
     .venv/bin/python benchmarks/quantize.py --skip-fmnist --json-only
 
 Assets come from the cache (``$EDGE_AGENT_CACHE`` or ``~/.cache/edge-agent``,
-or ``--cache DIR``) and are built there by ``scripts/build_assets.py`` when
+or ``--cache DIR``) and are built there by ``testassets`` when
 missing. A JSON object is printed on stdout (machine, parameters, every run's
 artifacts, details and stage timings, and a summary against the issue's
 targets), then a readable table (not with ``--json-only``); progress goes to
@@ -106,7 +106,9 @@ from _bench import PREPROCESSING, emit, loadavg, machine_info as _machine_info, 
 # helper module above is already imported).
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 
-import build_assets  # noqa: E402  (scripts/build_assets.py)
+import testassets  # noqa: E402
+from testassets.fashion_mnist import (FASHION_MNIST_LABELS_PATH, FASHION_MNIST_MEAN,  # noqa: E402
+                                      FASHION_MNIST_STD)
 
 from quantize.data import Sample, make_views  # noqa: E402
 from quantize.errors import QualityGateFailed  # noqa: E402
@@ -126,9 +128,9 @@ CALIBRATION_PHOTOS = (
 VIEWS_PER_PHOTO = 12
 JPEG_QUALITY = 95
 PRUNE_SPEC = "channels:0.25"
-FMNIST_MEAN = build_assets.FASHION_MNIST_MEAN
-FMNIST_STD = build_assets.FASHION_MNIST_STD
-FMNIST_LABELS = build_assets.FASHION_MNIST_LABELS_PATH
+FMNIST_MEAN = FASHION_MNIST_MEAN
+FMNIST_STD = FASHION_MNIST_STD
+FMNIST_LABELS = FASHION_MNIST_LABELS_PATH
 
 # The issue's targets (issue 3, "Show").
 TARGET_AGREEMENT = 0.97  # top-1 agreement after mixed precision
@@ -691,13 +693,13 @@ def main(argv: list[str] | None = None) -> int:
     for handler in logging.getLogger().handlers:  # ORT's quantizer advice goes to the root logger
         handler.addFilter(lambda record: record.name != "root")
 
-    cache = (args.cache if args.cache is not None else build_assets.default_cache_dir()).expanduser().resolve()
+    cache = (args.cache if args.cache is not None else testassets.default_cache_dir()).expanduser().resolve()
     machine = machine_info()
     progress(f"assets from {cache} (built there when missing)")
     only = {"mobilenet_v2", "imagenet_labels", "photos"}
     if not args.skip_fmnist:
         only.add("fashion_mnist")
-    assets = build_assets.build(cache, only=only)
+    assets = testassets.build(cache, only=only)
     photos_dir = assets["photos"]
     if photos_dir.is_file():
         photos_dir = photos_dir.parent

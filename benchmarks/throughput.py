@@ -49,7 +49,7 @@ Run it from the repository root::
 
 The model and the video are taken from the asset cache (``$EDGE_AGENT_CACHE``
 or ``~/.cache/edge-agent``, or ``--cache DIR``) and built there by
-``scripts/build_assets.py`` when missing. A JSON object is printed on stdout
+``testassets`` when missing. A JSON object is printed on stdout
 (machine, parameters, per-variant fps lists and medians, ratios, checks), then a
 readable table (not with ``--json-only``); progress goes to stderr.
 """
@@ -74,7 +74,7 @@ import onnxruntime as ort
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _bench import MODEL_NAME, PREPROCESSING, emit, machine_info, pack_mobilenet  # noqa: E402  (puts the checkout on sys.path)
 
-import build_assets  # noqa: E402  (scripts/build_assets.py)
+import testassets  # noqa: E402
 
 from edge_agent.agent import Agent  # noqa: E402
 from edge_agent.bundles import open_bundle  # noqa: E402
@@ -331,7 +331,7 @@ def run_bare_full(model: Path, threads: int, video: Path, pre: Preprocessor, fra
 def prepare(cache: Path, workdir: Path) -> tuple[Path, Path, Path]:
     """(model, video, bundle): assets from the cache, a fresh bundle in workdir."""
     progress(f"assets from {cache} (built there when missing)")
-    assets = build_assets.build(cache, only={"mobilenet_v2", "imagenet_labels", "photos", "demo_video"})
+    assets = testassets.build(cache, only={"mobilenet_v2", "imagenet_labels", "photos", "demo_video"})
     model, video = assets["mobilenet_v2"], assets["demo_video"]
     bundle = pack_mobilenet(assets, workdir / "bundle")
     return model, video, bundle
@@ -451,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads < 1 or args.repeats < 1 or (args.frames is not None and args.frames < 2):
         parser.error("--threads and --repeats must be >= 1, --frames >= 2")
     variants = [v for v in VARIANTS if not (args.no_info and v == "agent_info")]
-    cache = args.cache if args.cache is not None else build_assets.default_cache_dir()
+    cache = args.cache if args.cache is not None else testassets.default_cache_dir()
     machine = machine_info()
 
     with tempfile.TemporaryDirectory(prefix="edge-agent-bench-") as tmp:

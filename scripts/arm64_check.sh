@@ -85,8 +85,8 @@ mkdir -p "$A64/pip" "$A64/models"
 
 # --- models: the demo's MobileNetV2, int8 ONNX and int8 TFLite ----------------
 t=$(now)
-EDGE_AGENT_CACHE=$CACHE "$PY" "$REPO/scripts/build_assets.py" --only mobilenet_v2 imagenet_labels photos demo_video >/dev/null \
-  || die "building the demo model and video failed (scripts/build_assets.py)"
+(cd "$REPO" && EDGE_AGENT_CACHE=$CACHE "$PY" -m testassets --only mobilenet_v2 imagenet_labels photos demo_video >/dev/null) \
+  || die "building the demo model and video failed (python -m testassets)"
 fp32=$CACHE/models/mobilenet_v2.onnx
 video=$CACHE/videos/demo.avi
 key=$(cat "$fp32" "$video" | sha256sum | cut -c1-16)-$("$EA" --version | tr -c 'A-Za-z0-9.\n' _ | tr -d '\n')
@@ -97,7 +97,7 @@ if [ ! -f "$models/.done" ]; then
   rm -rf "$models"; mkdir -p "$models"
   "$EA" pack "$fp32" --name mobilenet_v2 --version 1 --out "$models/mobilenet_v2-fp32" \
     --resize crop --crop-fraction 0.875 --mean 0.485,0.456,0.406 --std 0.229,0.224,0.225 \
-    --layout nchw --color rgb --labels "$REPO/scripts/data/imagenet_labels.txt" --task classify >/dev/null
+    --layout nchw --color rgb --labels "$REPO/testassets/data/imagenet_labels.txt" --task classify >/dev/null
   # The gate is not what is checked here (tests/test_quantize*.py are): agreement x86 vs arm64 is.
   q=(quantize "$models/mobilenet_v2-fp32" --calibration "$CACHE/photos" --min-agreement 0 --no-mixed-precision)
   if ! "$EA" "${q[@]}" --out "$models/q" >"$models/quantize.log" 2>&1; then

@@ -5,5 +5,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh dev
-.venv/bin/python scripts/build_assets.py >/dev/null
+.venv/bin/python -m testassets >/dev/null
 exec .venv/bin/python -m pytest "$@"

@@ -1,7 +1,7 @@
 """Shared fixtures: the real models and photos, bundles, and a real broker.
 
 * ``assets``: the cached real assets (MobileNetV2 ONNX, BlazeFace TFLite, real
-  photos, the demo video) built by ``scripts/build_assets.py``; tests that
+  photos, the demo video) built by :mod:`testassets`; tests that
   need them are skipped, with the reason, only where a build tool is missing.
 * ``mobilenet_bundle`` / ``blazeface_bundle``: those models packed as the
   agent would receive them.
@@ -12,18 +12,13 @@
 from __future__ import annotations
 
 import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import pytest
+import testassets
 from mqtt_helpers import Mosquitto
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
-
-import build_assets  # noqa: E402
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -36,8 +31,8 @@ CORE_ASSETS = {"mobilenet_v2", "imagenet_labels", "blazeface", "photos", "demo_v
 @pytest.fixture(scope="session")
 def assets() -> dict[str, Path]:
     try:
-        return build_assets.build(build_assets.default_cache_dir(), only=CORE_ASSETS)
-    except build_assets.AssetError as exc:
+        return testassets.build(testassets.default_cache_dir(), only=CORE_ASSETS)
+    except testassets.AssetError as exc:
         pytest.skip(f"real assets unavailable: {exc} (scripts/test.sh installs what they need)")
     except ImportError as exc:
         pytest.skip(f"a build tool for the real assets is missing: {exc} (run scripts/setup.sh dev)")
@@ -47,8 +42,8 @@ def assets() -> dict[str, Path]:
 def fashion_mnist() -> Path:
     """The Fashion-MNIST CNN (trained once, cached) and its real test images."""
     try:
-        return build_assets.build(build_assets.default_cache_dir(), only={"fashion_mnist"})["fashion_mnist"]
-    except build_assets.AssetError as exc:
+        return testassets.build(testassets.default_cache_dir(), only={"fashion_mnist"})["fashion_mnist"]
+    except testassets.AssetError as exc:
         pytest.skip(f"Fashion-MNIST unavailable: {exc}")
 
 

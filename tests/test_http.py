@@ -127,9 +127,9 @@ def test_labels_and_versions_resolve_like_tf_serving(served) -> None:
 
 def agent_photo(agent: Agent, name: str) -> Path:
     """A real photo of the cached assets (DATA.md)."""
-    import build_assets
+    import testassets
 
-    return build_assets.default_cache_dir() / "photos" / f"{name}.jpg"
+    return testassets.default_cache_dir() / "photos" / f"{name}.jpg"
 
 
 def test_predict_a_jpeg_a_tensor_and_columnar_give_the_same_answer(served, mobilenet) -> None:

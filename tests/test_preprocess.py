@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import build_assets  # scripts/, put on sys.path by conftest.py
 import cv2
 import numpy as np
 import pytest
+from testassets.mobilenet import imagenet_preprocess
 
 from edge_agent.bundles.manifest import Preprocessing, TensorSpec
 from edge_agent.preprocess import Preprocessor, Transform
@@ -274,7 +274,7 @@ def test_crop_equals_imagenet_reference_when_geometry_is_exact(assets: dict[str,
     img = cv2.imread(str(assets["photos"] / "astronaut.jpg"))
     pre = make((224, 224), resize="crop", crop_fraction=0.875, mean=IMAGENET_MEAN, std=IMAGENET_STD)
     ours, _ = pre(img)
-    ref = build_assets.imagenet_preprocess(cv2.cvtColor(img, cv2.COLOR_BGR2RGB))
+    ref = imagenet_preprocess(cv2.cvtColor(img, cv2.COLOR_BGR2RGB))
     assert ours.shape == ref.shape == (1, 3, 224, 224)
     np.testing.assert_allclose(ours, ref, atol=1e-5)
 
@@ -284,7 +284,7 @@ def test_crop_matches_imagenet_reference_on_chelsea_and_classifies_a_cat(assets:
     img = cv2.imread(str(assets["photos"] / "chelsea.jpg"))  # 451 x 300
     pre = make((224, 224), resize="crop", crop_fraction=0.875, mean=IMAGENET_MEAN, std=IMAGENET_STD)
     ours, _ = pre(img)
-    ref = build_assets.imagenet_preprocess(cv2.cvtColor(img, cv2.COLOR_BGR2RGB))
+    ref = imagenet_preprocess(cv2.cvtColor(img, cv2.COLOR_BGR2RGB))
     # Resized long side: 385 here (rounded), 384 in torchvision (truncated); the 1-pixel
     # difference in scale shows up as interpolation noise, not as a shift or colour error.
     diff = np.abs(ours - ref)

@@ -486,7 +486,7 @@ def test_invalid_result_is_reported_as_a_bug() -> None:
 def photo_views(assets: dict[str, Path]) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """(evaluation views: every other photo and its mirror image; calibration views: the other photos)."""
     import cv2
-    from build_assets import imagenet_preprocess
+    from testassets.mobilenet import imagenet_preprocess
 
     photos = sorted(assets["photos"].glob("*.jpg"))
     rgb = [cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB) for p in photos]

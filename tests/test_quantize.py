@@ -186,7 +186,7 @@ def test_samples_from_folder_video_npz_and_class_folders(tmp_path: Path, assets:
     for name in ("tabby", "espresso"):
         (classes / name).mkdir(parents=True)
         cv2.imwrite(str(classes / name / "a.png"), np.full((8, 8, 3), 7, np.uint8))
-    labels = (REPO / "scripts/data/imagenet_labels.txt").read_text().splitlines()
+    labels = (REPO / "testassets/data/imagenet_labels.txt").read_text().splitlines()
     labelled = load_samples(classes, labels=labels)
     assert sorted(s.label for s in labelled.samples) == sorted([labels.index("tabby"), labels.index("espresso")])
 
@@ -246,7 +246,7 @@ def test_fashion_mnist_int8_keeps_its_accuracy(tmp_path: Path, fashion_mnist: Pa
     result = _cli(
         str(fashion_mnist / "cnn.onnx"), "--calibration", str(fashion_mnist / "calibration.npz"),
         "--eval", str(fashion_mnist / "test.npz"), "--out", str(out), "--mean", FMNIST_MEAN, "--std", FMNIST_STD,
-        "--labels", str(REPO / "scripts/data/fashion_mnist_labels.txt"), "--target", "onnx",
+        "--labels", str(REPO / "testassets/data/fashion_mnist_labels.txt"), "--target", "onnx",
     )
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())

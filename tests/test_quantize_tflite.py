@@ -31,7 +31,7 @@ from quantize.errors import QuantizeError, QuantizeInputError
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CAT_CLASSES = {"Egyptian cat", "tabby", "tiger cat"}
-LABELS = Path(__file__).resolve().parents[1] / "scripts" / "data" / "imagenet_labels.txt"
+LABELS = Path(__file__).resolve().parents[1] / "testassets" / "data" / "imagenet_labels.txt"
 CACHE = tflite.DEFAULT_CACHE.expanduser()
 BUILTIN_INT8_OPS = {"PAD", "CONV_2D", "DEPTHWISE_CONV_2D", "ADD", "MEAN", "FULLY_CONNECTED"}
 
