@@ -15,7 +15,7 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from edge_agent.config import AgentConfig, SourceConfig
 from edge_agent.errors import EdgeAgentError, SourceError
@@ -23,6 +23,9 @@ from edge_agent.models.manager import ModelManager
 from edge_agent.models.store import ModelStore, StoreLock
 from edge_agent.pipeline import LogSink, Sink, SourceWorker
 from edge_agent.sources import FrameSource, open_source
+
+if TYPE_CHECKING:
+    from edge_agent.http.metrics import AgentStats
 
 log = logging.getLogger(__name__)
 
@@ -119,9 +122,11 @@ class Agent:
         cfg = cfg or self.config.http
         if not cfg.enabled:
             return
-        from edge_agent.httpapi import HttpServer
+        from edge_agent.http.api import Api
+        from edge_agent.http.server import HttpServer
 
-        http = HttpServer(self, cfg.host, cfg.port, max_body_bytes=int(cfg.max_body_mb * 1e6),
+        api = Api(self.models, ready=self.readiness, stats=self._http_stats)
+        http = HttpServer(api.handle, cfg.host, cfg.port, max_body_bytes=int(cfg.max_body_mb * 1e6),
                           idle_timeout_s=cfg.idle_timeout_s)
         http.start()
         self.http = http
@@ -396,6 +401,37 @@ class Agent:
         if self.journal is not None:
             self.journal.close()
             self.journal = None
+
+    def readiness(self) -> tuple[bool, list[str]]:
+        """Ready (``/readyz``) when every configured model has a loaded
+        version and every configured source runs (started, not failed, not
+        ended); otherwise the problems, one line each."""
+        problems = [f"model {name}: no version loaded"
+                    for name, stats in self.models.model_stats().items() if stats["version"] is None]
+        workers = {w.source.name: w for w in self.workers}
+        for cfg in self.config.sources:
+            worker = workers.get(cfg.name)
+            if worker is None:
+                problems.append(f"source {cfg.name}: not started")
+            elif worker.source.failed:
+                problems.append(f"source {cfg.name}: could not be opened ({worker.source.last_error})")
+            elif worker.done:
+                problems.append(f"source {cfg.name}: ended")
+        return not problems, problems
+
+    def _http_stats(self) -> "AgentStats":
+        """What the HTTP API's ``/metrics`` reads of the agent at a scrape."""
+        from edge_agent.http.metrics import AgentStats, SourceStats
+
+        sources = []
+        for w in self.workers:
+            stats = w.source.stats()
+            sources.append(SourceStats(name=w.source.name, frames=w.counters.frames, errors=w.counters.errors,
+                                       captured=stats["captured"], skipped=stats["skipped"],
+                                       up=not (w.done or w.source.failed)))
+        transport = self.transport
+        return AgentStats(device_id=self.config.device_id, sources=sources,
+                          mqtt_connected=None if transport is None else transport.connected.is_set())
 
     def status(self) -> dict[str, Any]:
         return {"models": self.models.status(), "sources": {w.source.name: w.source.stats() for w in self.workers}}

@@ -399,3 +399,45 @@ def test_a_taken_port_stops_the_agent_with_a_clear_message(tmp_path) -> None:
     assert proc.returncode == 1, proc.stderr
     assert f"cannot listen on 127.0.0.1:{port}" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_reload_restarts_the_api_with_its_new_settings(tmp_path) -> None:
+    """SIGHUP's path (Agent.reload): a changed ``[http]`` restarts the server
+    with it; settings it cannot serve with are refused and the running API
+    comes back; ``enabled = false`` turns it off."""
+    from edge_agent.errors import ConfigError
+
+    agent, base = start_agent(tmp_path, [], [])
+
+    def config(**http: Any) -> Any:
+        return parse_config({"device_id": "http-test", "log_level": "warning",
+                             "store": {"path": str(tmp_path / "store")},
+                             "http": {"enabled": True, "host": "127.0.0.1", "port": 0, **http}})
+
+    try:
+        first = agent.http
+        assert call(base, "/v1/models/m:predict", raw=b"x" * 2000)[0] == 400  # read (32 MB allowed): not JSON
+        assert agent.reload(config(max_body_mb=0.001)) == ["http restarted"]
+        assert agent.http is not first
+        host, port = agent.http.address
+        base = f"http://{host}:{port}"
+        status, body = call(base, "/v1/models/m:predict", raw=b"x" * 2000)
+        assert status == 413 and "at most 1000" in body["error"]
+        assert call(base, "/readyz") == (200, {"ready": True, "problems": []})
+
+        taken = socket.socket()
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        try:
+            with pytest.raises(ConfigError, match="cannot serve on"):
+                agent.reload(config(port=taken.getsockname()[1]))
+        finally:
+            taken.close()
+        host, port = agent.http.address  # the running settings, serving again
+        assert call(f"http://{host}:{port}", "/healthz") == (200, {"status": "alive"})
+        assert call(f"http://{host}:{port}", "/v1/models/m:predict", raw=b"x" * 2000)[0] == 413
+
+        assert agent.reload(config(enabled=False)) == ["http off"]
+        assert agent.http is None
+    finally:
+        agent.shutdown()

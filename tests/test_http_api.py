@@ -1,0 +1,114 @@
+"""The HTTP API as a pure request -> response layer (edge_agent.http.api),
+without a socket: the collaborators the agent hands it are plain fakes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from edge_agent.http.api import Api, ApiError, Request, Response
+from edge_agent.http.metrics import AgentStats, SourceStats
+
+
+class FakeModels:
+    """The manager's reads, for one model ``m`` with version 1 installed, not loaded."""
+
+    def __init__(self) -> None:
+        self.broken = False
+
+    def status(self) -> dict[str, Any]:
+        if self.broken:
+            raise RuntimeError("store gone")
+        return {"m": {"versions": [1], "labels": {}, "loaded": [], "failed": {}}}
+
+    def model_stats(self) -> dict[str, dict[str, Any]]:
+        return {"m": {"version": None}}
+
+    def acquire(self, name: str, label: str | None = None, version: int | None = None) -> Any:
+        raise AssertionError("no request here reaches a model")
+
+
+def make_api(mqtt: bool | None = None) -> tuple[Api, FakeModels]:
+    models = FakeModels()
+    stats = AgentStats(device_id="dev", sources=[SourceStats("cam", frames=5, errors=1, captured=9, skipped=3,
+                                                             up=True)], mqtt_connected=mqtt)
+    return Api(models, ready=lambda: (False, ["model m: no version loaded"]), stats=lambda: stats), models
+
+
+def get(api: Api, method: str, target: str, body: bytes | None = None) -> tuple[Response, list[int]]:
+    reads: list[int] = []
+
+    def read() -> bytes:
+        reads.append(1)
+        if body is None:
+            raise ApiError(411, "a Content-Length header is required")
+        return body
+
+    return api.handle(Request(method, target, {}, read)), reads
+
+
+def test_health_readiness_and_status_answer_as_json() -> None:
+    api, _ = make_api()
+    resp, _ = get(api, "GET", "/healthz")
+    assert (resp.status, resp.headers, resp.body) == (200, (("Content-Type", "application/json"),),
+                                                      b'{"status":"alive"}')
+    resp, _ = get(api, "GET", "/readyz")
+    assert (resp.status, resp.body) == (503, b'{"ready":false,"problems":["model m: no version loaded"]}')
+    resp, _ = get(api, "GET", "/v1/models/m?x=1")
+    assert resp.status == 200 and resp.body == (b'{"model_version_status":[{"version":"1","state":"END",'
+                                                b'"status":{"error_code":"OK","error_message":""}}]}')
+    resp, _ = get(api, "GET", "/v1/models/%6D/versions/2")  # the path is percent-decoded
+    assert (resp.status, resp.body) == (404, b"{\"error\":\"model 'm' has no version 2\"}")
+
+
+def test_a_refused_request_never_reads_its_body() -> None:
+    api, _ = make_api()
+    for method, target, status in (("POST", "/healthz", 405), ("POST", "/v1/models/m", 405),
+                                   ("GET", "/v1/models/m:predict", 405), ("POST", "/v2/x", 404)):
+        resp, reads = get(api, method, target, b"{}")
+        assert resp.status == status and reads == [], (method, target)
+
+
+def test_a_body_that_cannot_be_read_is_the_answer_and_counted() -> None:
+    api, _ = make_api()
+    resp, reads = get(api, "POST", "/v1/models/m:predict")
+    assert reads == [1] and (resp.status, resp.body) == (411, b'{"error":"a Content-Length header is required"}')
+    resp, _ = get(api, "POST", "/v1/models/m:predict", b"{nope")
+    assert resp.status == 400 and b"not valid JSON" in resp.body
+    text = get(api, "GET", "/metrics")[0].body.decode()
+    assert 'edge_agent_http_requests_total{code="411",endpoint="predict"} 1.0' in text
+    assert 'edge_agent_http_requests_total{code="400",endpoint="predict"} 1.0' in text
+    assert 'edge_agent_http_predict_seconds_count{model="m"} 2.0' in text
+
+
+def test_a_bug_answers_500_and_is_counted() -> None:
+    api, models = make_api()
+    models.broken = True
+    resp, _ = get(api, "GET", "/v1/models/m")
+    assert (resp.status, resp.body) == (500, b'{"error":"internal error: RuntimeError: store gone"}')
+    models.broken = False
+    text = get(api, "GET", "/metrics")[0].body.decode()
+    assert 'edge_agent_http_requests_total{code="500",endpoint="status"} 1.0' in text
+
+
+def test_metrics_read_the_stats_callable_at_each_scrape() -> None:
+    from edge_agent import __version__
+
+    for mqtt, line in ((True, "edge_agent_mqtt_connected 1.0"), (False, "edge_agent_mqtt_connected 0.0"),
+                       (None, None)):
+        api, _ = make_api(mqtt)
+        resp, _ = get(api, "GET", "/metrics")
+        assert resp.status == 200 and resp.headers[0][0] == "Content-Type" and "text/plain" in resp.headers[0][1]
+        text = resp.body.decode()
+        assert f'edge_agent_info{{device_id="dev",version="{__version__}"}} 1.0' in text
+        for sample in ('edge_agent_source_frames_total{source="cam"} 5.0',
+                       'edge_agent_source_errors_total{source="cam"} 1.0',
+                       'edge_agent_source_captured_frames_total{source="cam"} 9.0',
+                       'edge_agent_source_skipped_frames_total{source="cam"} 3.0',
+                       'edge_agent_source_up{source="cam"} 1.0',
+                       'edge_agent_model_active_version{model="m"} 0.0',
+                       'edge_agent_model_loaded_versions{model="m"} 0.0'):
+            assert sample in text, sample
+        if line is None:
+            assert "edge_agent_mqtt_connected" not in text
+        else:
+            assert line in text
