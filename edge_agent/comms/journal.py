@@ -145,7 +145,10 @@ class CommandJournal:
         self._recovered = False
         self._resent = False
         self._awaiting: set[str] = set()  # replies written down here and not yet delivered
-        self._delivered: set[str] = set()  # delivered, to be written down with the next write
+        self._delivered: set[str] = set()  # delivered, not yet written down (see delivered())
+        self._flush_wanted = threading.Event()
+        self._flusher: threading.Thread | None = None
+        self._closed = False
         self._finished = 0
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -274,14 +277,40 @@ class CommandJournal:
 
     def delivered(self, cmd_id: str) -> None:
         """The reply of ``cmd_id`` reached the broker (or the spool). Written
-        down with the journal's next write, or at :meth:`close`, so that
-        delivering costs no disk write of its own: a crash before then sends
-        the reply once more at the next start. Any thread (paho's network
-        thread calls it); ids the journal does not await are ignored."""
+        down moments later by a thread of the journal (those delivered
+        meanwhile in one transaction; also with any other write, and at
+        :meth:`close`), so paho's network thread, which calls this, never
+        waits for the disk; a crash in between sends the reply once more at
+        the next start. Ids the journal does not await are ignored."""
         with self._lock:
-            if cmd_id in self._awaiting:
-                self._awaiting.discard(cmd_id)
-                self._delivered.add(cmd_id)
+            if cmd_id not in self._awaiting or self._closed:
+                return
+            self._awaiting.discard(cmd_id)
+            self._delivered.add(cmd_id)
+            if self._flusher is None:
+                self._flusher = threading.Thread(target=self._flush_loop, name="journal-flush", daemon=True)
+                self._flusher.start()
+        self._flush_wanted.set()
+
+    _FLUSH_BATCH_S = 0.05  # deliveries gathered into one write
+
+    def _flush_loop(self) -> None:
+        while True:
+            self._flush_wanted.wait()
+            with self._lock:
+                if self._closed:
+                    return
+            time.sleep(self._FLUSH_BATCH_S)
+            self._flush_wanted.clear()
+            with self._lock:
+                if self._closed:
+                    return
+                if not self._delivered:
+                    continue
+                try:
+                    self._write(lambda: None, "cannot record which replies were delivered")
+                except EdgeAgentError as exc:
+                    log.warning("command journal: %s", exc)  # kept in memory: the next write tries again
 
     def wait(self, cmd_id: str, callback: Callable[[dict[str, Any]], None]) -> bool:
         """Call ``callback(reply)`` when command ``cmd_id``, still running in
@@ -412,6 +441,7 @@ class CommandJournal:
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             if self._delivered:
                 try:
                     self._write(lambda: None, "cannot record which replies were delivered")
@@ -421,6 +451,7 @@ class CommandJournal:
                 self._db.close()
             except sqlite3.Error as exc:  # pragma: no cover - close rarely fails
                 log.warning("closing the command journal %s: %s", self.path, exc)
+        self._flush_wanted.set()  # the flusher sees _closed and ends
 
     # -- internals ------------------------------------------------------------------
 
