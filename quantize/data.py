@@ -26,9 +26,9 @@ import cv2
 import numpy as np
 from onnxruntime.quantization import CalibrationDataReader
 
+from edge_agent.images import is_image, read_image
 from edge_agent.bundles.manifest import Preprocessing, TensorSpec
 from edge_agent.preprocess import Preprocessor
-from edge_agent.sources import IMAGE_SUFFIXES
 from quantize.errors import QuantizeInputError
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ def _label_index(name: str, labels: Sequence[str] | None) -> int:
 
 
 def _read_image(path: Path, skipped: list[str]) -> np.ndarray | None:
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    image = read_image(path)
     if image is None:
         skipped.append(path.name)
         log.warning("skipping %s: not a readable image", path)
@@ -98,14 +98,14 @@ def load_samples(
     skipped: list[str] = []
     samples: list[Sample] = []
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        files = sorted(p for p in path.iterdir() if p.is_file() and is_image(p))
         classes = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
         if files and classes:
             raise QuantizeInputError(f"{path}: mixes images and class folders; use one or the other")
         if classes:
             for folder in classes:
                 index = _label_index(folder.name, labels)
-                for f in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+                for f in sorted(p for p in folder.iterdir() if is_image(p)):
                     image = _read_image(f, skipped)
                     if image is not None:
                         samples.append(Sample(f"{folder.name}/{f.name}", image, index))

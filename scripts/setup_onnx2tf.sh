@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create the ONNX -> TFLite converter environment used by `edge-agent quantize`
-# for its int8 TFLite artifacts (quantize/tflite.py).
+# for its int8 TFLite artifacts (quantize/tflite/; its worker, quantize/tflite/worker.py, runs here).
 #
 # onnx2tf 2.x needs Python >= 3.12 and hard-pins numpy, onnxruntime, psutil and
 # a non-headless OpenCV that clash with the agent's own environment, so it

@@ -468,14 +468,14 @@ def test_report_to_dict_is_json_and_complete() -> None:
 def test_invalid_result_is_reported_as_a_bug() -> None:
     """The final check (strict shape inference + full checker) turns an
     inconsistent graph into a QuantizeError (exit 1), never a silent bad model."""
-    from quantize.prune import _reinfer
+    from quantize.prune.check import reinfer
 
     model = chain_model()
     w = weights(model)
     w["b.w"] = w["b.w"][:, :8]  # b now expects 8 input channels, a still makes 16
     set_weights(model, w)
     with pytest.raises(QuantizeError) as err:
-        _reinfer(model)
+        reinfer(model)
     assert err.value.exit_code == 1 and "bug" in str(err.value)
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -211,6 +213,17 @@ def test_empty_or_unusable_calibration_is_a_usage_error(tmp_path: Path) -> None:
     (tmp_path / "bad" / "x.jpg").write_bytes(b"garbage")
     with pytest.raises(QuantizeInputError, match="1 unreadable"):
         load_samples(tmp_path / "bad")
+
+
+def test_the_quantizer_imports_without_camera_or_mqtt_code() -> None:
+    """The quantizer runs on a workstation: importing it must not pull in the agent's frame sources (cameras,
+    streams) or its MQTT side, which it has no use for."""
+    code = (
+        "import sys, quantize.pipeline, quantize.data, quantize.tflite, quantize.prune;"
+        "print(sorted(m for m in sys.modules if m.startswith(('edge_agent.sources', 'edge_agent.comms', 'paho'))))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO).stdout
+    assert out.strip() == "[]", out
 
 
 def _cli(*args: str):

@@ -1,4 +1,4 @@
-"""int8 TFLite through onnx2tf in its own environment (quantize/tflite.py).
+"""int8 TFLite through onnx2tf in its own environment (quantize/tflite/).
 
 The device runs full-integer TFLite models through LiteRT, so what matters is
 that the file really is int8 in and out, holds only builtin ops (a Flex op
@@ -14,8 +14,10 @@ run takes well under a minute (the first about three).
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -27,6 +29,7 @@ from edge_agent.preprocess import Preprocessor
 from quantize import tflite
 from quantize.data import make_views
 from quantize.errors import QuantizeError, QuantizeInputError
+from quantize.tflite import worker
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -182,6 +185,55 @@ def test_flex_and_custom_ops_are_refused_by_name() -> None:
     assert "FlexErf" in str(info.value) and "TFLite_Detection_PostProcess" in str(info.value)
     assert info.value.code == "unsupported_ops"
     assert tflite.forbidden_ops(["CUSTOM", "ADD"]) == ["CUSTOM"]
+
+
+def test_worker_is_standalone() -> None:
+    """The worker runs in the converter env, where nothing of edge-agent is installed: at module level it may import
+    only the standard library and numpy (TensorFlow and friends only inside the steps), and nothing of ours at all."""
+    import ast
+
+    tree = ast.parse(Path(worker.__file__).read_text())
+    top = {alias.name.split(".")[0] for node in tree.body if isinstance(node, ast.Import) for alias in node.names}
+    top |= {node.module.split(".")[0] for node in tree.body if isinstance(node, ast.ImportFrom) and node.module}
+    assert top - set(sys.stdlib_module_names) == {"numpy"}, top
+    anywhere = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    anywhere |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+    assert not anywhere & {"edge_agent", "quantize", "pydantic", "click"}, anywhere
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="python -P needs 3.11 (the converter env has >= 3.12)")
+def test_worker_answers_in_json_lines_and_keeps_stdout_for_them(tmp_path: Path) -> None:
+    """Started the way the converter starts it (here with this environment's python, which is enough without a
+    model), the worker replies on stdout in JSON lines only, refuses work before ``prepare`` with a code, and
+    ends on ``exit``."""
+    from quantize.tflite.session import worker_command, worker_environment
+
+    requests = [{"cmd": "quantize", "out": str(tmp_path / "x.tflite")}, {"cmd": "exit"}]
+    done = subprocess.run(
+        worker_command(sys.executable), input="".join(json.dumps(r) + "\n" for r in requests),
+        capture_output=True, text=True, env=worker_environment(), cwd=tmp_path, timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert [json.loads(line) for line in done.stdout.splitlines()] == [
+        {"ok": False, "error": "no model prepared", "code": "conversion_failed"},
+    ]
+
+
+def test_worker_names_layers_like_the_quantization_debugger() -> None:
+    """``float_nodes`` take the names QuantizationDebugger gives: the NumericVerify tensor's name without its prefix,
+    its trailing digit and its index."""
+    assert worker.verified_layer("NumericVerify/model/conv_1;Conv2D1:42") == "model/conv_1;Conv2D"
+    assert worker.verified_layer("NumericVerify/logits:7") == "logits"
+
+
+def test_worker_sensitivity_score_is_the_kl_divergence_of_the_softmax() -> None:
+    """Isolation sensitivity ranks layers by KL(fp32 || candidate): zero for the same outputs, larger the more the
+    candidate's probabilities move."""
+    ref = np.array([[2.0, 0.5, -1.0], [0.0, 3.0, 1.0]])
+    assert worker.kl(ref, ref) == pytest.approx(0.0, abs=1e-12)
+    assert worker.kl(ref, ref + 5.0) == pytest.approx(0.0, abs=1e-12)
+    near, far = worker.kl(ref, ref * 0.9), worker.kl(ref, ref[:, ::-1])
+    assert 0 < near < far
 
 
 # ---------------------------------------------------------------- real converter

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 from edge_agent.config import SourceConfig
 from edge_agent.errors import SourceError
+from edge_agent.images import IMAGE_SUFFIXES, is_image, read_image
 from edge_agent.sources.base import FrameSource, log
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
 
 class FolderSource(FrameSource):
@@ -26,7 +24,7 @@ class FolderSource(FrameSource):
 
     def _open(self) -> None:
         try:
-            self._files = sorted(p for p in self.folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            self._files = sorted(p for p in self.folder.iterdir() if is_image(p))
         except OSError as exc:
             raise SourceError(f"cannot list {self.folder}: {exc.strerror}") from None
         if not self._files:
@@ -37,7 +35,7 @@ class FolderSource(FrameSource):
         while self._pos < len(self._files):
             path = self._files[self._pos]
             self._pos += 1
-            image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+            image = read_image(path)
             if image is not None:
                 return image
             self._error(f"unreadable image {path.name}")
