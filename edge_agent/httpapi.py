@@ -55,7 +55,8 @@ from edge_agent.errors import EdgeAgentError, ModelNotAvailable
 
 if TYPE_CHECKING:
     from edge_agent.config import AgentConfig
-    from edge_agent.models.manager import LoadedModel, ModelManager
+    from edge_agent.models.manager import ModelManager
+    from edge_agent.models.servable import LoadedModel
 
 
 class Agent(Protocol):

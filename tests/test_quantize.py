@@ -18,7 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 from edge_agent.bundle import open_bundle
 from edge_agent.cli import main
 from edge_agent.config import ModelConfig
-from edge_agent.models.manager import LoadedModel
+from edge_agent.models.servable import LoadedModel
 from edge_agent.testing import tiny_onnx_classifier
 from edge_agent.manifest import Preprocessing
 from quantize.data import Sample, TensorReader, load_samples, make_views
