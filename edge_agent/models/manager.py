@@ -96,8 +96,8 @@ class ModelManager:
     ``trusted_keys``: public key files; when given, every bundle must be signed
     by one of them (checked at install and again at every load).
     ``on_event``: called with each lifecycle event (activated, rolled back, ...).
-    ``memory_available``: bytes of free memory (psutil by default), used by
-    ``swap = "auto"``.
+    ``memory_available``: bytes of free memory (psutil by default), measured
+    at each swap for ``swap = "auto"`` (see :func:`policy.swap_mode`).
     """
 
     def __init__(
@@ -654,21 +654,23 @@ class ModelManager:
             raise out["error"]
         return out["model"]
 
-    def _memory_short(self, slot: Slot, version: int) -> bool:
-        """Is free memory too small to hold the new version beside the old?"""
-        if slot.cfg.swap != "auto":
-            return slot.cfg.swap == "resource"
+    def _free_memory(self) -> int:
+        """Bytes of memory available now (``memory_available``, else psutil)."""
         if self._memory_available is not None:
-            available = self._memory_available()
-        else:
-            import psutil
+            return self._memory_available()
+        import psutil
 
-            available = psutil.virtual_memory().available
-        path = self.store.path(slot.cfg.name, version)
-        size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-        # A runtime holds the weights (once or twice while it optimises the
-        # graph) plus arenas; 3x the bundle plus 64 MB of headroom is safe.
-        return available < 3 * size + (64 << 20)
+        return psutil.virtual_memory().available
+
+    def _swap_mode(self, slot: Slot, version: int, serving: bool) -> policy.SwapMode:
+        """:func:`policy.swap_mode`, measured: free memory and the version's
+        size are read only when ``swap = "auto"`` has something to unload."""
+        setting = slot.cfg.swap
+        if setting != "auto" or not serving:
+            return policy.swap_mode(setting, serving=serving)
+        return policy.swap_mode(
+            setting, serving=True, free_bytes=self._free_memory(), model_bytes=self.store.size(slot.cfg.name, version)
+        )
 
     def _swap(self, slot: Slot, version: int, progress: Callable[..., None] | None = None) -> Swap:
         """Load ``version`` (and, in resource-preserving mode, unload the one
@@ -677,8 +679,7 @@ class ModelManager:
         t0 = time.monotonic()
         with self._cond:
             old = slot.serving
-        resource = old is not None and self._memory_short(slot, version)
-        if not resource:
+        if self._swap_mode(slot, version, serving=old is not None) == "availability":
             new = slot.loaded.get(version)
             if new is None:
                 if progress:
@@ -690,6 +691,7 @@ class ModelManager:
         # frames in flight, close it, then load the new one, unless it is
         # loaded already (kept by a deploy, or by the policy): then it only
         # has to switch. Frames wait.
+        assert old is not None  # resource only when something serves
         with self._cond:
             new = slot.loaded.get(version)
             slot.gap_since = time.monotonic()
