@@ -359,6 +359,26 @@ class ModelManager:
 
     # -- transactions ------------------------------------------------------
 
+    @contextmanager
+    def transaction(self, name: str) -> Iterator[None]:
+        """A block of steps on model ``name`` that no other transaction may
+        come between: a deploy's install, or its load, activation and, on a
+        failure, cleanup.
+
+        Raises ``unknown_model`` (a :class:`StoreError`) before the block when
+        ``name`` is not configured. For the block's duration the calling
+        thread holds the transaction lock: no other activation, rollback,
+        removal, label change, garbage collection or probation verdict, of
+        any model, runs; the manager's own methods called inside (``activate``,
+        ``set_label``, ``collect``, ...) take it again without waiting. Frames
+        are served meanwhile (``acquire`` never waits for it). The block does
+        not make its steps atomic: each method keeps its own guarantee, and
+        undoing a failed step is the caller's (:meth:`reject_installed`).
+        """
+        self._slot(name)
+        with self._tx:
+            yield
+
     def activate(self, name: str, version: int, *, reason: str = "activate", probation: bool = True,
                  progress: Callable[..., None] | None = None) -> dict[str, Any]:
         """Make ``version`` the active one: load and check it while the current
