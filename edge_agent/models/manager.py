@@ -11,6 +11,33 @@ Every change of what serves (start, activate, rollback, labels, remove) is a
 version while the old one serves, write the state file (atomically), switch
 in memory, retire the old version. A failure before the switch leaves the old
 version serving and the state file untouched. See docs/lifecycle.md.
+
+What lives elsewhere: the loaded version itself (:mod:`.servable`), which
+version serves and how to swap it in (:mod:`.policy`, pure functions), the
+probation verdict and its thread (:mod:`.probation`), the state file
+(:mod:`.state`) and the directories (:mod:`.store`).
+
+Ownership and thread-safety:
+
+* The manager owns its slots (one :class:`Slot` per configured model) and
+  every :class:`LoadedModel` in them; nothing outside reads or changes a
+  slot. A frame holds a model only between :meth:`ModelManager.acquire` and
+  the release at the end of its ``with`` block.
+* ``_tx`` (a re-entrant lock) serialises the transactions: start, stop,
+  activate, rollback, remove, set_label, collect, reject_installed, a
+  probation verdict, and a caller's :meth:`ModelManager.transaction` block.
+  A slot's ``state`` (the state file's record, its probation and that
+  probation's watch included) is changed only while holding it. Loading a
+  version happens inside a transaction, while frames are served.
+* ``_cond`` (a condition, never held across a load or a file write) guards
+  what frames read and change: a slot's ``serving``, ``loaded`` and
+  ``gap_since``, and each model's ``refs`` and ``retired``. Frames wait on it
+  during a resource-preserving swap's gap; a transaction waits on it for
+  frames in flight. Lock order: ``_tx`` before ``_cond``, never the reverse.
+* Reads without ``_tx`` (``status``, the probation supervisor's judging, the
+  version a label picks) see a whole state object or its predecessor; the
+  supervisor acts on a verdict only inside a transaction, and only if the
+  probation it judged is still the one recorded.
 """
 
 from __future__ import annotations
@@ -30,8 +57,9 @@ from edge_agent.config import ModelConfig
 from edge_agent.errors import BundleError, EdgeAgentError, ModelNotAvailable
 from edge_agent.faults import checkpoint
 from edge_agent.models import policy
+from edge_agent.models.probation import Supervisor, baseline_ms, judge
 from edge_agent.models.servable import LoadedModel, close_in_background, lower_priority
-from edge_agent.models.state import ModelState, Probation
+from edge_agent.models.state import ModelState, Probation, Watch
 from edge_agent.models.store import ModelStore, StoreError, installed_as
 
 log = logging.getLogger(__name__)
@@ -39,32 +67,19 @@ log = logging.getLogger(__name__)
 EventSink = Callable[[dict[str, Any]], None]
 
 ACQUIRE_TIMEOUT_S = 30.0  # longest a frame waits for a model during a resource-preserving swap
-BASELINE_MIN_FRAMES = 10
-PROBATION_MIN_FRAMES = 10  # frames before the latency of a new version is judged
-# A regression must also be this large in absolute terms: sub-millisecond
-# models jitter by several times their own run time on a busy CPU.
-LATENCY_SLACK_MS = 1.0
-
-
-@dataclass
-class ProbationRun:
-    version: int
-    started: float  # monotonic
-    baseline_ms: float | None
-    frames0: int
-    errors0: int
 
 
 @dataclass
 class Slot:
-    """Everything the manager holds for one model name."""
+    """Everything the manager holds for one model name (``state`` changed
+    under the manager's ``_tx``; ``serving``, ``loaded`` and ``gap_since``
+    under its ``_cond``, see the module docstring)."""
 
     cfg: ModelConfig
     policy: policy.Policy
     state: ModelState = field(default_factory=ModelState)
     serving: LoadedModel | None = None
     loaded: dict[int, LoadedModel] = field(default_factory=dict)
-    probation: ProbationRun | None = None
     gap_since: float | None = None  # set while a resource-preserving swap has nothing serving
 
 
@@ -93,6 +108,9 @@ def _policy_of(cfg: ModelConfig) -> policy.Policy:
 class ModelManager:
     """Owns the loaded models and every transaction on them.
 
+    Every public method may be called from any thread (see the module
+    docstring for the locks); ``acquire`` never waits for a transaction.
+
     ``trusted_keys``: public key files; when given, every bundle must be signed
     by one of them (checked at install and again at every load).
     ``on_event``: called with each lifecycle event (activated, rolled back, ...).
@@ -119,12 +137,7 @@ class ModelManager:
         self._tx = threading.RLock()
         self._slots: dict[str, Slot] = {c.name: Slot(cfg=c, policy=_policy_of(c)) for c in configs}
         self._stop = threading.Event()
-        self._supervisor: threading.Thread | None = None
-        self._interval = supervise_interval_s
-        # Set when a probation starts (or at stop): with nothing on probation
-        # the supervisor sleeps instead of polling (hundreds of idle agents
-        # on one machine, or one on a Pi, should not wake 10 times a second).
-        self._wake = threading.Event()
+        self._supervisor = Supervisor(self._watching, self._check_probations, supervise_interval_s)
         # Off for the offline `models` CLI: with no frames flowing there is
         # nothing to judge, and the operator chose the version.
         self.probation_enabled = probation
@@ -154,7 +167,6 @@ class ModelManager:
                 if not require and not self.store.versions(slot.cfg.name) and slot.cfg.bundle is None:
                     continue
                 self._start_model(slot)
-        self._supervisor = threading.Thread(target=self._supervise, name="model-supervisor", daemon=True)
         self._supervisor.start()
 
     def _start_model(self, slot: Slot) -> None:
@@ -223,8 +235,8 @@ class ModelManager:
             slot.serving = serving
             slot.loaded[serving.version] = serving
             if state.probation is not None:
-                slot.probation = ProbationRun(serving.version, time.monotonic(), None, 0, 0)
-                self._wake.set()
+                state.probation.watch = Watch(time.monotonic(), None, 0, 0)
+                self._supervisor.wake()
         self._reconcile(slot)
         # What crashed or failed deploys left behind (versions installed and
         # never activated, versions failed on the way back from a probation).
@@ -240,9 +252,7 @@ class ModelManager:
 
     def stop(self) -> None:
         self._stop.set()
-        self._wake.set()
-        if self._supervisor is not None:
-            self._supervisor.join(timeout=5.0)
+        self._supervisor.stop()
         with self._tx:
             for slot in self._slots.values():
                 if slot.state.probation is not None:
@@ -324,7 +334,7 @@ class ModelManager:
                 serving = slot.serving
                 loaded = sorted(slot.loaded)
                 state = slot.state.model_copy(deep=True)
-                probation = slot.probation
+            watch = state.probation.watch if state.probation is not None else None
             out[name] = {
                 "active": serving.version if serving else state.active,
                 "versions": self.store.versions(name),
@@ -332,9 +342,9 @@ class ModelManager:
                 "runtime": serving.manifest.runtime if serving else None,
                 "last_good": state.last_good,
                 "loaded": loaded,
-                "probation": None if probation is None else {
-                    "version": probation.version,
-                    "elapsed_s": round(time.monotonic() - probation.started, 3),
+                "probation": None if state.probation is None or watch is None else {
+                    "version": state.probation.version,
+                    "elapsed_s": round(time.monotonic() - watch.started, 3),
                 },
                 "failed": {str(k): v for k, v in state.failed.items()},
             }
@@ -400,7 +410,7 @@ class ModelManager:
             previous = current.version if current is not None else slot.state.active
             swap = self._swap(slot, version, progress=progress)
             before = slot.state.model_copy(deep=True)
-            superseded = self._clear_probation(slot)  # no verdict: another version takes over
+            slot.state.probation = None  # no verdict: another version takes over
             state = slot.state
             state.active = version
             state.failed.pop(version, None)
@@ -411,13 +421,14 @@ class ModelManager:
                 state.last_good = version
             state.record("activated", version, reason=reason, previous=previous)
             checkpoint("activate_before_state")
-            self._save_swap(slot, swap, before, superseded)
+            self._save_swap(slot, swap, before)
             checkpoint("activate_after_state")
             self._commit_swap(slot, swap)
             if start_probation:
-                baseline = self._baseline(swap.old)
-                slot.probation = ProbationRun(version, time.monotonic(), baseline, *self._counts(slot, version))
-                self._wake.set()
+                assert state.probation is not None
+                frames, errors, _ = swap.new.stats.snapshot()
+                state.probation.watch = Watch(time.monotonic(), baseline_ms(swap.old), frames, errors)
+                self._supervisor.wake()
             self._reconcile(slot)
             if not start_probation:
                 self._collect(slot, "collected after an activation")
@@ -437,13 +448,13 @@ class ModelManager:
                 raise StoreError(f"model {name}: no earlier good version to roll back to", code="no_rollback_target")
             swap = self._swap(slot, target)
             before = slot.state.model_copy(deep=True)
-            superseded = self._clear_probation(slot)
+            slot.state.probation = None
             if active is not None and reason != "rollback requested":
                 state.failed[active] = reason
             state.active = target
             state.last_good = target
             state.record("rolled_back", active, reason=reason, to=target)
-            self._save_swap(slot, swap, before, superseded)
+            self._save_swap(slot, swap, before)
             self._commit_swap(slot, swap)
             self._reconcile(slot)
             self._event("rolled_back", name, active, to=target, reason=reason, mode=swap.mode, gap_ms=swap.gap_ms)
@@ -741,25 +752,17 @@ class ModelManager:
             slot.gap_since = None
             self._cond.notify_all()
 
-    @staticmethod
-    def _clear_probation(slot: Slot) -> ProbationRun | None:
-        """End a probation without a verdict (the caller saves the state);
-        returns it, so a transaction that fails can put it back."""
-        run, slot.probation = slot.probation, None
-        slot.state.probation = None
-        return run
-
-    def _save_swap(self, slot: Slot, swap: Swap, before: ModelState, probation: ProbationRun | None = None) -> None:
+    def _save_swap(self, slot: Slot, swap: Swap, before: ModelState) -> None:
         """Write the state of a swap :meth:`_swap` prepared. If that fails (a
-        full disk), undo the swap: the state is what it was (a probation the
-        swap ended runs on), the version that served before serves again
+        full disk), undo the swap: the state is ``before`` (a copy taken
+        before the swap changed it: a probation the swap ended runs on, its
+        watch with it), the version that served before serves again
         (reloaded if a resource-preserving swap had closed it), and the new
         one is closed unless something else keeps it loaded."""
         try:
             self._save(slot)
         except BaseException:
             slot.state = before
-            slot.probation = probation
             with self._cond:
                 kept = slot.loaded.get(swap.new.version) is swap.new
             if swap.mode == "resource":
@@ -808,77 +811,61 @@ class ModelManager:
         for version in have - want:
             self._retire(slot, version)
 
-    def _counts(self, slot: Slot, version: int) -> tuple[int, int]:
-        model = slot.loaded[version]
-        frames, errors, _ = model.stats.snapshot()
-        return frames, errors
-
-    @staticmethod
-    def _baseline(old: LoadedModel | None) -> float | None:
-        if old is None:
-            return None
-        _, _, times = old.stats.snapshot()
-        if len(times) >= BASELINE_MIN_FRAMES:
-            return statistics.median(times)
-        return old.warm_ms or None
-
     # -- probation ---------------------------------------------------------
 
-    def _supervise(self) -> None:
-        while not self._stop.is_set():
-            if not any(slot.probation is not None for slot in list(self._slots.values())):
-                self._wake.wait()
-                self._wake.clear()
-                continue
-            if self._stop.wait(self._interval):
-                break
-            for slot in list(self._slots.values()):
-                try:
-                    self._check_probation(slot)
-                except Exception:
-                    log.exception("model %s: probation check failed", slot.cfg.name)
+    @staticmethod
+    def _watched(slot: Slot) -> Probation | None:
+        """The probation of ``slot`` the supervisor judges: recorded and
+        watched in this process (read without a lock: one reference each)."""
+        record = slot.state.probation
+        return record if record is not None and record.watch is not None else None
+
+    def _watching(self) -> bool:
+        return any(self._watched(slot) is not None for slot in list(self._slots.values()))
+
+    def _check_probations(self) -> None:
+        """The supervisor's check (on its thread): each model's probation."""
+        for slot in list(self._slots.values()):
+            try:
+                self._check_probation(slot)
+            except Exception:
+                log.exception("model %s: probation check failed", slot.cfg.name)
 
     def _check_probation(self, slot: Slot) -> None:
-        run = slot.probation
-        if run is None:
+        """Judge the watched probation of ``slot`` (outside the transaction
+        lock) and act on a verdict inside it, if the probation judged is
+        still the one recorded: a transaction may have ended or replaced it
+        meanwhile."""
+        record = slot.state.probation
+        watch = record.watch if record is not None else None
+        if record is None or watch is None:
             return
-        model = slot.loaded.get(run.version)
+        model = slot.loaded.get(record.version)
         if model is None:
             return
-        frames, errors, times = model.stats.snapshot()
-        frames -= run.frames0
-        errors -= run.errors0
-        cfg = slot.cfg
-        elapsed = time.monotonic() - run.started
-        verdict = None
-        if errors >= cfg.probation_max_errors:
-            verdict = f"{errors} inference error(s) during probation"
-        elif run.baseline_ms and frames >= PROBATION_MIN_FRAMES:
-            recent = times[-frames:] if frames <= len(times) else times
-            median = statistics.median(recent)
-            if median > cfg.max_latency_factor * run.baseline_ms and median - run.baseline_ms > LATENCY_SLACK_MS:
-                verdict = (
-                    f"latency regression: median {median:.1f} ms against {run.baseline_ms:.1f} ms before "
-                    f"(more than {cfg.max_latency_factor:g}x)"
-                )
-        if verdict is not None:
-            with self._tx:
-                if slot.probation is run:
-                    self._event("probation_failed", cfg.name, run.version, reason=verdict, frames=frames, errors=errors)
-                    try:
-                        self.rollback(cfg.name, reason=verdict)
-                    except EdgeAgentError as exc:
-                        log.error("model %s: automatic rollback failed: %s", cfg.name, exc)
-                        slot.probation = None
+        verdict = judge(slot.cfg, watch, model.stats.snapshot(), time.monotonic())
+        if verdict is None:
             return
-        if frames >= cfg.probation_frames or elapsed >= cfg.probation_s:
-            with self._tx:
-                if slot.probation is run:
-                    self._pass_probation(slot, frames=frames, elapsed=elapsed)
+        name = slot.cfg.name
+        with self._tx:
+            if slot.state.probation is not record or record.watch is not watch:
+                return
+            if verdict.passed:
+                self._pass_probation(slot, frames=verdict.frames, elapsed=verdict.elapsed)
+                return
+            self._event("probation_failed", name, record.version, reason=verdict.reason, frames=verdict.frames,
+                        errors=verdict.errors)
+            try:
+                self.rollback(name, reason=verdict.reason or "probation failed")
+            except EdgeAgentError as exc:
+                log.error("model %s: automatic rollback failed: %s", name, exc)
+                # Stop judging (the state keeps the record: the next start decides).
+                if slot.state.probation is not None:
+                    slot.state.probation.watch = None
 
     def _pass_probation(self, slot: Slot, *, frames: int, elapsed: float) -> None:
         """The version on probation passed: it becomes the last good one."""
-        run = self._clear_probation(slot)
+        run, slot.state.probation = slot.state.probation, None
         assert run is not None
         slot.state.last_good = run.version
         slot.state.record("probation_passed", run.version, frames=frames, seconds=round(elapsed, 2))
