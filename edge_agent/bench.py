@@ -117,7 +117,7 @@ def _measured(load: Callable[[], Any]) -> tuple[Any, float, float]:
 def _bundle_candidate(path: Path, threads: int, image: np.ndarray | None, workdir: Path | None) -> Candidate:
     from edge_agent.bundles import open_bundle
     from edge_agent.config import ModelConfig
-    from edge_agent.models.manager import LoadedModel
+    from edge_agent.models.servable import LoadedModel
 
     with open_bundle(path, workdir=workdir) as bundle:
         m = bundle.manifest

@@ -4,7 +4,7 @@ component (and users' own tests) can use the same ones.
 * :class:`SlowRuntime` wraps a real :class:`~edge_agent.runtimes.Runtime` and
   sleeps a fixed time in every inference: a stand-in for a slow device, to
   exercise frame skipping and rate limits with real outputs.
-* :func:`slowed` returns a copy of a :class:`~edge_agent.models.manager.LoadedModel`
+* :func:`slowed` returns a copy of a :class:`~edge_agent.models.servable.LoadedModel`
   whose runtime is a :class:`SlowRuntime`.
 * :class:`StaticModels` hands out fixed loaded models through the same
   ``acquire(name)`` context manager as :class:`~edge_agent.models.manager.ModelManager`,
@@ -37,7 +37,7 @@ from edge_agent.errors import ModelNotAvailable
 from edge_agent.runtimes import Runtime
 
 if TYPE_CHECKING:
-    from edge_agent.models.manager import LoadedModel
+    from edge_agent.models.servable import LoadedModel
 
 
 class SlowRuntime(Runtime):

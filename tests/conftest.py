@@ -89,7 +89,7 @@ def blazeface_bundle(assets: dict[str, Path], tmp_path_factory: pytest.TempPathF
 def _loaded(bundle_path: Path, name: str):
     from edge_agent.bundles import open_bundle
     from edge_agent.config import ModelConfig
-    from edge_agent.models.manager import LoadedModel
+    from edge_agent.models.servable import LoadedModel
 
     with open_bundle(bundle_path) as bundle:
         return LoadedModel.load(bundle, ModelConfig(name=name, threads=2))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from edge_agent.models.policy import Plan, Policy, Snapshot, fallbacks, plan
+from edge_agent.models.policy import Plan, Policy, Snapshot, fallbacks, plan, swap_mode
 
 LATEST1 = Policy()
 LATEST3 = Policy(latest=3)
@@ -62,3 +62,29 @@ def test_plan_is_pure() -> None:
     snap = Snapshot(installed=[1, 2], active=1, labels={"a": 2})
     assert plan(LATEST1, snap) == plan(LATEST1, snap) == Plan(1, (1, 2))
     assert snap.labels == {"a": 2}
+
+
+MB = 1 << 20
+SWAPS = [
+    # setting, serving, free bytes, model bytes -> mode
+    ("auto", False, None, None, "availability"),  # nothing serves: nothing to unload, nothing measured
+    ("resource", False, None, None, "availability"),
+    ("availability", True, None, None, "availability"),  # a fixed setting is followed as it is
+    ("resource", True, None, None, "resource"),
+    ("resource", True, 8 << 30, 10 * MB, "resource"),  # ... even with memory to spare
+    ("auto", True, 8 << 30, 10 * MB, "availability"),
+    ("auto", True, 32 * MB, 0, "resource"),  # less than the 64 MB of headroom
+    ("auto", True, 3 * 10 * MB + 64 * MB, 10 * MB, "availability"),  # exactly enough: 3x the bundle + 64 MB
+    ("auto", True, 3 * 10 * MB + 64 * MB - 1, 10 * MB, "resource"),
+    ("auto", True, 200 * MB, 50 * MB, "resource"),  # 214 MB needed
+]
+
+
+@pytest.mark.parametrize("setting,serving,free,size,mode", SWAPS)
+def test_swap_mode_table(setting, serving, free, size, mode) -> None:
+    assert swap_mode(setting, serving=serving, free_bytes=free, model_bytes=size) == mode
+
+
+def test_auto_swap_needs_the_measurements() -> None:
+    with pytest.raises(ValueError):
+        swap_mode("auto", serving=True, free_bytes=8 << 30)

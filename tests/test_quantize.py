@@ -21,7 +21,7 @@ from edge_agent.bundles import open_bundle
 from edge_agent.bundles.manifest import Preprocessing
 from edge_agent.cli import main
 from edge_agent.config import ModelConfig
-from edge_agent.models.manager import LoadedModel
+from edge_agent.models.servable import LoadedModel
 from edge_agent.testing import tiny_onnx_classifier
 from quantize.data import Sample, TensorReader, load_samples, make_views
 from quantize.evaluate import Artifact, evaluate

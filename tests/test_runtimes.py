@@ -16,7 +16,7 @@ from edge_agent.bundles import open_bundle
 from edge_agent.bundles.manifest import ClassifyParams, Quantization, TensorSpec
 from edge_agent.config import ModelConfig
 from edge_agent.errors import InferenceError, ModelLoadError, RuntimeUnavailable
-from edge_agent.models.manager import LoadedModel
+from edge_agent.models.servable import LoadedModel
 from edge_agent.postprocess import Classifier, softmax
 from edge_agent.preprocess import Transform
 from edge_agent.runtimes import create_runtime

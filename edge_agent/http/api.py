@@ -62,7 +62,7 @@ from edge_agent.errors import EdgeAgentError, ModelNotAvailable
 from edge_agent.http.metrics import AgentStats, Metrics
 
 if TYPE_CHECKING:
-    from edge_agent.models.manager import LoadedModel
+    from edge_agent.models.servable import LoadedModel
 
 log = logging.getLogger(__name__)
 

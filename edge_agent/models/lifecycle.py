@@ -90,13 +90,12 @@ def deploy(
             raise DeployError(f"the bundle holds model {m.name!r}, not {model!r}", code="name_mismatch")
         if version is not None and m.version != version:
             raise DeployError(f"the bundle holds {m.name} version {m.version}, not {version}", code="version_mismatch")
-        manager._slot(m.name)  # unknown_model before anything is written
-        with manager._tx:
+        with manager.transaction(m.name):  # unknown_model before anything is written
             say("installing", model=m.name, version=m.version)
             dest, installed = store.install(bundle)
     verified = installed_as(bundle, dest)  # no second sha256 of every file
     name, ver = m.name, m.version
-    with manager._tx:
+    with manager.transaction(name):
         try:
             already_active = manager.active_version(name) == ver
             if not already_active:

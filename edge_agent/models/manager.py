@@ -11,11 +11,37 @@ Every change of what serves (start, activate, rollback, labels, remove) is a
 version while the old one serves, write the state file (atomically), switch
 in memory, retire the old version. A failure before the switch leaves the old
 version serving and the state file untouched. See docs/lifecycle.md.
+
+What lives elsewhere: the loaded version itself (:mod:`.servable`), which
+version serves and how to swap it in (:mod:`.policy`, pure functions), the
+probation verdict and its thread (:mod:`.probation`), the state file
+(:mod:`.state`) and the directories (:mod:`.store`).
+
+Ownership and thread-safety:
+
+* The manager owns its slots (one :class:`Slot` per configured model) and
+  every :class:`LoadedModel` in them; nothing outside reads or changes a
+  slot. A frame holds a model only between :meth:`ModelManager.acquire` and
+  the release at the end of its ``with`` block.
+* ``_tx`` (a re-entrant lock) serialises the transactions: start, stop,
+  activate, rollback, remove, set_label, collect, reject_installed, a
+  probation verdict, and a caller's :meth:`ModelManager.transaction` block.
+  A slot's ``state`` (the state file's record, its probation and that
+  probation's watch included) is changed only while holding it. Loading a
+  version happens inside a transaction, while frames are served.
+* ``_cond`` (a condition, never held across a load or a file write) guards
+  what frames read and change: a slot's ``serving``, ``loaded`` and
+  ``gap_since``, and each model's ``refs`` and ``retired``. Frames wait on it
+  during a resource-preserving swap's gap; a transaction waits on it for
+  frames in flight. Lock order: ``_tx`` before ``_cond``, never the reverse.
+* Reads without ``_tx`` (``status``, the probation supervisor's judging, the
+  version a label picks) see a whole state object or its predecessor; the
+  supervisor acts on a verdict only inside a transaction, and only if the
+  probation it judged is still the one recorded.
 """
 
 from __future__ import annotations
 
-import collections
 import logging
 import os
 import statistics
@@ -26,214 +52,34 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-import numpy as np
-
 from edge_agent.bundles import Bundle
-from edge_agent.bundles.manifest import Manifest, concrete_input
 from edge_agent.config import ModelConfig
 from edge_agent.errors import BundleError, EdgeAgentError, ModelNotAvailable
 from edge_agent.faults import checkpoint
 from edge_agent.models import policy
-from edge_agent.models.state import ModelState, Probation
+from edge_agent.models.probation import Supervisor, baseline_ms, judge
+from edge_agent.models.servable import LoadedModel, close_in_background, lower_priority
+from edge_agent.models.state import ModelState, Probation, Watch
 from edge_agent.models.store import ModelStore, StoreError, installed_as
-from edge_agent.postprocess import Classifier, Detector, make_postprocessor
-from edge_agent.preprocess import Preprocessor
-from edge_agent.runtimes import Runtime, create_runtime, release_memory
 
 log = logging.getLogger(__name__)
 
 EventSink = Callable[[dict[str, Any]], None]
 
 ACQUIRE_TIMEOUT_S = 30.0  # longest a frame waits for a model during a resource-preserving swap
-BASELINE_MIN_FRAMES = 10
-PROBATION_MIN_FRAMES = 10  # frames before the latency of a new version is judged
-# A regression must also be this large in absolute terms: sub-millisecond
-# models jitter by several times their own run time on a busy CPU.
-LATENCY_SLACK_MS = 1.0
-
-
-class SmokeTestFailed(EdgeAgentError):
-    code = "smoke_test_failed"
-
-
-@dataclass
-class Inference:
-    """What one frame produced: the task part of the result plus timings."""
-
-    payload: dict[str, Any]
-    latency_ms: float
-    infer_ms: float
-
-
-class ModelStats:
-    """Frames, errors and recent inference times of one loaded version."""
-
-    def __init__(self, window: int = 200) -> None:
-        self._lock = threading.Lock()
-        self.frames = 0
-        self.errors = 0
-        self.infer_ms: collections.deque[float] = collections.deque(maxlen=window)
-
-    def ok(self, infer_ms: float) -> None:
-        with self._lock:
-            self.frames += 1
-            self.infer_ms.append(infer_ms)
-
-    def error(self) -> None:
-        with self._lock:
-            self.errors += 1
-
-    def snapshot(self) -> tuple[int, int, list[float]]:
-        with self._lock:
-            return self.frames, self.errors, list(self.infer_ms)
-
-
-@dataclass
-class LoadedModel:
-    """A model version ready to serve: runtime, pre- and postprocessing.
-
-    ``process`` is thread-safe (the runtime serialises where it must).
-    """
-
-    name: str
-    version: int
-    manifest: Manifest
-    runtime: Runtime
-    preprocess: Preprocessor
-    postprocess: Classifier | Detector
-    refs: int = field(default=0, repr=False)
-    stats: ModelStats = field(default_factory=ModelStats, repr=False)
-    warm_ms: float = 0.0
-    retired: bool = field(default=False, repr=False)
-    closed: bool = field(default=False, repr=False)
-
-    @classmethod
-    def load(cls, bundle: Bundle, cfg: ModelConfig) -> "LoadedModel":
-        """Create the runtime, warm it up and time a few runs (the latency
-        baseline probation compares against)."""
-        m = bundle.manifest
-        inputs = [concrete_input(m.inputs[0], m.preprocessing)]
-        runtime = create_runtime(
-            m.runtime, bundle.model_path, inputs, m.outputs, threads=cfg.threads, providers=cfg.providers
-        )
-        runtime.load()
-        try:
-            times = []
-            for _ in range(3):
-                t0 = time.perf_counter()
-                runtime.warm_up()
-                times.append((time.perf_counter() - t0) * 1000.0)
-            model = cls(
-                name=m.name,
-                version=m.version,
-                manifest=m,
-                runtime=runtime,
-                preprocess=Preprocessor(m.preprocessing, m.inputs[0]),
-                postprocess=make_postprocessor(m, bundle.labels()),
-                warm_ms=statistics.median(times),
-            )
-        except BaseException:
-            runtime.close()
-            raise
-        return model
-
-    def smoke_test(self, root: Path, tolerance: float | None = None) -> None:
-        """Outputs finite and of the declared shape for a neutral frame; when the
-        bundle carries samples, the same outputs as when it was packed, within
-        ``tolerance`` (a fraction of each output's range)."""
-        m = self.manifest
-        w, h = m.preprocessing.size
-        frame = np.full((h, w, 3), 128, np.uint8)
-        tensor, _ = self.preprocess(frame)
-        self._check_outputs(self.runtime.infer(tensor), "a grey frame")
-        if m.samples is None:
-            return
-        tol = tolerance or m.samples_tolerance
-        try:
-            with np.load(root / m.samples, allow_pickle=False) as data:
-                arrays = {k: data[k] for k in data.files}
-        except (OSError, ValueError) as exc:
-            raise SmokeTestFailed(f"{self.name} v{self.version}: cannot read samples {m.samples}: {exc}") from None
-        inputs = arrays.get("input")
-        if inputs is None:
-            raise SmokeTestFailed(f"{self.name} v{self.version}: samples {m.samples} hold no 'input' array")
-        for i in range(len(inputs)):
-            outs = self.runtime.infer(inputs[i : i + 1])
-            self._check_outputs(outs, f"sample {i}")
-            for k, out in enumerate(outs):
-                want = arrays.get(f"output_{k}")
-                if want is None:
-                    continue
-                want = want[i : i + 1]
-                if want.shape != out.shape:
-                    raise SmokeTestFailed(
-                        f"{self.name} v{self.version}: sample {i} output {k} has shape {list(out.shape)}, "
-                        f"the bundle recorded {list(want.shape)}"
-                    )
-                span = float(want.max() - want.min()) or 1.0
-                diff = float(np.max(np.abs(out.astype(np.float64) - want)))
-                if diff > tol * span:
-                    raise SmokeTestFailed(
-                        f"{self.name} v{self.version}: sample {i} output {k} differs from the recorded one by "
-                        f"{diff:.4g} (allowed {tol:g} of its range {span:.4g})"
-                    )
-
-    def _check_outputs(self, outs: Sequence[np.ndarray], what: str) -> None:
-        specs = self.manifest.outputs
-        if len(outs) != len(specs):
-            raise SmokeTestFailed(f"{self.name} v{self.version}: {len(outs)} outputs for {what}, declared {len(specs)}")
-        for out, spec in zip(outs, specs):
-            if len(out.shape) != len(spec.shape) or any(
-                d is not None and d != s for d, s in zip(spec.shape, out.shape)
-            ):
-                raise SmokeTestFailed(
-                    f"{self.name} v{self.version}: output {spec.name!r} has shape {list(out.shape)} for {what}, "
-                    f"declared {spec.shape}"
-                )
-            if not np.all(np.isfinite(out)):
-                raise SmokeTestFailed(f"{self.name} v{self.version}: output {spec.name!r} is not finite for {what}")
-
-    def process(self, frame: np.ndarray, *, top_k: int | None = None, threshold: float | None = None) -> Inference:
-        t0 = time.perf_counter()
-        try:
-            tensor, transform = self.preprocess(frame)
-            t1 = time.perf_counter()
-            outputs = self.runtime.infer(tensor)
-            t2 = time.perf_counter()
-            payload = self.postprocess(outputs, transform, top_k=top_k, threshold=threshold)
-        except BaseException:
-            self.stats.error()
-            raise
-        t3 = time.perf_counter()
-        self.stats.ok((t2 - t1) * 1000.0)
-        return Inference(payload, latency_ms=(t3 - t0) * 1000.0, infer_ms=(t2 - t1) * 1000.0)
-
-    def close(self) -> None:
-        if not self.closed:
-            self.closed = True
-            self.runtime.close()
-            release_memory()
-
-
-@dataclass
-class ProbationRun:
-    version: int
-    started: float  # monotonic
-    baseline_ms: float | None
-    frames0: int
-    errors0: int
 
 
 @dataclass
 class Slot:
-    """Everything the manager holds for one model name."""
+    """Everything the manager holds for one model name (``state`` changed
+    under the manager's ``_tx``; ``serving``, ``loaded`` and ``gap_since``
+    under its ``_cond``, see the module docstring)."""
 
     cfg: ModelConfig
     policy: policy.Policy
     state: ModelState = field(default_factory=ModelState)
     serving: LoadedModel | None = None
     loaded: dict[int, LoadedModel] = field(default_factory=dict)
-    probation: ProbationRun | None = None
     gap_since: float | None = None  # set while a resource-preserving swap has nothing serving
 
 
@@ -255,28 +101,6 @@ class Swap:
         return out
 
 
-def _lower_priority() -> None:
-    """nice +10 for the calling thread (Linux threads have their own)."""
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), min(19, os.getpriority(os.PRIO_PROCESS, 0) + 10))
-    except (OSError, AttributeError):
-        pass
-
-
-def _close_in_background(model: LoadedModel) -> None:
-    """Close a retired version off the serving path: freeing a runtime's
-    memory and handing it back to the OS takes a few milliseconds of CPU and
-    the allocator's lock, which the first frames of the new version must not
-    wait for. So it runs at a lower priority, a moment after the switch."""
-
-    def close() -> None:
-        _lower_priority()
-        time.sleep(0.1)
-        model.close()
-
-    threading.Thread(target=close, name=f"close-{model.name}-v{model.version}", daemon=True).start()
-
-
 def _policy_of(cfg: ModelConfig) -> policy.Policy:
     return policy.Policy(kind=cfg.version_policy, latest=cfg.latest, versions=tuple(cfg.versions))
 
@@ -284,11 +108,14 @@ def _policy_of(cfg: ModelConfig) -> policy.Policy:
 class ModelManager:
     """Owns the loaded models and every transaction on them.
 
+    Every public method may be called from any thread (see the module
+    docstring for the locks); ``acquire`` never waits for a transaction.
+
     ``trusted_keys``: public key files; when given, every bundle must be signed
     by one of them (checked at install and again at every load).
     ``on_event``: called with each lifecycle event (activated, rolled back, ...).
-    ``memory_available``: bytes of free memory (psutil by default), used by
-    ``swap = "auto"``.
+    ``memory_available``: bytes of free memory (psutil by default), measured
+    at each swap for ``swap = "auto"`` (see :func:`policy.swap_mode`).
     """
 
     def __init__(
@@ -310,12 +137,7 @@ class ModelManager:
         self._tx = threading.RLock()
         self._slots: dict[str, Slot] = {c.name: Slot(cfg=c, policy=_policy_of(c)) for c in configs}
         self._stop = threading.Event()
-        self._supervisor: threading.Thread | None = None
-        self._interval = supervise_interval_s
-        # Set when a probation starts (or at stop): with nothing on probation
-        # the supervisor sleeps instead of polling (hundreds of idle agents
-        # on one machine, or one on a Pi, should not wake 10 times a second).
-        self._wake = threading.Event()
+        self._supervisor = Supervisor(self._watching, self._check_probations, supervise_interval_s)
         # Off for the offline `models` CLI: with no frames flowing there is
         # nothing to judge, and the operator chose the version.
         self.probation_enabled = probation
@@ -345,7 +167,6 @@ class ModelManager:
                 if not require and not self.store.versions(slot.cfg.name) and slot.cfg.bundle is None:
                     continue
                 self._start_model(slot)
-        self._supervisor = threading.Thread(target=self._supervise, name="model-supervisor", daemon=True)
         self._supervisor.start()
 
     def _start_model(self, slot: Slot) -> None:
@@ -414,8 +235,8 @@ class ModelManager:
             slot.serving = serving
             slot.loaded[serving.version] = serving
             if state.probation is not None:
-                slot.probation = ProbationRun(serving.version, time.monotonic(), None, 0, 0)
-                self._wake.set()
+                state.probation.watch = Watch(time.monotonic(), None, 0, 0)
+                self._supervisor.wake()
         self._reconcile(slot)
         # What crashed or failed deploys left behind (versions installed and
         # never activated, versions failed on the way back from a probation).
@@ -431,9 +252,7 @@ class ModelManager:
 
     def stop(self) -> None:
         self._stop.set()
-        self._wake.set()
-        if self._supervisor is not None:
-            self._supervisor.join(timeout=5.0)
+        self._supervisor.stop()
         with self._tx:
             for slot in self._slots.values():
                 if slot.state.probation is not None:
@@ -487,7 +306,7 @@ class ModelManager:
                     close = True
                 self._cond.notify_all()
             if close:
-                _close_in_background(model)  # not on the frame's thread: the next frame must not wait
+                close_in_background(model)  # not on the frame's thread: the next frame must not wait
 
     def _pick(self, slot: Slot, label: str | None, version: int | None) -> LoadedModel | None:
         if version is not None:
@@ -515,7 +334,7 @@ class ModelManager:
                 serving = slot.serving
                 loaded = sorted(slot.loaded)
                 state = slot.state.model_copy(deep=True)
-                probation = slot.probation
+            watch = state.probation.watch if state.probation is not None else None
             out[name] = {
                 "active": serving.version if serving else state.active,
                 "versions": self.store.versions(name),
@@ -523,9 +342,9 @@ class ModelManager:
                 "runtime": serving.manifest.runtime if serving else None,
                 "last_good": state.last_good,
                 "loaded": loaded,
-                "probation": None if probation is None else {
-                    "version": probation.version,
-                    "elapsed_s": round(time.monotonic() - probation.started, 3),
+                "probation": None if state.probation is None or watch is None else {
+                    "version": state.probation.version,
+                    "elapsed_s": round(time.monotonic() - watch.started, 3),
                 },
                 "failed": {str(k): v for k, v in state.failed.items()},
             }
@@ -550,6 +369,26 @@ class ModelManager:
 
     # -- transactions ------------------------------------------------------
 
+    @contextmanager
+    def transaction(self, name: str) -> Iterator[None]:
+        """A block of steps on model ``name`` that no other transaction may
+        come between: a deploy's install, or its load, activation and, on a
+        failure, cleanup.
+
+        Raises ``unknown_model`` (a :class:`StoreError`) before the block when
+        ``name`` is not configured. For the block's duration the calling
+        thread holds the transaction lock: no other activation, rollback,
+        removal, label change, garbage collection or probation verdict, of
+        any model, runs; the manager's own methods called inside (``activate``,
+        ``set_label``, ``collect``, ...) take it again without waiting. Frames
+        are served meanwhile (``acquire`` never waits for it). The block does
+        not make its steps atomic: each method keeps its own guarantee, and
+        undoing a failed step is the caller's (:meth:`reject_installed`).
+        """
+        self._slot(name)
+        with self._tx:
+            yield
+
     def activate(self, name: str, version: int, *, reason: str = "activate", probation: bool = True,
                  progress: Callable[..., None] | None = None) -> dict[str, Any]:
         """Make ``version`` the active one: load and check it while the current
@@ -571,7 +410,7 @@ class ModelManager:
             previous = current.version if current is not None else slot.state.active
             swap = self._swap(slot, version, progress=progress)
             before = slot.state.model_copy(deep=True)
-            superseded = self._clear_probation(slot)  # no verdict: another version takes over
+            slot.state.probation = None  # no verdict: another version takes over
             state = slot.state
             state.active = version
             state.failed.pop(version, None)
@@ -582,13 +421,14 @@ class ModelManager:
                 state.last_good = version
             state.record("activated", version, reason=reason, previous=previous)
             checkpoint("activate_before_state")
-            self._save_swap(slot, swap, before, superseded)
+            self._save_swap(slot, swap, before)
             checkpoint("activate_after_state")
             self._commit_swap(slot, swap)
             if start_probation:
-                baseline = self._baseline(swap.old)
-                slot.probation = ProbationRun(version, time.monotonic(), baseline, *self._counts(slot, version))
-                self._wake.set()
+                assert state.probation is not None
+                frames, errors, _ = swap.new.stats.snapshot()
+                state.probation.watch = Watch(time.monotonic(), baseline_ms(swap.old), frames, errors)
+                self._supervisor.wake()
             self._reconcile(slot)
             if not start_probation:
                 self._collect(slot, "collected after an activation")
@@ -608,13 +448,13 @@ class ModelManager:
                 raise StoreError(f"model {name}: no earlier good version to roll back to", code="no_rollback_target")
             swap = self._swap(slot, target)
             before = slot.state.model_copy(deep=True)
-            superseded = self._clear_probation(slot)
+            slot.state.probation = None
             if active is not None and reason != "rollback requested":
                 state.failed[active] = reason
             state.active = target
             state.last_good = target
             state.record("rolled_back", active, reason=reason, to=target)
-            self._save_swap(slot, swap, before, superseded)
+            self._save_swap(slot, swap, before)
             self._commit_swap(slot, swap)
             self._reconcile(slot)
             self._event("rolled_back", name, active, to=target, reason=reason, mode=swap.mode, gap_ms=swap.gap_ms)
@@ -832,7 +672,7 @@ class ModelManager:
         out: dict[str, Any] = {}
 
         def work() -> None:
-            _lower_priority()
+            lower_priority()
             try:
                 out["model"] = self._load_version(slot, version, bundle)
             except BaseException as exc:  # handed to the caller's thread
@@ -845,21 +685,23 @@ class ModelManager:
             raise out["error"]
         return out["model"]
 
-    def _memory_short(self, slot: Slot, version: int) -> bool:
-        """Is free memory too small to hold the new version beside the old?"""
-        if slot.cfg.swap != "auto":
-            return slot.cfg.swap == "resource"
+    def _free_memory(self) -> int:
+        """Bytes of memory available now (``memory_available``, else psutil)."""
         if self._memory_available is not None:
-            available = self._memory_available()
-        else:
-            import psutil
+            return self._memory_available()
+        import psutil
 
-            available = psutil.virtual_memory().available
-        path = self.store.path(slot.cfg.name, version)
-        size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-        # A runtime holds the weights (once or twice while it optimises the
-        # graph) plus arenas; 3x the bundle plus 64 MB of headroom is safe.
-        return available < 3 * size + (64 << 20)
+        return psutil.virtual_memory().available
+
+    def _swap_mode(self, slot: Slot, version: int, serving: bool) -> policy.SwapMode:
+        """:func:`policy.swap_mode`, measured: free memory and the version's
+        size are read only when ``swap = "auto"`` has something to unload."""
+        setting = slot.cfg.swap
+        if setting != "auto" or not serving:
+            return policy.swap_mode(setting, serving=serving)
+        return policy.swap_mode(
+            setting, serving=True, free_bytes=self._free_memory(), model_bytes=self.store.size(slot.cfg.name, version)
+        )
 
     def _swap(self, slot: Slot, version: int, progress: Callable[..., None] | None = None) -> Swap:
         """Load ``version`` (and, in resource-preserving mode, unload the one
@@ -868,8 +710,7 @@ class ModelManager:
         t0 = time.monotonic()
         with self._cond:
             old = slot.serving
-        resource = old is not None and self._memory_short(slot, version)
-        if not resource:
+        if self._swap_mode(slot, version, serving=old is not None) == "availability":
             new = slot.loaded.get(version)
             if new is None:
                 if progress:
@@ -881,6 +722,7 @@ class ModelManager:
         # frames in flight, close it, then load the new one, unless it is
         # loaded already (kept by a deploy, or by the policy): then it only
         # has to switch. Frames wait.
+        assert old is not None  # resource only when something serves
         with self._cond:
             new = slot.loaded.get(version)
             slot.gap_since = time.monotonic()
@@ -910,25 +752,17 @@ class ModelManager:
             slot.gap_since = None
             self._cond.notify_all()
 
-    @staticmethod
-    def _clear_probation(slot: Slot) -> ProbationRun | None:
-        """End a probation without a verdict (the caller saves the state);
-        returns it, so a transaction that fails can put it back."""
-        run, slot.probation = slot.probation, None
-        slot.state.probation = None
-        return run
-
-    def _save_swap(self, slot: Slot, swap: Swap, before: ModelState, probation: ProbationRun | None = None) -> None:
+    def _save_swap(self, slot: Slot, swap: Swap, before: ModelState) -> None:
         """Write the state of a swap :meth:`_swap` prepared. If that fails (a
-        full disk), undo the swap: the state is what it was (a probation the
-        swap ended runs on), the version that served before serves again
+        full disk), undo the swap: the state is ``before`` (a copy taken
+        before the swap changed it: a probation the swap ended runs on, its
+        watch with it), the version that served before serves again
         (reloaded if a resource-preserving swap had closed it), and the new
         one is closed unless something else keeps it loaded."""
         try:
             self._save(slot)
         except BaseException:
             slot.state = before
-            slot.probation = probation
             with self._cond:
                 kept = slot.loaded.get(swap.new.version) is swap.new
             if swap.mode == "resource":
@@ -957,7 +791,7 @@ class ModelManager:
             model.retired = True
             close_now = model.refs == 0 and not model.closed
         if close_now:
-            _close_in_background(model)
+            close_in_background(model)
 
     def _reconcile(self, slot: Slot) -> None:
         """Load what the policy wants loaded and retire what it does not."""
@@ -977,77 +811,61 @@ class ModelManager:
         for version in have - want:
             self._retire(slot, version)
 
-    def _counts(self, slot: Slot, version: int) -> tuple[int, int]:
-        model = slot.loaded[version]
-        frames, errors, _ = model.stats.snapshot()
-        return frames, errors
-
-    @staticmethod
-    def _baseline(old: LoadedModel | None) -> float | None:
-        if old is None:
-            return None
-        _, _, times = old.stats.snapshot()
-        if len(times) >= BASELINE_MIN_FRAMES:
-            return statistics.median(times)
-        return old.warm_ms or None
-
     # -- probation ---------------------------------------------------------
 
-    def _supervise(self) -> None:
-        while not self._stop.is_set():
-            if not any(slot.probation is not None for slot in list(self._slots.values())):
-                self._wake.wait()
-                self._wake.clear()
-                continue
-            if self._stop.wait(self._interval):
-                break
-            for slot in list(self._slots.values()):
-                try:
-                    self._check_probation(slot)
-                except Exception:
-                    log.exception("model %s: probation check failed", slot.cfg.name)
+    @staticmethod
+    def _watched(slot: Slot) -> Probation | None:
+        """The probation of ``slot`` the supervisor judges: recorded and
+        watched in this process (read without a lock: one reference each)."""
+        record = slot.state.probation
+        return record if record is not None and record.watch is not None else None
+
+    def _watching(self) -> bool:
+        return any(self._watched(slot) is not None for slot in list(self._slots.values()))
+
+    def _check_probations(self) -> None:
+        """The supervisor's check (on its thread): each model's probation."""
+        for slot in list(self._slots.values()):
+            try:
+                self._check_probation(slot)
+            except Exception:
+                log.exception("model %s: probation check failed", slot.cfg.name)
 
     def _check_probation(self, slot: Slot) -> None:
-        run = slot.probation
-        if run is None:
+        """Judge the watched probation of ``slot`` (outside the transaction
+        lock) and act on a verdict inside it, if the probation judged is
+        still the one recorded: a transaction may have ended or replaced it
+        meanwhile."""
+        record = slot.state.probation
+        watch = record.watch if record is not None else None
+        if record is None or watch is None:
             return
-        model = slot.loaded.get(run.version)
+        model = slot.loaded.get(record.version)
         if model is None:
             return
-        frames, errors, times = model.stats.snapshot()
-        frames -= run.frames0
-        errors -= run.errors0
-        cfg = slot.cfg
-        elapsed = time.monotonic() - run.started
-        verdict = None
-        if errors >= cfg.probation_max_errors:
-            verdict = f"{errors} inference error(s) during probation"
-        elif run.baseline_ms and frames >= PROBATION_MIN_FRAMES:
-            recent = times[-frames:] if frames <= len(times) else times
-            median = statistics.median(recent)
-            if median > cfg.max_latency_factor * run.baseline_ms and median - run.baseline_ms > LATENCY_SLACK_MS:
-                verdict = (
-                    f"latency regression: median {median:.1f} ms against {run.baseline_ms:.1f} ms before "
-                    f"(more than {cfg.max_latency_factor:g}x)"
-                )
-        if verdict is not None:
-            with self._tx:
-                if slot.probation is run:
-                    self._event("probation_failed", cfg.name, run.version, reason=verdict, frames=frames, errors=errors)
-                    try:
-                        self.rollback(cfg.name, reason=verdict)
-                    except EdgeAgentError as exc:
-                        log.error("model %s: automatic rollback failed: %s", cfg.name, exc)
-                        slot.probation = None
+        verdict = judge(slot.cfg, watch, model.stats.snapshot(), time.monotonic())
+        if verdict is None:
             return
-        if frames >= cfg.probation_frames or elapsed >= cfg.probation_s:
-            with self._tx:
-                if slot.probation is run:
-                    self._pass_probation(slot, frames=frames, elapsed=elapsed)
+        name = slot.cfg.name
+        with self._tx:
+            if slot.state.probation is not record or record.watch is not watch:
+                return
+            if verdict.passed:
+                self._pass_probation(slot, frames=verdict.frames, elapsed=verdict.elapsed)
+                return
+            self._event("probation_failed", name, record.version, reason=verdict.reason, frames=verdict.frames,
+                        errors=verdict.errors)
+            try:
+                self.rollback(name, reason=verdict.reason or "probation failed")
+            except EdgeAgentError as exc:
+                log.error("model %s: automatic rollback failed: %s", name, exc)
+                # Stop judging (the state keeps the record: the next start decides).
+                if slot.state.probation is not None:
+                    slot.state.probation.watch = None
 
     def _pass_probation(self, slot: Slot, *, frames: int, elapsed: float) -> None:
         """The version on probation passed: it becomes the last good one."""
-        run = self._clear_probation(slot)
+        run, slot.state.probation = slot.state.probation, None
         assert run is not None
         slot.state.last_good = run.version
         slot.state.record("probation_passed", run.version, frames=frames, seconds=round(elapsed, 2))

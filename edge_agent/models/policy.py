@@ -20,12 +20,23 @@ Policies (``[[models]]`` keys):
 Labelled versions (``stable``, ``canary``, ...) are always loaded. Versions
 recorded as failed are never chosen by the policy (an operator may still
 activate one explicitly).
+
+How a version is swapped in is decided here too, by :func:`swap_mode`, from
+numbers the manager measures (free memory, the version's size on disk).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Literal, Sequence
+
+SwapSetting = Literal["auto", "availability", "resource"]
+SwapMode = Literal["availability", "resource"]
+
+# A runtime holds the weights (once or twice while it optimises the graph)
+# plus arenas: 3x the bundle plus 64 MB of headroom is safe.
+SWAP_SIZE_FACTOR = 3
+SWAP_HEADROOM_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -98,3 +109,28 @@ def fallbacks(policy: Policy, snap: Snapshot, last_good: int | None) -> list[int
             seen.add(v)
             out.append(v)
     return out
+
+
+def swap_mode(setting: SwapSetting, *, serving: bool, free_bytes: int | None = None,
+              model_bytes: int | None = None) -> SwapMode:
+    """How to swap a version in (the ``swap`` key of a model):
+
+    * ``availability``: load the new version beside the one serving, then
+      switch; no frame waits, both are in memory for a moment;
+    * ``resource``: unload the one serving first, then load; frames wait.
+
+    With nothing ``serving`` there is nothing to unload: availability. A
+    setting other than ``auto`` is followed as it is. ``auto``: resource when
+    ``free_bytes`` (free memory, measured now) cannot hold the new version
+    beside the old, estimated as :data:`SWAP_SIZE_FACTOR` times
+    ``model_bytes`` (the version's files) plus :data:`SWAP_HEADROOM_BYTES`;
+    both numbers are needed then, and only then.
+    """
+    if not serving:
+        return "availability"
+    if setting != "auto":
+        return setting
+    if free_bytes is None or model_bytes is None:
+        raise ValueError('swap = "auto" is decided from free_bytes and model_bytes')
+    short = free_bytes < SWAP_SIZE_FACTOR * model_bytes + SWAP_HEADROOM_BYTES
+    return "resource" if short else "availability"

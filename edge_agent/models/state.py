@@ -14,7 +14,9 @@ Fields:
 * ``labels``: ``{"stable": 3, "canary": 4}``, names a source or request can
   be served by instead of the active version;
 * ``probation``: the version on probation and since when, cleared when it
-  passes or is rolled back;
+  passes or is rolled back. The same record, in the running agent's memory,
+  carries the agent's :class:`Watch` over it (never written: it is this
+  process's counters);
 * ``failed``: versions that failed verification or probation, with why; the
   version policy never picks them on its own again;
 * ``history``: the last :data:`HISTORY_LEN` transitions, newest last.
@@ -25,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,14 +37,38 @@ STATE_NAME = "state.json"
 HISTORY_LEN = 50
 
 
+@dataclass(frozen=True)
+class Watch:
+    """What the running agent measures of a probation, from the moment the
+    version serves in this process: the supervisor judges the frames and
+    errors since then against the version that served before."""
+
+    started: float  # time.monotonic() when the version began to serve here
+    baseline_ms: float | None  # the previous version's median inference time; None: latency is not judged
+    frames0: int  # the version's frame and error counts at ``started``
+    errors0: int
+
+
 class Probation(BaseModel):
+    """The one record of a probation: the persisted fields, and ``watch``.
+
+    ``watch`` lives in memory only (excluded from the file, ``None`` when
+    read back): set by the model manager once the version serves (the
+    probation supervisor judges only watched records), and cleared to stop
+    judging (an automatic rollback that failed; the next start decides).
+    The manager changes it, like the rest of the state, inside a
+    transaction; it is one immutable object, so the supervisor reading it
+    outside one sees a whole watch or none.
+    """
+
     model_config = ConfigDict(extra="forbid")
 
     version: int
-    since: float
+    since: float  # wall clock (time.time()) when it began
     previous: int | None = None
     restarts: int = 0
     clean_stop: bool = False  # the agent stopped cleanly during it: re-arm, do not roll back
+    watch: Watch | None = Field(None, exclude=True)
 
 
 class HistoryEntry(BaseModel):

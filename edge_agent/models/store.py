@@ -166,6 +166,10 @@ class ModelStore:
     def path(self, name: str, version: int) -> Path:
         return self.root / name / str(version)
 
+    def size(self, name: str, version: int) -> int:
+        """Bytes of an installed version's files."""
+        return sum(p.stat().st_size for p in self.path(name, version).rglob("*") if p.is_file())
+
     def open(self, name: str, version: int, *, trusted_keys: Sequence[Path] | None = None) -> Bundle:
         """Open (and re-verify: sha256 of every file, signature) an installed version."""
         path = self.path(name, version)
