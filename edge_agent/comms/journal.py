@@ -292,7 +292,7 @@ class CommandJournal:
                 self._flusher.start()
         self._flush_wanted.set()
 
-    _FLUSH_BATCH_S = 0.05  # deliveries gathered into one write
+    _FLUSH_BATCH_S = 0.005  # deliveries gathered into one write
 
     def _flush_loop(self) -> None:
         while True:
