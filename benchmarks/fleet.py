@@ -2,10 +2,10 @@
 transfer for all, the console's way) against unicast (one transfer per
 device), through one mosquitto on a loopback port.
 
-Setup. Each simulated device is the real agent's control plane: an
+Setup. Each simulated device is the real agent's MQTT side: an
 ``edge_agent.agent.Agent`` built from a config made in code, with its own
 model store, MQTT connection (persistent session, will, retained status),
-command plane, transfer receiver and model manager, serving a tiny ONNX
+MQTT plane, transfer receiver and model manager, serving a tiny ONNX
 classifier (``edge_agent.testing.tiny_onnx_classifier``, 16x16) and no
 source (no camera, no frames: probation is left pending, which a deploy's
 reply does not wait for). Only the camera pipeline is absent; every step of

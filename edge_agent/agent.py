@@ -45,19 +45,19 @@ class Agent:
         self.models = ModelManager(
             self.store, config.models, trusted_keys=config.store.trusted_keys, on_event=self._on_event
         )
-        # Results go to the control plane's outbox whenever one runs (an
+        # Results go to the MQTT plane's outbox whenever one runs (an
         # [mqtt] section added by a reload starts publishing at once).
         self.sinks: list[Sink] = [LogSink(), *(extra_sinks or []), _PlaneResults(self)]
         self.transport: Any = None
         self.plane: Any = None
-        self.journal: Any = None  # the command journal: opened with the first control plane, kept across reloads
+        self.journal: Any = None  # the command journal: opened with the first MQTT plane, kept across reloads
         self._skipped_seen: dict[str, int] = {}
-        from edge_agent.comms.local import LocalControlServer
-        from edge_agent.control import Control, build_dispatcher
+        from edge_agent.comms.handlers import CommandHandlers, build_dispatcher
+        from edge_agent.comms.local import LocalSocketServer
 
-        self.control = Control(self.models, status=self.status_message, apply_settings=self.apply_settings)
-        self.local_dispatcher = build_dispatcher(self.control, local=True, events=self._on_event)
-        self.control_server = LocalControlServer(config.store.socket_path, self.local_dispatcher.handle)
+        self.handlers = CommandHandlers(self.models, status=self.status_message, apply_settings=self.apply_settings)
+        self.local_dispatcher = build_dispatcher(self.handlers, local=True, events=self._on_event)
+        self.local_server = LocalSocketServer(config.store.socket_path, self.local_dispatcher.handle)
         # Replaced (never mutated) when a source starts or stops, so readers
         # in other threads (telemetry, HTTP, the watchdog) iterate a snapshot.
         self.sources: list[FrameSource] = []
@@ -71,7 +71,7 @@ class Agent:
         try:
             self._step("store lock", self._lock_store, self.store_lock.release)
             self._step("models", self.models.start, self.models.stop)
-            self._step("control socket", self.control_server.start, self.control_server.stop)
+            self._step("control socket", self.local_server.start, self.local_server.stop)
             self._step("http", self._start_http, self._stop_http)
             self._step("mqtt", self._start_mqtt, self._stop_mqtt)
             self._step("sources", self._start_sources, self._stop_sources)
@@ -139,14 +139,14 @@ class Agent:
     def _start_mqtt(self) -> None:
         if self.config.mqtt is None:
             return
-        transport, plane, control = self._build_mqtt(self.config)
+        transport, plane, handlers = self._build_mqtt(self.config)
         self.fetcher.sweep()  # at start only: at a reload, transfers may be in flight
         self._run_mqtt(transport, plane)
         # Commands a crash cut short: answered once, through the outbox
         # (spooled until connected); replies it cut short: sent again. Only
         # at start: at a reload, what the journal holds as running is still
         # running, and the replies in flight are still in flight.
-        plane.dispatcher.recover(control.recover, plane.send_reply)
+        plane.dispatcher.recover(handlers.recover, plane.send_reply)
 
     def _run_mqtt(self, transport: Any, plane: Any, pending: list[tuple[str, bytes]] = ()) -> None:
         """Start a built transport and plane (the plane's subscriptions and
@@ -178,19 +178,19 @@ class Agent:
         return plane.stop(successor=successor)
 
     def _build_mqtt(self, cfg: AgentConfig) -> tuple[Any, Any, Any]:
-        """The transport and control plane for ``cfg``, built but not
+        """The transport, MQTT plane and command handlers for ``cfg``, built but not
         started: whatever they read (TLS files, trusted keys, the spool)
         fails here, before a running connection is given up."""
         from edge_agent.comms.mqtt import MqttTransport
-        from edge_agent.comms.plane import BundleFetcher, ControlPlane
-        from edge_agent.control import Control, build_dispatcher
+        from edge_agent.comms.handlers import CommandHandlers, build_dispatcher
+        from edge_agent.comms.plane import BundleFetcher, MqttPlane
         from edge_agent.telemetry import TelemetryCollector
 
         assert cfg.mqtt is not None
         transport = MqttTransport(cfg.mqtt, cfg.device_id, status_provider=self.models.status, groups=cfg.groups)
         verifier = None
         if cfg.commands.trusted_keys:
-            from edge_agent.control import command_verifier
+            from edge_agent.comms.handlers import command_verifier
 
             verifier = command_verifier(cfg.commands.trusted_keys, cfg.commands.max_age_s)
         spool = None
@@ -203,22 +203,22 @@ class Agent:
             transport=transport, staging=cfg.transfer.staging or cfg.store.path / ".transfers",
             max_bytes=max_bytes, download_cfg=cfg.download, transfer_cfg=cfg.transfer, stop=self.stop_event,
         )
-        control = Control(self.models, status=self.status_message, apply_settings=self.apply_settings,
-                          fetcher=self.fetcher.fetch, max_bytes=max_bytes)
+        handlers = CommandHandlers(self.models, status=self.status_message, apply_settings=self.apply_settings,
+                                   fetcher=self.fetcher.fetch, max_bytes=max_bytes)
         telemetry = TelemetryCollector(disk_path=cfg.store.path, sources=self._source_intervals,
                                        models=self.models.model_stats)
         journal = self._command_journal(cfg)
-        plane = ControlPlane(
+        plane = MqttPlane(
             transport=transport,
             dispatcher_factory=lambda events: build_dispatcher(
-                control, local=False, events=events, max_payload=cfg.commands.max_payload, memory=cfg.commands.memory,
+                handlers, local=False, events=events, max_payload=cfg.commands.max_payload, memory=cfg.commands.memory,
                 verifier=verifier, journal=journal,
             ),
             groups=cfg.groups, workers=cfg.commands.workers, telemetry=telemetry,
             interval_s=cfg.mqtt.telemetry_interval_s, spool=spool, max_waiting=cfg.commands.max_waiting,
             max_payload=cfg.commands.max_payload,
         )
-        return transport, plane, control
+        return transport, plane, handlers
 
     def _command_journal(self, cfg: AgentConfig) -> Any:
         """The command journal in the store (one per process; see edge_agent.comms.journal)."""
@@ -473,7 +473,7 @@ class Agent:
 
 class _PlaneResults:
     """Result sink: each result to ``P/D/results/<source>`` through the
-    control plane's outbox (so results are kept on disk while the broker is
+    MQTT plane's outbox (so results are kept on disk while the broker is
     away, and replayed in order)."""
 
     def __init__(self, agent: Agent) -> None:

@@ -104,7 +104,7 @@ class ModelNotAvailable(EdgeAgentError):
     code = "model_not_available"
 
 
-# -- the MQTT control plane (edge_agent.comms) --------------------------------
+# -- the MQTT plane (edge_agent.comms) ----------------------------------------
 
 
 class CommandError(EdgeAgentError):

@@ -12,6 +12,7 @@ MODULES = (
     "edge_agent.comms.dispatcher",
     "edge_agent.comms.spool",
     "edge_agent.comms.download",
+    "edge_agent.comms.topics",
     "edge_agent.comms.transfer",
     "edge_agent.telemetry",
 )

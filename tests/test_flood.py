@@ -209,7 +209,7 @@ def test_commands_beyond_the_waiting_room_are_answered_busy_and_counted(flood_br
     from edge_agent.comms.commands import NoArgs
     from edge_agent.comms.dispatcher import Dispatcher
     from edge_agent.comms.mqtt import MqttTransport
-    from edge_agent.comms.plane import ControlPlane
+    from edge_agent.comms.plane import MqttPlane
     from edge_agent.config import MqttConfig
 
     device = f"busy-{uuid.uuid4().hex[:6]}"
@@ -228,8 +228,8 @@ def test_commands_beyond_the_waiting_room_are_answered_busy_and_counted(flood_br
 
     broker = flood_broker
     transport = MqttTransport(MqttConfig(host=broker.host, port=broker.port, topic_prefix=PREFIX), device)
-    plane = ControlPlane(transport=transport, dispatcher_factory=factory, groups=[], workers=1, telemetry=None,
-                         interval_s=60, spool=None, max_waiting=2)
+    plane = MqttPlane(transport=transport, dispatcher_factory=factory, groups=[], workers=1, telemetry=None,
+                      interval_s=60, spool=None, max_waiting=2)
     plane.start()
     transport.start()
     console = Console(broker, device)

@@ -36,7 +36,7 @@ def test_agent_imports_no_bundle_packing() -> None:
     fleet console make them."""
     code = (
         "import sys; import edge_agent.cli, edge_agent.agent, edge_agent.models.store, edge_agent.models.lifecycle,"
-        " edge_agent.comms.plane, edge_agent.control, edge_agent.http.server, edge_agent.bench;"
+        " edge_agent.comms.plane, edge_agent.comms.handlers, edge_agent.http.server, edge_agent.bench;"
         "print('edge_agent.bundles.pack' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

@@ -114,9 +114,9 @@ def test_local_control_socket_answers_and_stops_at_once(tmp_path: Path) -> None:
     """The socket's loop polls only every 30 s (an idle agent should not
     wake for nothing), so stopping must wake it: the agent's shutdown may
     not wait for the next poll. Requests before the stop are answered."""
-    from edge_agent.comms.local import LocalControlServer, request
+    from edge_agent.comms.local import LocalSocketServer, request
 
-    server = LocalControlServer(tmp_path / "agent.sock", lambda payload, origin: {"ok": True, "echo": len(payload)})
+    server = LocalSocketServer(tmp_path / "agent.sock", lambda payload, origin: {"ok": True, "echo": len(payload)})
     server.start()
     assert agent_listening(tmp_path / "agent.sock")
     assert request(tmp_path / "agent.sock", "ping")["ok"] is True

@@ -377,7 +377,7 @@ def signed_dispatcher(keys, max_age_s: float = 3600.0):
     counts how often it really ran."""
     from edge_agent.comms.commands import NoArgs
     from edge_agent.comms.dispatcher import Dispatcher
-    from edge_agent.control import command_verifier
+    from edge_agent.comms.handlers import command_verifier
 
     ran: list[str] = []
     d = Dispatcher(verifier=command_verifier([keys["a"][1]], max_age_s))
@@ -452,7 +452,7 @@ def test_a_signed_command_replayed_beyond_memory_or_after_a_restart_is_answered_
     from edge_agent.comms.commands import NoArgs
     from edge_agent.comms.dispatcher import Dispatcher
     from edge_agent.comms.journal import CommandJournal
-    from edge_agent.control import command_verifier
+    from edge_agent.comms.handlers import command_verifier
 
     ran: list[str] = []
 

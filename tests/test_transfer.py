@@ -19,9 +19,9 @@ import pytest
 
 from edge_agent.bundles import sha256_file
 from edge_agent.comms.mqtt import PahoLink
+from edge_agent.comms.topics import TransferTopics
 from edge_agent.comms.transfer import (
     PublishHandle,
-    Topics,
     TransferMeta,
     TransferReceiver,
     TransferSender,
@@ -282,7 +282,7 @@ def test_an_inconsistent_meta_fails_with_checksum_mismatch(payload: Path, client
 
 def test_malformed_meta_is_a_bad_transfer(clients: Callable[[str], PahoLink], tmp_path: Path) -> None:
     tid = uuid.uuid4().hex
-    topics = Topics(PREFIX, tid)
+    topics = TransferTopics(PREFIX, tid)
     console = clients("console")
     reports: list[dict] = []
     acked(console, 1, lambda: console.subscribe(topics.done, lambda topic, data: reports.append(json.loads(data))))
@@ -304,7 +304,7 @@ def test_a_deadline_ends_a_transfer_nobody_serves(payload: Path, clients: Callab
     """The meta is there, the sender is gone: the receiver asks, then gives up
     at its deadline (not at the caller's wait)."""
     tid = uuid.uuid4().hex
-    topics = Topics(PREFIX, tid)
+    topics = TransferTopics(PREFIX, tid)
     meta = build_meta(payload, tid=tid, chunk_size=CHUNK)
     console = clients("console")
     assert console.publish(topics.meta, meta.to_json(), qos=1, retain=True).wait(5)

@@ -52,15 +52,15 @@ def send(config_path: str, cmd: str, args: dict[str, Any]) -> tuple[dict[str, An
     if not lock.acquire():
         return request(config.store.socket_path, cmd, args), True
     try:
-        from edge_agent.control import Control, build_dispatcher
+        from edge_agent.comms.handlers import CommandHandlers, build_dispatcher
         from edge_agent.models.manager import ModelManager
 
         store = ModelStore.from_config(config.store)
         manager = ModelManager(store, config.models, trusted_keys=config.store.trusted_keys, probation=False)
         manager.start(require=False)
         try:
-            control = Control(manager, status=lambda: {"state": "stopped", "models": manager.status()})
-            dispatcher = build_dispatcher(control, local=True, events=lambda e: log.info("%s", e))
+            handlers = CommandHandlers(manager, status=lambda: {"state": "stopped", "models": manager.status()})
+            dispatcher = build_dispatcher(handlers, local=True, events=lambda e: log.info("%s", e))
             message = json.dumps({"id": f"cli-{uuid.uuid4().hex[:12]}", "cmd": cmd, "args": args})
             return dispatcher.handle(message, "cli"), False
         finally:

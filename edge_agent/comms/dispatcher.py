@@ -25,7 +25,7 @@ Error codes of the reply: ``payload_too_large``, ``bad_json``,
 ``bad_command``, ``unknown_command``, ``bad_args``, the code of an optional
 verifier's refusal (``signature_missing``, ``untrusted_key``,
 ``signature_invalid``, ``stale_command``: see
-:func:`edge_agent.control.command_verifier`), the journal's
+:func:`edge_agent.comms.handlers.command_verifier`), the journal's
 (``stale_command`` for a signed command older than its horizon,
 ``replayed_command`` for a signed id whose first reply is no longer kept,
 ``disk_full``/``store_write_failed`` when a command cannot be written down,
@@ -340,7 +340,7 @@ class Dispatcher:
     def _await_journal(self, journal: "CommandJournal", cmd_id: str,
                        later: Callable[[Reply], None] | None) -> Reply | None:
         """A repeat of a command another dispatcher of this process still runs
-        (the control plane was restarted by a reload meanwhile)."""
+        (the MQTT plane was restarted by a reload meanwhile)."""
         if later is not None and journal.wait(cmd_id, later):
             return None
         box: list[Reply] = []

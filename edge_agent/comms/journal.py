@@ -1,6 +1,6 @@
 """The command journal: what the dispatcher must remember across a restart.
 
-Two promises of the control plane outlive the agent's process, so they live
+Two promises of the MQTT plane outlive the agent's process, so they live
 on disk (``<store.path>/.commands.db``, SQLite):
 
 * **Every command taken is answered once.** A command that changes the

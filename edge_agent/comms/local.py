@@ -1,4 +1,5 @@
-"""The local control path: the running agent's commands over a Unix socket.
+"""The local control socket: the running agent's commands over a Unix socket
+(:class:`LocalSocketServer`; :func:`request` is the client side).
 
 ``edge-agent models ...`` on the device talks to the running agent through
 this socket instead of writing the store behind its back. The protocol is the
@@ -42,8 +43,9 @@ class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     allow_reuse_address = True
 
 
-class LocalControlServer:
-    """Serves ``handle(payload, origin) -> reply`` on a Unix socket."""
+class LocalSocketServer:
+    """Serves ``handle(payload, origin) -> reply`` on a Unix socket (one
+    thread per connection: ``handle`` must be thread-safe)."""
 
     def __init__(self, path: Path, handle: Callable[[bytes, str], dict[str, Any]]) -> None:
         self.path = Path(path)

@@ -1,5 +1,5 @@
-"""The MQTT transport (paho-mqtt 2.x). It knows topics and connections, not
-commands.
+"""The MQTT transport (paho-mqtt 2.x). It knows the connection and the
+device's topics (:mod:`edge_agent.comms.topics`), not commands.
 
 * a client made by :func:`~edge_agent.comms.client.make_client` with a
   persistent session (stable client id ``edge-agent-<device>``);
@@ -8,7 +8,11 @@ commands.
 * a retained last will ``{"state": "offline"}`` on ``P/D/status``;
   ``online`` published (retained) on every (re)connect, ``stopped`` on a clean
   exit;
-* :meth:`publish` takes a topic under ``P/D/`` and a JSON-able payload;
+* :meth:`publish` takes a topic under ``P/D/`` and a JSON-able payload,
+  :meth:`publish_bytes` any topic and the bytes as they are (the outbox's
+  messages, encoded once and perhaps kept in the spool meanwhile); the
+  device's topics are :attr:`topics`
+  (:class:`~edge_agent.comms.topics.DeviceTopics`);
 * one :class:`PahoLink` (``transport.link``) holds every subscription, the
   command topics' and the MQTT transfers', and subscribes them again after
   each reconnect.
@@ -26,6 +30,7 @@ import paho.mqtt.client as mqtt
 
 from edge_agent.comms.client import TlsFiles, connect_options, make_client
 from edge_agent.comms.commands import status_object
+from edge_agent.comms.topics import DeviceTopics
 from edge_agent.config import MqttConfig
 
 log = logging.getLogger(__name__)
@@ -35,7 +40,7 @@ _RECENT_ACKS = 4096  # acknowledgements kept for a waiter that registers late (m
 
 
 class PahoHandle:
-    """A paho ``MQTTMessageInfo`` as a :class:`~edge_agent.comms.transfer.PublishHandle`."""
+    """A paho ``MQTTMessageInfo`` as a :class:`~edge_agent.comms.transfer.protocol.PublishHandle`."""
 
     def __init__(self, info: Any) -> None:
         self._info = info
@@ -49,7 +54,7 @@ class PahoHandle:
 
 
 class PahoLink:
-    """A :class:`~edge_agent.comms.transfer.Link` over a paho-mqtt 2.x client
+    """A :class:`~edge_agent.comms.transfer.protocol.Link` over a paho-mqtt 2.x client
     that its owner connects.
 
     Subscriptions are remembered; call :meth:`resubscribe` from the owner's
@@ -101,7 +106,8 @@ class MqttTransport:
     """One connection to the broker for one device.
 
     ``status_provider`` returns the ``models`` part of the status message.
-    Thread-safety: ``publish`` may be called from any thread (paho queues).
+    Thread-safety: ``publish`` and ``publish_bytes`` may be called from any
+    thread (paho queues).
     """
 
     def __init__(
@@ -115,7 +121,7 @@ class MqttTransport:
     ) -> None:
         self.cfg = cfg
         self.device_id = device_id
-        self.base = f"{cfg.topic_prefix}/{device_id}"
+        self.topics = DeviceTopics(cfg.topic_prefix, device_id)
         self.status_provider = status_provider
         self.groups = list(groups)
         self.connected = threading.Event()
@@ -133,7 +139,7 @@ class MqttTransport:
             tls = TlsFiles(cfg.tls.ca_certs, cfg.tls.certfile, cfg.tls.keyfile, cfg.tls.insecure)
         self.client = make_client(client_id or f"edge-agent-{device_id}", protocol=cfg.protocol, persistent=True,
                                   username=cfg.username, password=cfg.password, tls=tls)
-        self.client.will_set(self.topic("status"), json.dumps({"state": "offline"}, separators=(",", ":")), qos=1, retain=True)
+        self.client.will_set(self.topics.status, json.dumps({"state": "offline"}, separators=(",", ":")), qos=1, retain=True)
         self.client.reconnect_delay_set(min_delay=1, max_delay=60)
         # Bound what paho buffers while the broker is away (QoS 1 results):
         # beyond this, publishes are refused rather than growing memory.
@@ -148,7 +154,8 @@ class MqttTransport:
         """Every subscription on this connection (commands, MQTT transfers)."""
 
     def topic(self, suffix: str) -> str:
-        return f"{self.base}/{suffix}"
+        """``P/D/<suffix>``."""
+        return self.topics.topic(suffix)
 
     def status(self, state: str) -> dict[str, Any]:
         return status_object(state, self.device_id, self.groups, self.status_provider())
@@ -192,6 +199,15 @@ class MqttTransport:
         return self.client.publish(
             self.topic(suffix), json.dumps(payload, separators=(",", ":")), qos=qos, retain=retain
         )
+
+    def publish_bytes(
+        self, topic: str, payload: bytes, *, qos: int, retain: bool = False
+    ) -> mqtt.MQTTMessageInfo:
+        """Hand ``payload`` to paho for ``topic`` as it is. The returned
+        info's ``rc`` says whether paho took it (``MQTT_ERR_NO_CONN``:
+        without a connection; a QoS 1 message is then sent after the
+        reconnect), its ``mid`` is what :meth:`when_acknowledged` follows."""
+        return self.client.publish(topic, payload, qos=qos, retain=retain)
 
     def when_acknowledged(self, info: mqtt.MQTTMessageInfo, callback: Callable[[], None]) -> None:
         """Call ``callback()`` once the broker acknowledged the QoS 1

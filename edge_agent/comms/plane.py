@@ -1,9 +1,11 @@
-"""The MQTT control plane of a running agent: commands in, replies, events,
-telemetry and results out, with store-and-forward while the broker is away.
+"""The MQTT plane of a running agent (:class:`MqttPlane`): commands in,
+replies, events, telemetry and results out, with store-and-forward while the
+broker is away.
 
-Parts, each from its own module: the transport (:mod:`.mqtt`) knows topics
-and connections; the dispatcher (:mod:`.dispatcher`) turns a payload into one
-reply; the handlers (:mod:`edge_agent.control`) do the work; the spool
+Parts, each from its own module: the transport (:mod:`.mqtt`) knows
+connections, the topic tree (:mod:`.topics`) the topics; the dispatcher
+(:mod:`.dispatcher`) turns a payload into one reply; the command handlers
+(:mod:`.handlers`) do the work; the spool
 (:mod:`.spool`) keeps messages on disk; downloads (:mod:`.download`) and MQTT
 transfers (:mod:`.transfer`) bring bundles. This module wires them:
 
@@ -34,6 +36,7 @@ import paho.mqtt.client as mqtt
 
 from edge_agent.comms.dispatcher import error_reply, readable_id
 from edge_agent.comms.mqtt import MqttTransport, PahoHandle
+from edge_agent.comms.topics import results_suffix
 from edge_agent.errors import EdgeAgentError, SpoolError
 
 log = logging.getLogger(__name__)
@@ -43,6 +46,10 @@ STATUS_EVENTS = {"activated", "rolled_back", "removed", "label_set", "probation_
 
 class Outbox:
     """Publishes JSON messages under ``P/D/``, through the spool when needed.
+
+    Everything goes out through the transport
+    (:meth:`MqttTransport.publish_bytes`, :meth:`MqttTransport.when_acknowledged`),
+    never around it.
 
     Thread-safety: :meth:`send` may be called from any thread.
     """
@@ -84,7 +91,7 @@ class Outbox:
             if drain:
                 self.drain()  # connected but backed up: the backlog drains now, not at the next reconnect
             return
-        info = self.transport.client.publish(topic, data, qos=qos)
+        info = self.transport.publish_bytes(topic, data, qos=qos)
         if info.rc == 0 or (qos > 0 and info.rc == mqtt.MQTT_ERR_NO_CONN):
             # sent, or (QoS 1, connection just lost) kept by paho and sent after reconnecting
             if delivered is not None and qos > 0:
@@ -144,7 +151,7 @@ class Outbox:
         for item in items:
             if not self.transport.connected.is_set() or self._stop.is_set():
                 break
-            info = self.transport.client.publish(item.topic, item.payload, qos=item.qos, retain=item.retain)
+            info = self.transport.publish_bytes(item.topic, item.payload, qos=item.qos, retain=item.retain)
             if info.rc != 0:
                 break  # paho's queue is full, or the connection just went
             handles.append((item, info))
@@ -195,7 +202,7 @@ class Outbox:
         self._stop.set()
 
 
-class ControlPlane:
+class MqttPlane:
     """Commands, events, telemetry and store-and-forward for one agent."""
 
     def __init__(
@@ -225,17 +232,12 @@ class ControlPlane:
         self.shed = {"busy": 0, "unreadable": 0}
         """Commands refused because too many were waiting, since the start."""
         self._shed_logged = 0.0
-        self.successor: ControlPlane | None = None
+        self.successor: MqttPlane | None = None
         """Set when a reload replaced this plane: late replies and events go there."""
         self._workers = [threading.Thread(target=self._work, name=f"command-{i}", daemon=True) for i in range(workers)]
         self._stop = threading.Event()
         self._telemetry_thread = threading.Thread(target=self._telemetry_loop, name="telemetry", daemon=True)
-        prefix = transport.cfg.topic_prefix
-        self.command_topics = [
-            transport.topic("cmd"),
-            *(f"{prefix}/groups/{g}/cmd" for g in groups),
-            f"{prefix}/all/cmd",
-        ]
+        self.command_topics = transport.topics.command_topics(groups)
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -250,7 +252,7 @@ class ControlPlane:
         if self.transport.connected.is_set():
             self.outbox.on_connected()
 
-    def stop(self, successor: "ControlPlane | None" = None) -> list[tuple[str, bytes]]:
+    def stop(self, successor: "MqttPlane | None" = None) -> list[tuple[str, bytes]]:
         """Stop; returns the commands taken but not started (the broker was
         told they arrived, so a successor must run them: see :meth:`take`).
 
@@ -355,7 +357,7 @@ class ControlPlane:
             self.transport.publish_status()
 
     def result(self, source: str, result: dict[str, Any]) -> None:
-        self.outbox.send("results", f"results/{source}", result, qos=self.transport.cfg.results_qos)
+        self.outbox.send("results", results_suffix(source), result, qos=self.transport.cfg.results_qos)
 
     def _telemetry_loop(self) -> None:
         next_at = time.monotonic() + self.interval_s
@@ -446,11 +448,11 @@ class BundleFetcher:
             raise
 
     def _transfer(self, args: Any, progress: Callable[..., None]) -> Path:
-        from edge_agent.comms.transfer import TransferReceiver
+        from edge_agent.comms.transfer.receiver import TransferReceiver
 
         t = self.transfer_cfg
         rx = TransferReceiver(
-            self.transport.link, self.transport.cfg.topic_prefix, args.transfer, self.transport.device_id, self.staging,
+            self.transport.link, self.transport.topics.prefix, args.transfer, self.transport.device_id, self.staging,
             max_bytes=self.max_bytes, expected_sha256=args.sha256, expected_size=args.size,
             progress=_throttle(lambda got, total: progress("transfer", received=got, total=total)),
             idle_s=t.idle_s, max_idle_s=t.max_idle_s, deadline_s=t.deadline_s,

@@ -65,9 +65,11 @@ class Console:
     def __init__(self, settings: BrokerSettings, *, telemetry: bool = False, client_id: str | None = None) -> None:
         from edge_agent.comms.client import TlsFiles, make_client
         from edge_agent.comms.mqtt import PahoLink
+        from edge_agent.comms.topics import Topics
 
         self.settings = settings
         self.prefix = settings.prefix
+        self.topics = Topics(settings.prefix)
         self.telemetry = telemetry
         self._sign_key = None
         if settings.sign_key is not None:
@@ -102,11 +104,11 @@ class Console:
 
     def connect(self, timeout: float = 10.0) -> "Console":
         s = self.settings
-        p = self.prefix
+        t = self.topics
         for suffix, handler in (("status", self._on_status), ("reply", self._on_reply), ("events", self._on_event)):
-            self.client.message_callback_add(f"{p}/+/{suffix}", handler)
+            self.client.message_callback_add(t.every_device(suffix), handler)
         if self.telemetry:
-            self.client.message_callback_add(f"{p}/+/telemetry", self._on_telemetry)
+            self.client.message_callback_add(t.every_device("telemetry"), self._on_telemetry)
         self.client.message_callback_add(self._sync_topic, self._on_sync)
         try:
             self.client.connect(s.host, s.port, keepalive=s.keepalive_s)
@@ -134,12 +136,12 @@ class Console:
 
     @property
     def _sync_topic(self) -> str:
-        return f"{self.prefix}/_console/{self.client_id}/sync"
+        return self.topics.console_sync(self.client_id)
 
     def _subscriptions(self) -> list[tuple[str, int]]:
-        subs = [(f"{self.prefix}/+/{s}", 1) for s in ("status", "reply", "events")]
+        subs = [(self.topics.every_device(s), 1) for s in ("status", "reply", "events")]
         if self.telemetry:
-            subs.append((f"{self.prefix}/+/telemetry", 0))
+            subs.append((self.topics.every_device("telemetry"), 0))
         return subs + [(self._sync_topic, 1)]
 
     def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
@@ -193,13 +195,6 @@ class Console:
             except Exception:
                 log.exception("fleet console: a %s listener failed", kind)
 
-    def _device_of(self, topic: str) -> str | None:
-        parts = topic.split("/")
-        prefix_parts = self.prefix.count("/") + 1
-        if len(parts) != prefix_parts + 2 or parts[prefix_parts] in ("all", "groups", "transfers", "_console"):
-            return None
-        return parts[prefix_parts]
-
     @staticmethod
     def _json(message: Any) -> dict[str, Any] | None:
         try:
@@ -210,7 +205,7 @@ class Console:
         return data if isinstance(data, dict) else None
 
     def _on_status(self, client: Any, userdata: Any, message: Any) -> None:
-        device = self._device_of(message.topic)
+        device = self.topics.device_of(message.topic)
         if device is None:
             return
         data = self._json(message) if message.payload else {}
@@ -229,7 +224,7 @@ class Console:
         self._tell("status", device, data)
 
     def _on_reply(self, client: Any, userdata: Any, message: Any) -> None:
-        device = self._device_of(message.topic)
+        device = self.topics.device_of(message.topic)
         data = self._json(message)
         if device is None or data is None or not isinstance(data.get("id"), str):
             return
@@ -238,13 +233,13 @@ class Console:
             self.cond.notify_all()
 
     def _on_event(self, client: Any, userdata: Any, message: Any) -> None:
-        device = self._device_of(message.topic)
+        device = self.topics.device_of(message.topic)
         data = self._json(message)
         if device is not None and data is not None:
             self._tell("events", device, data)
 
     def _on_telemetry(self, client: Any, userdata: Any, message: Any) -> None:
-        device = self._device_of(message.topic)
+        device = self.topics.device_of(message.topic)
         data = self._json(message)
         if device is None or data is None:
             return
@@ -273,11 +268,11 @@ class Console:
 
     def command_topic(self, target: Target | str) -> str:
         if isinstance(target, str):
-            return f"{self.prefix}/{target}/cmd"
+            return self.topics.device(target).cmd
         if target.kind == "all":
-            return f"{self.prefix}/all/cmd"
+            return self.topics.all_cmd
         if target.kind == "group":
-            return f"{self.prefix}/groups/{target.names[0]}/cmd"
+            return self.topics.group_cmd(target.names[0])
         raise ValueError("a device target is sent to each device's own topic")
 
     def publish_command(self, topic: str, cmd_id: str, cmd: str, args: dict[str, Any], *,

@@ -120,7 +120,7 @@ def deploy(
     ``progress(DeviceProgress)`` is called on paho's thread at every event of
     this deploy; ``on_targets(online, offline)`` once the targets are known.
     """
-    from edge_agent.comms.transfer import Topics, TransferSender
+    from edge_agent.comms.transfer import TransferSender
 
     check_delivery(via, url, serve, advertise)
     cmd_id = new_command_id("deploy")
@@ -184,7 +184,7 @@ def deploy(
                     break
                 started.wait(left)
         size = chunk_size or chunk_size_for(bundle.size)
-        link = _PacedLink(console.link, Topics(console.prefix, transfer_id).chunk_prefix, size, bundle.size,
+        link = _PacedLink(console.link, console.topics.transfer(transfer_id).chunk_prefix, size, bundle.size,
                           window_bytes, started, lambda: _slowest(states, online, stall_s=3.0))
         sender = TransferSender(link, console.prefix, bundle.archive, tid=transfer_id, chunk_size=size,
                                 rate_bytes_s=rate_bytes_s, repeat_after_s=repeat_after_s)

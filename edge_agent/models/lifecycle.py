@@ -5,7 +5,7 @@ command calls once the bundle is on local disk. Steps, each announced through
 ``progress(step, **info)``:
 
 1. ``fetching``: resolve the source (a path or a ``file://`` URL; the
-   control plane downloads or receives any other source itself and passes
+   MQTT plane downloads or receives any other source itself and passes
    the local file), check the archive's size and sha256 when the caller gave
    them;
 2. ``verifying``: open the bundle: manifest schema, every file's sha256, the

@@ -1,406 +1,41 @@
-"""Bundle delivery over MQTT, for devices that can reach the broker and
-nothing else. The protocol is described for people in ``docs/transfer.md``;
-in short, under ``P/transfers/<tid>/``:
-
-* ``meta`` (retained, QoS 1, JSON): size, sha256, chunk size and the sha256
-  of every chunk: a device that joins late still finds it;
-* ``chunk/<i>`` (QoS 1, raw bytes), each published once for the whole
-  fleet: every subscribed device receives the same message;
-* ``need`` (QoS 1, JSON ``{"device", "ranges": [[first, last], ...]}``):
-  a device that joined late or lost or rejected chunks asks for just those;
-  the sender gathers the requests of a short window and re-publishes the
-  union once;
-* ``done`` (QoS 1, JSON ``{"device", "ok", ...}``): a device reports the
-  outcome, so the console knows when it may stop serving.
-
-The code is transport-agnostic: it speaks to a :class:`Link` (publish bytes,
-subscribe a filter with a callback). :class:`~edge_agent.comms.mqtt.PahoLink`
-adapts a paho client (importable from here too); another transport supplies
-its own.
+"""The device side of an MQTT transfer: a file assembled from the chunks
+every device receives, asking for what it missed (protocol:
+:mod:`.protocol`, ``docs/transfer.md``).
 
 Threading: link callbacks run on the transport's thread (paho's network
 thread) and only do cheap work (verify a chunk's sha256, write it at its
 offset); the slow parts (hashing the whole file, persisting state, asking
-for missing chunks, publishing chunks) run on one worker thread per sender
-or receiver, without holding the lock the link's thread takes.
+for missing chunks) run on one worker thread per receiver, without holding
+the lock the link's thread takes.
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
-import hashlib
 import json
 import logging
-import math
 import os
-import re
 import shutil
 import threading
 import time
-import uuid
-from collections import deque
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import ValidationError
 
-from edge_agent.comms.commands import TOKEN_RE, Sha256, Token
+from edge_agent.comms.topics import TransferTopics
+from edge_agent.comms.transfer.protocol import (
+    MAX_RANGES_PER_NEED,
+    Link,
+    TransferMeta,
+    done_message,
+    need_message,
+    to_ranges,
+)
 from edge_agent.errors import TransferError, is_disk_full
 
-log = logging.getLogger(__name__)
-
-PROTOCOL_VERSION = 1
-DEFAULT_CHUNK_SIZE = 64 * 1024
-MIN_CHUNK_SIZE = 1024
-MAX_CHUNK_SIZE = 4 * 1024 * 1024
-MAX_RANGES_PER_NEED = 256
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-
-
-# -- the link: what the protocol needs from a transport ------------------------------
-
-
-class PublishHandle(Protocol):
-    def wait(self, timeout: float) -> bool:
-        """True once the broker acknowledged the message (QoS 1)."""
-        ...
-
-
-class Link(Protocol):
-    """Publish and subscribe, nothing else. Implementations call subscription
-    callbacks as ``callback(topic, payload)`` on their own thread."""
-
-    def publish(self, topic: str, payload: bytes, *, qos: int, retain: bool) -> PublishHandle: ...
-
-    def subscribe(self, topic_filter: str, callback: Callable[[str, bytes], None]) -> Callable[[], None]:
-        """Subscribe (QoS 1); returns a function that unsubscribes."""
-        ...
-
-
-# -- the meta message ---------------------------------------------------------------
-
-
-class TransferMeta(BaseModel):
-    """The retained description of one transfer.
-
-    Unknown fields are ignored (a newer sender may add some); ``v`` changes
-    when an older receiver could not work correctly.
-    """
-
-    model_config = ConfigDict(extra="ignore", frozen=True, strict=True)
-
-    v: int = Field(PROTOCOL_VERSION, description="Protocol version.")
-    tid: Token
-    name: str = Field(description="File name of the payload (e.g. classifier-3.tar.gz).")
-    size: int = Field(ge=1)
-    sha256: Sha256
-    chunk_size: int = Field(ge=MIN_CHUNK_SIZE, le=MAX_CHUNK_SIZE)
-    chunks: int = Field(ge=1)
-    chunk_sha256: list[Sha256]
-
-    @model_validator(mode="after")
-    def _consistent(self) -> "TransferMeta":
-        if self.v != PROTOCOL_VERSION:
-            raise ValueError(f"protocol version {self.v} is not supported (this agent speaks {PROTOCOL_VERSION})")
-        if not _NAME_RE.fullmatch(self.name):
-            raise ValueError("name must be a plain file name (letters, digits, '.', '_', '-')")
-        if self.chunks != math.ceil(self.size / self.chunk_size):
-            raise ValueError(f"{self.size} bytes in chunks of {self.chunk_size} are not {self.chunks} chunks")
-        if len(self.chunk_sha256) != self.chunks:
-            raise ValueError("chunk_sha256 must list one sha256 per chunk")
-        return self
-
-    def chunk_span(self, index: int) -> tuple[int, int]:
-        """(offset, length) of chunk ``index``."""
-        offset = index * self.chunk_size
-        return offset, min(self.chunk_size, self.size - offset)
-
-    def to_json(self) -> bytes:
-        return json.dumps(self.model_dump(), separators=(",", ":")).encode()
-
-
-def build_meta(path: Path, *, tid: str, chunk_size: int = DEFAULT_CHUNK_SIZE, name: str | None = None) -> TransferMeta:
-    """Hash ``path`` chunk by chunk and describe it."""
-    whole = hashlib.sha256()
-    hashes = []
-    size = 0
-    with open(path, "rb") as fh:
-        while chunk := fh.read(chunk_size):
-            whole.update(chunk)
-            hashes.append(hashlib.sha256(chunk).hexdigest())
-            size += len(chunk)
-    return TransferMeta(
-        tid=tid,
-        name=name or path.name,
-        size=size,
-        sha256=whole.hexdigest(),
-        chunk_size=chunk_size,
-        chunks=len(hashes),
-        chunk_sha256=hashes,
-    )
-
-
-class Topics:
-    """The topics of transfer ``tid`` under prefix ``P``."""
-
-    def __init__(self, prefix: str, tid: str) -> None:
-        if not TOKEN_RE.fullmatch(tid):
-            raise ValueError(f"transfer id {tid!r} is not a valid token")
-        self.base = f"{prefix}/transfers/{tid}"
-        self.meta = f"{self.base}/meta"
-        self.chunk_prefix = f"{self.base}/chunk/"
-        self.chunk_filter = f"{self.chunk_prefix}+"
-        self.need = f"{self.base}/need"
-        self.done = f"{self.base}/done"
-
-    def chunk(self, index: int) -> str:
-        return f"{self.chunk_prefix}{index}"
-
-
-def to_ranges(indices: list[int]) -> list[list[int]]:
-    """[0, 1, 2, 5, 7, 8] -> [[0, 2], [5, 5], [7, 8]] (input sorted)."""
-    ranges: list[list[int]] = []
-    for i in indices:
-        if ranges and ranges[-1][1] == i - 1:
-            ranges[-1][1] = i
-        else:
-            ranges.append([i, i])
-    return ranges
-
-
-def parse_need(payload: bytes, chunks: int) -> tuple[str, set[int]]:
-    """Validate a ``need`` message; returns (device, indices within range)."""
-    data = json.loads(payload)
-    if not isinstance(data, dict) or not isinstance(data.get("device"), str):
-        raise ValueError("a need is {'device': str, 'ranges': [[first, last], ...]}")
-    ranges = data.get("ranges")
-    if not isinstance(ranges, list) or len(ranges) > MAX_RANGES_PER_NEED:
-        raise ValueError(f"ranges must be a list of at most {MAX_RANGES_PER_NEED} [first, last] pairs")
-    wanted: set[int] = set()
-    for pair in ranges:
-        if (
-            not isinstance(pair, list)
-            or len(pair) != 2
-            or not all(isinstance(x, int) and not isinstance(x, bool) for x in pair)
-            or pair[0] > pair[1]
-        ):
-            raise ValueError(f"bad range {pair!r}")
-        wanted.update(range(max(pair[0], 0), min(pair[1], chunks - 1) + 1))
-    return data["device"], wanted
-
-
-# -- the console side ------------------------------------------------------------------
-
-
-class TransferSender:
-    """Publishes one file to every device listening for transfer ``tid``.
-
-    ``start()`` publishes the retained meta, then (on a worker thread) every
-    chunk once, at most ``max_inflight`` unacknowledged and at most
-    ``rate_bytes_s`` bytes a second; afterwards it re-publishes what devices
-    ask for in ``need`` messages, gathered for ``need_delay_s`` so that ten
-    devices missing the same chunk cost one publish. ``close()`` stops
-    serving and clears the retained meta.
-
-    Two rules keep a busy fleet from asking for the file over and over (a
-    device that is slow to read its socket sees silence and asks for
-    everything it has not processed yet, though it is on its way): a need
-    for a chunk the first pass has not reached yet is ignored (it is coming),
-    and a chunk is not re-published within ``repeat_after_s`` of its last
-    publish (a device that really lost it asks again after its back-off).
-
-    Thread-safety: the public methods may be called from any thread.
-    """
-
-    def __init__(
-        self,
-        link: Link,
-        prefix: str,
-        path: Path | str,
-        *,
-        tid: str | None = None,
-        chunk_size: int = DEFAULT_CHUNK_SIZE,
-        max_inflight: int = 16,
-        rate_bytes_s: float | None = None,
-        need_delay_s: float = 0.2,
-        publish_timeout_s: float = 30.0,
-        repeat_after_s: float = 3.0,
-        meta: TransferMeta | None = None,
-    ) -> None:
-        self.link = link
-        self.path = Path(path)
-        self.tid = tid or uuid.uuid4().hex
-        self.topics = Topics(prefix, self.tid)
-        # ``meta``: the description of this same file made once for several
-        # transfers of it (only the id differs), so the file is hashed once.
-        self.meta = (meta.model_copy(update={"tid": self.tid}) if meta is not None
-                     else build_meta(self.path, tid=self.tid, chunk_size=chunk_size))
-        self.max_inflight = max(1, max_inflight)
-        self.rate_bytes_s = rate_bytes_s
-        self.need_delay_s = need_delay_s
-        self.publish_timeout_s = publish_timeout_s
-        self.repeat_after_s = repeat_after_s
-        self.done: dict[str, dict[str, Any]] = {}
-        """Outcome reported by each device (``done`` messages), by device id."""
-        self.needs: list[tuple[str, list[list[int]]]] = []
-        """Every ``need`` received: (device, ranges), for logs and tests."""
-        self.published = 0
-        """Chunk publishes, first pass and re-publishes together."""
-        self.held_back = 0
-        """Requested chunks not re-published (first pass not there yet, or published moments ago)."""
-        self._sent_at = [0.0] * self.meta.chunks  # monotonic time of each chunk's last publish; 0: never
-        self._cursor = 0  # the first pass has published every chunk below this index
-        self._pending: set[int] = set()
-        self._cond = threading.Condition()
-        self._stop = threading.Event()
-        self._first_pass = threading.Event()
-        self._inflight: deque[PublishHandle] = deque()
-        self._unsubscribe: list[Callable[[], None]] = []
-        self._thread: threading.Thread | None = None
-        self._fh = open(self.path, "rb")
-        self._next_send_at = 0.0
-
-    def start(self) -> "TransferSender":
-        self._unsubscribe.append(self.link.subscribe(self.topics.need, self._on_need))
-        self._unsubscribe.append(self.link.subscribe(self.topics.done, self._on_done))
-        self.link.publish(self.topics.meta, self.meta.to_json(), qos=1, retain=True).wait(self.publish_timeout_s)
-        self._thread = threading.Thread(target=self._run, name=f"transfer-send-{self.tid[:8]}", daemon=True)
-        self._thread.start()
-        log.info(
-            "transfer %s: sending %s (%d bytes, %d chunks)", self.tid, self.path, self.meta.size, self.meta.chunks
-        )
-        return self
-
-    def wait_sent(self, timeout: float | None = None) -> bool:
-        """True once every chunk was published once (and acknowledged)."""
-        return self._first_pass.wait(timeout)
-
-    def wait_done(self, devices: set[str] | list[str], timeout: float) -> bool:
-        """True once every device in ``devices`` reported success."""
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while not all(self.done.get(d, {}).get("ok") for d in devices):
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._cond.wait(left)
-            return True
-
-    def close(self, *, clear_meta: bool = True) -> None:
-        self._stop.set()
-        with self._cond:
-            self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join(self.publish_timeout_s)
-        for unsubscribe in self._unsubscribe:
-            unsubscribe()
-        self._unsubscribe.clear()
-        if clear_meta:
-            # An empty retained message deletes the retained meta.
-            self.link.publish(self.topics.meta, b"", qos=1, retain=True).wait(self.publish_timeout_s)
-        self._fh.close()
-
-    def __enter__(self) -> "TransferSender":
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    # -- worker ------------------------------------------------------------------
-
-    def _run(self) -> None:
-        try:
-            for index in range(self.meta.chunks):
-                if self._stop.is_set():
-                    return
-                self._publish_chunk(index)
-            self._drain()
-            self._first_pass.set()
-            log.info("transfer %s: every chunk published once", self.tid)
-            while not self._stop.is_set():
-                with self._cond:
-                    while not self._pending and not self._stop.is_set():
-                        self._cond.wait()
-                if self._stop.wait(self.need_delay_s):  # gather the requests of several devices
-                    return
-                with self._cond:
-                    now = time.monotonic()
-                    batch = [i for i in sorted(self._pending) if now - self._sent_at[i] >= self.repeat_after_s]
-                    self.held_back += len(self._pending) - len(batch)
-                    self._pending.clear()
-                if not batch:
-                    continue
-                log.info("transfer %s: re-publishing %d chunk(s)", self.tid, len(batch))
-                for index in batch:
-                    if self._stop.is_set():
-                        return
-                    self._publish_chunk(index)
-        except Exception:
-            log.exception("transfer %s: the sender failed", self.tid)
-
-    def _publish_chunk(self, index: int) -> None:
-        offset, length = self.meta.chunk_span(index)
-        data = os.pread(self._fh.fileno(), length, offset)
-        if self.rate_bytes_s:
-            # Pace, without saving up credit while idle (no burst after a pause).
-            now = time.monotonic()
-            if self._next_send_at > now and self._stop.wait(self._next_send_at - now):
-                return
-            self._next_send_at = max(now, self._next_send_at) + length / self.rate_bytes_s
-        while len(self._inflight) >= self.max_inflight:
-            self._settle(self._inflight.popleft())
-            if self._stop.is_set():
-                return
-        self._inflight.append(self.link.publish(self.topics.chunk(index), data, qos=1, retain=False))
-        with self._cond:
-            self.published += 1
-            self._sent_at[index] = time.monotonic()
-            self._cursor = max(self._cursor, index + 1)
-
-    def _drain(self) -> None:
-        while self._inflight and not self._stop.is_set():
-            self._settle(self._inflight.popleft())
-
-    def _settle(self, handle: PublishHandle) -> None:
-        """Wait for one acknowledgement. A chunk the broker did not take is
-        not retried here: the devices that miss it will ask for it."""
-        if not handle.wait(self.publish_timeout_s):
-            log.warning("transfer %s: a chunk was not acknowledged (broker away?)", self.tid)
-            self._stop.wait(1.0)  # do not spin while the link is down
-
-    # -- link callbacks ----------------------------------------------------------
-
-    def _on_need(self, topic: str, payload: bytes) -> None:
-        try:
-            device, wanted = parse_need(payload, self.meta.chunks)
-        except (ValueError, TypeError) as exc:
-            log.warning("transfer %s: ignoring a malformed need: %s", self.tid, exc)
-            return
-        log.info("transfer %s: %s needs %d chunk(s)", self.tid, device, len(wanted))
-        with self._cond:
-            self.needs.append((device, to_ranges(sorted(wanted))))
-            coming = {i for i in wanted if i >= self._cursor}
-            self.held_back += len(coming)
-            self._pending.update(wanted - coming)
-            self._cond.notify_all()
-
-    def _on_done(self, topic: str, payload: bytes) -> None:
-        try:
-            data = json.loads(payload)
-            device = data["device"]
-            if not isinstance(device, str):
-                raise TypeError("device is not a string")
-        except (ValueError, KeyError, TypeError) as exc:
-            log.warning("transfer %s: ignoring a malformed done: %s", self.tid, exc)
-            return
-        log.info("transfer %s: %s reports %s", self.tid, device, "success" if data.get("ok") else data.get("error"))
-        with self._cond:
-            self.done[device] = data
-            self._cond.notify_all()
-
-
-# -- the device side -----------------------------------------------------------------
+log = logging.getLogger(__package__)  # the package's: log lines name edge_agent.comms.transfer, as before the split
 
 
 class TransferReceiver:
@@ -442,7 +77,7 @@ class TransferReceiver:
         persist_every_s: float = 1.0,
     ) -> None:
         self.link = link
-        self.topics = Topics(prefix, tid)
+        self.topics = TransferTopics(prefix, tid)
         self.tid = tid
         self.device_id = device_id
         self.dir = Path(staging_dir) / tid
@@ -693,9 +328,8 @@ class TransferReceiver:
             self._wake.notify_all()
 
     def _on_chunk(self, topic: str, payload: bytes) -> None:
-        try:
-            index = int(topic.rsplit("/", 1)[1])
-        except ValueError:
+        index = self.topics.chunk_index(topic)
+        if index is None:
             return
         with self._lock:
             meta = self.meta
@@ -705,7 +339,7 @@ class TransferReceiver:
             if self._have[index]:
                 return  # re-published for another device
             offset, length = meta.chunk_span(index)
-            if len(payload) != length or hashlib.sha256(payload).hexdigest() != meta.chunk_sha256[index]:
+            if not meta.chunk_ok(index, payload):
                 self.rejected += 1
                 log.warning("transfer %s: chunk %d is corrupt (%d bytes); it will be requested again", self.tid, index, len(payload))
                 return
@@ -782,7 +416,7 @@ class TransferReceiver:
         ranges = to_ranges(missing)[:MAX_RANGES_PER_NEED]
         self.needs_sent.append(ranges)
         log.info("transfer %s: asking for %d missing chunk(s) in %d range(s)", self.tid, len(missing), len(ranges))
-        return json.dumps({"device": self.device_id, "ranges": ranges}, separators=(",", ":")).encode()
+        return need_message(self.device_id, ranges)
 
     def _finish(self) -> None:
         """Every chunk is on disk and verified: check the whole.
@@ -839,7 +473,7 @@ class TransferReceiver:
 
     def _report(self, *, ok: bool, **fields: Any) -> None:
         """Publish ``done`` so the console knows it may stop serving this device."""
-        self._publish(self.topics.done, json.dumps({"device": self.device_id, "ok": ok, **fields}).encode())
+        self._publish(self.topics.done, done_message(self.device_id, ok=ok, **fields))
 
     def _publish(self, topic: str, payload: bytes) -> None:
         try:
@@ -851,7 +485,7 @@ class TransferReceiver:
 def _chunk_ok(fd: int, meta: TransferMeta, index: int) -> bool:
     """Whether chunk ``index`` of the file open at ``fd`` matches its sha256 in ``meta``."""
     offset, length = meta.chunk_span(index)
-    return hashlib.sha256(os.pread(fd, length, offset)).hexdigest() == meta.chunk_sha256[index]
+    return meta.chunk_ok(index, os.pread(fd, length, offset))
 
 
 def _disk_code(exc: OSError) -> str:

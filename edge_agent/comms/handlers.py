@@ -1,11 +1,11 @@
-"""What each command does: the handlers behind the dispatcher.
+"""What each command does: the command handlers behind the dispatcher.
 
-The same handlers serve the MQTT command topics (issue: control plane) and the
-local control socket of ``edge-agent models``; :func:`build_dispatcher` makes
-the table. ``local=True`` adds the commands that name files on the device
+The same :class:`CommandHandlers` serve the MQTT command topics (through the
+MQTT plane, :mod:`.plane`) and the local control socket of ``edge-agent
+models`` (:mod:`.local`); :func:`build_dispatcher` makes the table. ``local=True`` adds the commands that name files on the device
 (``add``) and therefore must not be reachable from the network.
 
-:meth:`Control.recover` answers a command that a crash interrupted (found in
+:meth:`CommandHandlers.recover` answers a command that a crash interrupted (found in
 the command journal at the next start): from the store as it is now, the
 command's outcome when it had in fact completed, else ``interrupted`` with
 what the device holds.
@@ -43,8 +43,10 @@ DURABLE_COMMANDS = frozenset({"deploy", "activate", "rollback", "remove", "label
 crash in the middle gets them answered at the next start."""
 
 
-class Control:
-    """Handlers bound to one agent's models and sources."""
+class CommandHandlers:
+    """Handlers bound to one agent's models and sources. Each runs on the
+    thread that dispatches the command (a command worker, a socket
+    connection's thread); what they share is the model manager's to guard."""
 
     def __init__(
         self,
@@ -220,27 +222,27 @@ def command_verifier(trusted_keys: Sequence[Path], max_age_s: float) -> Callable
     return verify
 
 
-def build_dispatcher(control: Control, *, local: bool, events: Callable[[dict[str, Any]], None] | None = None,
+def build_dispatcher(handlers: CommandHandlers, *, local: bool, events: Callable[[dict[str, Any]], None] | None = None,
                      **kwargs: Any) -> Dispatcher:
     """The table of commands. ``kwargs`` go to :class:`Dispatcher`
     (``journal=`` makes :data:`DURABLE_COMMANDS` and signed commands survive
-    a restart; :meth:`Dispatcher.recover` with :meth:`Control.recover`
+    a restart; :meth:`Dispatcher.recover` with :meth:`CommandHandlers.recover`
     answers those a crash interrupted)."""
     d = Dispatcher(events=events, **kwargs)
-    handlers = {
-        "ping": control.ping,
-        "status": control.get_status,
-        "deploy": control.deploy,
-        "activate": control.activate,
-        "rollback": control.rollback,
-        "remove": control.remove,
-        "set": control.set,
+    table = {
+        "ping": handlers.ping,
+        "status": handlers.get_status,
+        "deploy": handlers.deploy,
+        "activate": handlers.activate,
+        "rollback": handlers.rollback,
+        "remove": handlers.remove,
+        "set": handlers.set,
     }
-    for name, handler in handlers.items():
+    for name, handler in table.items():
         d.register(name, COMMAND_ARGS[name], handler, durable=name in DURABLE_COMMANDS)
-    d.register("label", LabelArgs, control.label, durable=True)
+    d.register("label", LabelArgs, handlers.label, durable=True)
     if local:
-        d.register("add", AddArgs, control.add)
+        d.register("add", AddArgs, handlers.add)
     return d
 
 
