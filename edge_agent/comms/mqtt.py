@@ -249,10 +249,14 @@ class MqttTransport:
             return
         if self._stopping:
             return
+        # Subscribe before saying "online" (and before anyone sees the
+        # connection): the broker handles a client's packets in order, so a
+        # console that waits for "online" and then sends a command reaches a
+        # subscribed device.
+        self.link.resubscribe()
         self.connected.set()
         log.info("MQTT: connected to %s:%d", self.cfg.host, self.cfg.port)
         self._publish_online()
-        self.link.resubscribe()
         for hook in self.on_connected:
             try:
                 hook()
