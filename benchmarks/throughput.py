@@ -23,7 +23,7 @@ preprocessing: crop 0.875, ImageNet mean/std, NCHW RGB):
 ``bare_infer``
     ``onnxruntime.InferenceSession`` with the agent's settings (intra-op
     threads N, inter-op 1, ORT_SEQUENTIAL) running the *same* frames, decoded
-    and preprocessed beforehand with :class:`edge_agent.preprocess.Preprocessor`
+    and preprocessed beforehand with :class:`edge_agent.pipeline.preprocess.Preprocessor`
     (built from the bundle's manifest); only ``session.run`` is timed.
 ``bare_full``
     One thread doing ``cv2.VideoCapture.read`` + ``Preprocessor`` +
@@ -79,7 +79,7 @@ import testassets  # noqa: E402
 from edge_agent.agent import Agent  # noqa: E402
 from edge_agent.bundles import open_bundle  # noqa: E402
 from edge_agent.config import parse_config  # noqa: E402
-from edge_agent.preprocess import Preprocessor  # noqa: E402
+from edge_agent.pipeline.preprocess import Preprocessor  # noqa: E402
 
 VARIANTS = ("agent", "agent_info", "bare_infer", "bare_full")
 LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"  # as edge_agent.cli

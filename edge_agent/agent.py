@@ -21,7 +21,8 @@ from edge_agent.config import AgentConfig, SourceConfig
 from edge_agent.errors import EdgeAgentError, SourceError
 from edge_agent.models.manager import ModelManager
 from edge_agent.models.store import ModelStore, StoreLock
-from edge_agent.pipeline import LogSink, Sink, SourceWorker
+from edge_agent.pipeline.sinks import LogSink, Sink
+from edge_agent.pipeline.worker import SourceWorker
 from edge_agent.sources import FrameSource, open_source
 
 if TYPE_CHECKING:
@@ -452,21 +453,19 @@ class Agent:
             what = f"source {args.source!r}" if args.source else f"model {args.model!r}"
             raise EdgeAgentError(f"no running source matches {what}", code="unknown_source")
         out = {}
+        changes: dict[str, Any] = {
+            k: v for k, v in (("fps", args.fps), ("threshold", args.threshold), ("top_k", args.top_k)) if v is not None
+        }
+        if args.results is not None:
+            if args.results.enabled is not None:
+                changes["results_enabled"] = args.results.enabled
+            if args.results.every is not None:
+                changes["results_every"] = args.results.every
         for w in targets:
-            if args.fps is not None:
-                w.fps = args.fps
-            if args.threshold is not None:
-                w.threshold = args.threshold
-            if args.top_k is not None:
-                w.top_k = args.top_k
-            if args.results is not None:
-                if args.results.enabled is not None:
-                    w.results_enabled = args.results.enabled
-                if args.results.every is not None:
-                    w.results_every = args.results.every
+            s = w.update(**changes)  # together: no frame sees half of one command
             out[w.source.name] = {
-                "fps": w.fps, "threshold": w.threshold, "top_k": w.top_k,
-                "results": {"enabled": w.results_enabled, "every": w.results_every},
+                "fps": s.fps, "threshold": s.threshold, "top_k": s.top_k,
+                "results": {"enabled": s.results_enabled, "every": s.results_every},
             }
         return {"sources": out}
 

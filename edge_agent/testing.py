@@ -8,7 +8,7 @@ component (and users' own tests) can use the same ones.
   whose runtime is a :class:`SlowRuntime`.
 * :class:`StaticModels` hands out fixed loaded models through the same
   ``acquire(name)`` context manager as :class:`~edge_agent.models.manager.ModelManager`,
-  so a :class:`~edge_agent.pipeline.SourceWorker` can run without a store.
+  so a :class:`~edge_agent.pipeline.worker.SourceWorker` can run without a store.
 * :class:`RecordingSink` keeps every result a pipeline emits.
 * :func:`tiny_onnx_classifier` writes a small ONNX classifier built in code
   (needs the ``onnx`` package, imported only when called).

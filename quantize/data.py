@@ -4,7 +4,7 @@ Data comes from a folder of images (optionally one sub-folder per class,
 ImageFolder style, which gives labels), a video file (every frame, or every
 ``stride``-th), or an ``.npz`` with ``images`` (N,H,W[,C] uint8 pictures) and
 optional ``labels`` (N,). Pictures are turned into model inputs by the agent's
-own :class:`edge_agent.preprocess.Preprocessor`, so calibration sees exactly
+own :class:`edge_agent.pipeline.preprocess.Preprocessor`, so calibration sees exactly
 the tensors the device will.
 
 A picture that cannot be decoded is skipped with a warning and counted; an
@@ -28,7 +28,7 @@ from onnxruntime.quantization import CalibrationDataReader
 
 from edge_agent.images import is_image, read_image
 from edge_agent.bundles.manifest import Preprocessing, TensorSpec
-from edge_agent.preprocess import Preprocessor
+from edge_agent.pipeline.preprocess import Preprocessor
 from quantize.errors import QuantizeInputError
 
 log = logging.getLogger(__name__)

@@ -25,7 +25,7 @@ def test_the_bundle_device_path_imports_no_packing_signing_or_runtimes() -> None
     code = (
         "import sys; import edge_agent.bundles;"
         "print([m for m in ('edge_agent.bundles.pack', 'edge_agent.bundles.signing', 'edge_agent.runtimes',"
-        " 'edge_agent.preprocess', 'cryptography', 'numpy', 'cv2') if m in sys.modules])"
+        " 'edge_agent.pipeline.preprocess', 'cryptography', 'numpy', 'cv2') if m in sys.modules])"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]", out

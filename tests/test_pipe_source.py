@@ -30,7 +30,7 @@ import pytest
 from conftest import CAT_CLASSES
 from edge_agent.config import SourceConfig, parse_config
 from edge_agent.errors import ConfigError, SourceError
-from edge_agent.pipeline import SourceWorker
+from edge_agent.pipeline.worker import SourceWorker
 from edge_agent.sources import FrameSource, MjpegSplitter, PipeSource, VideoSource, open_source
 from edge_agent.testing import RecordingSink, StaticModels
 

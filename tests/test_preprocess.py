@@ -16,7 +16,7 @@ import pytest
 from testassets.mobilenet import imagenet_preprocess
 
 from edge_agent.bundles.manifest import Preprocessing, TensorSpec
-from edge_agent.preprocess import Preprocessor, Transform
+from edge_agent.pipeline.preprocess import Preprocessor, Transform
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 
 from edge_agent.bundles.manifest import Preprocessing, TensorSpec
-from edge_agent.preprocess import Preprocessor
+from edge_agent.pipeline.preprocess import Preprocessor
 from quantize import tflite
 from quantize.data import make_views
 from quantize.errors import QuantizeError, QuantizeInputError

@@ -17,8 +17,8 @@ from edge_agent.bundles.manifest import ClassifyParams, Quantization, TensorSpec
 from edge_agent.config import ModelConfig
 from edge_agent.errors import InferenceError, ModelLoadError, RuntimeUnavailable
 from edge_agent.models.servable import LoadedModel
-from edge_agent.postprocess import Classifier, softmax
-from edge_agent.preprocess import Transform
+from edge_agent.pipeline.postprocess import Classifier, softmax
+from edge_agent.pipeline.preprocess import Transform
 from edge_agent.runtimes import create_runtime
 from edge_agent.runtimes.litert import interpreter_class, quantize
 from edge_agent.testing import tiny_onnx_classifier

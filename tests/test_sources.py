@@ -15,7 +15,7 @@ import pytest
 from edge_agent.config import SourceConfig
 from edge_agent.errors import SourceError
 from edge_agent.models.servable import LoadedModel
-from edge_agent.pipeline import SourceWorker
+from edge_agent.pipeline.worker import SourceWorker
 from edge_agent.sources import Frame, FolderSource, FrameSource, VideoSource, open_source
 from edge_agent.testing import RecordingSink, SlowRuntime, StaticModels, slowed
 

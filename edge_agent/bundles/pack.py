@@ -173,7 +173,7 @@ def _write_samples(
     import cv2
     import numpy as np
 
-    from edge_agent.preprocess import Preprocessor
+    from edge_agent.pipeline.preprocess import Preprocessor
     from edge_agent.runtimes import create_runtime
 
     spec = concrete_input(manifest.inputs[0], manifest.preprocessing)

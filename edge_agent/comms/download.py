@@ -15,8 +15,10 @@ What a deploy can rely on:
   ``Content-Length``) and while reading (never more than ``size`` bytes are
   written), so a wrong URL cannot fill the SD card;
 * transient failures (connection errors, time-outs, HTTP 408/425/429/5xx)
-  are retried with exponential back-off and jitter; other HTTP errors fail
-  at once.
+  are retried with exponential back-off and jitter
+  (:class:`~edge_agent.backoff.Backoff`: ``backoff_s`` doubling up to
+  ``max_backoff_s``, each delay scaled by a random factor in [0.5, 1]);
+  other HTTP errors fail at once.
 
 Errors are :class:`~edge_agent.errors.DownloadError` with the codes
 ``unsupported_url``, ``download_failed``, ``too_large``, ``size_mismatch``,
@@ -29,7 +31,6 @@ import hashlib
 import http.client
 import logging
 import os
-import random
 import re
 import shutil
 import ssl
@@ -43,6 +44,7 @@ from urllib.parse import urlsplit
 
 
 from edge_agent import __version__
+from edge_agent.backoff import Backoff
 from edge_agent.comms.commands import SHA256_RE
 from edge_agent.errors import DownloadError, is_disk_full
 
@@ -142,6 +144,7 @@ def download(
         return dest
     fresh_restart_done = False
     attempt = 0
+    backoff = Backoff(backoff_s, max_backoff_s, jitter=0.5)
     while True:
         resumed = _part_size(part) > 0
         check_cancel()
@@ -156,7 +159,7 @@ def download(
                 raise DownloadError(
                     f"downloading {url} failed after {attempt} attempt(s): {exc}", code="download_failed"
                 ) from None
-            delay = min(max_backoff_s, backoff_s * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
+            delay = backoff.next()
             log.warning("download of %s: %s; retry %d/%d in %.1f s", url, exc, attempt, retries, delay)
             if cancel is not None:
                 cancel.wait(delay)

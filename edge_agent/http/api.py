@@ -338,7 +338,7 @@ def _prepare(model: "LoadedModel", instance: Any, index: int) -> tuple[np.ndarra
     model-input pixels)."""
     if isinstance(instance, dict) and set(instance) == {"b64"}:
         return model.preprocess(_decode_image(instance["b64"], index))
-    from edge_agent.preprocess import Transform
+    from edge_agent.pipeline.preprocess import Transform
 
     return _tensor(instance, model, index), Transform()
 

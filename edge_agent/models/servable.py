@@ -31,8 +31,8 @@ from edge_agent.bundles import Bundle
 from edge_agent.config import ModelConfig
 from edge_agent.errors import EdgeAgentError
 from edge_agent.bundles.manifest import Manifest, concrete_input
-from edge_agent.postprocess import Classifier, Detector, make_postprocessor
-from edge_agent.preprocess import Preprocessor
+from edge_agent.pipeline.postprocess import Postprocessor, make_postprocessor
+from edge_agent.pipeline.preprocess import Preprocessor
 from edge_agent.runtimes import Runtime, create_runtime, release_memory
 
 
@@ -102,7 +102,7 @@ class LoadedModel:
     manifest: Manifest
     runtime: Runtime
     preprocess: Preprocessor
-    postprocess: Classifier | Detector
+    postprocess: Postprocessor
     refs: int = field(default=0, repr=False)
     stats: ModelStats = field(default_factory=ModelStats, repr=False)
     warm_ms: float = 0.0

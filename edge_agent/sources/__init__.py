@@ -25,13 +25,12 @@ from pathlib import Path
 
 from edge_agent.config import SourceConfig
 from edge_agent.errors import SourceError
-from edge_agent.sources.base import Backoff, Frame, FrameSource, redact
+from edge_agent.sources.base import Frame, FrameSource, redact
 from edge_agent.sources.folder import FolderSource
 from edge_agent.sources.opencv import STREAM_RE, VideoSource
 from edge_agent.sources.pipe import MjpegSplitter, PipeSource
 
 __all__ = [
-    "Backoff",
     "FolderSource",
     "Frame",
     "FrameSource",

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from edge_agent.backoff import Backoff
 from edge_agent.config import SourceConfig
 from edge_agent.errors import SourceError
 
@@ -37,30 +38,6 @@ class Frame:
     image: np.ndarray
     index: int
     ts: float
-
-
-class Backoff:
-    """Exponential back-off between reopen attempts: ``initial`` seconds,
-    doubling up to ``maximum``; ``reset()`` after a success.
-
-    Not thread-safe: one capture thread owns one.
-    """
-
-    def __init__(self, initial: float, maximum: float) -> None:
-        if not 0 < initial <= maximum:
-            raise ValueError(f"back-off needs 0 < initial <= maximum (got {initial}, {maximum})")
-        self.initial = initial
-        self.maximum = maximum
-        self._next = initial
-
-    def next(self) -> float:
-        """The delay to wait now; the one after it doubles."""
-        delay = self._next
-        self._next = min(self._next * 2, self.maximum)
-        return delay
-
-    def reset(self) -> None:
-        self._next = self.initial
 
 
 class FrameSource:

@@ -1,84 +1,21 @@
-"""Model outputs -> results, per the manifest's task and parameters.
+"""Detection with anchor-based single-shot decoding (BlazeFace/SSD style):
+score threshold, non-maximum suppression (OpenCV's), boxes mapped back to
+the source frame's pixels.
 
-Classification: softmax where the model emits logits, top-k with labels.
-Detection: anchor-based single-shot decoding (BlazeFace/SSD), score
-threshold, non-maximum suppression (OpenCV's), boxes mapped back to the
-source frame's pixels.
-
-Each postprocessor is a callable ``(outputs, transform) -> dict`` whose
-result is the task-specific part of a result message (``top`` or
-``detections``).
+The decoder family of ``task = "detect"`` bundles whose
+``postprocessing.decoder`` is ``"ssd_anchors"`` (:class:`DetectParams`).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import cv2
 import numpy as np
 
-from edge_agent.bundles.manifest import ClassifyParams, DetectParams, Manifest, TensorSpec
-from edge_agent.preprocess import Transform
-
-Postprocessor = Callable[[Sequence[np.ndarray], Transform], dict[str, Any]]
-
-
-def softmax(x: np.ndarray) -> np.ndarray:
-    z = x - np.max(x, axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / np.sum(e, axis=-1, keepdims=True)
-
-
-def _is_distribution(x: np.ndarray) -> bool:
-    return bool(np.all(x >= -1e-6) and abs(float(np.sum(x)) - 1.0) < 1e-2)
-
-
-def _label(labels: Sequence[str] | None, index: int) -> str:
-    if labels is not None and 0 <= index < len(labels) and labels[index]:
-        return labels[index]
-    return str(index)
-
-
-def _output_index(outputs: Sequence[TensorSpec], name: str | None, default: int) -> int:
-    if name is None:
-        return default
-    for i, spec in enumerate(outputs):
-        if spec.name == name:
-            return i
-    raise ValueError(f"the manifest names output {name!r}, which the model does not have")
-
-
-class Classifier:
-    """Top-k classes with their scores; ``top_k``/``threshold`` may be
-    overridden per source."""
-
-    def __init__(self, params: ClassifyParams, outputs: Sequence[TensorSpec], labels: Sequence[str] | None) -> None:
-        self.params = params
-        self.labels = labels
-        self.index = _output_index(outputs, params.output, 0)
-
-    def __call__(
-        self,
-        outputs: Sequence[np.ndarray],
-        transform: Transform,
-        *,
-        top_k: int | None = None,
-        threshold: float | None = None,
-    ) -> dict[str, Any]:
-        scores = np.asarray(outputs[self.index], dtype=np.float32).reshape(-1)
-        mode = self.params.softmax
-        if mode == "always" or (mode == "auto" and not _is_distribution(scores)):
-            scores = softmax(scores)
-        k = min(top_k or self.params.top_k, scores.size)
-        thr = self.params.threshold if threshold is None else threshold
-        idx = np.argpartition(-scores, k - 1)[:k]
-        idx = idx[np.argsort(-scores[idx], kind="stable")]
-        top = [
-            {"label": _label(self.labels, int(i)), "index": int(i), "score": round(float(scores[i]), 6)}
-            for i in idx
-            if scores[i] >= thr
-        ]
-        return {"top": top}
+from edge_agent.bundles.manifest import DetectParams, TensorSpec
+from edge_agent.pipeline.postprocess.base import label_for, output_index
+from edge_agent.pipeline.preprocess import Transform
 
 
 def ssd_anchors(params: DetectParams, width: int, height: int) -> np.ndarray:
@@ -111,8 +48,8 @@ class Detector:
         # Unnamed outputs: the widest last axis holds the box regressors, the
         # narrowest the class scores.
         widths = [s.shape[-1] or 0 for s in outputs]
-        self.boxes_index = _output_index(outputs, params.boxes_output, int(np.argmax(widths)))
-        self.scores_index = _output_index(outputs, params.scores_output, int(np.argmin(widths)))
+        self.boxes_index = output_index(outputs, params.boxes_output, int(np.argmax(widths)))
+        self.scores_index = output_index(outputs, params.scores_output, int(np.argmin(widths)))
         if self.boxes_index == self.scores_index:
             raise ValueError("a detector needs separate box and score outputs")
 
@@ -150,17 +87,10 @@ class Detector:
         frame_boxes = transform.box_to_frame(boxes[chosen])
         detections = [
             {
-                "label": _label(self.labels, int(classes[i])),
+                "label": label_for(self.labels, int(classes[i])),
                 "score": round(float(scores[i]), 6),
                 "box": [round(float(v), 1) for v in box],
             }
             for i, box in zip(chosen, frame_boxes)
         ]
         return {"detections": detections}
-
-
-def make_postprocessor(manifest: Manifest, labels: Sequence[str] | None) -> Classifier | Detector:
-    params = manifest.postprocessing
-    if isinstance(params, DetectParams):
-        return Detector(params, manifest.outputs, labels, manifest.preprocessing.size)
-    return Classifier(params, manifest.outputs, labels)
