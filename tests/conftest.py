@@ -130,10 +130,11 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
     made.stop()
 
 
-# Fixtures that bring the real models, photos or a broker: a test using any
-# of them (directly or through another fixture) is an integration test.
+# Fixtures that bring the real models, photos, the TFLite converter's
+# TensorFlow (its environment in the asset cache) or a broker: a test using
+# any of them (directly or through another fixture) is an integration test.
 REAL_FIXTURES = {"assets", "broker", "flood_broker", "mobilenet_bundle", "blazeface_bundle", "mobilenet",
-                 "blazeface", "fashion_mnist"}
+                 "blazeface", "fashion_mnist", "converter_env"}
 # ... and so is one that starts a broker or an agent process of its own.
 REAL_CALLS = ("Mosquitto(", "AgentProcess(", "agent_process(", "start_broker(")
 

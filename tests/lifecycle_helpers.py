@@ -4,7 +4,6 @@ folders, and an agent built from a config made in code."""
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -16,17 +15,18 @@ from edge_agent.bundles import sha256_file
 from edge_agent.bundles.pack import pack
 from edge_agent.config import parse_config
 from edge_agent.testing import RecordingSink, tiny_onnx_classifier
+from waiting import wait_until
 
 PRE = {"size": (32, 32), "resize": "stretch", "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
 
 
 def make_bundle(folder: Path, version: int, *, name: str = "clf", archive: bool = False, samples: list[Path] = (),
-                sign_key: Path | None = None, **model_kw: Any) -> Path:
+                sign_key: Path | None = None, extra_files: dict[str, Path] | None = None, **model_kw: Any) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     model = tiny_onnx_classifier(folder / f"{name}-v{version}.onnx", size=(32, 32), seed=version, **model_kw)
     out = folder / (f"{name}-v{version}.tar.gz" if archive else f"{name}-v{version}")
     return pack(model, name=name, version=version, out=out, preprocessing=dict(PRE), sample_images=list(samples),
-                sign_key=sign_key)
+                sign_key=sign_key, extra_files=extra_files)
 
 
 def frames(folder: Path, *, bright: bool = False, n: int = 6) -> Path:
@@ -91,22 +91,17 @@ class Running:
         return self.sink.results
 
     def wait_results(self, n: int, timeout: float = 20.0, **match: Any) -> list[dict]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def enough() -> list[dict] | None:
             got = [r for r in self.sink.results if all(r.get(k) == v for k, v in match.items())]
-            if len(got) >= n:
-                return got
-            time.sleep(0.02)
-        raise AssertionError(f"fewer than {n} results matching {match} in {timeout} s")
+            return got if len(got) >= n else None
+
+        return wait_until(enough, timeout, f"{n} results matching {match}")
 
     def wait_event(self, event: str, timeout: float = 20.0) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for e in list(self.events):
-                if e["event"] == event:
-                    return e
-            time.sleep(0.02)
-        raise AssertionError(f"no {event!r} event in {timeout} s; events: {[e['event'] for e in self.events]}")
+        def seen() -> dict | None:
+            return next((e for e in list(self.events) if e["event"] == event), None)
+
+        return wait_until(seen, timeout, lambda: f"an {event!r} event; events: {[e['event'] for e in self.events]}")
 
     def errors(self) -> int:
         return sum(w.stats.errors for w in self.agent.workers)

@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 import uuid
 from pathlib import Path
 from typing import Any, Callable
@@ -19,6 +18,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_agent.testing import Mosquitto, free_port  # noqa: F401  (the tests take them from here)
+from waiting import wait_until
 
 
 def connected(host: str, port: int, *, name: str = "test", on_message: Any = None,
@@ -69,13 +69,11 @@ class Client:
             return [json.loads(p) for t, p, _ in self.messages if t.endswith(suffix) and p]
 
     def wait_for(self, predicate: Callable[[], Any], timeout: float = 20.0) -> Any:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            got = predicate()
-            if got:
-                return got
-            time.sleep(0.02)
-        raise AssertionError(f"timed out; messages: {[t for t, _, _ in self.messages][-20:]}")
+        return wait_until(predicate, timeout, lambda: f"the condition; messages: {self.topics()[-20:]}")
+
+    def topics(self) -> list[str]:
+        with self.lock:
+            return [t for t, _, _ in self.messages]
 
     def reply(self, cmd_id: str | None, timeout: float = 30.0, index: int = 0) -> dict:
         return self.wait_for(lambda: ([r for r in self.json("/reply") if r.get("id") == cmd_id][index:] or [None])[0],

@@ -15,7 +15,6 @@ import shutil
 import subprocess
 import sys
 import threading
-import time
 import uuid
 from pathlib import Path
 from typing import Any, Iterator
@@ -27,6 +26,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from lifecycle_helpers import frames, make_bundle
 from edge_agent.testing import Mosquitto, password_file
 from mqtt_helpers import AgentProcess, make_certs
+from waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -107,13 +107,11 @@ class Peer:
         assert connected.wait(10), "no CONNACK"
 
     def ack(self, mid: int, timeout: float = 10.0) -> Any:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def acked() -> list[Any] | None:  # in a list: a reason code of 0 is an answer too
             with self.lock:
-                if mid in self.acks:
-                    return self.acks[mid]
-            time.sleep(0.01)
-        raise AssertionError(f"no acknowledgement for message {mid}")
+                return [self.acks[mid]] if mid in self.acks else None
+
+        return wait_until(acked, timeout, f"an acknowledgement for message {mid}", interval=0.01)[0]
 
     def subscribe(self, topic: str) -> Any:
         """The broker's reason code for this subscription."""
@@ -143,10 +141,7 @@ def broker(tmp_path: Path) -> Iterator[ShippedBroker]:
 def settle(until: Any, timeout: float = 10.0) -> None:
     """Wait until the last message expected has arrived: a broker delivers one
     client's messages in order, so anything before it has arrived too."""
-    deadline = time.monotonic() + timeout
-    while not until():
-        assert time.monotonic() < deadline, "timed out waiting for the broker"
-        time.sleep(0.01)
+    wait_until(until, timeout, "the broker delivered it", interval=0.01)
 
 
 def test_a_device_reads_only_its_own_commands_its_groups_and_the_fleets(broker: ShippedBroker) -> None:
@@ -239,14 +234,12 @@ source_fps = 20
             return [json.loads(p) for t, p in console.messages if t == topic and p]
 
     def wait_for(predicate: Any, timeout: float = 60.0) -> Any:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            got = predicate()
-            if got:
-                return got
-            assert agent.proc.poll() is None, agent.output()[-3000:]
-            time.sleep(0.05)
-        raise AssertionError(agent.output()[-3000:])
+        def alive_and(got: Any) -> Any:
+            if not got:
+                assert agent.proc.poll() is None, agent.output()[-3000:]
+            return got
+
+        return wait_until(lambda: alive_and(predicate()), timeout, lambda: agent.output()[-3000:], interval=0.05)
 
     try:
         wait_for(lambda: any(s.get("state") == "online" for s in seen("edge/cam-01/status")))

@@ -11,7 +11,6 @@ import http.server
 import json
 import subprocess
 import threading
-import time
 import uuid
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import pytest
 from edge_agent.bundles import sha256_file
 from lifecycle_helpers import frames, make_bundle
 from mqtt_helpers import AgentProcess, Client, Mosquitto, agent_config, make_certs
+from waiting import let_time_pass
 
 pytestmark = pytest.mark.integration
 
@@ -171,12 +171,12 @@ def test_lifecycle_commands_set_and_telemetry(env) -> None:
         assert client.reply(act)["result"]["version"] == 2
         # set: publish one result in 10
         n0 = len(client.json("dev1/results/cam"))
-        time.sleep(1.0)
+        let_time_pass(1.0, "results flow for a second at the source's rate")
         rate_before = len(client.json("dev1/results/cam")) - n0
         st = client.command(cmd, "set", {"source": "cam", "results": {"every": 10}, "fps": 10.0})
         assert client.reply(st)["result"]["sources"]["cam"]["results"]["every"] == 10
         n1 = len(client.json("dev1/results/cam"))
-        time.sleep(2.0)
+        let_time_pass(2.0, "two seconds at the new rate: at most a third as many results")
         assert len(client.json("dev1/results/cam")) - n1 <= max(4, rate_before // 3)
         unknown = client.command(cmd, "set", {"source": "nope", "fps": 1.0})
         assert client.reply(unknown)["error"]["code"] == "unknown_source"
@@ -226,7 +226,7 @@ def test_broker_restart_store_and_forward_keeps_every_telemetry(tmp_path: Path) 
     try:
         watcher.wait_for(lambda: len(watcher.json("telemetry")) >= 3)
         broker.stop()
-        time.sleep(3.0)  # ~6 telemetry messages go to the spool
+        let_time_pass(3.0, "the broker stays down while ~6 telemetry messages go to the spool")
         broker.start()
         before = watcher.json("telemetry")[-1]["seq"]
         watcher.wait_for(lambda: watcher.json("telemetry")[-1]["seq"] >= before + 10, 40)

@@ -1,11 +1,14 @@
 """Crash safety: ``kill -9`` at every step of stage / verify / activate, in
-the offline ``models add`` and inside a running agent, and at random moments.
-After each kill the next start must serve a valid version (the previous or
-the new one, never a broken one) and clean up what the dead process left."""
+the offline ``models add`` and inside a running agent, and at random moments
+of a deploy. After each kill the next start must serve a valid version (the
+previous or the new one, never a broken one) and clean up what the dead
+process left."""
 
 from __future__ import annotations
 
+import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -19,6 +22,7 @@ from edge_agent.comms.local import agent_listening
 from edge_agent.models.manager import ModelManager
 from edge_agent.models.store import ModelStore
 from lifecycle_helpers import frames, make_bundle
+from waiting import let_time_pass, poll_until, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -115,10 +119,13 @@ def test_kill_during_deploy_in_a_running_agent(setup, step: str) -> None:
     assert seed.wait(60) == 0, seed.stderr.read()
     agent = cli("run", "--config", str(cfg), env={"EDGE_AGENT_CRASH_AT": step}, cwd=root)
     try:
-        deadline = time.monotonic() + 60
-        while not agent_listening(root / "store" / "agent.sock"):
-            assert agent.poll() is None and time.monotonic() < deadline, agent.stderr.read() if agent.poll() else "timeout"
-            time.sleep(0.1)
+        def listening() -> bool:
+            if agent_listening(root / "store" / "agent.sock"):
+                return True
+            assert agent.poll() is None, agent.stderr.read()
+            return False
+
+        wait_until(listening, 60, "the agent listens on its socket", interval=0.1)
         add = cli("models", "add", str(v2), "--activate", "--config", str(cfg), cwd=root)
         assert add.wait(60) != 0  # the agent died under it
         assert agent.wait(30) == -signal.SIGKILL
@@ -131,13 +138,84 @@ def test_kill_during_deploy_in_a_running_agent(setup, step: str) -> None:
     assert check_store(root, {1}) == 1
 
 
-@pytest.mark.parametrize("delay", [0.4, 0.6, 0.8, 1.0, 1.2, 1.4, 1.7, 2.0])
-def test_kill_at_a_random_moment(setup, delay: float) -> None:
-    root, cfg, v2 = setup
+# The random moments: a fixed delay after the start of `models add` misses
+# the deploy on a fast machine (it starts after ~0.5 s of imports that vary by
+# more than the deploy lasts, ~50 ms here). So each kill waits until the deploy
+# has begun (v2 appears in the store) and falls a random time into it: the
+# n-th moment within the n-th eighth of the deploy as measured on this machine.
+MOMENTS = 8
+PADDING_MB = 4  # incompressible bytes in v2: its extraction, hashing and sync take a measurable time
+KILLED: dict[int, str] = {}  # moment -> where its kill fell: "during" or "after" the deploy
+
+
+def padded_v2(folder: Path) -> Path:
+    padding = folder / "padding.bin"
+    padding.parent.mkdir(parents=True, exist_ok=True)
+    padding.write_bytes(random.Random(2).randbytes(PADDING_MB << 20))
+    return make_bundle(folder, 2, archive=True, extra_files={"padding.bin": padding})
+
+
+def deploy_began(store: Path) -> bool:
+    """v2 is being unpacked, installed or is installed (v1, the start-up's
+    install from the config, is staged as ``clf-1-*``)."""
+    try:
+        if any(not entry.name.startswith("clf-1-") for entry in (store / ".staging").iterdir()):
+            return True
+    except OSError:
+        pass
+    return (store / "clf" / "2").exists()
+
+
+def v2_active(store: Path) -> bool:
+    """The deploy is over: the state file names v2 (written by an atomic rename)."""
+    try:
+        return json.loads((store / "clf" / "state.json").read_text()).get("active") == 2
+    except (OSError, ValueError):
+        return False
+
+
+@pytest.fixture(scope="module")
+def deploy_seconds(tmp_path_factory: pytest.TempPathFactory) -> float:
+    """How long the deploy of the padded v2 lasts on this machine: from v2
+    appearing in the store to the state file naming it, in one undisturbed
+    ``models add``."""
+    root = tmp_path_factory.mktemp("deploy-timing")
+    v1 = make_bundle(root / "b", 1)
+    v2 = padded_v2(root / "b2")
+    frames(root / "frames")
+    cfg = root / "agent.toml"
+    cfg.write_text(CONFIG.format(v1=v1))
     proc = cli("models", "add", str(v2), "--activate", "--config", str(cfg), cwd=root)
-    time.sleep(delay)
+    store = root / "store"
+    assert poll_until(lambda: deploy_began(store) or proc.poll() is not None, 60, interval=0.001)
+    began = time.monotonic()
+    assert poll_until(lambda: v2_active(store) or proc.poll() is not None, 60, interval=0.001)
+    seconds = time.monotonic() - began
+    assert proc.wait(60) == 0, proc.stderr.read()
+    return seconds
+
+
+@pytest.mark.parametrize("moment", range(MOMENTS), ids=[f"moment{n}" for n in range(MOMENTS)])
+def test_kill_at_a_random_moment(setup, deploy_seconds: float, moment: int) -> None:
+    root, cfg, _ = setup
+    v2 = padded_v2(root / "b2")
+    delay = (moment + random.Random(moment).random()) / MOMENTS * deploy_seconds
+    proc = cli("models", "add", str(v2), "--activate", "--config", str(cfg), cwd=root)
+    store = root / "store"
+    poll_until(lambda: deploy_began(store) or proc.poll() is not None, 60, interval=0.001)
+    let_time_pass(delay, "the moment of the kill, that far into the deploy")
     proc.send_signal(signal.SIGKILL)  # a no-op if it already finished
     code = proc.wait(60)
+    KILLED[moment] = "during" if code == -signal.SIGKILL and not v2_active(store) else "after"
     # Finished or killed: a failure of its own would leave the store untested.
     assert code in (0, -signal.SIGKILL), f"models add exited {code}: {proc.stderr.read()}"
     check_store(root, {2} if code == 0 else {1, 2})
+
+
+def test_a_random_kill_fell_inside_the_deploy(deploy_seconds: float) -> None:
+    """The random moments above are no test of a deploy cut short unless at
+    least one of them did cut it short (the others may fall after its end
+    on a machine busier than when the deploy was timed)."""
+    if len(KILLED) < MOMENTS:
+        pytest.skip("runs after every moment of test_kill_at_a_random_moment")
+    assert "during" in KILLED.values(), f"every kill came after the deploy ({deploy_seconds * 1000:.0f} ms): {KILLED}"

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from typing import Any
 
 import pytest
@@ -13,6 +12,7 @@ import pytest
 from edge_agent.comms.commands import COMMAND_ARGS, DeployArgs, NoArgs, SetArgs
 from edge_agent.comms.dispatcher import CommandContext, Dispatcher
 from edge_agent.errors import EdgeAgentError, ModelNotAvailable
+from waiting import let_time_pass
 
 SHA = "ab" * 32
 ORIGIN = "edge/cam-01/cmd"
@@ -256,7 +256,7 @@ def test_a_repeat_during_execution_waits_for_the_first_reply() -> None:
     assert started.wait(5)
     second = threading.Thread(target=lambda: replies.append(d.handle(cmd("slow", "ping"), ORIGIN)))
     second.start()
-    time.sleep(0.1)
+    let_time_pass(0.1, "the repeat would have been answered by now, had it not waited")
     assert second.is_alive(), "the repeat must wait for the first execution"
     release.set()
     first.join(5)

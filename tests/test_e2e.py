@@ -18,6 +18,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from conftest import CAT_CLASSES, Broker
+from waiting import poll_until
 
 pytestmark = pytest.mark.integration
 
@@ -46,12 +47,7 @@ class Subscriber:
             return [payload for topic, payload, _ in self.messages if topic.endswith(suffix)]
 
     def wait_for(self, predicate, timeout: float = 30.0) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if predicate():
-                return True
-            time.sleep(0.05)
-        return False
+        return bool(poll_until(predicate, timeout, interval=0.05))
 
     def close(self) -> None:
         self.client.loop_stop()

@@ -74,7 +74,13 @@ def test_r2_kill9_during_deploys_leaves_a_valid_version_serving(ctx: faults.Ctx)
     (docs/reliability.md): a reply lost when the kill falls between a
     deploy's end and its reply leaving the process (a window of
     milliseconds)."""
-    r = faults.r2_kill_during_deploys(ctx, kills=5, seed=3)
+    r = faults.r2_kill_during_deploys(ctx, kills=5, seed=4)
+    # The kills fall at moments drawn from the duration of an uninterrupted
+    # deploy measured first on this machine, however fast: with seed 4 three
+    # of them at 8-12% of it, before the deploy's reply. (With seed 3, at 63%
+    # and more, every kill came after the reply: that first deploy, the
+    # calibration, is slower than the ones after it.)
+    assert any(not row["replied_before_kill"] for row in r["runs"]), f"no kill fell inside a deploy: {r['runs']}"
     problems = [p for row in r["runs"] for p in row["problems"]]
     assert r["runs_ok"] == 5, problems
     assert r["partial_downloads_at_end"]["folders"] <= faults.KEEP_FOR_RESUME, r["partial_downloads_at_end"]

@@ -36,6 +36,7 @@ from edge_agent.config import parse_config
 from edge_agent.errors import UsageError
 from edge_agent.fleet.deployment import _slowest
 from edge_agent.testing import tiny_onnx_classifier
+from waiting import poll_until
 
 PRE = {"size": (16, 16), "resize": "stretch"}
 
@@ -416,9 +417,8 @@ def test_archive_server_answers_ranges(tmp_path: Path) -> None:
         with pytest.raises(urllib.error.HTTPError) as err:
             urllib.request.urlopen(urllib.request.Request(server.url, headers={"Range": "bytes=100000-"}))
         assert err.value.code == 416
-        deadline = time.monotonic() + 2  # the handler counts just after its last write
-        while server.bytes_sent < len(data) + 40000 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        # the handler counts just after its last write
+        poll_until(lambda: server.bytes_sent >= len(data) + 40000, 2, interval=0.01)
         assert server.bytes_sent == len(data) + 40000
 
 

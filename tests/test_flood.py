@@ -25,6 +25,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from conftest import Broker
+from waiting import let_time_pass, poll_until
 
 pytestmark = pytest.mark.integration
 
@@ -248,9 +249,7 @@ def test_commands_beyond_the_waiting_room_are_answered_busy_and_counted(flood_br
         busy = console.on("/reply")
         assert [(r["id"], r["error"]["code"]) for r in busy] == [("h3", "busy"), ("h4", "busy"), ("h5", "busy")]
         assert "send it again later" in busy[0]["error"]["message"]
-        deadline = time.monotonic() + 10
-        while plane.shed["unreadable"] < 1 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        poll_until(lambda: plane.shed["unreadable"] >= 1, 10, interval=0.01)
         release.set()
         assert console.wait_for(lambda: len(console.on("/reply")) >= 6, 10)
         done = [r for r in console.on("/reply") if r["ok"]]
@@ -286,7 +285,7 @@ def test_a_spool_that_keeps_failing_is_retried_with_back_off_not_in_a_hot_loop(f
         spool._db.close()  # the card is gone: every read and write fails from now on
         with caplog.at_level(logging.ERROR, logger="edge_agent.comms.plane"):
             outbox.drain()
-            time.sleep(2.0)
+            let_time_pass(2.0, "the outbox retries at its back-off's pace meanwhile")
         failures = [r for r in caplog.records if "replay failed" in r.message]
         assert 1 <= len(failures) <= 4, len(failures)  # after 0.5 s, 1 s, 2 s: not a hot loop
     finally:

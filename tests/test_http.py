@@ -23,6 +23,7 @@ import pytest
 from conftest import CAT_CLASSES
 from edge_agent.agent import Agent
 from edge_agent.config import parse_config
+from waiting import let_time_pass, poll_until, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -252,9 +253,7 @@ def test_bad_requests_get_a_clear_error_and_serving_goes_on(served) -> None:
     frames = agent.workers[0].stats.frames
     status, body = call(base, url, {"instances": [{"b64": jpeg_b64(agent_photo(agent, "chelsea"))}]})
     assert status == 200 and body["results"][0]["top"][0]["label"] in CAT_CLASSES
-    deadline = time.monotonic() + 10
-    while agent.workers[0].stats.frames <= frames and time.monotonic() < deadline:
-        time.sleep(0.05)
+    poll_until(lambda: agent.workers[0].stats.frames > frames, 10, interval=0.05)
     assert agent.workers[0].stats.frames > frames, "the camera stopped while the API answered errors"
 
 
@@ -331,12 +330,14 @@ def test_readiness_names_what_is_missing(assets, mobilenet_bundle, tmp_path) -> 
          {"name": "gone", "uri": str(tmp_path / "missing.avi"), "model": "mobilenet_v2"}],
     )
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            status, body = call(base, "/readyz")
-            if status == 503 or time.monotonic() > deadline:
-                break
-            time.sleep(0.1)
+        answers: list[tuple[int, Any]] = []
+
+        def not_ready() -> bool:
+            answers.append(call(base, "/readyz"))
+            return answers[-1][0] == 503
+
+        poll_until(not_ready, 10, interval=0.1)
+        status, body = answers[-1]
         assert status == 503 and body["ready"] is False
         assert any(p.startswith("source gone:") for p in body["problems"]), body
         assert call(base, "/healthz")[0] == 200
@@ -367,12 +368,10 @@ def test_a_hot_swap_fails_no_request(assets, mobilenet_bundle, tmp_path) -> None
     try:
         for t in threads:
             t.start()
-        time.sleep(0.5)
+        wait_until(lambda: len(answers) >= 4, 30, "the clients are answered (by version 1)")
         deploy(agent.models, v2)
-        deadline = time.monotonic() + 20
-        while not any(v == "2" for _, v in answers[-4:]) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        time.sleep(0.3)
+        poll_until(lambda: any(v == "2" for _, v in answers[-4:]), 20, interval=0.05)
+        let_time_pass(0.3, "the clients go on asking version 2 a little")
     finally:
         stop.set()
         for t in threads:

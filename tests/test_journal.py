@@ -26,6 +26,7 @@ import pytest
 from edge_agent.bundles import sha256_file
 from lifecycle_helpers import frames, make_bundle
 from mqtt_helpers import AgentProcess, Client, Mosquitto, agent_config
+from waiting import let_time_pass
 
 
 def deploy_args(archive: Path, version: int, *, activate: bool = True) -> dict[str, Any]:
@@ -88,7 +89,7 @@ def test_a_deploy_interrupted_by_a_crash_is_answered_once_after_the_restart(tmp_
         assert "restarted" in message and "activating" in message, message
         # v2 was on probation when the agent died, so the start went back to v1
         assert "serves version 1" in message and "version 2" in message, message
-        time.sleep(2.0)
+        let_time_pass(2.0, "a second reply would have arrived by now")
         assert len(replies(client, cid)) == 1, "answered once"
         # The console asks again: the same reply, and nothing runs again.
         client.command(f"{prefix}/dev1/cmd", "deploy", deploy_args(v2, 2), cmd_id=cid)
@@ -164,7 +165,7 @@ def test_a_command_that_completed_before_the_crash_is_answered_with_its_outcome(
         reply = client.reply(rm, timeout=60)
         assert reply["ok"] is True, reply
         assert reply["result"]["removed"] is True and reply["result"]["recovered"] is True
-        time.sleep(1.0)
+        let_time_pass(1.0, "a second reply would have arrived by now")
         assert len(replies(client, rm)) == 1
     finally:
         client.close()

@@ -20,6 +20,7 @@ from edge_agent.errors import BundleError, EdgeAgentError
 from edge_agent.models.lifecycle import deploy, file_url
 from edge_agent.models.store import StoreError
 from lifecycle_helpers import Running, config, frames, make_bundle, read_state, rehash
+from waiting import let_time_pass, poll_until
 
 
 @pytest.fixture
@@ -276,12 +277,11 @@ def test_a_source_served_by_label(tmp_path: Path, cam: Path) -> None:
         deploy(run.models, v2, activate=False, label="canary")
         status = run.models.status()["clf"]
         assert status["active"] == 1 and status["labels"] == {"canary": 2} and status["loaded"] == [1, 2]
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
+        def both_served() -> bool:
             recent = run.sink.items[-20:]
-            if {r["version"] for s, r, _ in recent if s == "trial"} == {2} and any(s == "main" for s, _, _ in recent):
-                break
-            time.sleep(0.05)
+            return {r["version"] for s, r, _ in recent if s == "trial"} == {2} and any(s == "main" for s, _, _ in recent)
+
+        poll_until(both_served, 10, interval=0.05)
         recent = run.sink.items[-20:]
         assert {r["version"] for s, r, _ in recent if s == "main"} == {1}
         assert {r["version"] for s, r, _ in recent if s == "trial"} == {2}
@@ -431,13 +431,11 @@ def test_the_probation_supervisor_sleeps_until_a_probation_starts(tmp_path: Path
             real(slot)
 
         manager._check_probation = counting  # type: ignore[method-assign]
-        time.sleep(0.6)
+        let_time_pass(0.6, "a supervisor that polled without a probation would have checked by now")
         assert checks == []
         deploy(manager, v2)
         activated = time.monotonic()  # after the deploy: its own duration is not the supervisor's (a check during it is < 0)
-        deadline = time.monotonic() + 2.0
-        while not checks and time.monotonic() < deadline:
-            time.sleep(0.02)
+        poll_until(lambda: checks, 2.0)
         assert checks and checks[0] - activated < 1.0
         assert manager.status()["clf"]["probation"] is not None
     finally:

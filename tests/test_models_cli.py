@@ -13,6 +13,7 @@ import pytest
 
 from edge_agent.comms.local import agent_listening
 from lifecycle_helpers import frames, make_bundle
+from waiting import let_time_pass, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -82,19 +83,20 @@ def test_models_cli_through_the_running_agent(root: Path) -> None:
     agent = subprocess.Popen([sys.executable, "-m", "edge_agent", "run", "--config", str(root / "agent.toml")],
                              cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 60
-        while not agent_listening(root / "store" / "agent.sock"):
-            assert agent.poll() is None and time.monotonic() < deadline
-            time.sleep(0.1)
+        def listening() -> bool:
+            if agent_listening(root / "store" / "agent.sock"):
+                return True
+            assert agent.poll() is None
+            return False
+
+        wait_until(listening, 60, "the agent listens on its socket", interval=0.1)
         out = ea(root, "models", "add", "b/clf-v2", "--activate")
         assert out.returncode == 0 and "active: 2" in out.stdout, out.stderr
         st = listing(root)
         assert st["running"] and st["models"]["clf"]["active"] == 2
         assert st["models"]["clf"]["probation"]["version"] == 2  # the running agent watches it
-        deadline = time.monotonic() + 60
-        while listing(root)["models"]["clf"]["last_good"] != 2:  # probation (4 s) passes
-            assert time.monotonic() < deadline
-            time.sleep(0.5)
+        wait_until(lambda: listing(root)["models"]["clf"]["last_good"] == 2, 60,  # probation (4 s) passes
+                   "version 2 passed its probation", interval=0.5)
         out = ea(root, "models", "activate", "clf", "1")
         assert out.returncode == 0 and "availability swap" in out.stdout
         assert ea(root, "models", "add", "b/clf-v3", "--activate").returncode == 0
@@ -120,7 +122,7 @@ def test_local_control_socket_answers_and_stops_at_once(tmp_path: Path) -> None:
     server.start()
     assert agent_listening(tmp_path / "agent.sock")
     assert request(tmp_path / "agent.sock", "ping")["ok"] is True
-    time.sleep(0.3)  # the loop is now inside its 30 s select()
+    let_time_pass(0.3, "the loop is now inside its 30 s select()")
     t0 = time.monotonic()
     server.stop()
     assert time.monotonic() - t0 < 2.0

@@ -7,7 +7,6 @@ from __future__ import annotations
 import logging
 import socket
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -15,13 +14,7 @@ import pytest
 from edge_agent.comms.mqtt import MqttTransport
 from edge_agent.config import MqttConfig
 from mqtt_helpers import Mosquitto
-
-
-def wait(predicate, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
+from waiting import let_time_pass, wait_until
 
 
 @pytest.mark.integration
@@ -36,8 +29,8 @@ def test_a_broker_that_shuts_down_is_logged_as_closing_the_connection(tmp_path: 
         assert transport.connected.wait(10)
         with caplog.at_level(logging.INFO, logger="edge_agent.comms.mqtt"):
             broker.stop()
-            wait(lambda: not transport.connected.is_set())
-            wait(lambda: "reconnecting" in caplog.text)
+            wait_until(lambda: not transport.connected.is_set())
+            wait_until(lambda: "reconnecting" in caplog.text)
         assert "Unspecified error" not in caplog.text, caplog.text
         assert f"the broker {broker.host}:{broker.port} closed the connection" in caplog.text, caplog.text
     finally:
@@ -61,12 +54,12 @@ class _Mqtt5ServerThatDisconnects:
         with conn:
             conn.recv(65536)  # CONNECT
             conn.sendall(bytes([0x20, 3, 0x00, 0x00, 0x00]))  # CONNACK: no session, success, no properties
-            time.sleep(0.3)
+            let_time_pass(0.3, "the client is connected a moment before the broker says goodbye")
             reason = b"maintenance at 03:00"
             props = bytes([0x1F]) + len(reason).to_bytes(2, "big") + reason  # Reason String
             body = bytes([0x8B, len(props)]) + props
             conn.sendall(bytes([0xE0, len(body)]) + body)
-            time.sleep(1.0)
+            let_time_pass(1.0, "the client reads the DISCONNECT before the socket closes")
         self.sock.close()
 
 
@@ -77,7 +70,7 @@ def test_an_mqtt5_disconnect_from_the_broker_is_quoted_with_its_reason_code(capl
         with caplog.at_level(logging.INFO, logger="edge_agent.comms.mqtt"):
             transport.start()
             assert transport.connected.wait(10)
-            wait(lambda: "reconnecting" in caplog.text)
+            wait_until(lambda: "reconnecting" in caplog.text)
         assert "Server shutting down" in caplog.text and "0x8B" in caplog.text, caplog.text
         assert "maintenance at 03:00" in caplog.text
     finally:
@@ -102,16 +95,16 @@ def test_a_reply_counts_as_delivered_only_once_the_broker_or_the_spool_has_it(tm
         assert transport.connected.wait(10)
         bare = Outbox(transport, None)  # no spool: only the broker's PUBACK counts
         bare.send("replies", "reply", {"id": "a"}, delivered=lambda: acked.append("a"))
-        wait(lambda: acked == ["a"])
+        wait_until(lambda: acked == ["a"])
         broker.stop()
-        wait(lambda: not transport.connected.is_set())
+        wait_until(lambda: not transport.connected.is_set())
         bare.send("replies", "reply", {"id": "b"}, delivered=lambda: acked.append("b"))  # kept by paho only
         spooled = Outbox(transport, spool)
         spooled.send("replies", "reply", {"id": "c"}, delivered=lambda: acked.append("c"))  # on disk
         assert acked == ["a", "c"] and len(spool) == 1
         broker.start()
         assert transport.connected.wait(20)
-        wait(lambda: "b" in acked)  # paho sent it after the reconnect, and the broker acknowledged it
+        wait_until(lambda: "b" in acked)  # paho sent it after the reconnect, and the broker acknowledged it
         assert sorted(acked) == ["a", "b", "c"]
     finally:
         transport.stop()

@@ -20,7 +20,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import cv2
 import numpy as np
@@ -33,6 +33,7 @@ from edge_agent.errors import ConfigError, SourceError
 from edge_agent.pipeline.worker import SourceWorker
 from edge_agent.sources import FrameSource, MjpegSplitter, PipeSource, VideoSource, open_source
 from edge_agent.testing import RecordingSink, StaticModels
+from waiting import let_time_pass, wait_until
 
 FFMPEG = ["ffmpeg", "-hide_banner", "-nostdin", "-loglevel", "error"]
 
@@ -50,13 +51,6 @@ def demo(assets: dict[str, Path]) -> Path:
 
 def pipe_cfg(command: list[str], **kw: Any) -> SourceConfig:
     return SourceConfig(name=kw.pop("name", "cam"), command=command, model=kw.pop("model", "mobilenet_v2"), **kw)
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting until {what}"
-        time.sleep(0.02)
 
 
 @contextmanager
@@ -407,7 +401,7 @@ def test_watchdog_fields_while_backing_off() -> None:
         ages = []
         for _ in range(15):
             ages.append(time.monotonic() - source.last_progress)
-            time.sleep(0.1)
+            let_time_pass(0.1, "the watchdog's view, sampled ten times a second")
         assert max(ages) <= 1.5, ages  # refreshed each second (plus scheduling slack) within a 2 s back-off
         assert source.capture_alive and source.blocked_in is None
     assert (source.state, source.capture_alive) == ("stopped", False)
@@ -517,7 +511,7 @@ def run_capped(source: FrameSource, fps: float, seconds: float) -> tuple[SourceW
     worker = SourceWorker(source, CountingModels(), [RecordingSink()], stop)  # type: ignore[arg-type]
     source.start()
     worker.start()
-    time.sleep(seconds)
+    let_time_pass(seconds, "the worker runs at its capped rate for that long")
     stop.set()
     worker.join(5)
     source.stop()

@@ -349,7 +349,10 @@ def _varied_pictures(path: Path, count: int, seed: int) -> Path:
     return path
 
 
-@pytest.mark.parametrize("target", ["onnx", "tflite"])
+# The TFLite run converts with TensorFlow (the converter's environment in the
+# asset cache), seconds per model: an integration test, as conftest.py marks
+# the tests that take the converter_env fixture.
+@pytest.mark.parametrize("target", ["onnx", pytest.param("tflite", marks=pytest.mark.integration)])
 def test_mixed_precision_raises_agreement_to_the_target(tmp_path: Path, target: str) -> None:
     """Plain int8 of a model with one badly scaled activation falls well
     short of the target (the gate fails without mixed precision); with it,

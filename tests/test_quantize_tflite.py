@@ -324,6 +324,7 @@ def test_layers_can_be_kept_in_float_with_int8_io(converter: tflite.TfliteConver
         converter.quantize(tmp_path / "x.tflite", ["no/such/layer"])
 
 
+@pytest.mark.slow  # ~28 s on 2 cores: the mixed-precision search over MobileNetV2
 def test_mixed_precision_buys_back_agreement(converter_env: Path, assets: dict[str, Path], photo_split: dict[str, np.ndarray], fp32_top1: dict[str, np.ndarray], plain: tflite.TfliteArtifact, tmp_path: Path) -> None:
     """The search evaluates on calibration views only, keeps the most sensitive layers in float, and the result agrees
     with fp32 clearly better than plain int8 on photos the search never saw. The target is out of reach here on

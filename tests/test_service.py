@@ -27,6 +27,7 @@ from click.testing import CliRunner
 from edge_agent.cli import main
 from edge_agent.logs import JsonFormatter
 from edge_agent.service import Notifier, Supervisor, _watchdog_usec
+from waiting import let_time_pass, poll_until
 
 
 class NotifyListener:
@@ -303,7 +304,7 @@ class _BlockingSource:
                 self.n += 1
                 if self.n > frames:
                     release.wait()
-                time.sleep(0.02)
+                let_time_pass(0.02, "a live camera's frame interval")
                 return image
 
         self.source = Stuck(cfg)
@@ -479,9 +480,7 @@ def test_reload_applies_source_changes_without_unloading_the_model(
         assert c not in agent.workers and b not in agent.workers
         assert not b.source.capture_alive and b.done
         assert _loaded_model(agent) is model  # not unloaded, not reloaded
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and not all(w.counters.frames for w in agent.workers):
-            time.sleep(0.1)
+        poll_until(lambda: all(w.counters.frames for w in agent.workers), 10, interval=0.1)
         assert all(w.counters.frames for w in agent.workers)
     finally:
         agent.shutdown()
@@ -616,12 +615,11 @@ workers = 1
         deploy = {"id": "dep-1", "cmd": "deploy", "args": {"model": "mobilenet_v2", "version": 2, "url": files.url,
                                                           "sha256": sha256_file(v2), "size": v2.stat().st_size}}
         console.client.publish("flood/svc/cmd", json.dumps(deploy), qos=1).wait_for_publish(5)
-        deadline = time.monotonic() + 10
-        while not any(e.get("event") == "fetching" for e in console.on("/events")) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        poll_until(lambda: any(e.get("event") == "fetching" for e in console.on("/events")), 10, interval=0.05)
         for i in range(3):  # the only worker is busy: these wait
             console.client.publish("flood/svc/cmd", json.dumps({"id": f"q{i}", "cmd": "ping"}), qos=1).wait_for_publish(5)
-        time.sleep(0.3)
+        # Nothing outside the agent shows a command waiting in its queue.
+        let_time_pass(0.3, "the pings reach the agent and wait behind the deploy")
         path.write_text(_config_text(mobilenet_bundle, _video_source("a", assets["demo_video"]),
                                      extra=mqtt.format(interval=5)))
         assert agent.reload(load_config(path)) == ["mqtt reconnected"]
@@ -673,17 +671,13 @@ def test_a_slow_fps_is_not_a_stall_and_a_faster_fps_applies_at_once(
     agent.start()
     try:
         worker = agent.workers[0]
-        deadline = time.monotonic() + 10
-        while worker.counters.frames < 1 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        poll_until(lambda: worker.counters.frames >= 1, 10, interval=0.05)
         assert worker.counters.frames == 1
         for _ in range(25):  # 2.5 s into the 5 s wait, checked as the watchdog does
             assert supervisor.check() == []
             listener.poll(0.1)
         worker.fps = 20.0
-        deadline = time.monotonic() + 1.5
-        while worker.counters.frames < 5 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        poll_until(lambda: worker.counters.frames >= 5, 1.5, interval=0.05)
         assert worker.counters.frames >= 5
     finally:
         agent.shutdown()
@@ -714,9 +708,7 @@ def test_a_camera_whose_capture_thread_crashes_is_a_stall_and_a_failure(
     agent.start()
     try:
         source = agent.sources[0]
-        deadline = time.monotonic() + 5
-        while source.state != "failed" and time.monotonic() < deadline:
-            time.sleep(0.02)
+        poll_until(lambda: source.state == "failed", 5)
         assert source.failed
         assert [(s.part, s.what) for s in supervisor.check()] == [("source usb", "capture thread crashed")]
     finally:

@@ -18,6 +18,7 @@ from edge_agent.models.servable import LoadedModel
 from edge_agent.pipeline.worker import SourceWorker
 from edge_agent.sources import Frame, FolderSource, FrameSource, VideoSource, open_source
 from edge_agent.testing import RecordingSink, SlowRuntime, StaticModels, slowed
+from waiting import let_time_pass
 
 SIZE = (320, 240)  # width, height of the test videos
 FPS = 30
@@ -69,7 +70,7 @@ def drain(source: FrameSource, limit: int = 1000, timeout: float = 5.0, pause: f
                 assert source.finished, "timed out waiting for a frame"
                 break
             frames.append(frame)
-            time.sleep(pause)
+            let_time_pass(pause, "the consumer's work on the frame")
     finally:
         source.stop()
     return frames

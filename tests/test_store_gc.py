@@ -13,7 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -25,6 +24,7 @@ from edge_agent.models.manager import ModelManager
 from edge_agent.models.state import ModelState
 from edge_agent.models.store import ModelStore
 from lifecycle_helpers import Running, config, frames, make_bundle, read_state
+from waiting import poll_until, wait_until
 
 CONFIG = """device_id = "gc"
 log_level = "warning"
@@ -68,11 +68,13 @@ def crash_agent_during_deploy(root: Path, bundle: Path) -> None:
     SIGKILL once the new version's state (on probation) is written."""
     agent = cli(root, "run", crash_at="activate_after_state")
     try:
-        deadline = time.monotonic() + 60
-        while not agent_listening(root / "store" / "agent.sock"):
+        def listening() -> bool:
+            if agent_listening(root / "store" / "agent.sock"):
+                return True
             assert agent.poll() is None, agent.stderr.read()
-            assert time.monotonic() < deadline, "the agent did not start"
-            time.sleep(0.1)
+            return False
+
+        wait_until(listening, 60, "the agent started (listens on its socket)", interval=0.1)
         add = cli(root, "models", "add", str(bundle), "--activate")
         assert add.wait(60) != 0  # the agent died under it
         killed(agent)
@@ -82,6 +84,7 @@ def crash_agent_during_deploy(root: Path, bundle: Path) -> None:
             agent.wait()
 
 
+@pytest.mark.integration  # starts agents (`edge-agent run`) in a helper, out of conftest.py's sight
 def test_versions_left_by_crashed_deploys_are_collected_at_start(tmp_path: Path) -> None:
     """Three deploys killed after their version was installed (never
     activated) and two killed while their version was on probation (failed
@@ -135,9 +138,8 @@ def test_versions_that_fail_their_probation_are_collected_after_the_rollback(tmp
             back = run.wait_event("rolled_back")
             assert back["version"] == v and back["to"] == 1
             run.events.clear()
-        deadline = time.monotonic() + 10  # the collection follows the rolled_back event
-        while list(read_state(tmp_path)["failed"]) != ["4"] and time.monotonic() < deadline:
-            time.sleep(0.02)
+        # the collection follows the rolled_back event
+        poll_until(lambda: list(read_state(tmp_path)["failed"]) == ["4"], 10)
         assert run.models.store.versions("clf") == [1, 4]
         state = read_state(tmp_path)
         assert state["active"] == 1 and list(state["failed"]) == ["4"]

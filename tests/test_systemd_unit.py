@@ -29,8 +29,8 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
+from waiting import poll_until
 
 REPO = Path(__file__).resolve().parents[1]
 UNIT = REPO / "systemd" / "edge-agent.service"
@@ -471,14 +471,20 @@ fps = 5
         proc = subprocess.Popen(sandboxed([agent_executable(), "run", "--config", str(config)]), env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         ready = None
-        deadline = time.monotonic() + 60
         import urllib.request
-        while proc.poll() is None and time.monotonic() < deadline and ready is None:
+
+        def answered_or_exited() -> bool:
+            nonlocal ready
+            if proc.poll() is not None:
+                return True
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/readyz", timeout=2) as r:
                     ready = json.loads(r.read())
             except OSError:
-                time.sleep(0.3)
+                return False
+            return True
+
+        poll_until(answered_or_exited, 60, interval=0.3)
         log, _ = proc.communicate(timeout=90)
     finally:
         if proc.poll() is None:

@@ -31,6 +31,7 @@ from edge_agent.comms.transfer import (
 )
 from edge_agent.errors import TransferError
 from mqtt_helpers import connected
+from waiting import let_time_pass, poll_until
 
 PREFIX = "edge"
 CHUNK = 16 * 1024
@@ -94,13 +95,6 @@ def acked(link: PahoLink, count: int, subscribe: Callable[[], Any]) -> None:
             assert acks.acquire(timeout=5), "the test broker did not acknowledge a subscription"
     finally:
         link.client.on_subscribe = None
-
-
-def wait_until(check: Callable[[], Any], timeout: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (value := check()) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    return value
 
 
 def test_three_devices_one_late(payload: Path, clients: Callable[[str], PahoLink], tmp_path: Path) -> None:
@@ -181,9 +175,7 @@ def test_a_restarted_device_continues(payload: Path, clients: Callable[[str], Pa
     try:
         assert sender.wait_sent(30)
         first_pass_done.set()
-        deadline = time.monotonic() + 10
-        while first.received_chunks() < 10 and time.monotonic() < deadline:
-            time.sleep(0.02)
+        poll_until(lambda: first.received_chunks() >= 10, 10)
         assert first.received_chunks() == 10
         first.close()
         state = json.loads(first.state_path.read_text())
@@ -272,7 +264,7 @@ def test_an_inconsistent_meta_fails_with_checksum_mismatch(payload: Path, client
                 rx.wait(30)
             assert err.value.code == "checksum_mismatch"
             assert rx.received_chunks() == sender.meta.chunks, "every chunk arrived and matched its own sha256"
-            assert wait_until(lambda: "cam-01" in sender.done), "no done report reached the console"
+            assert poll_until(lambda: "cam-01" in sender.done, 10), "no done report reached the console"
             assert sender.done["cam-01"] == {
                 "device": "cam-01", "ok": False, "error": {"code": "checksum_mismatch", "message": err.value.message},
             }
@@ -293,7 +285,7 @@ def test_malformed_meta_is_a_bad_transfer(clients: Callable[[str], PahoLink], tm
             rx.wait(10)
         assert err.value.code == "bad_transfer"
         assert "malformed meta" in err.value.message
-        assert wait_until(lambda: reports), "no done report reached the console"
+        assert poll_until(lambda: reports, 10), "no done report reached the console"
         assert reports == [{"device": "cam-01", "ok": False, "error": {"code": "bad_transfer", "message": err.value.message}}]
     finally:
         rx.close()
@@ -370,8 +362,8 @@ def test_sender_holds_back_needless_repeats(clients: Callable[[str], PahoLink], 
         assert sender.wait_sent(5)
         need = json.dumps({"device": "cam-01", "ranges": [[1, 2]]}).encode()
         device.publish(sender.topics.need, need, qos=1, retain=False)
-        assert wait_until(lambda: len(seen) >= 4 + len(republished) and sender.held_back == held, 5)
-        time.sleep(0.2)  # nothing more follows
+        assert poll_until(lambda: len(seen) >= 4 + len(republished) and sender.held_back == held, 5)
+        let_time_pass(0.2, "nothing more follows")
     assert seen == [0, 1, 2, 3, *republished]
     assert sender.held_back == held
 
