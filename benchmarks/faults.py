@@ -886,9 +886,12 @@ def r2_kill_during_deploys(ctx: Ctx, *, kills: int = 50, seed: int = 12, fps: fl
     try:
         agent.start()
         wait_serving(console, agent, device, since=0.0, n=3)
-        for via in ("url", "mqtt"):  # how long an uninterrupted deploy takes: the kills fall within it
+        # How long an uninterrupted deploy takes: the kills fall within it. The
+        # shorter of two each (the first in a process can take longer than the
+        # deploy itself, and kills timed on it fell after the reply).
+        for via in ("url", "mqtt", "url", "mqtt"):
             r = one(via, None)
-            calibration[via] = r["seconds"]
+            calibration[via] = min(r["seconds"], calibration.get(via, r["seconds"]))
             progress(f"R2 calibration: a deploy by {via} takes {r['seconds']} s (ok: {r['reply']})")
             if not r["reply"]:
                 failures.append(f"the calibration deploy by {via} failed")
