@@ -76,6 +76,13 @@ class Console:
         for info in infos:
             info.wait_for_publish(60)
 
+    def wait_online(self, timeout: float = 30.0) -> None:
+        """Until the device says ``online`` (retained): it publishes that only
+        once its command subscriptions are sent, so a command sent after
+        this reaches it."""
+        assert self.wait_for(lambda: any(r.get("state") == "online" for r in self.on("/status")), timeout), \
+            "the device never said online"
+
     def ping_answered(self, timeout: float) -> float | None:
         """Seconds until a fresh ping is answered, None when it is not."""
         cmd_id = f"ping-{uuid.uuid4().hex[:8]}"

@@ -611,6 +611,7 @@ workers = 1
     agent.start()
     console = Console(broker, "svc")
     try:
+        console.wait_online()
         assert console.ping_answered(10) is not None
         deploy = {"id": "dep-1", "cmd": "deploy", "args": {"model": "mobilenet_v2", "version": 2, "url": files.url,
                                                           "sha256": sha256_file(v2), "size": v2.stat().st_size}}
@@ -647,6 +648,7 @@ def test_a_reload_whose_mqtt_files_are_missing_is_refused_and_stays_connected(
     agent.start()
     console = Console(broker, "svc")
     try:
+        console.wait_online()
         assert console.ping_answered(10) is not None
         before = agent.config
         path.write_text(_config_text(mobilenet_bundle, _video_source("a", assets["demo_video"], fps=2),
