@@ -2,42 +2,39 @@
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 
 HEAVY = ("onnx", "torch", "tensorflow", "quantize", "cryptography", "onnxruntime.quantization")
 
 
+def loaded_after_importing(modules: str, candidates: tuple[str, ...]) -> list[str]:
+    """Which of ``candidates`` a fresh interpreter has in ``sys.modules`` after
+    importing ``modules`` (comma-separated)."""
+    code = f"import sys; import {modules}; print([m for m in {candidates!r} if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    return ast.literal_eval(out.strip())
+
+
 def test_agent_imports_no_workstation_tools() -> None:
     """A 1 GB Pi must not pay for onnx, torch, TensorFlow or the quantizer."""
-    code = (
-        "import sys; import edge_agent.cli, edge_agent.agent, edge_agent.comms.mqtt, edge_agent.runtimes.onnx, edge_agent.http.server, edge_agent.bench;"
-        f"print([m for m in {HEAVY!r} if m in sys.modules])"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "[]", out
+    assert loaded_after_importing("edge_agent.cli, edge_agent.agent, edge_agent.comms.mqtt, edge_agent.runtimes.onnx, "
+                                  "edge_agent.http.server, edge_agent.bench", HEAVY) == []
 
 
 def test_the_bundle_device_path_imports_no_packing_signing_or_runtimes() -> None:
     """Opening and verifying a bundle (edge_agent.bundles) stays what the device needs:
     not the workstation's packing code, not the runtimes it describes models with, not
     the preprocessing, and no Ed25519 until a signature is checked."""
-    code = (
-        "import sys; import edge_agent.bundles;"
-        "print([m for m in ('edge_agent.bundles.pack', 'edge_agent.bundles.signing', 'edge_agent.runtimes',"
-        " 'edge_agent.pipeline.preprocess', 'cryptography', 'numpy', 'cv2') if m in sys.modules])"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "[]", out
+    assert loaded_after_importing("edge_agent.bundles", (
+        "edge_agent.bundles.pack", "edge_agent.bundles.signing", "edge_agent.runtimes",
+        "edge_agent.pipeline.preprocess", "cryptography", "numpy", "cv2")) == []
 
 
 def test_agent_imports_no_bundle_packing() -> None:
     """`edge-agent run` and the device's commands open bundles; only `pack`, the quantizer and the
     fleet console make them."""
-    code = (
-        "import sys; import edge_agent.cli, edge_agent.agent, edge_agent.models.store, edge_agent.models.lifecycle,"
-        " edge_agent.comms.plane, edge_agent.comms.handlers, edge_agent.http.server, edge_agent.bench;"
-        "print('edge_agent.bundles.pack' in sys.modules)"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "False", out
+    assert loaded_after_importing(
+        "edge_agent.cli, edge_agent.agent, edge_agent.models.store, edge_agent.models.lifecycle, edge_agent.comms.plane,"
+        " edge_agent.comms.handlers, edge_agent.http.server, edge_agent.bench", ("edge_agent.bundles.pack",)) == []
