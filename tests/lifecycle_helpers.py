@@ -73,6 +73,21 @@ def config(tmp: Path, bundle: Path | None, frame_dir: Path | None, *, source_fps
     return parse_config(data)
 
 
+def agent_toml(device: str, *, bundle: Path | None = None, store: dict | None = None, **model_kw: Any) -> str:
+    """The config file of an agent run as a subprocess from a folder that
+    holds its frames in ``frames/`` (the store goes to ``store/``): model
+    ``clf`` (with ``model_kw``), one looping source ``cam``."""
+    def value(v: Any) -> str:
+        return json.dumps(v) if isinstance(v, str) else repr(v)
+
+    model = {"name": "clf", **({"bundle": str(bundle)} if bundle is not None else {}), "threads": 1, **model_kw}
+    lines = [f'device_id = "{device}"', 'log_level = "warning"', "[store]", 'path = "store"']
+    lines += [f"{k} = {value(v)}" for k, v in (store or {}).items()]
+    lines += ["[[models]]"] + [f"{k} = {value(v)}" for k, v in model.items()]
+    lines += ["[[sources]]", 'name = "cam"', 'uri = "frames"', 'model = "clf"', "loop = true", "source_fps = 30"]
+    return "\n".join(lines) + "\n"
+
+
 class Running:
     """An Agent started in this process with a recording sink and an event list."""
 

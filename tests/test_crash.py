@@ -21,28 +21,11 @@ from edge_agent.bundles import verify_dir
 from edge_agent.comms.local import agent_listening
 from edge_agent.models.manager import ModelManager
 from edge_agent.models.store import ModelStore
-from lifecycle_helpers import frames, make_bundle
+from lifecycle_helpers import agent_toml, frames, make_bundle
 from waiting import let_time_pass, poll_until, wait_until
 
 pytestmark = pytest.mark.integration
 
-CONFIG = """device_id = "crash"
-log_level = "warning"
-[store]
-path = "store"
-[[models]]
-name = "clf"
-bundle = "{v1}"
-threads = 1
-probation_s = 3600
-probation_frames = 100000
-[[sources]]
-name = "cam"
-uri = "frames"
-model = "clf"
-loop = true
-source_fps = 30
-"""
 
 # The steps of `models add v2 --activate` with the agent stopped, in order.
 # Start-up (recovering the store, loading v1, saving its state) comes first:
@@ -66,7 +49,7 @@ def setup(tmp_path: Path):
     v2 = make_bundle(tmp_path / "b", 2, archive=True)
     frames(tmp_path / "frames")
     cfg = tmp_path / "agent.toml"
-    cfg.write_text(CONFIG.format(v1=v1))
+    cfg.write_text(agent_toml("crash", bundle=v1, probation_s=3600, probation_frames=100000))
     return tmp_path, cfg, v2
 
 
@@ -184,7 +167,7 @@ def deploy_seconds(tmp_path_factory: pytest.TempPathFactory) -> float:
     v2 = padded_v2(root / "b2")
     frames(root / "frames")
     cfg = root / "agent.toml"
-    cfg.write_text(CONFIG.format(v1=v1))
+    cfg.write_text(agent_toml("crash", bundle=v1, probation_s=3600, probation_frames=100000))
     proc = cli("models", "add", str(v2), "--activate", "--config", str(cfg), cwd=root)
     store = root / "store"
     assert poll_until(lambda: deploy_began(store) or proc.poll() is not None, 60, interval=0.001)

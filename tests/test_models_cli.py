@@ -12,27 +12,11 @@ from pathlib import Path
 import pytest
 
 from edge_agent.comms.local import agent_listening
-from lifecycle_helpers import frames, make_bundle
+from lifecycle_helpers import agent_toml, frames, make_bundle
 from waiting import let_time_pass, wait_until
 
 pytestmark = pytest.mark.integration
 
-CONFIG = """device_id = "cli"
-log_level = "warning"
-[store]
-path = "store"
-keep_versions = 5
-[[models]]
-name = "clf"
-threads = 1
-probation_s = 4.0
-[[sources]]
-name = "cam"
-uri = "frames"
-model = "clf"
-loop = true
-source_fps = 30
-"""
 
 
 def ea(root: Path, *args: str) -> subprocess.CompletedProcess:
@@ -45,7 +29,7 @@ def root(tmp_path: Path) -> Path:
     for v in (1, 2, 3):
         make_bundle(tmp_path / "b", v)
     frames(tmp_path / "frames")
-    (tmp_path / "agent.toml").write_text(CONFIG)
+    (tmp_path / "agent.toml").write_text(agent_toml("cli", store={"keep_versions": 5}, probation_s=4.0))
     return tmp_path
 
 

@@ -23,27 +23,9 @@ from edge_agent.models.lifecycle import deploy
 from edge_agent.models.manager import ModelManager
 from edge_agent.models.state import ModelState
 from edge_agent.models.store import ModelStore
-from lifecycle_helpers import Running, config, frames, make_bundle, read_state
+from lifecycle_helpers import Running, agent_toml, config, frames, make_bundle, read_state
 from waiting import poll_until, wait_until
 
-CONFIG = """device_id = "gc"
-log_level = "warning"
-[store]
-path = "store"
-keep_versions = 1
-[[models]]
-name = "clf"
-bundle = "{v1}"
-threads = 1
-probation_s = 3600
-probation_frames = 100000
-[[sources]]
-name = "cam"
-uri = "frames"
-model = "clf"
-loop = true
-source_fps = 30
-"""
 
 
 def cli(root: Path, *args: str, crash_at: str | None = None) -> subprocess.Popen:
@@ -94,7 +76,8 @@ def test_versions_left_by_crashed_deploys_are_collected_at_start(tmp_path: Path)
     root = tmp_path
     bundles = {v: make_bundle(root / "b", v, archive=v > 1) for v in range(1, 8)}
     frames(root / "frames")
-    (root / "agent.toml").write_text(CONFIG.format(v1=bundles[1]))
+    (root / "agent.toml").write_text(agent_toml("gc", bundle=bundles[1], store={"keep_versions": 1}, probation_s=3600,
+                                                     probation_frames=100000))
     ok(cli(root, "models", "activate", "clf", "1"))  # installs v1
     ok(cli(root, "models", "add", str(bundles[2]), "--activate"))  # v2 active and last good; v1 the rollback target
     for v in (3, 4, 5):  # killed between the install and the activation
