@@ -243,7 +243,9 @@ def test_commands_beyond_the_waiting_room_are_answered_busy_and_counted(flood_br
     console = Console(broker, device)
     try:
         assert transport.connected.wait(10)
-        # the device's subscription is in place once a ping is answered
+        # "connected" is our side; the broker has the device's subscription
+        # once it relayed the "online" the device sent after subscribing.
+        console.wait_online()
         assert console.ping_answered(10) is not None
         console.messages.clear()
         send = lambda payload: console.client.publish(f"{PREFIX}/{device}/cmd", payload, qos=1).wait_for_publish(5)
