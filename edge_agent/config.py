@@ -516,7 +516,7 @@ def _detection_problems(where: str, src: dict[str, Any]) -> list[str]:
         name = zone.get("name") if isinstance(zone, dict) else None
         if isinstance(name, str):
             if name in seen:
-                problems.append(f"{where}.zones[{j}].name: {name!r} is used twice (zone names must differ)")
+                problems.append(f"{where}.zones[{j}] ({name}).name: used twice (zone names must differ)")
             seen.add(name)
     labels, thresholds = src.get("labels"), src.get("thresholds")
     if isinstance(labels, list):

@@ -300,7 +300,7 @@ def test_a_reload_keeps_the_tracks() -> None:
     ({"zones": [{"name": "a", "points": [[0, 0], [1, 1]]}]}, "zones[0] (a).points: a zone needs at least 3 points, got 2"),
     ({"zones": [{"name": "a", "points": [[0, 0], [1, 1], [2, 2]]}]}, "the points enclose no area"),
     ({"zones": [{"name": "a", "points": [[0, 0], [1, 0], [1, 1]]}, {"name": "a", "points": [[0, 0], [1, 0], [1, 1]]}]},
-     "zones[1].name: 'a' is used twice"),
+     "zones[1] (a).name: used twice"),
     ({"thresholds": {"face": 1.5}}, "thresholds.face: Input should be less than or equal to 1"),
     ({"thresholds": {"face": -0.1}}, "thresholds.face: Input should be greater than or equal to 0"),
     ({"labels": ["face"], "thresholds": {"car": 0.5}}, "thresholds: 'car' not in `labels`"),
@@ -321,4 +321,4 @@ def test_every_detection_problem_is_reported_at_once() -> None:
         source_cfg(thresholds={"face": 2.0},
                    zones=[{"name": "a", "points": [[0, 0]]}, {"name": "a", "points": [[0, 0], [1, 0], [1, 1]]}])
     text = "\n".join(err.value.problems)
-    assert "thresholds.face" in text and "at least 3 points" in text and "'a' is used twice" in text
+    assert "thresholds.face" in text and "at least 3 points" in text and "(a).name: used twice" in text

@@ -25,12 +25,12 @@ def crossing(assets) -> tuple[Path, dict]:
     return video, json.loads(video.with_suffix(".json").read_text())
 
 
-def run_agent(tmp_path: Path, bundle: Path, video: Path, **detect) -> tuple[Agent, RecordingSink, list[dict]]:
+def run_agent(tmp_path: Path, bundle: Path, video: Path, realtime: bool = False, **detect) -> tuple[Agent, RecordingSink, list[dict]]:
     config = parse_config({
         "device_id": "tracking", "log_level": "warning",
         "store": {"path": str(tmp_path / "store")},
         "models": [{"name": "blazeface", "bundle": str(bundle), "threads": 1}],
-        "sources": [{"name": "walk", "uri": str(video), "model": "blazeface", "realtime": False, **detect}],
+        "sources": [{"name": "walk", "uri": str(video), "model": "blazeface", "realtime": realtime, **detect}],
     })
     sink, events = RecordingSink(), []
     agent = Agent(config, extra_sinks=[sink])
@@ -105,3 +105,37 @@ def test_a_label_the_model_lacks_is_named_at_start(
     outside = next(e for e in events if e["event"] == "zone_outside_frame")
     assert outside["zone"] == "away" and outside["frame"] == [640, 480] and outside["coverage"] == "outside"
     assert all(d["label"] == "face" for _, r, _ in sink.items for d in r["detections"])
+
+
+def test_a_new_model_version_keeps_the_tracks(
+    crossing, blazeface_bundle: Path, tmp_path: Path, assets: dict[str, Path]
+) -> None:
+    """Version 2 activated while the walker is on its way: the tracker belongs to the source, so
+    the walker keeps its id across the swap, appears once, and enters the zone once per crossing."""
+    from edge_agent.bundles.pack import pack
+    from edge_agent.models.lifecycle import deploy
+
+    video, truth = crossing
+    labels = tmp_path / "face.txt"
+    labels.write_text("face\n")
+    v2 = pack(assets["blazeface"], name="blazeface", version=2, out=tmp_path / "v2", labels=labels, task="detect",
+              preprocessing={"resize": "letterbox", "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)})
+    agent, sink, events = run_agent(tmp_path, blazeface_bundle, video, realtime=True, track=True,
+                                    zones=[{"name": "door", "points": truth["zone"]}])
+    try:
+        # the file plays at its own 30 fps (realtime): the swap lands while the walker walks
+        wait_until(lambda: len(sink.items) >= 12, 30, "the first frames served by v1")
+        deploy(agent.models, v2)
+        wait_until(lambda: agent.workers[0].done, 60, "the video played to its end")
+    finally:
+        agent.shutdown()
+    results = [r for s, r, _ in sink.items if s == "walk"]
+    by_version = {v: [r for r in results if r["version"] == v] for v in (1, 2)}
+    assert by_version[1] and by_version[2], {v: len(rs) for v, rs in by_version.items()}
+    walker = {v: {d["track_id"] for r in rs for d in r["detections"] if d["box"][3] < 240} for v, rs in by_version.items()}
+    assert walker[1] == walker[2] and len(walker[1]) == 1, walker
+    object_events = [(e["event"], e["track_id"]) for e in events if e["event"].startswith("object_")]
+    (walker_id,) = walker[1]
+    assert [ev for ev, t in object_events if t == walker_id].count("object_appeared") == 1, object_events
+    entered = [ev for ev, t in object_events if ev == "object_entered"]
+    assert len(entered) == 2, object_events
