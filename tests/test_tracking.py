@@ -322,3 +322,14 @@ def test_every_detection_problem_is_reported_at_once() -> None:
                    zones=[{"name": "a", "points": [[0, 0]]}, {"name": "a", "points": [[0, 0], [1, 0], [1, 1]]}])
     text = "\n".join(err.value.problems)
     assert "thresholds.face" in text and "at least 3 points" in text and "(a).name: used twice" in text
+
+
+def test_telemetry_carries_zone_counts_only_for_sources_with_zones(tmp_path) -> None:
+    from edge_agent.telemetry import SourceInterval, TelemetryCollector
+
+    counts = {"door": {"face": {"count": 1, "entered": 3}}}
+    collector = TelemetryCollector(disk_path=tmp_path, sources=lambda: {
+        "cam": SourceInterval(frames=2, zones=counts), "plain": SourceInterval(frames=2)})
+    sources = collector.collect()["sources"]
+    assert sources["cam"]["zones"] == counts
+    assert "zones" not in sources["plain"]

@@ -25,13 +25,20 @@ def crossing(assets) -> tuple[Path, dict]:
     return video, json.loads(video.with_suffix(".json").read_text())
 
 
-def run_agent(tmp_path: Path, bundle: Path, video: Path, realtime: bool = False, **detect) -> tuple[Agent, RecordingSink, list[dict]]:
-    config = parse_config({
+def config_of(tmp_path: Path, bundle: Path, video: Path, realtime: bool = False, mqtt: dict | None = None,
+              **detect) -> dict:
+    return {
         "device_id": "tracking", "log_level": "warning",
         "store": {"path": str(tmp_path / "store")},
         "models": [{"name": "blazeface", "bundle": str(bundle), "threads": 1}],
         "sources": [{"name": "walk", "uri": str(video), "model": "blazeface", "realtime": realtime, **detect}],
-    })
+        **({"mqtt": mqtt} if mqtt else {}),
+    }
+
+
+def run_agent(tmp_path: Path, bundle: Path, video: Path, realtime: bool = False, mqtt: dict | None = None,
+              **detect) -> tuple[Agent, RecordingSink, list[dict]]:
+    config = parse_config(config_of(tmp_path, bundle, video, realtime, mqtt, **detect))
     sink, events = RecordingSink(), []
     agent = Agent(config, extra_sinks=[sink])
     agent.events.append(events.append)
@@ -100,6 +107,11 @@ def test_a_label_the_model_lacks_is_named_at_start(
         assert "label(s) 'person' in `labels` are not labels of model blazeface v1" in caplog.text
         wait_until(lambda: any(e["event"] == "zone_outside_frame" for e in events), 30, "the zone checked")
         wait_until(lambda: len(sink.items) >= 3, 30, "results")
+        # a reload that asks for another missing label says so again, naming it
+        changes = agent.reload(parse_config(config_of(tmp_path, blazeface_bundle, video, labels=["face", "car"])))
+        assert changes == ["source walk: labels ['face', 'car'], zones []"], changes
+        unknown = [e for e in events if e["event"] == "label_unknown"]
+        assert [e["labels"] for e in unknown] == [["person"], ["car"]]
     finally:
         agent.shutdown()
     outside = next(e for e in events if e["event"] == "zone_outside_frame")
@@ -139,3 +151,33 @@ def test_a_new_model_version_keeps_the_tracks(
     assert [ev for ev, t in object_events if t == walker_id].count("object_appeared") == 1, object_events
     entered = [ev for ev, t in object_events if ev == "object_entered"]
     assert len(entered) == 2, object_events
+
+
+def test_detection_events_and_zone_counts_over_mqtt(
+    crossing, blazeface_bundle: Path, tmp_path: Path, broker
+) -> None:
+    """The same crossings through a real broker: object_* on P/D/events with a null id, the zone's
+    counts in the telemetry."""
+    from mqtt_helpers import Client
+
+    video, truth = crossing
+    sub = Client(broker.host, broker.port, ["trk/tracking/events", "trk/tracking/telemetry"])
+    try:
+        agent, _, _ = run_agent(tmp_path, blazeface_bundle, video, track=True,
+                                zones=[{"name": "door", "points": truth["zone"]}],
+                                mqtt={"host": broker.host, "port": broker.port, "topic_prefix": "trk",
+                                      "telemetry_interval_s": 0.2})
+        try:
+            sub.wait_for(lambda: [e for e in sub.json("/events") if e["event"] == "object_gone"][1:], 60)
+            sub.wait_for(lambda: any(t["sources"].get("walk", {}).get("zones", {}).get("door", {}).get("face", {})
+                                     .get("entered") == 2 for t in sub.json("/telemetry")), 10)
+        finally:
+            agent.shutdown()
+        events = [e for e in sub.json("/events") if e["event"].startswith("object_")]
+        entered = [e for e in events if e["event"] == "object_entered"]
+        assert len(entered) == 2 and all(e["id"] is None and e["zone"] == "door" for e in entered), entered
+        for e in entered:
+            assert set(e) == {"ts", "id", "event", "source", "zone", "label", "track_id", "score", "first_seen",
+                              "last_seen", "frames"}
+    finally:
+        sub.close()
