@@ -97,7 +97,8 @@ class Agent:
         except SourceError as exc:
             log.error("%s", exc)
             return
-        worker = SourceWorker(source, self.models, self.sinks, threading.Event())
+        worker = SourceWorker(source, self.models, self.sinks, threading.Event(), events=self._on_event)
+        worker.check_labels()  # an allow-list label the model lacks: said at start, not at the first frame
         source.start()
         worker.start()
         self.sources = [*self.sources, source]
@@ -239,8 +240,9 @@ class Agent:
         per change made.
 
         Applied at once: sources (added, removed, restarted when their input
-        changed; ``fps``, ``threshold`` and ``top_k`` changed on the running
-        worker), the MQTT connection and everything riding on it (``mqtt``,
+        changed; ``fps``, ``threshold``, ``top_k`` and the detection keys
+        (``labels``, ``thresholds``, ``min_box_area``, ``track``, ``zones``,
+        ``events``) changed on the running worker, its tracks kept), the MQTT connection and everything riding on it (``mqtt``,
         ``groups``, ``commands``, ``spool``, ``download``, ``transfer``),
         ``http`` and the log level. ``device_id``, ``store`` and ``models``
         take effect at the next start (logged). Raises ConfigError, changing
@@ -296,7 +298,7 @@ class Agent:
         return changes
 
     def _reload_sources(self, wanted: list[SourceConfig]) -> list[str]:
-        live_keys = {"fps", "threshold", "top_k"}
+        live_keys = {"fps", "threshold", "top_k", "labels", "thresholds", "min_box_area", "track", "zones", "events"}
         changes = []
         running = {w.source.name: w for w in self.workers}
         names = {c.name for c in wanted}
@@ -316,6 +318,7 @@ class Agent:
             differ = {k for k in type(cfg).model_fields if getattr(old, k) != getattr(cfg, k)}
             if differ <= live_keys:
                 worker.apply_config(cfg)
+                worker.check_labels()
                 changes.append(f"source {cfg.name}: " + ", ".join(f"{k} {getattr(cfg, k)}" for k in sorted(differ)))
             else:
                 self._stop_source(worker)
@@ -332,7 +335,7 @@ class Agent:
             skipped = w.source.stats()["skipped"]
             delta = skipped - self._skipped_seen.get(w.source.name, 0)
             self._skipped_seen[w.source.name] = skipped
-            out[w.source.name] = replace(w.counters.drain(), skipped=delta)
+            out[w.source.name] = replace(w.counters.drain(), skipped=delta, zones=w.detection.counts())
         return out
 
     def _lock_store(self) -> None:

@@ -182,6 +182,50 @@ class ModelConfig(_Section):
         return self
 
 
+Point = Annotated[list[float], Field(min_length=2, max_length=2)]
+
+
+class ZoneConfig(_Section):
+    """A zone of a detector source: a polygon in the source frame's pixels
+    (``[x, y]`` corners in order, the last joined to the first). A detection
+    is in the zone when its anchor point is inside the polygon."""
+
+    name: Name = Field(description="The zone's name; events and detections name it.")
+    points: list[Point] = Field(description="The polygon's corners, [x, y] in source-frame pixels (at least 3).")
+    anchor: Literal["bottom_center", "center"] = Field(
+        "bottom_center",
+        description="The point of a box that must lie in the polygon: bottom_center (where a person or a car "
+        "stands on the ground, as Frigate does) or center.",
+    )
+
+    @field_validator("points")
+    @classmethod
+    def _polygon(cls, value: list[list[float]]) -> list[list[float]]:
+        if len(value) < 3:
+            raise ValueError(f"a zone needs at least 3 points, got {len(value)}")
+        area2 = sum(x0 * y1 - x1 * y0 for (x0, y0), (x1, y1) in zip(value, value[1:] + value[:1]))
+        if abs(area2) < 1e-9:
+            raise ValueError("the points enclose no area (all on one line)")
+        return value
+
+
+class EventsConfig(_Section):
+    """The debounce of a tracked source's detection events, in processed frames."""
+
+    min_frames: int = Field(
+        3, ge=1, le=1000,
+        description="Frames a track must be seen before object_appeared, and seen in (or out of) a zone "
+        "before object_entered (or object_left).",
+    )
+    lost_frames: int = Field(
+        5, ge=1, le=10000,
+        description="Frames without its detection before a track is object_gone (and leaves the zones it was in).",
+    )
+    iou: float = Field(
+        0.3, gt=0, le=1, description="Least IoU between a track's predicted box and a detection to match them."
+    )
+
+
 class SourceConfig(_Section):
     """One camera, stream, file, folder or program. Exactly one of ``uri`` and
     ``command``; ``format``, ``width``, ``height`` and ``pixel_format`` belong to
@@ -297,6 +341,23 @@ class SourceConfig(_Section):
     threshold: float | None = Field(
         None, ge=0, le=1, description="Minimum score for a reported class or detection (default: the bundle's)."
     )
+    # Detector sources: filters, zones, tracking and events (docs/detection.md).
+    labels: list[Annotated[str, Field(min_length=1)]] | None = Field(
+        None, min_length=1, description="Detectors: report only these labels (the model's class names)."
+    )
+    thresholds: dict[str, Annotated[float, Field(ge=0, le=1)]] = Field(
+        default_factory=dict,
+        description="Detectors: per-label score threshold, above the model's (or the source's `threshold`).",
+    )
+    min_box_area: float = Field(0.0, ge=0, description="Detectors: drop boxes smaller than this, in pixels² of the source frame.")
+    track: bool = Field(False, description="Detectors: a tracker per source; every detection gets a track_id, events are published.")
+    zones: list[ZoneConfig] = Field(default_factory=list, description="Detectors: named polygons in source-frame pixels.")
+    events: EventsConfig = Field(default_factory=EventsConfig, description="Detectors with track = true: the events' debounce.")
+
+    @property
+    def detection_filters(self) -> bool:
+        """Whether this source filters, zones or tracks detections."""
+        return bool(self.labels or self.thresholds or self.min_box_area or self.track or self.zones)
 
 
 class CommandsConfig(_Section):
@@ -440,6 +501,33 @@ def _cross_problems(data: dict[str, Any]) -> list[str]:
         if isinstance(src, dict) and isinstance(src.get("model"), str) and src["model"] not in model_names:
             known = ", ".join(sorted(n for n in model_names if isinstance(n, str))) or "none configured"
             problems.append(f"sources[{i}] ({src.get('name')}).model: no model named {src['model']!r} (models: {known})")
+        if isinstance(src, dict):
+            problems += _detection_problems(f"sources[{i}] ({src.get('name')})", src)
+    return problems
+
+
+def _detection_problems(where: str, src: dict[str, Any]) -> list[str]:
+    """A detector source's keys that only make sense together: zone names
+    used once, labels listed once, a threshold only for a listed label."""
+    problems = []
+    zones = src.get("zones")
+    seen: set[str] = set()
+    for j, zone in enumerate(zones if isinstance(zones, list) else []):
+        name = zone.get("name") if isinstance(zone, dict) else None
+        if isinstance(name, str):
+            if name in seen:
+                problems.append(f"{where}.zones[{j}] ({name}).name: used twice (zone names must differ)")
+            seen.add(name)
+    labels, thresholds = src.get("labels"), src.get("thresholds")
+    if isinstance(labels, list):
+        dupes = sorted({x for x in labels if isinstance(x, str) and labels.count(x) > 1})
+        if dupes:
+            problems.append(f"{where}.labels: {', '.join(map(repr, dupes))} listed twice")
+        if isinstance(thresholds, dict):
+            unlisted = [k for k in thresholds if k not in labels]
+            if unlisted:
+                problems.append(f"{where}.thresholds: {', '.join(map(repr, unlisted))} not in `labels` "
+                                "(a label left out of `labels` is never reported)")
     return problems
 
 

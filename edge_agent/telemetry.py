@@ -15,7 +15,9 @@ source, ``fps`` (frames inferred per second over the interval), ``frames``,
 running totals (``frames_total``, ``skipped_total``, ``errors_total``, an
 extension: a console that misses a message loses nothing) and
 ``latency_ms`` percentiles of the interval (``null`` when no frame was
-inferred).
+inferred), and for a detector source with zones, ``zones``: per zone and
+label, ``count`` (objects in it now) and ``entered`` (a running total,
+with ``track = true``).
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ class SourceInterval:
     skipped: int = 0
     errors: int = 0
     latencies_ms: Sequence[float] = ()
+    zones: Mapping[str, Any] | None = None  # {zone: {label: {"count", "entered"}}}, for a source with zones
 
 
 class SourceCounters:
@@ -264,4 +267,6 @@ class TelemetryCollector:
                 "errors_total": totals.errors,
                 "latency_ms": percentiles(interval.latencies_ms),
             }
+            if interval.zones is not None:  # an extension: sources with zones only
+                out[name]["zones"] = interval.zones
         return out

@@ -29,6 +29,12 @@ demo_video       :mod:`~testassets.demo_video`: ``videos/demo.avi`` (MJPG,
                  640x480, 30 fps, ~10 s, slow Ken Burns zoom/pan over the
                  photos, chelsea first) and ``videos/demo.json`` (which photo
                  is on which frames).
+crossing_video   :mod:`~testassets.crossing_video`: ``videos/crossing.avi``
+                 (MJPG, 640x480, 30 fps, ~5 s: two crops of the astronaut's
+                 head over sklearn's china, one standing, one walking across
+                 the frame's middle band and back) and
+                 ``videos/crossing.json`` (the zone, the boxes per frame, the
+                 frames where the walker enters the zone).
 fashion_mnist    :mod:`~testassets.fashion_mnist`: ``fashion_mnist/``:
                  ``cnn.onnx`` (small CNN trained 2 epochs on Debian's
                  ``dataset-fashion-mnist``, static input ``input``

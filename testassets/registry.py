@@ -14,6 +14,7 @@ from typing import Callable
 
 from testassets.blazeface import build_blazeface
 from testassets.common import log
+from testassets.crossing_video import build_crossing_video
 from testassets.demo_video import build_demo_video
 from testassets.fashion_mnist import build_fashion_mnist
 from testassets.imagenet_labels import build_imagenet_labels
@@ -27,6 +28,7 @@ BUILDERS: dict[str, Callable[[Path, bool], Path]] = {
     "blazeface": build_blazeface,
     "photos": build_photos,
     "demo_video": build_demo_video,
+    "crossing_video": build_crossing_video,
     "fashion_mnist": build_fashion_mnist,
 }
 

@@ -5,6 +5,9 @@
 * :mod:`.stages`: the stages (the fps slot, taking the newest frame,
   inference, the result throttle, the result envelope, the sinks) and the
   context they pass on
+* :mod:`.detection`: a detector source's stage after inference: filters,
+  zones (:mod:`.zones`), the tracker (:mod:`.tracking`), detection events
+  and zone counts
 * :mod:`.sinks`: the sink protocol and the log sink
 * :mod:`.preprocess`: frame -> input tensor, as the manifest says
 * :mod:`.postprocess`: outputs -> ``top`` / ``detections``, one module per

@@ -39,6 +39,7 @@ import time
 from typing import Any, Callable, Sequence
 
 from edge_agent.models.manager import ModelManager
+from edge_agent.pipeline.detection import DetectionStage
 from edge_agent.pipeline.sinks import Sink
 from edge_agent.pipeline.stages import (
     EmitToSinks,
@@ -85,6 +86,7 @@ class SourceWorker:
         stop: threading.Event,
         *,
         clock: Callable[[], float] = time.monotonic,
+        events: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         self.source = source
         self.cfg = source.cfg
@@ -105,12 +107,16 @@ class SourceWorker:
         self.blocked_in: str | None = None
         self.finished_cleanly = False
         throttle = FpsThrottle(source, stop, lambda: self._settings, clock)
+        # Filters, zones, tracker and detection events (``events``: the
+        # agent's event path); the tracker lives as long as the worker.
+        self.detection = DetectionStage(source.name, self.cfg, labels_of=self._labels_of, emit=events)
         self.stages: list[Stage] = [
             throttle.wait,
             TakeNewest(source),
             throttle.claim,
             self._busy,
             Infer(models, self.counters, source.name),
+            self.detection,
             SampleResults(),
             build_envelope,
             EmitToSinks(sinks, source.name),
@@ -141,6 +147,7 @@ class SourceWorker:
         ``threshold`` and ``top_k`` apply from the next frame on, together.
         Any thread (see the module docstring)."""
         self.cfg = cfg
+        self.detection.configure(cfg)
         self.update(model=cfg.model, label=cfg.label, fps=cfg.fps, threshold=cfg.threshold, top_k=cfg.top_k)
 
     # ------------------------------------------------------------ the thread
@@ -177,7 +184,24 @@ class SourceWorker:
                     break
             self.blocked_in = None
             if turn.end:
+                self.detection.flush(time.time())  # the input ended: its objects are gone
                 break
+
+    def _labels_of(self, model: str, version: int) -> Any:
+        """The class names of a served version (the detection stage's allow-list check)."""
+        with self.models.acquire(model, version=version) as m:
+            return m.postprocess.labels
+
+    def check_labels(self) -> list[str]:
+        """Check the allow-list against the version serving this source now
+        (at start and at a reload, before any frame); returns the labels the
+        model does not have. Any thread."""
+        try:
+            with self.models.acquire(self.cfg.model, self.cfg.label) as m:
+                model, version = m.name, m.version
+        except Exception:  # nothing serves yet: the first frame checks
+            return []
+        return self.detection.check_model(model, version)
 
     def _busy(self, ctx: FrameContext) -> FrameContext:
         """The watchdog's mark: from the frame taken to the result emitted."""
