@@ -19,6 +19,8 @@ from testassets.fashion_mnist import build_fashion_mnist
 from testassets.imagenet_labels import build_imagenet_labels
 from testassets.mobilenet import build_mobilenet_v2
 from testassets.photos import build_photos
+from testassets.ssd_mobilenet import build_ssd_mobilenet
+from testassets.yolov5s import build_yolov5s
 
 #: Asset name -> builder(cache_dir, force) -> path.  Order is build order.
 BUILDERS: dict[str, Callable[[Path, bool], Path]] = {
@@ -28,6 +30,8 @@ BUILDERS: dict[str, Callable[[Path, bool], Path]] = {
     "photos": build_photos,
     "demo_video": build_demo_video,
     "fashion_mnist": build_fashion_mnist,
+    "yolov5s": build_yolov5s,
+    "ssd_mobilenet_v2": build_ssd_mobilenet,
 }
 
 
