@@ -80,7 +80,9 @@ def test_yolo_layout_tells_v5_from_v8_by_the_shape() -> None:
     assert yolo_layout([1, 84, 8400]) == {"objectness": False, "transposed": True, "classes": 80}
     assert yolo_layout([1, 84, 8400], num_labels=79) == {"objectness": True, "transposed": True, "classes": 79}
     assert yolo_layout([1, 1000]) is None and yolo_layout([1, 896, 16, 2]) is None
-    assert yolo_layout([1, None, 85]) is None
+    assert yolo_layout([None, 84, None]) == {"objectness": False, "transposed": True, "classes": 80}  # dynamic export
+    assert yolo_layout([1, None, 85]) == {"objectness": True, "transposed": False, "classes": 80}
+    assert yolo_layout([1, None, None]) is None and yolo_layout([1, 3, 10]) is None
 
 
 def test_yolov5_objectness_times_class_score_threshold_and_per_class_nms() -> None:

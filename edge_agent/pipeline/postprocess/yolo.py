@@ -30,14 +30,18 @@ def yolo_layout(shape: Sequence[int | None], num_labels: int | None = None) -> d
     number of class names is known and fits only the other variant, it wins.
     """
     dims = list(shape)
-    while len(dims) > 2 and dims[0] == 1:
+    if len(dims) == 3 and dims[0] in (1, None):
         dims = dims[1:]
-    if len(dims) != 2 or any(d is None for d in dims):
+    if len(dims) != 2 or dims == [None, None]:
         return None
-    a, b = int(dims[0]), int(dims[1])  # type: ignore[arg-type]
-    transposed = a < b
-    attrs, boxes = (a, b) if transposed else (b, a)
-    if attrs < 5 or boxes < 2 * attrs:
+    if None in dims:  # a dynamic export: the candidate count is the dynamic one
+        transposed = dims[1] is None
+        attrs, boxes = int(dims[0] if transposed else dims[1]), None  # type: ignore[arg-type]
+    else:
+        a, b = int(dims[0]), int(dims[1])  # type: ignore[arg-type]
+        transposed = a < b
+        attrs, boxes = (a, b) if transposed else (b, a)
+    if attrs < 5 or (boxes is not None and boxes < 2 * attrs):
         return None
     objectness = not transposed
     if num_labels:
