@@ -28,6 +28,7 @@ if [ "$mode" = dev ]; then
   [ -f /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz ] || apt_missing+=(dataset-fashion-mnist)
   # The pipe source's tests run real camera programs on the demo video.
   command -v ffmpeg >/dev/null || apt_missing+=(ffmpeg)
+  command -v npm >/dev/null || apt_missing+=(npm)   # testassets fetch npm tarballs with `npm pack`
   command -v gst-launch-1.0 >/dev/null || apt_missing+=(gstreamer1.0-tools)
   dpkg -s gstreamer1.0-plugins-good >/dev/null 2>&1 || apt_missing+=(gstreamer1.0-plugins-base gstreamer1.0-plugins-good)
   # systemd-analyze verifies the unit; debootstrap and qemu-user-static build

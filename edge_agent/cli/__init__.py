@@ -112,6 +112,11 @@ def preprocessing_options(func: F) -> F:
             help="With --resize crop: the short side is scaled to size/fraction before the centre crop "
             "(ImageNet: 0.875, i.e. 256 then 224).",
         ),
+        click.option(
+            "--pad-value",
+            type=click.IntRange(0, 255),
+            help="With --resize letterbox: the grey of the padding bands (default 0; Ultralytics YOLO: 114).",
+        ),
         click.option("--mean", callback=_parse_triple, help="Per-channel mean of pixels in [0, 1]."),
         click.option("--std", callback=_parse_triple, help="Per-channel std of pixels in [0, 1]."),
         click.option("--layout", type=click.Choice(["nchw", "nhwc"]), help="Tensor layout."),
@@ -132,6 +137,19 @@ def preprocessing_options(func: F) -> F:
 @click.option("--task", type=click.Choice(["classify", "detect"]), default="classify", show_default=True)
 @click.option("--top-k", type=click.IntRange(min=1), help="Classes reported per result (classify).")
 @click.option("--threshold", type=click.FloatRange(0, 1), help="Minimum score reported.")
+@click.option(
+    "--decoder",
+    type=click.Choice(["auto", "yolo", "ssd", "tflite-postprocess"]),
+    default="auto",
+    show_default=True,
+    help="Detection decoder (--task detect); auto: recognised from the model's outputs.",
+)
+@click.option(
+    "--anchors",
+    type=click.Path(dir_okay=False),
+    help="JSON file describing raw SSD outputs: MediaPipe SsdAnchorsCalculatorOptions fields and the box "
+    "coder's (docs/bundle.md).",
+)
 @click.option(
     "--sign-key",
     type=click.Path(dir_okay=False),
@@ -154,6 +172,8 @@ def pack(
     task: str,
     top_k: int | None,
     threshold: float | None,
+    decoder: str,
+    anchors: str | None,
     sign_key: str | None,
     samples: tuple[str, ...],
     **pre: Any,
@@ -168,6 +188,8 @@ def pack(
         post["top_k"] = top_k
     if threshold is not None:
         post["threshold"] = threshold
+    if task != "detect" and (decoder != "auto" or anchors):
+        raise click.UsageError("--decoder and --anchors apply to --task detect")
     path = pack_bundle(
         Path(model),
         name=name,
@@ -179,6 +201,9 @@ def pack(
         postprocessing=post,
         sign_key=Path(sign_key) if sign_key else None,
         sample_images=[Path(s) for s in samples],
+        decoder=decoder,
+        anchors=Path(anchors) if anchors else None,
+        notes=lambda line: click.echo(line, err=True),
     )
     signed = ""
     if sign_key:

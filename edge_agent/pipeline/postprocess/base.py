@@ -54,3 +54,63 @@ def output_index(outputs: Sequence[TensorSpec], name: str | None, default: int) 
         if spec.name == name:
             return i
     raise ValueError(f"the manifest names output {name!r}, which the model does not have")
+
+
+def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float, limit: int | None = None) -> np.ndarray:
+    """Greedy non-maximum suppression: indices of the boxes kept, best score
+    first. ``boxes`` are [N, 4] (x0, y0, x1, y1); of two boxes overlapping by
+    more than ``iou_threshold`` (intersection over union) the weaker goes.
+    Stops after ``limit`` boxes."""
+    order = np.argsort(-scores, kind="stable")
+    x0, y0, x1, y1 = (boxes[:, i] for i in range(4))
+    areas = np.maximum(x1 - x0, 0) * np.maximum(y1 - y0, 0)
+    keep: list[int] = []
+    while order.size and (limit is None or len(keep) < limit):
+        i = int(order[0])
+        keep.append(i)
+        rest = order[1:]
+        w = np.maximum(np.minimum(x1[i], x1[rest]) - np.maximum(x0[i], x0[rest]), 0)
+        h = np.maximum(np.minimum(y1[i], y1[rest]) - np.maximum(y0[i], y0[rest]), 0)
+        inter = w * h
+        iou = inter / np.maximum(areas[i] + areas[rest] - inter, 1e-12)
+        order = rest[iou <= iou_threshold]
+    return np.asarray(keep, dtype=np.int64)
+
+
+def batched_nms(
+    boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray, iou_threshold: float, limit: int | None = None
+) -> np.ndarray:
+    """:func:`nms` per class (boxes of different classes never suppress each
+    other): each class's boxes are shifted by a distance no box spans."""
+    if boxes.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    span = float(np.max(boxes) - np.min(boxes)) + 1.0
+    shifted = boxes + (classes.astype(np.float32) * span)[:, None]
+    return nms(shifted, scores, iou_threshold, limit)
+
+
+def logit(p: float) -> float:
+    """The logit whose sigmoid is ``p``: thresholding logits against it
+    equals thresholding probabilities against ``p``, without a sigmoid over
+    every anchor."""
+    p = min(max(p, 1e-7), 1 - 1e-7)
+    return float(np.log(p / (1 - p)))
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.clip(x, -80.0, 80.0)))
+
+
+def detections(
+    labels: Sequence[str] | None, boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray
+) -> list[dict[str, Any]]:
+    """The ``detections`` list of a result: label, score and frame-pixel box
+    ``[x0, y0, x1, y1]`` rounded to 0.1 pixel."""
+    return [
+        {
+            "label": label_for(labels, int(c)),
+            "score": round(float(s), 6),
+            "box": [round(float(v), 1) for v in box],
+        }
+        for box, s, c in zip(boxes, scores, classes)
+    ]
