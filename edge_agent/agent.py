@@ -48,7 +48,14 @@ class Agent:
         )
         # Results go to the MQTT plane's outbox whenever one runs (an
         # [mqtt] section added by a reload starts publishing at once).
-        self.sinks: list[Sink] = [LogSink(), *(extra_sinks or []), _PlaneResults(self)]
+        # The per-result log line only for sources with `log_results` (a
+        # frozenset replaced whole by a reload, read without a lock).
+        self._logged_sources = frozenset(s.name for s in config.sources if s.log_results)
+        self.sinks: list[Sink] = [
+            LogSink(enabled=lambda name: name in self._logged_sources),
+            *(extra_sinks or []),
+            _PlaneResults(self),
+        ]
         self.transport: Any = None
         self.plane: Any = None
         self.journal: Any = None  # the command journal: opened with the first MQTT plane, kept across reloads
@@ -82,6 +89,8 @@ class Agent:
         if self.config.sources and not self.workers:
             self.shutdown()
             raise EdgeAgentError("no source could be started (see the errors above)", code="no_sources")
+        if self.config.mqtt is None and self.config.sources and not self._logged_sources:
+            log.warning("offline (no [mqtt]) and no source has log_results = true: results are not written anywhere")
 
     # -- components that a reload may replace -------------------------------
 
@@ -296,7 +305,8 @@ class Agent:
         return changes
 
     def _reload_sources(self, wanted: list[SourceConfig]) -> list[str]:
-        live_keys = {"fps", "threshold", "top_k"}
+        live_keys = {"fps", "threshold", "top_k", "log_results"}
+        self._logged_sources = frozenset(c.name for c in wanted if c.log_results)
         changes = []
         running = {w.source.name: w for w in self.workers}
         names = {c.name for c in wanted}

@@ -297,6 +297,11 @@ class SourceConfig(_Section):
     threshold: float | None = Field(
         None, ge=0, le=1, description="Minimum score for a reported class or detection (default: the bundle's)."
     )
+    log_results: bool = Field(
+        False,
+        description="Log one line per result (logger edge_agent.results). Off by default: a line per frame per "
+        "camera in the journal wears an SD card; results go to MQTT (and the spool) either way.",
+    )
 
 
 class CommandsConfig(_Section):
