@@ -32,7 +32,7 @@ from edge_agent.config import ModelConfig
 from edge_agent.errors import EdgeAgentError
 from edge_agent.bundles.manifest import Manifest, concrete_input
 from edge_agent.pipeline.postprocess import Postprocessor, make_postprocessor
-from edge_agent.pipeline.preprocess import Preprocessor
+from edge_agent.pipeline.preprocess import Prepared, Preprocessor
 from edge_agent.runtimes import Runtime, create_runtime, release_memory
 
 
@@ -45,8 +45,9 @@ class Inference:
     """What one frame produced: the task part of the result plus timings."""
 
     payload: dict[str, Any]
-    latency_ms: float
+    latency_ms: float  # this thread's part: preprocessing (when not done ahead), inference, postprocessing
     infer_ms: float
+    pre_ms: float = 0.0  # preprocessing in this thread (about 0 when the capture thread did it)
 
 
 class ModelStats:
@@ -195,10 +196,25 @@ class LoadedModel:
             if not np.all(np.isfinite(out)):
                 raise SmokeTestFailed(f"{self.name} v{self.version}: output {spec.name!r} is not finite for {what}")
 
-    def process(self, frame: np.ndarray, *, top_k: int | None = None, threshold: float | None = None) -> Inference:
+    def process(
+        self,
+        frame: np.ndarray,
+        *,
+        top_k: int | None = None,
+        threshold: float | None = None,
+        prepared: Prepared | None = None,
+    ) -> Inference:
+        """One frame: preprocess, infer, postprocess. ``prepared``: the
+        input made ahead (in the capture thread); used when it was made for
+        this model's preprocessing (its tag), else the frame is preprocessed
+        again here (a hot swap to a model with other preprocessing)."""
         t0 = time.perf_counter()
         try:
-            tensor, transform = self.preprocess(frame)
+            pre = self.preprocess
+            if prepared is not None and (prepared.key is pre.key or prepared.key == pre.key):
+                tensor, transform = prepared.tensor, prepared.transform
+            else:
+                tensor, transform = pre(frame)
             t1 = time.perf_counter()
             outputs = self.runtime.infer(tensor)
             t2 = time.perf_counter()
@@ -208,7 +224,7 @@ class LoadedModel:
             raise
         t3 = time.perf_counter()
         self.stats.ok((t2 - t1) * 1000.0)
-        return Inference(payload, latency_ms=(t3 - t0) * 1000.0, infer_ms=(t2 - t1) * 1000.0)
+        return Inference(payload, latency_ms=(t3 - t0) * 1000.0, infer_ms=(t2 - t1) * 1000.0, pre_ms=(t1 - t0) * 1000.0)
 
     def close(self) -> None:
         if not self.closed:

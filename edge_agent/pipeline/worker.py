@@ -110,7 +110,7 @@ class SourceWorker:
             TakeNewest(source),
             throttle.claim,
             self._busy,
-            Infer(models, self.counters, source.name),
+            Infer(models, self.counters, source.name, source),
             SampleResults(),
             build_envelope,
             EmitToSinks(sinks, source.name),

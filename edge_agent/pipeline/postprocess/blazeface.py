@@ -31,6 +31,15 @@ def ssd_anchors(params: DetectParams, width: int, height: int) -> np.ndarray:
     return np.concatenate(rows).astype(np.float32)
 
 
+def _logit(t: float) -> float:
+    """The logit whose sigmoid is ``t`` (-inf at 0; at 1, the smallest logit whose float32 sigmoid is 1)."""
+    if t <= 0.0:
+        return -np.inf
+    if t >= 1.0:
+        return 17.0  # float32: 1 / (1 + exp(-17)) rounds to 1.0
+    return float(np.log(t / (1.0 - t)))
+
+
 class Detector:
     """Anchor decoding + NMS; boxes come out in source-frame pixels."""
 
@@ -64,15 +73,18 @@ class Detector:
         p = self.params
         reg = np.asarray(outputs[self.boxes_index], dtype=np.float32).reshape(len(self.anchors), -1)
         raw = np.asarray(outputs[self.scores_index], dtype=np.float32).reshape(len(self.anchors), -1)
-        if p.score_activation == "sigmoid":
-            raw = 1.0 / (1.0 + np.exp(-np.clip(raw, -80.0, 80.0)))
-        classes = np.argmax(raw, axis=1)
-        scores = raw[np.arange(len(raw)), classes]
         thr = p.threshold if threshold is None else threshold
-        keep = scores >= thr
+        classes = np.argmax(raw, axis=1) if raw.shape[1] > 1 else np.zeros(len(raw), np.int64)
+        scores = raw.max(axis=1) if raw.shape[1] > 1 else raw[:, 0]
+        sigmoid = p.score_activation == "sigmoid"
+        # The sigmoid is monotonic: threshold the logits (sigmoid(x) >= t <=> x >= logit(t)) and
+        # take the sigmoid of the few anchors kept only, not of every anchor.
+        keep = scores >= _logit(thr) if sigmoid else scores >= thr
         if not np.any(keep):
             return {"detections": []}
         reg, scores, classes, anchors = reg[keep], scores[keep], classes[keep], self.anchors[keep]
+        if sigmoid:
+            scores = 1.0 / (1.0 + np.exp(-np.clip(scores, -80.0, 80.0)))
         cx = reg[:, 0] / p.box_scale + anchors[:, 0]
         cy = reg[:, 1] / p.box_scale + anchors[:, 1]
         w = reg[:, 2] / p.box_scale
