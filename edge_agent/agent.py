@@ -21,6 +21,7 @@ from edge_agent.config import AgentConfig, SourceConfig
 from edge_agent.errors import EdgeAgentError, SourceError
 from edge_agent.models.manager import ModelManager
 from edge_agent.models.store import ModelStore, StoreLock
+from edge_agent.pipeline.batching import Batching
 from edge_agent.pipeline.sinks import LogSink, Sink
 from edge_agent.pipeline.worker import SourceWorker
 from edge_agent.sources import FrameSource, open_source
@@ -48,6 +49,8 @@ class Agent:
         )
         # Results go to the MQTT plane's outbox whenever one runs (an
         # [mqtt] section added by a reload starts publishing at once).
+        # One batching point per model with batch_size > 1 (models change at a restart only).
+        self.batching = Batching(self.models, config.models)
         # The per-result log line only for sources with `log_results` (a
         # frozenset replaced whole by a reload, read without a lock).
         self._logged_sources = frozenset(s.name for s in config.sources if s.log_results)
@@ -106,7 +109,7 @@ class Agent:
         except SourceError as exc:
             log.error("%s", exc)
             return
-        worker = SourceWorker(source, self.models, self.sinks, threading.Event())
+        worker = SourceWorker(source, self.models, self.sinks, threading.Event(), batching=self.batching)
         source.start()
         worker.start()
         self.sources = [*self.sources, source]

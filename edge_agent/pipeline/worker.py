@@ -39,6 +39,7 @@ import time
 from typing import Any, Callable, Sequence
 
 from edge_agent.models.manager import ModelManager
+from edge_agent.pipeline.batching import Batching
 from edge_agent.pipeline.sinks import Sink
 from edge_agent.pipeline.stages import (
     EmitToSinks,
@@ -85,6 +86,7 @@ class SourceWorker:
         stop: threading.Event,
         *,
         clock: Callable[[], float] = time.monotonic,
+        batching: Batching | None = None,
     ) -> None:
         self.source = source
         self.cfg = source.cfg
@@ -105,12 +107,13 @@ class SourceWorker:
         self.blocked_in: str | None = None
         self.finished_cleanly = False
         throttle = FpsThrottle(source, stop, lambda: self._settings, clock)
+        self._infer = Infer(models, self.counters, source.name, source, batching)
         self.stages: list[Stage] = [
             throttle.wait,
             TakeNewest(source),
             throttle.claim,
             self._busy,
-            Infer(models, self.counters, source.name, source),
+            self._infer,
             SampleResults(),
             build_envelope,
             EmitToSinks(sinks, source.name),
@@ -164,6 +167,8 @@ class SourceWorker:
             log.exception("source %s: the inference loop crashed; the watchdog reports it", self.source.name)
         else:
             self.finished_cleanly = True
+        finally:
+            self._infer.detach()  # a batch no longer waits for this source's frames
 
     def _loop(self) -> None:
         stages = self.stages
