@@ -21,6 +21,7 @@ from edge_agent.config import AgentConfig, SourceConfig
 from edge_agent.errors import EdgeAgentError, SourceError
 from edge_agent.models.manager import ModelManager
 from edge_agent.models.store import ModelStore, StoreLock
+from edge_agent.pipeline.batching import Batching
 from edge_agent.pipeline.sinks import LogSink, Sink
 from edge_agent.pipeline.worker import SourceWorker
 from edge_agent.sources import FrameSource, open_source
@@ -48,7 +49,16 @@ class Agent:
         )
         # Results go to the MQTT plane's outbox whenever one runs (an
         # [mqtt] section added by a reload starts publishing at once).
-        self.sinks: list[Sink] = [LogSink(), *(extra_sinks or []), _PlaneResults(self)]
+        # One batching point per model with batch_size > 1 (models change at a restart only).
+        self.batching = Batching(self.models, config.models)
+        # The per-result log line only for sources with `log_results` (a
+        # frozenset replaced whole by a reload, read without a lock).
+        self._logged_sources = frozenset(s.name for s in config.sources if s.log_results)
+        self.sinks: list[Sink] = [
+            LogSink(enabled=lambda name: name in self._logged_sources),
+            *(extra_sinks or []),
+            _PlaneResults(self),
+        ]
         self.transport: Any = None
         self.plane: Any = None
         self.journal: Any = None  # the command journal: opened with the first MQTT plane, kept across reloads
@@ -82,6 +92,8 @@ class Agent:
         if self.config.sources and not self.workers:
             self.shutdown()
             raise EdgeAgentError("no source could be started (see the errors above)", code="no_sources")
+        if self.config.mqtt is None and self.config.sources and not self._logged_sources:
+            log.warning("offline (no [mqtt]) and no source has log_results = true: results are not written anywhere")
 
     # -- components that a reload may replace -------------------------------
 
@@ -97,7 +109,8 @@ class Agent:
         except SourceError as exc:
             log.error("%s", exc)
             return
-        worker = SourceWorker(source, self.models, self.sinks, threading.Event(), events=self._on_event)
+        worker = SourceWorker(source, self.models, self.sinks, threading.Event(), events=self._on_event,
+                              batching=self.batching)
         worker.check_labels()  # an allow-list label the model lacks: said at start, not at the first frame
         source.start()
         worker.start()
@@ -298,7 +311,9 @@ class Agent:
         return changes
 
     def _reload_sources(self, wanted: list[SourceConfig]) -> list[str]:
-        live_keys = {"fps", "threshold", "top_k", "labels", "thresholds", "min_box_area", "track", "zones", "events"}
+        live_keys = {"fps", "threshold", "top_k", "log_results", "labels", "thresholds", "min_box_area", "track",
+                     "zones", "events"}
+        self._logged_sources = frozenset(c.name for c in wanted if c.log_results)
         changes = []
         running = {w.source.name: w for w in self.workers}
         names = {c.name for c in wanted}

@@ -172,6 +172,14 @@ class ModelConfig(_Section):
     smoke_tolerance: float | None = Field(
         None, gt=0, description="Override the bundle's tolerance for its sample outputs (fraction of the output range)."
     )
+    batch_size: int = Field(
+        1, ge=1, le=64, description="Micro-batching: up to this many frames of the sources this model serves go "
+        "through one inference (the model's input needs a dynamic batch dimension; else frames go one by one). "
+        "1: no batching."
+    )
+    batch_wait_ms: float = Field(
+        5.0, ge=0, le=1000, description="With batch_size > 1: the longest the first frame of a batch waits for others."
+    )
 
     @model_validator(mode="after")
     def _policy(self) -> "ModelConfig":
@@ -340,6 +348,11 @@ class SourceConfig(_Section):
     )
     threshold: float | None = Field(
         None, ge=0, le=1, description="Minimum score for a reported class or detection (default: the bundle's)."
+    )
+    log_results: bool = Field(
+        False,
+        description="Log one line per result (logger edge_agent.results). Off by default: a line per frame per "
+        "camera in the journal wears an SD card; results go to MQTT (and the spool) either way.",
     )
     # Detector sources: filters, zones, tracking and events (docs/detection.md).
     labels: list[Annotated[str, Field(min_length=1)]] | None = Field(

@@ -177,3 +177,23 @@ def build_mobilenet_v2(cache_dir: Path, force: bool = False) -> Path:
         log(f"MobileNetV2 verified: chelsea top-1 class {top[0][0]} "
             f"(p={top[0][1]:.3f}), onnxruntime vs torch max |diff| {diff:.1e}")
     return out
+
+
+def dynamic_batch_copy(model: Path, out: Path) -> Path:
+    """A copy of the MobileNetV2 ONNX whose input and output have a dynamic
+    batch dimension (``batch``): the graph itself is batch-agnostic
+    (Flatten on axis 1 before the classifier), only the declared shapes
+    say 1. For micro-batching tests and benchmarks; the cached asset stays
+    static. Returns ``out``."""
+    import onnx
+
+    m = onnx.load(str(model))
+    for value in (*m.graph.input, *m.graph.output):
+        dim = value.type.tensor_type.shape.dim[0]
+        dim.ClearField("dim_value")
+        dim.dim_param = "batch"
+    del m.graph.value_info[:]
+    onnx.checker.check_model(m)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(m, str(out))
+    return out

@@ -99,6 +99,7 @@ uri = "{frames}"
 model = "clf"
 loop = true
 source_fps = 20
+log_results = true
 """
     text = f"""device_id = "{device}"
 groups = {json.dumps(list(groups))}

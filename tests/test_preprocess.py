@@ -296,3 +296,50 @@ def test_crop_matches_imagenet_reference_on_chelsea_and_classifies_a_cat(assets:
     ref_logits = session.run(None, {name: ref})[0][0]
     assert int(np.argmax(ours_logits)) in CAT_CLASSES
     assert int(np.argmax(ours_logits)) == int(np.argmax(ref_logits))
+
+
+# ------------------------------------------- one pass: quantization folded in
+
+
+@pytest.mark.parametrize("dtype,scale,zp", [("int8", 0.0187, -14), ("uint8", 1 / 255, 0), ("int8", 0.5, 3)])
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_quantized_input_is_the_float_tensor_quantized_in_the_same_pass(patch, dtype, scale, zp, layout) -> None:
+    """The folded (p * a' + b') equals quantize(p * a + b) as the runtime did it,
+    but for a value sitting on a rounding boundary (at most 1 step, rarely)."""
+    from edge_agent.bundles.manifest import Quantization
+    from edge_agent.runtimes.base import quantize
+
+    img = patch(24, 32)
+    opts = dict(mean=IMAGENET_MEAN, std=IMAGENET_STD, layout=layout)
+    float_x, _ = make((32, 24), **opts)(img)
+    q = Quantization(scale=scale, zero_point=zp)
+    spec = Preprocessing(size=(32, 24), **opts)
+    shape = [1, 3, 24, 32] if layout == "nchw" else [1, 24, 32, 3]
+    pre = Preprocessor(spec, TensorSpec(name="input", shape=shape, dtype=dtype, quantization=q))
+    x, _ = pre(img)
+    want = quantize(float_x, q, np.dtype(dtype))
+    assert x.dtype == np.dtype(dtype) and x.shape == want.shape
+    diff = np.abs(x.astype(np.int32) - want.astype(np.int32))
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.01
+
+
+def test_int8_input_without_scale_is_centred_pixels(patch) -> None:
+    img = patch(24, 32)
+    x, _ = make((32, 24), dtype="int8", color="bgr")(img)
+    assert x.dtype == np.int8
+    assert np.array_equal(x, nchw(img.astype(np.int16) - 128).astype(np.int8))
+
+
+def test_geometry_is_computed_once_per_frame_size(patch) -> None:
+    pre = make((16, 16), resize="crop")
+    assert pre.geometry(64, 48) is pre.geometry(64, 48)
+    assert pre.geometry(64, 48) != pre.geometry(48, 64)
+
+
+def test_prepared_carries_the_key_of_its_preprocessing(patch) -> None:
+    img = patch(32, 32)
+    a, b = make((16, 16)), make((16, 16))
+    c = make((16, 16), color="bgr")
+    prepared = a.prepare(img)
+    assert prepared.key == b.key and prepared.key != c.key
+    assert np.array_equal(prepared.tensor, a(img)[0])

@@ -32,7 +32,7 @@ from edge_agent.config import ModelConfig
 from edge_agent.errors import EdgeAgentError
 from edge_agent.bundles.manifest import Manifest, concrete_input
 from edge_agent.pipeline.postprocess import Postprocessor, make_postprocessor
-from edge_agent.pipeline.preprocess import Preprocessor
+from edge_agent.pipeline.preprocess import Prepared, Preprocessor
 from edge_agent.runtimes import Runtime, create_runtime, release_memory
 
 
@@ -45,8 +45,9 @@ class Inference:
     """What one frame produced: the task part of the result plus timings."""
 
     payload: dict[str, Any]
-    latency_ms: float
+    latency_ms: float  # this thread's part: preprocessing (when not done ahead), inference, postprocessing
     infer_ms: float
+    pre_ms: float = 0.0  # preprocessing in this thread (about 0 when the capture thread did it)
 
 
 class ModelStats:
@@ -195,10 +196,25 @@ class LoadedModel:
             if not np.all(np.isfinite(out)):
                 raise SmokeTestFailed(f"{self.name} v{self.version}: output {spec.name!r} is not finite for {what}")
 
-    def process(self, frame: np.ndarray, *, top_k: int | None = None, threshold: float | None = None) -> Inference:
+    def process(
+        self,
+        frame: np.ndarray,
+        *,
+        top_k: int | None = None,
+        threshold: float | None = None,
+        prepared: Prepared | None = None,
+    ) -> Inference:
+        """One frame: preprocess, infer, postprocess. ``prepared``: the
+        input made ahead (in the capture thread); used when it was made for
+        this model's preprocessing (its tag), else the frame is preprocessed
+        again here (a hot swap to a model with other preprocessing)."""
         t0 = time.perf_counter()
         try:
-            tensor, transform = self.preprocess(frame)
+            pre = self.preprocess
+            if prepared is not None and (prepared.key is pre.key or prepared.key == pre.key):
+                tensor, transform = prepared.tensor, prepared.transform
+            else:
+                tensor, transform = pre(frame)
             t1 = time.perf_counter()
             outputs = self.runtime.infer(tensor)
             t2 = time.perf_counter()
@@ -208,7 +224,62 @@ class LoadedModel:
             raise
         t3 = time.perf_counter()
         self.stats.ok((t2 - t1) * 1000.0)
-        return Inference(payload, latency_ms=(t3 - t0) * 1000.0, infer_ms=(t2 - t1) * 1000.0)
+        return Inference(payload, latency_ms=(t3 - t0) * 1000.0, infer_ms=(t2 - t1) * 1000.0, pre_ms=(t1 - t0) * 1000.0)
+
+    @property
+    def batchable(self) -> bool:
+        """Several frames can go through the runtime at once: an ONNX model
+        whose (4-D) input has a dynamic batch dimension."""
+        shape = self.manifest.inputs[0].shape
+        return self.manifest.runtime == "onnx" and len(shape) == 4 and shape[0] is None
+
+    def process_batch(
+        self, items: Sequence[tuple[np.ndarray, Prepared | None, int | None, float | None]]
+    ) -> list[Inference | Exception]:
+        """Several frames, ``(image, prepared, top_k, threshold)`` each, as
+        one batch: one inference when the model is :attr:`batchable`, else
+        one after the other. Returns each frame's result or its error, in
+        order. The stats count every frame, with its share of the batch's
+        inference time (what probation compares with the one-frame baseline)."""
+        if len(items) == 1 or not self.batchable:
+            out: list[Inference | Exception] = []
+            for image, prepared, top_k, threshold in items:
+                try:
+                    out.append(self.process(image, top_k=top_k, threshold=threshold, prepared=prepared))
+                except Exception as exc:
+                    out.append(exc)
+            return out
+        t0 = time.perf_counter()
+        n = len(items)
+        try:
+            pre = self.preprocess
+            made = []
+            for image, prepared, _, _ in items:
+                if prepared is not None and (prepared.key is pre.key or prepared.key == pre.key):
+                    made.append((prepared.tensor, prepared.transform))
+                else:
+                    made.append(pre(image))
+            batch = np.concatenate([t for t, _ in made], axis=0)
+            t1 = time.perf_counter()
+            outputs = self.runtime.infer(batch)
+            t2 = time.perf_counter()
+        except Exception as exc:
+            for _ in items:
+                self.stats.error()
+            return [exc] * n
+        share = (t2 - t1) * 1000.0 / n
+        results: list[Inference | Exception] = []
+        for i, ((_, transform), (_, _, top_k, threshold)) in enumerate(zip(made, items)):
+            try:
+                payload = self.postprocess([o[i : i + 1] for o in outputs], transform, top_k=top_k, threshold=threshold)
+            except Exception as exc:
+                self.stats.error()
+                results.append(exc)
+                continue
+            self.stats.ok(share)
+            t3 = time.perf_counter()
+            results.append(Inference(payload, latency_ms=(t3 - t0) * 1000.0, infer_ms=share, pre_ms=(t1 - t0) * 1000.0 / n))
+        return results
 
     def close(self) -> None:
         if not self.closed:

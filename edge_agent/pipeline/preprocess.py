@@ -12,7 +12,9 @@ postprocessing uses to report boxes in the frame's own coordinates.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
+from typing import Sequence
 
 import cv2
 import numpy as np
@@ -54,32 +56,75 @@ def _resize(img: np.ndarray, width: int, height: int) -> np.ndarray:
     return cv2.resize(img, (width, height), interpolation=cv2.INTER_LINEAR)
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """A frame's input tensor made ahead of inference (in the capture
+    thread), tagged with the preprocessing it was made for: ``key`` is the
+    :attr:`Preprocessor.key` (preprocessing spec and input spec). A model
+    uses the tensor only when its own key is the same; after a hot swap to a
+    model with other preprocessing, the frame is preprocessed again."""
+
+    key: tuple[Preprocessing, TensorSpec]
+    tensor: np.ndarray
+    transform: Transform
+
+
 class Preprocessor:
     """Callable ``frame -> (tensor, transform)`` for one model input.
 
-    Thread-safe (no mutable state after construction). Float inputs get
-    ``(pixel/255 - mean) / std``; int8/uint8 inputs with quantization get the
-    same float values quantized with the input's scale/zero-point (the
-    runtime does that step); uint8 inputs without quantization get raw pixels.
+    Thread-safe (the geometry cache is only added to; each thread has its
+    own scratch buffer). Float inputs get ``(pixel/255 - mean) / std``;
+    int8/uint8 inputs with quantization get the same float values quantized
+    with the input's scale/zero-point, in the same pass (the runtime passes
+    a tensor already of the input's type through); uint8 inputs without
+    quantization get raw pixels.
+
+    Per frame it makes one new full-size array, the tensor itself: the
+    colour order, the normalisation (and quantization) and the layout are
+    one multiply-add per channel plane written straight into it. What does
+    not change between frames (the geometry for a frame size, the folded
+    constants) is computed once.
     """
 
     def __init__(self, spec: Preprocessing, inp: TensorSpec) -> None:
         self.spec = spec
         self.input = inp
+        self.key = (spec, inp)
         self.width, self.height = spec.size
-        channels = 1 if spec.color == "gray" else 3
+        channels = self._channels = 1 if spec.color == "gray" else 3
         self._raw_pixels = inp.dtype in ("uint8", "int8") and inp.quantization is None
-        mean = np.asarray(spec.mean[:channels], dtype=np.float32)
-        std = np.asarray(spec.std[:channels], dtype=np.float32)
+        mean = np.asarray(spec.mean[:channels], dtype=np.float64)
+        std = np.asarray(spec.std[:channels], dtype=np.float64)
         # (p / 255 - mean) / std == p * a + b, one fused multiply-add per pixel.
-        self._a = (1.0 / (255.0 * std)).astype(np.float32)
-        self._b = (-mean / std).astype(np.float32)
-        self._out_dtype = np.float32 if not self._raw_pixels else np.dtype(inp.dtype)
+        a, b = 1.0 / (255.0 * std), -mean / std
+        q = inp.quantization if inp.dtype in ("uint8", "int8") else None
+        self._quant: tuple[int, int] | None = None
+        if q is not None:
+            # round((p * a + b) / scale) + zp == round(p * a' + b'): quantized in the same pass.
+            a, b = a / q.scale, b / q.scale + q.zero_point
+            info = np.iinfo(np.dtype(inp.dtype))
+            self._quant = (info.min, info.max)
+        self._a = a.astype(np.float32)
+        self._b = b.astype(np.float32)
+        self._out_dtype = np.dtype(inp.dtype) if (self._raw_pixels or q is not None) else np.dtype(np.float32)
         self._rank = len(inp.shape)
+        # Source channel (BGR frame) of each output channel.
+        self._order = (2, 1, 0) if spec.color == "rgb" else (0, 1, 2)
+        self._geometry: dict[tuple[int, int], tuple] = {}
+        self._scratch = threading.local()
 
     def geometry(self, frame_w: int, frame_h: int) -> tuple[tuple[int, int], tuple[int, int, int, int], Transform]:
         """Where the frame goes: (resized w, h), the crop or pad (x, y) offsets
-        and the inverse transform. Exposed for tests and the HTTP API."""
+        and the inverse transform. Exposed for tests and the HTTP API.
+        Computed once per frame size."""
+        cached = self._geometry.get((frame_w, frame_h))
+        if cached is None:
+            cached = self._geometry_of(frame_w, frame_h)
+            if len(self._geometry) < 64:
+                self._geometry[(frame_w, frame_h)] = cached
+        return cached
+
+    def _geometry_of(self, frame_w: int, frame_h: int) -> tuple[tuple[int, int], tuple[int, int, int, int], Transform]:
         W, H = self.width, self.height
         mode = self.spec.resize
         if mode == "stretch":
@@ -96,6 +141,11 @@ class Preprocessor:
         px, py = (W - rw) // 2, (H - rh) // 2
         sx, sy = frame_w / rw, frame_h / rh
         return (rw, rh), (0, 0, px, py), Transform(sx, sy, -px * sx, -py * sy)
+
+    def prepare(self, frame: np.ndarray) -> Prepared:
+        """The tensor for ``frame``, tagged with this preprocessing."""
+        tensor, transform = self(frame)
+        return Prepared(self.key, tensor, transform)
 
     def __call__(self, frame: np.ndarray) -> tuple[np.ndarray, Transform]:
         if frame.ndim == 2:
@@ -115,17 +165,37 @@ class Preprocessor:
                 cv2.BORDER_CONSTANT,
                 value=(self.spec.pad_value,) * 3,
             )
-        if self.spec.color == "rgb":
-            img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
-        elif self.spec.color == "gray":
-            img = cv2.cvtColor(img, cv2.COLOR_BGR2GRAY)[:, :, None]
+        if self.spec.color == "gray":
+            planes: Sequence[np.ndarray] = (cv2.cvtColor(img, cv2.COLOR_BGR2GRAY),)
+        else:
+            split = cv2.split(img)
+            planes = [split[c] for c in self._order]
+        H, W = self.height, self.width
+        nchw = self.spec.layout == "nchw"
+        shape = (self._channels, H, W) if nchw else (H, W, self._channels)
+        out = np.empty(((1,) if self._rank == 4 else ()) + shape, dtype=self._out_dtype)
+        body = out[0] if self._rank == 4 else out
         if self._raw_pixels:
             # uint8: the pixels as they are; int8 without a scale: centred on 0.
-            x = img.astype(self._out_dtype) if self._out_dtype == np.uint8 else (img.astype(np.int16) - 128).astype(np.int8)
+            for c, plane in enumerate(planes):
+                dst = body[c] if nchw else body[..., c]
+                if self._out_dtype == np.uint8:
+                    dst[...] = plane
+                else:
+                    np.subtract(plane, 128, out=dst, dtype=np.int16, casting="unsafe")
+            return out, transform
+        if self._quant is None:
+            work = body  # float32: written in place
         else:
-            x = img.astype(np.float32) * self._a + self._b
-        if self.spec.layout == "nchw":
-            x = x.transpose(2, 0, 1)
-        if self._rank == 4:
-            x = x[None]
-        return np.ascontiguousarray(x), transform
+            work = getattr(self._scratch, "buf", None)
+            if work is None or work.shape != shape:
+                work = self._scratch.buf = np.empty(shape, np.float32)  # reused, one per thread
+        for c, plane in enumerate(planes):
+            dst = work[c] if nchw else work[..., c]
+            np.multiply(plane, self._a[c], out=dst, dtype=np.float32, casting="unsafe")
+            np.add(dst, self._b[c], out=dst)
+        if self._quant is not None:
+            np.rint(work, out=work)
+            np.clip(work, self._quant[0], self._quant[1], out=work)
+            body[...] = work
+        return out, transform

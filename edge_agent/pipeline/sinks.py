@@ -7,13 +7,14 @@ the agent adds the control plane's results sink (through its
 store-and-forward outbox), and tests their own.
 
 Thread-safety: ``emit`` is called from every source's worker thread; a sink
-shared by several sources must allow that. :class:`LogSink` keeps no state.
+shared by several sources must allow that. :class:`LogSink` keeps no state
+(``enabled`` reads one reference the agent replaces whole).
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 
 class Sink(Protocol):
@@ -23,13 +24,15 @@ class Sink(Protocol):
 
 
 class LogSink:
-    """One readable log line per result."""
+    """One readable log line per result, for the sources ``enabled(source)``
+    says (the sources' ``log_results``; every source when not given)."""
 
-    def __init__(self, logger: logging.Logger | None = None) -> None:
+    def __init__(self, logger: logging.Logger | None = None, enabled: Callable[[str], bool] | None = None) -> None:
         self.log = logger or logging.getLogger("edge_agent.results")
+        self.enabled = enabled
 
     def emit(self, source: str, result: dict[str, Any]) -> None:
-        if not self.log.isEnabledFor(logging.INFO):
+        if (self.enabled is not None and not self.enabled(source)) or not self.log.isEnabledFor(logging.INFO):
             return  # per frame: do not build a line nobody will see
         if "top" in result:
             what = ", ".join(f"{t['label']} {t['score']:.2f}" for t in result["top"][:3]) or "nothing above threshold"

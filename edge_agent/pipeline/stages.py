@@ -12,8 +12,12 @@ published). The worker runs its list in order, once per turn:
 3. :meth:`FpsThrottle.claim`: that frame takes the slot; the frame's
    settings are fixed here
 4. (the worker's watchdog mark: "processing a frame")
-5. :class:`Infer`: acquire the model for this one frame, preprocess,
-   infer, postprocess; a failure is counted, logged (rate limited) and ends
+5. :class:`Infer`: acquire the model for this one frame (or, for a model
+   with ``batch_size > 1``, submit the frame to the model's batching point,
+   :mod:`edge_agent.pipeline.batching`, and wait for its result), infer and
+   postprocess (the frame comes preprocessed from the capture thread, tagged
+   with the preprocessing it was made for; preprocessed again when that is
+   not this model's); a failure is counted, logged (rate limited) and ends
    the turn
 6. :class:`SampleResults`: number the result; the ``set`` command's
    result throttle (``results.enabled``, one in ``results.every``)
@@ -40,6 +44,7 @@ from edge_agent.telemetry import SourceCounters
 
 if TYPE_CHECKING:
     from edge_agent.models.manager import ModelManager
+    from edge_agent.pipeline.batching import Batcher, Batching
     from edge_agent.models.servable import Inference
     from edge_agent.pipeline.sinks import Sink
     from edge_agent.sources import Frame
@@ -148,17 +153,57 @@ class Infer:
     that fails is counted and logged (the first five, then every 100th)
     and the loop goes on; a bug in one frame never ends it."""
 
-    def __init__(self, models: ModelManager, counters: SourceCounters, source_name: str) -> None:
+    def __init__(
+        self,
+        models: ModelManager,
+        counters: SourceCounters,
+        source_name: str,
+        source: FrameSource | None = None,
+        batching: Batching | None = None,
+    ) -> None:
         self.models = models
         self.counters = counters
         self.source_name = source_name
+        self.source = source
+        self.batching = batching
+        self._prepares_for: Any = None  # the preprocessor the source was last told to use
+        self._batcher: Batcher | None = None  # the one this worker is attached to
+
+    def batcher(self, s: Settings) -> Batcher | None:
+        """The batching point of the frame's model and label (None: not
+        batched); the worker is attached to the one it uses now."""
+        b = self.batching.get(s.model, s.label) if self.batching else None
+        if b is not self._batcher:
+            self.detach()
+            if b is not None:
+                b.attach()
+            self._batcher = b
+        return b
+
+    def detach(self) -> None:
+        """The worker ends: its batcher no longer waits for its frames."""
+        if self._batcher is not None:
+            self._batcher.detach()
+            self._batcher = None
 
     def __call__(self, ctx: FrameContext) -> FrameContext | None:
         s, frame = ctx.settings, ctx.frame
         try:
-            with self.models.acquire(s.model, s.label) as model:
-                out = model.process(frame.image, top_k=s.top_k, threshold=s.threshold)
+            batcher = self.batcher(s) if self.batching else None
+            if batcher is not None:
+                out, model = batcher.run(frame, s.top_k, s.threshold)
                 ctx.model, ctx.version = model.name, model.version
+                self._prepare_next(model)
+                self.counters.frame(out.latency_ms)
+                ctx.inference = out
+                return ctx
+            with self.models.acquire(s.model, s.label) as model:
+                if frame.prepared is None:
+                    out = model.process(frame.image, top_k=s.top_k, threshold=s.threshold)
+                else:
+                    out = model.process(frame.image, top_k=s.top_k, threshold=s.threshold, prepared=frame.prepared)
+                ctx.model, ctx.version = model.name, model.version
+                self._prepare_next(model)
         except EdgeAgentError as exc:
             self._failed(frame.index, str(exc))
             return None
@@ -168,6 +213,15 @@ class Infer:
         self.counters.frame(out.latency_ms)
         ctx.inference = out
         return ctx
+
+    def _prepare_next(self, model: Any) -> None:
+        """The source preprocesses its next frames in its capture thread for
+        the model that served this one (each tagged with that preprocessing;
+        a frame made for another one after a swap is redone by the model)."""
+        pre = getattr(model, "preprocess", None)  # None: a test double without preprocessing
+        if self.source is not None and pre is not None and pre is not self._prepares_for:
+            self._prepares_for = pre
+            self.source.prepare_with(pre.prepare)
 
     def _failed(self, index: int, message: str) -> None:
         n = self.counters.error()

@@ -40,6 +40,7 @@ from typing import Any, Callable, Sequence
 
 from edge_agent.models.manager import ModelManager
 from edge_agent.pipeline.detection import DetectionStage
+from edge_agent.pipeline.batching import Batching
 from edge_agent.pipeline.sinks import Sink
 from edge_agent.pipeline.stages import (
     EmitToSinks,
@@ -87,6 +88,7 @@ class SourceWorker:
         *,
         clock: Callable[[], float] = time.monotonic,
         events: Callable[[dict[str, Any]], None] | None = None,
+        batching: Batching | None = None,
     ) -> None:
         self.source = source
         self.cfg = source.cfg
@@ -110,12 +112,13 @@ class SourceWorker:
         # Filters, zones, tracker and detection events (``events``: the
         # agent's event path); the tracker lives as long as the worker.
         self.detection = DetectionStage(source.name, self.cfg, labels_of=self._labels_of, emit=events)
+        self._infer = Infer(models, self.counters, source.name, source, batching)
         self.stages: list[Stage] = [
             throttle.wait,
             TakeNewest(source),
             throttle.claim,
             self._busy,
-            Infer(models, self.counters, source.name),
+            self._infer,
             self.detection,
             SampleResults(),
             build_envelope,
@@ -171,6 +174,8 @@ class SourceWorker:
             log.exception("source %s: the inference loop crashed; the watchdog reports it", self.source.name)
         else:
             self.finished_cleanly = True
+        finally:
+            self._infer.detach()  # a batch no longer waits for this source's frames
 
     def _loop(self) -> None:
         stages = self.stages

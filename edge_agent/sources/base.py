@@ -33,11 +33,15 @@ def redact(uri: str) -> str:
 @dataclass(frozen=True)
 class Frame:
     """One captured picture. ``index`` counts frames the source produced
-    (from 0, frames passed over included); ``ts`` is the capture time (Unix seconds)."""
+    (from 0, frames passed over included); ``ts`` is the capture time (Unix seconds).
+    ``prepared``: the model input made from it in the capture thread (a
+    :class:`~edge_agent.pipeline.preprocess.Prepared`, tagged with the
+    preprocessing it was made for), or None."""
 
     image: np.ndarray
     index: int
     ts: float
+    prepared: Any = None
 
 
 class FrameSource:
@@ -119,6 +123,9 @@ class FrameSource:
         self._interval = 0.0  # moving average of the time between two grabbed frames
         self._last_grab: float | None = None
         self._last_frame_at = time.monotonic()  # last frame grabbed (or the open), for stall detection
+        # preprocessing in the capture thread (see prepare_with)
+        self._prepare: Any = None
+        self._prepare_failed = 0
 
     # -- subclass interface ------------------------------------------------
 
@@ -162,6 +169,16 @@ class FrameSource:
         thread; one float written, so no lock."""
         self._want_at = monotonic_t
 
+    def prepare_with(self, prepare: Any) -> None:
+        """Preprocess every converted frame in the capture thread with
+        ``prepare`` (``image -> Prepared``, the serving model's
+        ``Preprocessor.prepare``), so the inference thread only infers; the
+        frame carries it as ``Frame.prepared``. None: frames go as pictures
+        only. Called by the consumer with the model that served its last
+        frame; one reference written, so no lock. The consumer checks the
+        tag: a frame prepared for another preprocessing is redone."""
+        self._prepare = prepare
+
     def next_frame(self, timeout: float | None = None) -> Frame | None:
         """The newest frame not yet taken, waiting up to ``timeout`` seconds.
         Returns None on time-out, or once the source has finished and its
@@ -203,7 +220,21 @@ class FrameSource:
             if self._stop.wait(min(left, self.progress_step_s)):
                 return True
 
+    def _prepared(self, image: np.ndarray) -> Any:
+        prepare = self._prepare
+        if prepare is None:
+            return None
+        try:
+            return prepare(image)
+        except Exception as exc:  # the inference thread preprocesses it again and reports the error there
+            self._prepare_failed += 1
+            if self._prepare_failed <= 3:
+                log.warning("source %s: preprocessing in the capture thread failed: %s", self.name, exc)
+            return None
+
     def _publish(self, image: np.ndarray) -> None:
+        ts = time.time()
+        prepared = self._prepared(image)  # outside the lock: the consumer may take the previous frame meanwhile
         with self._cond:
             if not self.cfg.realtime and not self.live:
                 # Hand every frame over: wait until the consumer took the last one.
@@ -212,7 +243,7 @@ class FrameSource:
                     self._touch()
             if self._latest is not None:
                 self.skipped += 1
-            self._latest = Frame(image, self.captured, time.time())
+            self._latest = Frame(image, self.captured, ts, prepared)
             self.captured += 1
             self._cond.notify_all()
 

@@ -58,6 +58,7 @@ uri = "$check/demo.avi"
 model = "mobilenet_v2"
 realtime = false
 top_k = 5
+log_results = true
 EOF
   chmod -R a+rX "$check"
   step "edge-agent run: int8 $rt over the demo video"

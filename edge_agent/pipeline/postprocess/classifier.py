@@ -32,6 +32,10 @@ class Classifier:
         self.params = params
         self.labels = labels
         self.index = output_index(outputs, params.output, 0)
+        # Whether the output needs a softmax: fixed by the bundle, or ("auto")
+        # decided on the model's first output: a model emits logits or
+        # probabilities on every frame, not one or the other by frame.
+        self._softmax: bool | None = {"always": True, "never": False}.get(params.softmax)
 
     def __call__(
         self,
@@ -42,8 +46,10 @@ class Classifier:
         threshold: float | None = None,
     ) -> dict[str, Any]:
         scores = np.asarray(outputs[self.index], dtype=np.float32).reshape(-1)
-        mode = self.params.softmax
-        if mode == "always" or (mode == "auto" and not _is_distribution(scores)):
+        apply = self._softmax
+        if apply is None:  # "auto": decided on the first output, once per loaded model
+            apply = self._softmax = not _is_distribution(scores)
+        if apply:
             scores = softmax(scores)
         k = min(top_k or self.params.top_k, scores.size)
         thr = self.params.threshold if threshold is None else threshold
