@@ -79,6 +79,7 @@ uri = "{video}"
 model = "mobilenet_v2"
 fps = 10
 loop = {str(loop).lower()}
+log_results = true
 """
     )
     return config
