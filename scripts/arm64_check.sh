@@ -158,6 +158,7 @@ uri = "$clip"
 model = "mobilenet_v2"
 realtime = false
 top_k = 5
+log_results = true
 EOF
   "$EA" run --config "$ref/run-$rt.toml" >"$ref/run-$rt.log" 2>&1 || { tail -n 20 "$ref/run-$rt.log" >&2; die "the x86 reference run ($rt) failed"; }
 done
