@@ -500,13 +500,7 @@ def _cross_problems(data: dict[str, Any]) -> list[str]:
     problems = []
     sections = {k: data.get(k) for k in ("models", "sources")}
     for kind, items in sections.items():
-        seen: set[str] = set()
-        for i, item in enumerate(items if isinstance(items, list) else []):
-            name = item.get("name") if isinstance(item, dict) else None
-            if isinstance(name, str):
-                if name in seen:
-                    problems.append(f"{kind}[{i}].name: {name!r} is used twice")
-                seen.add(name)
+        problems += [f"{kind}[{i}].name: {name!r} is used twice" for i, name in _repeated_names(items)]
     models = sections["models"] if isinstance(sections["models"], list) else []
     model_names = {m.get("name") for m in models if isinstance(m, dict)}
     sources = sections["sources"] if isinstance(sections["sources"], list) else []
@@ -519,18 +513,25 @@ def _cross_problems(data: dict[str, Any]) -> list[str]:
     return problems
 
 
+def _repeated_names(items: Any) -> list[tuple[int, str]]:
+    """(index, name) of every table in the raw list ``items`` whose ``name``
+    an earlier one already has."""
+    seen: set[str] = set()
+    repeated = []
+    for i, item in enumerate(items if isinstance(items, list) else []):
+        name = item.get("name") if isinstance(item, dict) else None
+        if isinstance(name, str):
+            if name in seen:
+                repeated.append((i, name))
+            seen.add(name)
+    return repeated
+
+
 def _detection_problems(where: str, src: dict[str, Any]) -> list[str]:
     """A detector source's keys that only make sense together: zone names
     used once, labels listed once, a threshold only for a listed label."""
-    problems = []
-    zones = src.get("zones")
-    seen: set[str] = set()
-    for j, zone in enumerate(zones if isinstance(zones, list) else []):
-        name = zone.get("name") if isinstance(zone, dict) else None
-        if isinstance(name, str):
-            if name in seen:
-                problems.append(f"{where}.zones[{j}] ({name}).name: used twice (zone names must differ)")
-            seen.add(name)
+    problems = [f"{where}.zones[{j}] ({name}).name: used twice (zone names must differ)"
+                for j, name in _repeated_names(src.get("zones"))]
     labels, thresholds = src.get("labels"), src.get("thresholds")
     if isinstance(labels, list):
         dupes = sorted({x for x in labels if isinstance(x, str) and labels.count(x) > 1})
