@@ -293,6 +293,20 @@ def test_a_reload_keeps_the_tracks() -> None:
     assert ids == again == [1]
 
 
+def test_a_reload_of_a_source_with_zones_keeps_the_stage_running(caplog: pytest.LogCaptureFixture) -> None:
+    """A reload builds new zones equal to the old ones: the stage compares its
+    cached checks against them (labels per version, zones per frame size)."""
+    zones = [{"name": "right", "points": [[320, 0], [640, 0], [640, 480], [320, 480]]}]
+    events: list[dict] = []
+    stage = DetectionStage("cam", source_cfg(zones=zones, labels=["face"]), labels_of=lambda m, v: ["face"],
+                           emit=events.append)
+    stage(ctx_of([det("face", 0.9, (400, 100, 480, 180))], 0.0))
+    stage.configure(source_cfg(zones=zones, labels=["face"]))
+    ctx = stage(ctx_of([det("face", 0.9, (400, 100, 480, 180))], 1.0))
+    assert ctx.inference.payload["detections"][0]["zones"] == ["right"]
+    assert stage.check_model("m", 1) == [] and events == []
+
+
 # ------------------------------------------------------------------ config
 
 

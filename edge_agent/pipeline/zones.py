@@ -19,11 +19,20 @@ import numpy as np
 Anchor = Literal["bottom_center", "center"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Zone:
     name: str
     polygon: np.ndarray  # (K, 2) float64, K >= 3
     anchor: Anchor = "bottom_center"
+
+    # By value, the polygon included (a dataclass's own __eq__ would compare
+    # the arrays with ``==`` and fail): a reload builds equal zones anew.
+    def __eq__(self, other: object) -> bool:
+        return (isinstance(other, Zone) and (self.name, self.anchor) == (other.name, other.anchor)
+                and np.array_equal(self.polygon, other.polygon))
+
+    def __hash__(self) -> int:
+        return hash((self.name, self.anchor, self.polygon.tobytes()))
 
     @classmethod
     def of(cls, name: str, points: Sequence[Sequence[float]], anchor: Anchor = "bottom_center") -> "Zone":
