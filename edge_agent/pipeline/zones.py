@@ -70,8 +70,9 @@ def zones_of(boxes: np.ndarray, zones: Sequence[Zone]) -> list[list[str]]:
     out: list[list[str]] = [[] for _ in range(n)]
     if not n:
         return out
+    points = {anchor: anchor_points(boxes, anchor) for anchor in {z.anchor for z in zones}}  # once per kind
     for zone in zones:
-        inside = points_in_polygon(anchor_points(boxes, zone.anchor), zone.polygon)
+        inside = points_in_polygon(points[zone.anchor], zone.polygon)
         for i in np.flatnonzero(inside):
             out[i].append(zone.name)
     return out

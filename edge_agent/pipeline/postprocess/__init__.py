@@ -22,7 +22,7 @@ and one entry in :data:`DETECTORS` (its parameters: one class in
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Sequence
 
 from edge_agent.bundles.manifest import DetectParams, Manifest
 from edge_agent.errors import ModelLoadError
@@ -47,14 +47,13 @@ __all__ = [
     "softmax",
 ]
 
-# Detection decoders by the manifest's ``postprocessing.decoder``.
-DETECTORS: dict[str, Callable[[Manifest, Sequence[str] | None], Postprocessor]] = {
-    "ssd_anchors": lambda m, labels: SsdDecoder(m.postprocessing, m.outputs, labels, m.preprocessing.size),  # type: ignore[arg-type]
-    "ssd": lambda m, labels: SsdDecoder(m.postprocessing, m.outputs, labels, m.preprocessing.size),  # type: ignore[arg-type]
-    "yolo": lambda m, labels: YoloDecoder(m.postprocessing, m.outputs, labels, m.preprocessing.size),  # type: ignore[arg-type]
-    "tflite-postprocess": lambda m, labels: TflitePostprocessDecoder(
-        m.postprocessing, m.outputs, labels, m.preprocessing.size  # type: ignore[arg-type]
-    ),
+# Detection decoders by the manifest's ``postprocessing.decoder``; each is
+# built as ``cls(params, outputs, labels, input_size)``.
+DETECTORS: dict[str, type[SsdDecoder] | type[YoloDecoder] | type[TflitePostprocessDecoder]] = {
+    "ssd_anchors": SsdDecoder,  # the first bundles' BlazeFace grids
+    "ssd": SsdDecoder,
+    "yolo": YoloDecoder,
+    "tflite-postprocess": TflitePostprocessDecoder,
 }
 
 
@@ -63,7 +62,8 @@ def make_postprocessor(manifest: Manifest, labels: Sequence[str] | None) -> Post
     params = manifest.postprocessing
     if isinstance(params, DetectParams):
         try:
-            return DETECTORS[params.decoder](manifest, labels)
+            decoder = DETECTORS[params.decoder]
+            return decoder(params, manifest.outputs, labels, manifest.preprocessing.size)  # type: ignore[arg-type]
         except ValueError as exc:  # parameters that do not fit the model's outputs
             raise ModelLoadError(f"{manifest.name} v{manifest.version}: decoder {params.decoder!r}: {exc}") from None
     return Classifier(params, manifest.outputs, labels)
