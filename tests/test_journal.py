@@ -362,6 +362,24 @@ def test_a_reply_written_down_but_never_delivered_is_sent_again_at_the_next_star
     j.close()
 
 
+def test_marking_a_reply_delivered_never_waits_for_a_commit(tmp_path: Path) -> None:
+    """paho's network thread calls delivered(): it must not wait while the
+    journal writes (here: the journal's lock held, as during an fsync)."""
+    import threading
+
+    j = open_journal(tmp_path / "j.db")
+    dispatcher_with(j, []).handle(cmd("a1"), "t")
+    with j._lock:  # a commit in progress
+        marker = threading.Thread(target=j.delivered, args=("a1",))
+        marker.start()
+        marker.join(2.0)
+        assert not marker.is_alive(), "delivered() waited for the journal's write"
+    j.close()
+    j = open_journal(tmp_path / "j.db")
+    assert dispatcher_with(j, []).recover(lambda e: {}, lambda r: pytest.fail(f"sent again: {r}")) == 0
+    j.close()
+
+
 def test_a_journal_written_before_replies_were_tracked_sends_nothing_again(tmp_path: Path) -> None:
     """A journal from an older agent (no ``sent`` column) is upgraded in
     place, and its replies count as delivered."""

@@ -52,7 +52,9 @@ commands signed before that moment are refused as stale (the console signs
 its repeats afresh).
 
 Thread-safety: every method may be called from any thread; one lock
-serialises them. One process opens a journal at a time (the agent holds the
+serialises them, except :meth:`CommandJournal.delivered`, which paho's
+network thread calls and which takes only a small lock never held across a
+disk write. One process opens a journal at a time (the agent holds the
 store's lock).
 """
 
@@ -144,6 +146,10 @@ class CommandJournal:
         self._mine: dict[str, list[Callable[[dict[str, Any]], None]]] = {}  # begun here, still running
         self._recovered = False
         self._resent = False
+        # The delivery bookkeeping has a lock of its own, never held across a
+        # disk write: paho's network thread takes it (delivered()) and must not
+        # wait for a commit of ``_lock``'s. Order: ``_lock`` before ``_sent_lock``.
+        self._sent_lock = threading.Lock()
         self._awaiting: set[str] = set()  # replies written down here and not yet delivered
         self._delivered: set[str] = set()  # delivered, not yet written down (see delivered())
         self._flush_wanted = threading.Event()
@@ -270,9 +276,10 @@ class CommandJournal:
                 ).fetchall()
             except sqlite3.Error as exc:
                 raise self._error("cannot read the replies an earlier run left unsent", exc) from None
-            entries = [self._entry(row) for row in rows
-                       if row[0] not in self._awaiting and row[0] not in self._delivered]
-            self._awaiting.update(e.id for e in entries)  # their delivery is awaited again
+            with self._sent_lock:
+                entries = [self._entry(row) for row in rows
+                           if row[0] not in self._awaiting and row[0] not in self._delivered]
+                self._awaiting.update(e.id for e in entries)  # their delivery is awaited again
             return entries
 
     def delivered(self, cmd_id: str) -> None:
@@ -282,7 +289,7 @@ class CommandJournal:
         :meth:`close`), so paho's network thread, which calls this, never
         waits for the disk; a crash in between sends the reply once more at
         the next start. Ids the journal does not await are ignored."""
-        with self._lock:
+        with self._sent_lock:
             if cmd_id not in self._awaiting or self._closed:
                 return
             self._awaiting.discard(cmd_id)
@@ -305,7 +312,9 @@ class CommandJournal:
             with self._lock:
                 if self._closed:
                     return
-                if not self._delivered:
+                with self._sent_lock:
+                    pending = bool(self._delivered)
+                if not pending:
                     continue
                 try:
                     self._write(lambda: None, "cannot record which replies were delivered")
@@ -380,7 +389,8 @@ class CommandJournal:
         not find it."""
         text = json.dumps(reply, separators=(",", ":"))
         with self._lock:
-            self._delivered.discard(cmd_id)  # a reply written anew (after a crash) awaits its delivery again
+            with self._sent_lock:
+                self._delivered.discard(cmd_id)  # a reply written anew (after a crash) awaits its delivery again
             try:
                 self._write(lambda: self._db.execute(
                     "UPDATE commands SET state = ?, reply = ?, finished = ?, sent = 0 WHERE id = ?",
@@ -388,7 +398,8 @@ class CommandJournal:
             except EdgeAgentError as exc:
                 log.error("command journal: %s", exc)
             else:
-                self._awaiting.add(cmd_id)
+                with self._sent_lock:
+                    self._awaiting.add(cmd_id)
             waiters = self._mine.pop(cmd_id, [])
             self._finished += 1
             prune = self._finished % _PRUNE_EVERY == 0
@@ -441,8 +452,10 @@ class CommandJournal:
 
     def close(self) -> None:
         with self._lock:
-            self._closed = True
-            if self._delivered:
+            with self._sent_lock:
+                self._closed = True
+                pending = bool(self._delivered)
+            if pending:
                 try:
                     self._write(lambda: None, "cannot record which replies were delivered")
                 except EdgeAgentError as exc:
@@ -463,11 +476,13 @@ class CommandJournal:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 work()
-                delivered = list(self._delivered)
+                with self._sent_lock:
+                    delivered = list(self._delivered)
                 if delivered:  # written down with this transaction (see delivered())
                     self._db.executemany("UPDATE commands SET sent = 1 WHERE id = ?", [(i,) for i in delivered])
                 self._db.execute("COMMIT")
-                self._delivered.difference_update(delivered)
+                with self._sent_lock:
+                    self._delivered.difference_update(delivered)
             except BaseException:
                 try:
                     self._db.execute("ROLLBACK")
