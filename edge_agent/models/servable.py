@@ -210,11 +210,7 @@ class LoadedModel:
         again here (a hot swap to a model with other preprocessing)."""
         t0 = time.perf_counter()
         try:
-            pre = self.preprocess
-            if prepared is not None and (prepared.key is pre.key or prepared.key == pre.key):
-                tensor, transform = prepared.tensor, prepared.transform
-            else:
-                tensor, transform = pre(frame)
+            tensor, transform = self.preprocess.tensor_for(frame, prepared)
             t1 = time.perf_counter()
             outputs = self.runtime.infer(tensor)
             t2 = time.perf_counter()
@@ -252,13 +248,7 @@ class LoadedModel:
         t0 = time.perf_counter()
         n = len(items)
         try:
-            pre = self.preprocess
-            made = []
-            for image, prepared, _, _ in items:
-                if prepared is not None and (prepared.key is pre.key or prepared.key == pre.key):
-                    made.append((prepared.tensor, prepared.transform))
-                else:
-                    made.append(pre(image))
+            made = [self.preprocess.tensor_for(image, prepared) for image, prepared, _, _ in items]
             batch = np.concatenate([t for t, _ in made], axis=0)
             t1 = time.perf_counter()
             outputs = self.runtime.infer(batch)

@@ -147,6 +147,14 @@ class Preprocessor:
         tensor, transform = self(frame)
         return Prepared(self.key, tensor, transform)
 
+    def tensor_for(self, frame: np.ndarray, prepared: "Prepared | None") -> tuple[np.ndarray, Transform]:
+        """The input for ``frame``: ``prepared`` when it was made for this
+        preprocessing (its tag), else made here (a hot swap to a model with
+        other preprocessing left the capture thread's one behind)."""
+        if prepared is not None and (prepared.key is self.key or prepared.key == self.key):
+            return prepared.tensor, prepared.transform
+        return self(frame)
+
     def __call__(self, frame: np.ndarray) -> tuple[np.ndarray, Transform]:
         if frame.ndim == 2:
             frame = cv2.cvtColor(frame, cv2.COLOR_GRAY2BGR)
