@@ -315,7 +315,7 @@ class MqttPlane:
             log.warning("commands arrive faster than they can be run (%d waiting): %d refused as busy, %d unreadable "
                         "shed so far", self._queue.maxsize, counts["busy"], counts["unreadable"])
         if cmd_id is not None:
-            self._reply(error_reply(cmd_id, "busy", f"{self._queue.maxsize} commands are already waiting; this one "
+            self.send_reply(error_reply(cmd_id, "busy", f"{self._queue.maxsize} commands are already waiting; this one "
                                     "was not run: send it again later"))
 
     def _work(self) -> None:
@@ -324,12 +324,9 @@ class MqttPlane:
             if item is None:
                 return
             topic, payload = item
-            reply = self.dispatcher.handle(payload, topic, later=self._reply)
+            reply = self.dispatcher.handle(payload, topic, later=self.send_reply)
             if reply is not None:  # None: a repeat of a running command, answered when it ends
-                self._reply(reply)
-
-    def _reply(self, reply: dict[str, Any]) -> None:
-        self.send_reply(reply)
+                self.send_reply(reply)
 
     def send_reply(self, reply: dict[str, Any]) -> None:
         """Send a command's reply on ``P/D/reply`` (through the successor

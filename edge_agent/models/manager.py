@@ -836,10 +836,11 @@ class ModelManager:
         lock) and act on a verdict inside it, if the probation judged is
         still the one recorded: a transaction may have ended or replaced it
         meanwhile."""
-        record = slot.state.probation
-        watch = record.watch if record is not None else None
-        if record is None or watch is None:
+        record = self._watched(slot)
+        if record is None:
             return
+        watch = record.watch
+        assert watch is not None
         model = slot.loaded.get(record.version)
         if model is None:
             return
