@@ -80,11 +80,9 @@ def _finish(reply: dict[str, Any], as_json: bool, summary: str) -> None:
         click.echo(summary)
 
 
-def _dir_size(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
 def list_rows(config: Any, status: dict[str, Any], only: str | None) -> list[list[str]]:
+    from edge_agent.models.store import dir_size
+
     rows = []
     for name, st in sorted(status.items()):
         if only and name != only:
@@ -103,7 +101,7 @@ def list_rows(config: Any, status: dict[str, Any], only: str | None) -> list[lis
             marks += labels_by_version.get(v, [])
             if str(v) in (st.get("failed") or {}):
                 marks.append("failed: " + st["failed"][str(v)][:60])
-            size = _dir_size(config.store.path / name / str(v))
+            size = dir_size(config.store.path / name / str(v))
             human = f"{size / 1e6:.1f} MB" if size >= 1e6 else f"{size / 1e3:.0f} kB"
             rows.append([name, str(v), ", ".join(marks) or "-", human])
     return rows

@@ -403,18 +403,15 @@ class BundleFetcher:
             log.warning("cannot look for leftovers of interrupted deploys in %s: %s", self.staging, exc)
             return 0
 
-        def newest(folder: Path) -> float:
-            return max([folder.stat().st_mtime, *(f.stat().st_mtime for f in folder.rglob("*"))])
+        from edge_agent.models.store import dir_size
 
-        def size(folder: Path) -> int:
-            return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
-
+        newest = {f: max([f.stat().st_mtime, *(x.stat().st_mtime for x in f.rglob("*"))]) for f in folders}
         now = time.time()
-        ranked = sorted(folders, key=newest, reverse=True)
-        stale = [f for i, f in enumerate(ranked) if i >= keep or now - newest(f) > max_age_s]
+        ranked = sorted(folders, key=newest.__getitem__, reverse=True)
+        stale = [f for i, f in enumerate(ranked) if i >= keep or now - newest[f] > max_age_s]
         removed = 0
         for folder in stale:
-            removed += size(folder)
+            removed += dir_size(folder)
             shutil.rmtree(folder, ignore_errors=True)
         if stale:
             log.info("removed %d folder(s), %.1f MB, of deploys interrupted before they were installed (%s)",

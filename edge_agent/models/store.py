@@ -108,6 +108,11 @@ def installed_as(bundle: Bundle, dest: Path) -> Bundle | None:
     return bundle if bundle.root == dest else None
 
 
+def dir_size(folder: Path) -> int:
+    """Bytes of the files under ``folder``."""
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
 class ModelStore:
     """Versions on disk plus one state file per model.
 
@@ -168,7 +173,7 @@ class ModelStore:
 
     def size(self, name: str, version: int) -> int:
         """Bytes of an installed version's files."""
-        return sum(p.stat().st_size for p in self.path(name, version).rglob("*") if p.is_file())
+        return dir_size(self.path(name, version))
 
     def open(self, name: str, version: int, *, trusted_keys: Sequence[Path] | None = None) -> Bundle:
         """Open (and re-verify: sha256 of every file, signature) an installed version."""
