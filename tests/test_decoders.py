@@ -241,6 +241,19 @@ def test_a_bundle_of_the_first_format_still_opens_and_decodes_as_before(tmp_path
         detect_params({"decoder": "centernet"})
 
 
+def test_the_first_format_decodes_the_real_blazeface_as_the_mediapipe_options_do(blazeface, assets) -> None:
+    """The same check on the real BlazeFace's outputs for a real face (the
+    astronaut), the first bundles' grids against the MediaPipe options."""
+    import cv2
+
+    tensor, transform = blazeface.preprocess(cv2.imread(str(assets["photos"] / "astronaut.jpg")))
+    outputs = blazeface.runtime.infer(tensor)
+    specs = blazeface.manifest.outputs
+    old = SsdDecoder(AnchorGridParams(), specs, ["face"], (128, 128))(outputs, transform, threshold=0.3)
+    new = SsdDecoder(mediapipe_face_params(128, 128), specs, ["face"], (128, 128))(outputs, transform, threshold=0.3)
+    assert old == new and len(old["detections"]) >= 1
+
+
 def test_anchors_that_do_not_fit_the_outputs_are_refused_at_load() -> None:
     specs = [TensorSpec(name="r", shape=[1, 900, 16], dtype="float32"),
              TensorSpec(name="c", shape=[1, 900, 1], dtype="float32")]
