@@ -477,7 +477,7 @@ class CountingModels:
 
     name, version = "stub", 1
 
-    def process(self, image: np.ndarray, *, top_k: Any = None, threshold: Any = None) -> Any:
+    def process(self, image: np.ndarray, *, top_k: Any = None, threshold: Any = None, prepared: Any = None) -> Any:
         self.calls += 1
         return SimpleNamespace(latency_ms=0.1, payload={"top": []})
 

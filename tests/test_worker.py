@@ -47,7 +47,7 @@ class _Models:
 
     @contextlib.contextmanager
     def acquire(self, name: str, label: str | None = None) -> Iterator[Any]:
-        def process(image: Any, *, top_k: Any = None, threshold: Any = None) -> Any:
+        def process(image: Any, *, top_k: Any = None, threshold: Any = None, prepared: Any = None) -> Any:
             self.calls.append((top_k, threshold))
             return types.SimpleNamespace(latency_ms=1.23456, payload={"top": []})
 

@@ -189,21 +189,14 @@ class Infer:
     def __call__(self, ctx: FrameContext) -> FrameContext | None:
         s, frame = ctx.settings, ctx.frame
         try:
-            batcher = self.batcher(s) if self.batching else None
+            batcher = self.batcher(s)
             if batcher is not None:
                 out, model = batcher.run(frame, s.top_k, s.threshold)
-                ctx.model, ctx.version = model.name, model.version
-                self._prepare_next(model)
-                self.counters.frame(out.latency_ms)
-                ctx.inference = out
-                return ctx
-            with self.models.acquire(s.model, s.label) as model:
-                if frame.prepared is None:
-                    out = model.process(frame.image, top_k=s.top_k, threshold=s.threshold)
-                else:
+            else:
+                with self.models.acquire(s.model, s.label) as model:
                     out = model.process(frame.image, top_k=s.top_k, threshold=s.threshold, prepared=frame.prepared)
-                ctx.model, ctx.version = model.name, model.version
-                self._prepare_next(model)
+            ctx.model, ctx.version = model.name, model.version
+            self._prepare_next(model)
         except EdgeAgentError as exc:
             self._failed(frame.index, str(exc))
             return None
