@@ -143,6 +143,8 @@ class DetectionStage:
         """A reloaded config: new filters and zones from the next frame; the
         tracker and its ids stay (its debounce takes the new numbers)."""
         spec = DetectionSpec.of(cfg)
+        t = self.tracker
+        t.iou, t.min_frames, t.lost_frames = spec.iou, spec.min_frames, spec.lost_frames
         self.spec = spec
 
     # ------------------------------------------------------------ the stage
@@ -164,6 +166,9 @@ class DetectionStage:
         if spec.zones:
             self._check_frame(frame.image.shape[1], frame.image.shape[0], spec)
         kept = filter_detections(detections, spec)
+        if not (spec.zones or spec.track):  # filters only: nothing to add to the detections
+            ctx.inference = dataclasses.replace(out, payload={**out.payload, "detections": kept})
+            return ctx
         boxes = np.array([d["box"] for d in kept], dtype=np.float64).reshape(-1, 4)
         zones = zones_of(boxes, spec.zones) if spec.zones else None
         annotated = [dict(d) for d in kept]
@@ -171,9 +176,8 @@ class DetectionStage:
             for d, z in zip(annotated, zones):
                 d["zones"] = z
         if spec.track:
-            t = self.tracker
-            t.iou, t.min_frames, t.lost_frames = spec.iou, spec.min_frames, spec.lost_frames
-            ids, events = t.update(boxes, [d["label"] for d in kept], [d["score"] for d in kept], zones, frame.ts)
+            ids, events = self.tracker.update(boxes, [d["label"] for d in kept], [d["score"] for d in kept], zones,
+                                              frame.ts)
             for d, track_id in zip(annotated, ids):
                 d["track_id"] = track_id
             self._publish(events)
