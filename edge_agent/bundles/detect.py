@@ -61,16 +61,6 @@ def load_anchors(path: Path | str) -> dict[str, Any]:
     return data
 
 
-def onnx_metadata(model: Path) -> dict[str, str]:
-    """An ONNX model's metadata properties (empty where it has none)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
-    return dict(session.get_modelmeta().custom_metadata_map)
-
-
 def _raw_ssd(outputs: Sequence[TensorSpec]) -> tuple[TensorSpec, TensorSpec] | None:
     """(boxes, scores) when the outputs are a raw SSD's: two of shape
     ``[1, N, K]`` with the same N; the box output is the one with 4 columns
@@ -156,8 +146,13 @@ def choose_decoder(
             raise _bad("--decoder tflite-postprocess needs four outputs: boxes [1, N, 4], classes [1, N], "
                        f"scores [1, N], count [1]; the model has {_shapes(outputs)}")
     if decoder in ("auto", "yolo"):
-        names = names_from_metadata(onnx_metadata(model)) if runtime == "onnx" else None
-        layout = yolo_layout(outputs[0].shape, num_labels or (len(names) if names else None)) if len(outputs) == 1 else None
+        names = layout = None
+        if len(outputs) == 1:  # a YOLO head: its class names may be in the model's metadata
+            if runtime == "onnx":
+                from edge_agent.runtimes.onnx import OnnxRuntime
+
+                names = names_from_metadata(OnnxRuntime.metadata(model))
+            layout = yolo_layout(outputs[0].shape, num_labels or (len(names) if names else None))
         if layout is not None:
             classes = layout.pop("classes")
             params = detect_params({"decoder": "yolo", "output": outputs[0].name, **layout, **extra})

@@ -47,6 +47,12 @@ class OnnxRuntime(Runtime):
         return [_spec(a) for a in session.get_inputs()], [_spec(a) for a in session.get_outputs()]
 
     @staticmethod
+    def metadata(path: Path) -> dict[str, str]:
+        """The model's metadata properties (Ultralytics exports carry ``names``)."""
+        session = OnnxRuntime._open(Path(path), threads=1, providers=["CPUExecutionProvider"])
+        return dict(session.get_modelmeta().custom_metadata_map)
+
+    @staticmethod
     def _open(path: Path, *, threads: int, providers: list[str]) -> "ort.InferenceSession":
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
