@@ -82,9 +82,10 @@ def test_help_exits_0() -> None:
     (["--wheel", "/no/such/edge_agent-1.0-py3-none-any.whl"], "--wheel: no such wheel file"),
     (["--extras", "tflite;rm -rf /"], "--extras: a comma-separated list"),
 ])
-def test_bad_usage_exits_2(args: list[str], message: str) -> None:
-    # Checked before anything else, root or not: nothing is touched.
-    proc = run(args, user="nobody")
+def test_bad_usage_exits_2(checkout: Path, args: list[str], message: str) -> None:
+    # Checked before anything else, root or not: nothing is touched. (The
+    # readable copy: a clone in a private folder is not readable by nobody.)
+    proc = run(args, script=checkout / "scripts" / "install.sh", user="nobody")
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr
     assert "usage: sudo" in proc.stderr
