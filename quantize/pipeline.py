@@ -32,11 +32,12 @@ from edge_agent.bundles.pack import default_preprocessing, pack
 from edge_agent.errors import BundleError
 from edge_agent.runtimes import describe_model
 from quantize import report as report_mod
+from quantize.agreement import Judge, judge_for, map_output_names
 from quantize.data import SampleSet, TensorReader, load_samples, preprocess_all
 from quantize.errors import QualityGateFailed, QuantizeError, QuantizeInputError
 from quantize.evaluate import Artifact, Runner, evaluate, latency_cost
 from quantize.mixed import MixedPrecisionResult, closed_prefixes, cost_aware, rank_sensitivity, search_stable
-from quantize.onnx_int8 import OnnxInt8Quantizer, fix_input_shape, input_shape, load_onnx
+from quantize.onnx_int8 import OnnxInt8Quantizer, dequantize_weights, fix_input_shape, input_shape, load_onnx
 from quantize.qdq import QdqEditor, node_macs
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,8 @@ log = logging.getLogger(__name__)
 # The fixed price of a float island in the mixed-precision order, as a share
 # of the model's multiply-accumulates (a Q/DQ pair and a kernel switch).
 ISLAND_OVERHEAD = 0.01
+
+_METRIC_WORDS = {"top1": "top-1 agreement with fp32", "map50": "detection agreement with fp32 (mAP@0.5 against fp32's boxes)"}
 
 # A progress factory: (label, total) -> context manager yielding update(n).
 Progress = Callable[[str, int], "contextlib.AbstractContextManager[Callable[[int], None]]"]
@@ -91,6 +94,7 @@ class _Source:
     labels: list[str] | None
     task: str
     postprocessing: dict[str, Any]
+    dequantized_weights: int = 0
 
 
 def _resolve(opts: QuantizeOptions, work: Path) -> _Source:
@@ -133,7 +137,11 @@ def _resolve(opts: QuantizeOptions, work: Path) -> _Source:
     if any(d is not None and d != s for d, s in zip(dims, static)):
         raise QuantizeInputError(f"{model_file}: input {input_name!r} has shape {dims}, the preprocessing gives {static}")
     fixed = work / "fp32.onnx"
-    onnx.save(fix_input_shape(model, static), str(fixed))
+    model = fix_input_shape(model, static)
+    folded = dequantize_weights(model)
+    if folded:
+        log.info("%s: %d weight(s) stored as int8 (weight-only quantized) expanded to float32", model_file.name, folded)
+    onnx.save(model, str(fixed))
     labels = labels_path.read_text(encoding="utf-8").splitlines() if labels_path else None
     spec = TensorSpec(name=input_name, shape=static, dtype="float32")
     return _Source(
@@ -146,6 +154,7 @@ def _resolve(opts: QuantizeOptions, work: Path) -> _Source:
         labels,
         opts.task or task,
         post,
+        folded,
     )
 
 
@@ -170,18 +179,19 @@ def _onnx_int8(
     src: _Source,
     base: Path,
     calib: np.ndarray,
-    reference_all: np.ndarray | None,
+    reference_all: Any,
     opts: QuantizeOptions,
     work: Path,
     progress: Progress,
+    judge: Judge,
 ) -> tuple[Path, dict[str, Any], OnnxInt8Quantizer]:
-    """``reference_all``: the fp32 (``base``) outputs on ``calib``, given
-    when mixed precision is on. Also returns the quantizer, whose fp32
-    models (equalized: ``prepared``; and bias-corrected: ``source``) serve
-    the TFLite converter."""
+    """``reference_all``: what ``judge`` collects from the fp32 (``base``)
+    model on ``calib``, given when mixed precision is on. Also returns the
+    quantizer, whose fp32 models (equalized: ``prepared``; and
+    bias-corrected: ``source``) serve the TFLite converter."""
     quantizer = _calibrated_quantizer(src, base, calib, opts, work)
     full = quantizer.quantize(work / "int8_full.onnx")
-    path, info = _onnx_mixed(src, quantizer, full, calib, reference_all, opts, work, progress)
+    path, info = _onnx_mixed(src, base, quantizer, full, calib, reference_all, opts, work, progress, judge)
     return path, info, quantizer
 
 
@@ -207,13 +217,15 @@ def _calibrated_quantizer(
 
 def _onnx_mixed(
     src: _Source,
+    base: Path,
     quantizer: OnnxInt8Quantizer,
     full: Path,
     calib: np.ndarray,
-    reference_all: np.ndarray | None,
+    reference_all: Any,
     opts: QuantizeOptions,
     work: Path,
     progress: Progress,
+    judge: Judge,
 ) -> tuple[Path, dict[str, Any]]:
     info: dict[str, Any] = {
         "method": opts.method,
@@ -227,7 +239,6 @@ def _onnx_mixed(
         return quantizer.finalize(full, work / "int8_final.onnx"), info
     step = max(1, len(calib) // opts.search_samples)
     subset = calib[::step][: opts.search_samples]
-    reference = reference_all[::step][: opts.search_samples]
     fp32 = onnx.load(str(quantizer.prepared))
     editor = QdqEditor(onnx.load(str(full)), fp32)
 
@@ -236,25 +247,27 @@ def _onnx_mixed(
         onnx.save(editor.with_float(list(ids)), str(path))
         return path
 
-    def outputs_on(x: np.ndarray) -> Callable[[Path], np.ndarray]:
-        def run(path: Path) -> np.ndarray:
+    def outputs_on(x: np.ndarray, raw: bool = False) -> Callable[[Path], Any]:
+        def run(path: Path) -> Any:
             runner = Runner(Artifact("candidate", path, src.preprocessing), threads=2)
             try:
-                return runner.outputs(x)
+                return judge.raw(runner, x) if raw else judge.collect(runner, x)
             finally:
                 runner.close()
 
         return run
 
-    full_agreement = float(np.mean(outputs_on(calib)(full).argmax(1) == reference_all.argmax(1)))
+    full_agreement = judge.agreement(reference_all, outputs_on(calib)(full))
     info["agreement_on_calibration_full_int8"] = round(full_agreement, 4)
     if full_agreement >= opts.min_agreement:
         info["mixed_precision"] = {"needed": False}
         return quantizer.finalize(full, work / "int8_final.onnx"), info
     ids = [c.id for c in editor.candidates]
     t0 = time.perf_counter()
+    reference = outputs_on(subset, raw=True)(base)
     with progress("sensitivity", len(ids)) as tick:
-        ranking = rank_sensitivity(ids, build, outputs_on(subset), reference, progress=tick, mode="isolated")
+        ranking = rank_sensitivity(ids, build, outputs_on(subset, raw=True), reference, progress=tick,
+                                   mode="isolated", divergence=judge.divergence)
     # Cheap float islands first: harm per multiply-accumulate moved to float
     # kernels (plus a fixed price per island), each prefix closed over the
     # tensors its float nodes already enclose, the first set that holds the
@@ -265,7 +278,7 @@ def _onnx_mixed(
     order = [cid for cid, _ in cost_aware(ranking, cost, ISLAND_OVERHEAD * total_macs)]
     sets = closed_prefixes(order, editor.float_compute, len(order))
     result: MixedPrecisionResult = search_stable(
-        sets, build, outputs_on(calib), reference_all, opts.min_agreement, ranking=ranking
+        sets, build, outputs_on(calib), reference_all, opts.min_agreement, ranking=ranking, agreement=judge.agreement
     )
     float_compute = set().union(*(editor.float_compute(cid) for cid in result.float_nodes)) if result.float_nodes else set()
     mixed = work / "int8_mixed.onnx"
@@ -290,12 +303,13 @@ def _tflite_int8(
     src: _Source,
     base: Path,
     calib_samples: SampleSet,
-    reference_all: np.ndarray | None,
+    reference_all: Any,
     opts: QuantizeOptions,
     work: Path,
+    judge: Judge,
 ) -> tuple[Path | None, dict[str, Any]]:
-    """``reference_all``: the fp32 (``base``) outputs on the calibration
-    pictures, given when mixed precision is on."""
+    """``reference_all``: what ``judge`` collects from the fp32 (``base``)
+    model on the calibration pictures, given when mixed precision is on."""
     from quantize import tflite
 
     try:
@@ -314,16 +328,15 @@ def _tflite_int8(
     t0 = time.perf_counter()
     kwargs: dict[str, Any] = dict(per_channel=opts.per_channel, env=env, progress=lambda msg: log.info("onnx2tf: %s", msg))
     if reference_all is not None:
-        reference = reference_all.argmax(1)
         tfl_tensors = preprocess_all(calib_samples.samples, tfl_pre, spec)
 
         def agreement(path: Path) -> float:
             runner = Runner(Artifact("tflite", path, tfl_pre), threads=2)
             try:
-                got = runner.outputs(tfl_tensors).argmax(1)
+                got = judge.collect(runner, tfl_tensors)
             finally:
                 runner.close()
-            return float(np.mean(got == reference))
+            return judge.agreement(reference_all, got)
 
         artifact = tflite.convert_int8_mixed(
             base, calib, mean, std, out, evaluate=agreement, target=opts.min_agreement, rule="stable", **kwargs
@@ -358,6 +371,8 @@ def run(opts: QuantizeOptions, *, progress: Progress = _no_progress, echo: Calla
     with tempfile.TemporaryDirectory(prefix="edge-quantize-") as tmp:
         work = Path(tmp)
         src = _resolve(opts, work)
+        fp32_outputs = describe_model(src.fp32, "onnx")[1]
+        judge = judge_for(src.task, src.postprocessing, src.labels, fp32_outputs)
         calib_set = load_samples(opts.calibration, labels=src.labels, limit=None)
         eval_set = load_samples(opts.evaluation, labels=src.labels) if opts.evaluation else None
         calib_set, eval_set = _split(calib_set, eval_set)
@@ -396,12 +411,12 @@ def run(opts: QuantizeOptions, *, progress: Progress = _no_progress, echo: Calla
         if opts.mixed_precision:
             runner = Runner(Artifact("fp32", base, src.preprocessing), threads=2)
             try:
-                reference_calib = runner.outputs(calib)
+                reference_calib = judge.collect(runner, calib)
             finally:
                 runner.close()
         if "onnx" in opts.targets:
             echo("int8 ONNX: calibrating and quantizing ...")
-            path, infos["onnx"], corrected = _onnx_int8(src, base, calib, reference_calib, opts, work, progress)
+            path, infos["onnx"], corrected = _onnx_int8(src, base, calib, reference_calib, opts, work, progress, judge)
             artifacts.append(Artifact("int8 onnx", path, src.preprocessing, infos["onnx"]))
         if "tflite" in opts.targets:
             echo("int8 TFLite: converting with onnx2tf ...")
@@ -419,7 +434,7 @@ def run(opts: QuantizeOptions, *, progress: Progress = _no_progress, echo: Calla
                 tfl_base = corrected.prepared if opts.mixed_precision else corrected.source
                 if tfl_base == corrected.pre_processed:  # nothing changed it: keep the user's file
                     tfl_base = base
-            path, infos["tflite"] = _tflite_int8(src, tfl_base, calib_set, reference_calib, opts, work)
+            path, infos["tflite"] = _tflite_int8(src, tfl_base, calib_set, reference_calib, opts, work, judge)
             if tfl_base != base and corrected is not None:
                 steps = [name for name, on in (("equalized", corrected.prepared != corrected.pre_processed),
                                               ("bias-corrected", tfl_base == corrected.source != corrected.prepared)) if on]
@@ -433,18 +448,20 @@ def run(opts: QuantizeOptions, *, progress: Progress = _no_progress, echo: Calla
                 yield lambda label, n: tick(n)
 
         with eval_progress() as tick:
-            metrics, floor = evaluate(artifacts, eval_set.samples, threads=opts.threads, progress=tick)
+            metrics, floor = evaluate(artifacts, eval_set.samples, threads=opts.threads, progress=tick, judge=judge)
 
         int8 = [m for m in metrics if m.label.startswith("int8")]
-        failing = [m.label for m in int8 if (m.agreement_top1 or 0) < opts.min_agreement]
+        failing = [m.label for m in int8 if (m.agreement or 0) < opts.min_agreement]
         report: dict[str, Any] = {
             "tool": f"edge-agent {__version__}",
             "created_at": time.time(),
-            "model": {"name": src.name, "version": src.version, "source": str(opts.model), "input": src.input.model_dump()},
+            "model": {"name": src.name, "version": src.version, "source": str(opts.model), "input": src.input.model_dump(),
+                      "source_bytes": _source_size(opts.model), "weights_expanded_from_int8": src.dequantized_weights},
             "calibration": {"source": calib_set.source, "samples": len(calib_set), "skipped": calib_set.skipped, "method": opts.method},
             "evaluation": {"source": eval_set.source, "samples": len(eval_set), "labelled": eval_set.labelled,
                            "fp32_noise_floor": floor.to_dict() if floor is not None else None},
-            "gate": {"min_agreement": opts.min_agreement, "passed": not failing and bool(int8), "failing": failing},
+            "gate": {"min_agreement": opts.min_agreement, "metric": judge.metric, "passed": not failing and bool(int8),
+                     "failing": failing},
             "artifacts": [m.to_dict() for m in metrics],
             "details": infos,
             "prune": prune_info,
@@ -463,10 +480,16 @@ def run(opts: QuantizeOptions, *, progress: Progress = _no_progress, echo: Calla
             raise QuantizeError("no int8 artifact was produced (see the messages above)")
         if failing:
             raise QualityGateFailed(
-                f"quality gate failed: top-1 agreement with fp32 below {opts.min_agreement:.1%} for {', '.join(failing)}; "
+                f"quality gate failed: {_METRIC_WORDS[judge.metric]} below {opts.min_agreement:.1%} for {', '.join(failing)}; "
                 "no bundle was written (the report says why)"
             )
         return report
+
+
+def _source_size(path: Path) -> int | None:
+    """The size of the model file the user gave (not of a bundle folder)."""
+    p = Path(path).expanduser()
+    return p.stat().st_size if p.is_file() else None
 
 
 def _package(src: _Source, artifacts: Sequence[Artifact], report: dict[str, Any], opts: QuantizeOptions, out: Path, work: Path) -> list[str]:
@@ -480,6 +503,9 @@ def _package(src: _Source, artifacts: Sequence[Artifact], report: dict[str, Any]
             continue
         runtime = art.runtime
         suffix = "onnx" if runtime == "onnx" else "tflite"
+        # A converter may rename the outputs the decoder's parameters name.
+        postprocessing = map_output_names(src.postprocessing, describe_model(src.fp32, "onnx")[1],
+                                          describe_model(art.path, runtime)[1])
         model_file = work / f"{src.name}_int8.{suffix}"
         shutil.copyfile(art.path, model_file)
         path = pack(
@@ -490,7 +516,7 @@ def _package(src: _Source, artifacts: Sequence[Artifact], report: dict[str, Any]
             preprocessing=art.preprocessing.model_dump(),
             labels=src.labels_path,
             task=src.task,
-            postprocessing=src.postprocessing,
+            postprocessing=postprocessing,
             metadata={"quantization": {"precision": "int8", **art.notes}, "source_model": str(opts.model)},
             extra_files={"report.json": report_file},
             sign_key=opts.sign_key,

@@ -11,19 +11,32 @@ from typing import Any, Sequence
 from quantize.evaluate import Metrics, NoiseFloor
 
 
+_METRIC_TITLES = {"top1": "Top-1 agreement with fp32", "map50": "Detection agreement with fp32 (mAP@0.5)"}
+
+
 def _pct(v: float | None) -> str:
     return "-" if v is None else f"{100 * v:.1f}%"
 
 
 def table(metrics: Sequence[Metrics]) -> str:
-    """A readable table, fp32 first; ratios are against fp32."""
+    """A readable table, fp32 first; ratios are against fp32. Detectors show
+    mAP@0.5, recall and precision against fp32's boxes where classifiers
+    show top-1, top-5 and accuracy."""
     base = metrics[0]
     width = max(22, *(len(m.label) for m in metrics))
-    head = f"{'artifact':<{width}} {'agree top1':>10} {'fp32 in top5':>12} {'accuracy':>9} {'size MB':>8} {'size x':>7} {'gzip MB':>8} {'latency ms':>10} {'speed x':>8}"
+    if base.agreement_metric == "map50":
+        cols = [("mAP50 vs fp32", lambda m: m.detection_map50), ("recall50", lambda m: m.detection_recall50),
+                ("precision50", lambda m: m.detection_precision50)]
+    else:
+        cols = [("agree top1", lambda m: m.agreement_top1), ("fp32 in top5", lambda m: m.fp32_top1_in_top5),
+                ("accuracy", lambda m: m.accuracy)]
+    head = f"{'artifact':<{width}} " + " ".join(f"{name:>{max(9, len(name))}}" for name, _ in cols)
+    head += f" {'size MB':>8} {'size x':>7} {'gzip MB':>8} {'latency ms':>10} {'speed x':>8}"
     lines = [head, "-" * len(head)]
     for m in metrics:
+        values = " ".join(f"{_pct(get(m)):>{max(9, len(name))}}" for name, get in cols)
         lines.append(
-            f"{m.label:<{width}} {_pct(m.agreement_top1):>10} {_pct(m.fp32_top1_in_top5):>12} {_pct(m.accuracy):>9} "
+            f"{m.label:<{width}} {values} "
             f"{m.size_bytes / 1e6:>8.2f} {m.size_bytes / base.size_bytes:>7.2f} {m.compressed_bytes / 1e6:>8.2f} "
             f"{m.latency_ms:>10.2f} {base.latency_ms / m.latency_ms:>8.2f}"
         )
@@ -67,8 +80,10 @@ def floor_text(floor: dict[str, Any]) -> str:
     draws = ", ".join(_pct(d) for d in floor["draws"])
     return (
         f"fp32 against itself with +-{floor['amp_grey_levels']} grey level of pixel noise: "
-        f"{_pct(floor['agreement'])} agreement ({len(floor['draws'])} draws: {draws}); it keeps its top-1 in every "
-        f"draw on {floor['stable_samples']} of {floor['samples']} pictures"
+        f"{_pct(floor['agreement'])} {'mAP@0.5 against its own boxes' if floor.get('metric') == 'map50' else 'agreement'} "
+        f"({len(floor['draws'])} draws: {draws}); it keeps its "
+        f"{'boxes' if floor.get('metric') == 'map50' else 'top-1'} in every draw on {floor['stable_samples']} of "
+        f"{floor['samples']} pictures"
     )
 
 
@@ -76,7 +91,7 @@ def floor_line(floor: NoiseFloor, metrics: Sequence[Metrics], min_agreement: flo
     """One or two lines on fp32's agreement with itself under invisible
     noise (and a warning when the gate sits at or above it)."""
     stable = ", ".join(
-        f"{m.label} {_pct(m.agreement_top1_stable)}" for m in metrics[1:] if m.agreement_top1_stable is not None
+        f"{m.label} {_pct(m.agreement_stable)}" for m in metrics[1:] if m.agreement_stable is not None
     )
     line = f"{floor_text(floor.to_dict())}; agreement on those: {stable or '-'}"
     own = 1 - floor.agreement
@@ -84,8 +99,8 @@ def floor_line(floor: NoiseFloor, metrics: Sequence[Metrics], min_agreement: flo
         line += (
             f"\nnote: fp32 disagrees with itself on {_pct(own)} of these pictures under invisible noise, and the "
             f"gate ({min_agreement:.1%}) leaves room for less than twice that: it measures how many pictures are "
-            "near ties between two classes as much as the quantization; more distinct or clearer pictures give a "
-            "gate that measures the quantization"
+            "near ties (between two classes, or boxes near the score threshold) as much as the quantization; more "
+            "distinct or clearer pictures give a gate that measures the quantization"
         )
     return line
 
@@ -111,7 +126,8 @@ def _bars(title: str, items: Sequence[tuple[str, float]], fmt: str, *, limit: fl
 
 def html_page(report: dict[str, Any], metrics: Sequence[Metrics]) -> str:
     charts = [
-        _bars("Top-1 agreement with fp32", [(m.label, m.agreement_top1 or 0) for m in metrics], "{:.1%}", limit=report["gate"]["min_agreement"]),
+        _bars(_METRIC_TITLES[metrics[0].agreement_metric], [(m.label, m.agreement or 0) for m in metrics], "{:.1%}",
+              limit=report["gate"]["min_agreement"]),
         _bars("Median latency (ms, 1 thread)", [(m.label, m.latency_ms) for m in metrics], "{:.2f}"),
         _bars("Model size (MB)", [(m.label, m.size_bytes / 1e6) for m in metrics], "{:.2f}"),
     ]
@@ -126,7 +142,7 @@ def html_page(report: dict[str, Any], metrics: Sequence[Metrics]) -> str:
     return f"""<!doctype html><meta charset="utf-8"><title>edge-agent quantize: {html.escape(report['model']['name'])}</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:60em}} pre{{background:#f4f4f4;padding:1em;overflow:auto}}</style>
 <h1>{html.escape(report['model']['name'])} v{report['model']['version']}: quantization report</h1>
-<p>Quality gate (min top-1 agreement {gate['min_agreement']:.1%}): <b>{status}</b>.
+<p>Quality gate (min {html.escape(_METRIC_TITLES[metrics[0].agreement_metric].lower())} {gate['min_agreement']:.1%}): <b>{status}</b>.
 Calibration: {report['calibration']['samples']} pictures from {html.escape(report['calibration']['source'])};
 evaluation: {report['evaluation']['samples']} other pictures from {html.escape(report['evaluation']['source'])}.</p>
 {floor_html}

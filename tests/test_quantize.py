@@ -636,3 +636,32 @@ def test_first_stable_skips_a_lucky_count() -> None:
     assert first_stable(5, curve.__getitem__, 0.97, confirm=0) == (1, True)
     assert first_stable(2, curve.__getitem__, 0.99) == (1, False)  # best of 0..2
     assert first_stable(1, curve.__getitem__, 0.97) == (1, True)  # the last count needs no confirmation
+
+
+def test_weights_stored_as_int8_are_expanded_to_float_before_quantizing(tmp_path: Path) -> None:
+    """A weight-only quantized model (int8 weights behind a constant
+    DequantizeLinear, as a TFLite "dynamic range" export converted to ONNX
+    stores them: the registry's YOLOv5s) is turned into the same function
+    with float32 weights, per-axis scales included, so that the quantizers
+    see one plain float model (onnx2tf converts such weights wrongly)."""
+    from quantize.onnx_int8 import dequantize_weights
+
+    rng = np.random.default_rng(3)
+    q = rng.integers(-127, 128, (4, 3, 3, 3)).astype(np.int8)
+    scale = np.array([0.01, 0.02, 0.005, 0.03], dtype=np.float32)
+    inits = [numpy_helper.from_array(q, "Wq"), numpy_helper.from_array(scale, "Ws"),
+             numpy_helper.from_array(np.zeros(4, np.int8), "Wz")]
+    nodes = [helper.make_node("DequantizeLinear", ["Wq", "Ws", "Wz"], ["W"], axis=0),
+             helper.make_node("Conv", ["input", "W"], ["y"], pads=[1, 1, 1, 1])]
+    graph = helper.make_graph(nodes, "wq", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    x = rng.standard_normal((1, 3, 8, 8)).astype(np.float32)
+    before = ort.InferenceSession(model.SerializeToString()).run(None, {"input": x})[0]
+    assert dequantize_weights(model) == 1
+    onnx.checker.check_model(model)
+    assert [n.op_type for n in model.graph.node] == ["Conv"]
+    assert {i.name for i in model.graph.initializer} == {"W"}
+    after = ort.InferenceSession(model.SerializeToString()).run(None, {"input": x})[0]
+    np.testing.assert_allclose(after, before, rtol=1e-6, atol=1e-6)
+    assert dequantize_weights(model) == 0  # nothing left to fold

@@ -253,7 +253,7 @@ def keygen(prefix: str) -> None:
               help="Calibration method for activation ranges.")
 @click.option("--per-tensor", is_flag=True, help="Per-tensor weights instead of per-channel.")
 @click.option("--min-agreement", type=click.FloatRange(0, 1), default=0.95, show_default=True,
-              help="Quality gate: minimum top-1 agreement with fp32 of every int8 artifact.")
+              help="Quality gate: minimum agreement with fp32 of every int8 artifact: top-1 agreement (classifiers), mAP@0.5 against the fp32 boxes (detectors).")
 @click.option("--no-mixed-precision", is_flag=True, help="Do not keep sensitive layers in float to meet the gate.")
 @click.option("--no-bias-correction", is_flag=True, help="Do not fold the measured mean error of each int8 layer into its bias.")
 @click.option("--no-float-residual", is_flag=True, help="Quantize the residual (skip) connections too (default: Adds stay float).")

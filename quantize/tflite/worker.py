@@ -272,6 +272,10 @@ def _convert(onnx_path: str, calib01: np.ndarray, mean: np.ndarray, std: np.ndar
         not_use_onnxsim=True,
         disable_model_save=True,
         verbosity="error",
+        # onnx2tf takes every 4-D input for NCHW and transposes it; an input
+        # that is already NHWC (models exported from TensorFlow, e.g. YOLO
+        # through tf2onnx) must keep its shape.
+        keep_shape_absolutely_input_names=[inputs[0].name] if shape[3] == C else None,
     )
     import tensorflow as tf
 
