@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
+from types import SimpleNamespace
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from edge_agent.config import BatchingConfig
+from edge_agent.runtimes import create_runtime, describe_model
 from edge_agent.serving.batching import QUEUE_FULL, RequestBatcher
 from edge_agent.serving.errors import ServingError
 
@@ -38,27 +39,14 @@ def linear_onnx(path: Path, seed: int = 0, batch: Any = "N") -> Path:
     return path
 
 
-@dataclass
-class _Spec:
-    name: str
-    shape: list[int | None]
-
-
-@dataclass
-class _Manifest:
-    inputs: list[_Spec]
-    outputs: list[_Spec]
-
-
 class OrtRuntime:
-    """A real ONNX Runtime session behind the runtime's ``run`` (named inputs
-    -> outputs by name); counts the calls and the rows of each, and can be
-    slowed down or made to fail."""
+    """The agent's ONNX Runtime (``edge_agent.runtimes``) with its ``run``
+    counted (the rows of each call), and able to be slowed down or made to fail."""
 
     def __init__(self, path: Path) -> None:
-        import onnxruntime as ort
-
-        self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        inputs, outputs = describe_model(path, "onnx")
+        self.real = create_runtime("onnx", path, inputs, outputs, threads=1)
+        self.real.load()
         self.calls: list[int] = []
         self.delay_s = 0.0
         self.fail: Exception | None = None
@@ -69,17 +57,20 @@ class OrtRuntime:
             time.sleep(self.delay_s)
         if self.fail is not None:
             raise self.fail
-        (y,) = self.session.run(["y"], dict(inputs))
-        return {"y": y}
+        return self.real.run(inputs)
+
+    def alone(self, x: np.ndarray) -> np.ndarray:
+        """The answer of a direct run, not counted."""
+        return self.real.run({"x": x})["y"]
 
 
 class Model:
-    """What the batcher reads of a loaded version: its manifest's tensors and its runtime."""
+    """What the batcher reads of a loaded version: its manifest's tensors
+    (as ``pack`` describes the model) and its runtime."""
 
-    def __init__(self, path: Path, batch: Any = "N") -> None:
-        dim = None if isinstance(batch, str) else batch
-        self.manifest = _Manifest([_Spec("x", [dim, 4])], [_Spec("y", [dim, 3])])
+    def __init__(self, path: Path) -> None:
         self.runtime = OrtRuntime(path)
+        self.manifest = SimpleNamespace(inputs=self.runtime.real.inputs, outputs=self.runtime.real.outputs)
 
 
 @pytest.fixture
@@ -116,7 +107,7 @@ def test_merged_results_equal_each_request_run_alone(model: Model) -> None:
     its own rows of the merged inference, bit for bit what it gets alone."""
     rng = np.random.default_rng(1)
     requests = [rng.normal(size=(n, 4)).astype(np.float32) for n in (1, 2, 1, 3, 1, 1, 2, 1)]
-    alone = [model.runtime.session.run(["y"], {"x": x})[0] for x in requests]
+    alone = [model.runtime.alone(x) for x in requests]
     b = batcher(max_batch_size=32, batch_timeout_micros=200_000)
     model.runtime.delay_s = 0.05  # a batch in inference: the others gather meanwhile
     out = concurrently(lambda x: b.run(model, {"x": x}), requests)
@@ -178,7 +169,6 @@ def test_mismatched_shapes_are_not_merged(tmp_path: Path) -> None:
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1])])
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)], ir_version=8), path)
     model = Model(path)
-    model.manifest = _Manifest([_Spec("x", [None, None])], [_Spec("y", [None, 1])])
     b = batcher(max_batch_size=32, batch_timeout_micros=100_000)
     requests = [np.ones((1, 4), np.float32), np.ones((1, 5), np.float32), np.ones((2, 4), np.float32),
                 np.ones((1, 5), np.float32)]
@@ -208,7 +198,7 @@ def test_two_versions_are_never_mixed(tmp_path: Path) -> None:
     old, new = Model(linear_onnx(tmp_path / "v1.onnx", seed=1)), Model(linear_onnx(tmp_path / "v2.onnx", seed=2))
     b = batcher(max_batch_size=32, batch_timeout_micros=100_000)
     x = np.ones((1, 4), np.float32)
-    want = {id(m): m.runtime.session.run(["y"], {"x": x})[0] for m in (old, new)}
+    want = {id(m): m.runtime.alone(x) for m in (old, new)}
     models = [old, new] * 4
     out = concurrently(lambda m: (m, b.run(m, {"x": x})), models)
     for m, got in out:
@@ -233,7 +223,7 @@ def test_full_queue_is_refused_with_unavailable(model: Model) -> None:
 def test_model_without_a_dynamic_batch_dimension_runs_directly(tmp_path: Path) -> None:
     """A model whose batch dimension is fixed cannot take merged requests: each
     runs at once, without waiting for a batch."""
-    model = Model(linear_onnx(tmp_path / "fixed.onnx", batch=1), batch=1)
+    model = Model(linear_onnx(tmp_path / "fixed.onnx", batch=1))
     b = batcher(max_batch_size=8, batch_timeout_micros=1_000_000)
     t0 = time.monotonic()
     out = concurrently(lambda x: b.run(model, {"x": x}), [np.ones((1, 4), np.float32)] * 3)
@@ -266,3 +256,53 @@ def test_batching_section_is_validated_like_the_others(tmp_path: Path) -> None:
     problems = "\n".join(info.value.problems)
     assert "batching.max_batch_sise: unknown key" in problems
     assert "batching.max_batch_size" in problems and "batching.batch_timeout_micros" in problems
+
+
+def test_predictor_merges_concurrent_predicts_with_named_inputs(tmp_path: Path) -> None:
+    """What HTTP and gRPC call: the Predictor with a batcher, on a model with
+    two named inputs; concurrent predicts are merged and each answer is the
+    one of its own inputs, counted per row in the version's stats."""
+    from test_serving import FakeManager, loaded, two_inputs
+
+    from edge_agent.serving import Predictor
+
+    model = loaded(two_inputs(tmp_path / "two.onnx"), "two")
+    real_run, calls = model.runtime.run, []
+
+    def counted(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        calls.append(int(inputs["a"].shape[0]))
+        time.sleep(0.02)
+        return real_run(inputs)
+
+    model.runtime.run = counted
+    b = batcher(max_batch_size=16, batch_timeout_micros=100_000)
+    predictor = Predictor(FakeManager(two=model), batcher=b)
+    rng = np.random.default_rng(5)
+    requests = [(rng.normal(size=(n, 3)).astype(np.float32), rng.integers(-5, 5, size=(n, 3)))
+                for n in (1, 2, 1, 1, 3, 1)]
+    out = concurrently(lambda ab: predictor.predict("two", {"a": ab[0], "b": ab[1]}), requests)
+    for (a, bb), result in zip(requests, out):
+        assert not isinstance(result, Exception), result
+        assert result.version == 1
+        np.testing.assert_allclose(result.outputs["sum"], a + bb, rtol=1e-6)
+        np.testing.assert_allclose(result.outputs["prod"], a * bb, rtol=1e-6)
+    assert sum(calls) == 9 and len(calls) < len(requests)
+    assert model.stats.snapshot()[0] == 9
+
+
+def test_agent_gives_its_predictor_the_configured_batcher_and_a_reload_replaces_it(tmp_path: Path) -> None:
+    """HTTP and gRPC share the agent's one Predictor, so both are batched
+    together; an operator tuning [batching] sees the change without a restart."""
+    from edge_agent.agent import Agent
+    from edge_agent.config import parse_config
+
+    def config(**batching: Any):
+        return parse_config({"device_id": "batch-test", "store": {"path": str(tmp_path / "store")},
+                             "batching": batching})
+
+    agent = Agent(config())
+    assert agent.predictor.batcher is None
+    assert agent.reload(config(enabled=True, max_batch_size=4)) == ["batching on"]
+    assert isinstance(agent.predictor.batcher, RequestBatcher) and agent.predictor.batcher.max_batch_size == 4
+    assert agent.reload(config(enabled=False)) == ["batching off"]
+    assert agent.predictor.batcher is None

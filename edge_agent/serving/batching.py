@@ -222,3 +222,8 @@ class RequestBatcher:
     def stats(self) -> dict[str, Any]:
         """Merged inferences run and rows in them so far."""
         return {"batches": self.batches, "rows": self.rows}
+
+
+def request_batcher(config: "BatchingConfig") -> RequestBatcher | None:
+    """The batcher the ``[batching]`` section asks for (None: off)."""
+    return RequestBatcher(config) if config.enabled else None
