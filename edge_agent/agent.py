@@ -176,7 +176,7 @@ class Agent:
         from edge_agent.http.api import Api
         from edge_agent.http.server import HttpServer
 
-        api = Api(self.models, ready=self.readiness, stats=self._http_stats)
+        api = Api(self.models, ready=self.readiness, stats=self._http_stats, predictor=self.predictor)
         http = HttpServer(api.handle, cfg.host, cfg.port, max_body_bytes=int(cfg.max_body_mb * 1e6),
                           idle_timeout_s=cfg.idle_timeout_s)
         http.start()
