@@ -431,7 +431,7 @@ class BatchingConfig(_Section):
     max_batch_size: int = Field(32, ge=1, le=4096, description="Most rows (first-dimension entries) in one merged "
                                 "inference; a request with more runs alone.")
     batch_timeout_micros: int = Field(2000, ge=0, le=10_000_000, description="Longest the first request of a batch "
-                                      "waits for others, in microseconds (0: merge only what is already waiting).")
+                                      "waits for others, in microseconds (a batch waiting for a thread takes more meanwhile).")
     num_batch_threads: int = Field(1, ge=1, le=64, description="Merged inferences that may run at once.")
     max_enqueued_batches: int = Field(16, ge=1, le=100_000, description="Batches per model version and input "
                                       "shape waiting to run (the open one included); a request finding them all "

@@ -11,9 +11,11 @@ concatenated along that dimension, run in **one** inference, and the
 outputs split back, each request getting its own rows. A batch holds at
 most ``max_batch_size`` rows; its first request waits at most
 ``batch_timeout_micros`` for others (a batch that fills runs at once). At
-most ``num_batch_threads`` merged inferences run at a time; a batch waiting
-for one still counts among the ``max_enqueued_batches`` of its queue (one
-queue per version and input shapes, the open batch included), and a request
+most ``num_batch_threads`` merged inferences run at a time, and a batch
+stays open (takes more requests) while it waits for one, even past its
+timeout, so a busy model gets fuller batches. Batches count among the
+``max_enqueued_batches`` of their queue (one queue per version and input
+shapes, the open batch included) until they have run, and a request
 finding them all taken is refused with ``UNAVAILABLE`` and TF Serving's
 words, so a flood is answered quickly instead of piling up.
 
@@ -118,14 +120,13 @@ class RequestBatcher:
         task = _Task(inputs, rows)
         with self._cond:
             batch, leader = self._enqueue(key, task)
-            if leader:
-                self._gather(key, batch)
-            else:
-                while not batch.done:
-                    self._cond.wait()
+            while not leader and not batch.done:
+                self._cond.wait()
         if leader:
             try:
-                with self._slots:
+                with self._slots:  # a batch stays open while it waits for a thread, as in TF Serving
+                    with self._cond:
+                        self._gather(key, batch)
                     self._infer(model, batch)
             finally:
                 with self._cond:
@@ -175,8 +176,9 @@ class RequestBatcher:
         self._cond.notify_all()  # its leader stops waiting
 
     def _gather(self, key: Hashable, batch: _Batch) -> None:
-        """(Holding the condition; the leader.) Wait until the batch is
-        full or its first request has waited ``batch_timeout_micros``."""
+        """(Holding the condition; the leader, holding a batch thread.) Wait
+        until the batch is full or its first request has waited
+        ``batch_timeout_micros``; close it."""
         while not batch.closed:
             left = batch.deadline - time.monotonic()
             if left <= 0:
