@@ -86,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout-micros", type=int, default=2000,
                         help="--batching: batch_timeout_micros (default 2000)")
     parser.add_argument("--batch-threads", type=int, default=1, help="--batching: num_batch_threads (default 1)")
+    parser.add_argument("--model", choices=("mlp", "mobilenet"), default="mlp",
+                        help="--batching: the tensor MLP (default) or MobileNetV2 fed JPEGs")
     args = parser.parse_args(argv)
     if min(args.threads, args.rounds, args.requests, args.clients, args.batch_threads) < 1:
         parser.error("--threads, --rounds, --requests, --clients and --batch-threads must be >= 1")
@@ -229,9 +231,24 @@ def batching_main(args: argparse.Namespace) -> int:
         jpegs.append(base64.b64encode(buf.tobytes()).decode())
     with tempfile.TemporaryDirectory(prefix="edge-agent-http-batching-") as tmp:
         work = Path(tmp)
-        onnx = dynamic_batch_copy(assets["mobilenet_v2"], work / "mobilenet_v2_dynamic.onnx")
-        bundle = pack(onnx, name=MODEL_NAME, version=1, out=work / "bundle", preprocessing=dict(PREPROCESSING),
-                      labels=assets["imagenet_labels"], task="classify")
+        if args.model == "mlp":
+            onnx = mlp_onnx(work / "mlp.onnx")
+            bundle = pack(onnx, name=MODEL_NAME, version=1, out=work / "bundle", task="tensor")
+            rng = np.random.default_rng(0)
+            inputs = [rng.normal(size=(MLP_WIDTHS[0],)).astype(np.float32) for _ in range(len(PHOTOS))]
+            bodies = [json.dumps({"instances": [x.tolist()]}).encode() for x in inputs]
+        else:
+            onnx = dynamic_batch_copy(assets["mobilenet_v2"], work / "mobilenet_v2_dynamic.onnx")
+            bundle = pack(onnx, name=MODEL_NAME, version=1, out=work / "bundle", preprocessing=dict(PREPROCESSING),
+                          labels=assets["imagenet_labels"], task="classify")
+            bodies = [json.dumps({"instances": [{"b64": j}]}).encode() for j in jpegs]
+        import onnxruntime as ort
+
+        direct = ort.InferenceSession(str(onnx), providers=["CPUExecutionProvider"])
+        if args.model == "mlp":
+            expected = [int(np.argmax(direct.run(None, {"x": x[None]})[0][0])) for x in inputs]
+        else:
+            expected = None
         agents = {}
         try:
             for variant in BATCHING_VARIANTS:
@@ -245,7 +262,7 @@ def batching_main(args: argparse.Namespace) -> int:
                                  "num_batch_threads": args.batch_threads},
                 }))
                 agent.start()
-            report = measure_batching(agents, jpegs, args)
+            report = measure_batching(agents, jpegs, bodies, expected, args)
         finally:
             for agent in agents.values():
                 agent.shutdown()
@@ -300,11 +317,42 @@ def _clients_round(address: tuple[str, int], bodies: list[bytes], clients: int, 
     return wall, latencies, tops
 
 
-def measure_batching(agents: dict[str, Any], jpegs: list[str], args: argparse.Namespace) -> dict[str, Any]:
-    with agents["unbatched"].models.acquire(MODEL_NAME) as model:
-        frames = [cv2.imdecode(np.frombuffer(base64.b64decode(j), np.uint8), cv2.IMREAD_COLOR) for j in jpegs]
-        expected = [model.process(f).payload["top"][0]["index"] for f in frames]
-    bodies = [json.dumps({"instances": [{"b64": j}]}).encode() for j in jpegs]
+MLP_WIDTHS = (512, 2048, 2048, 2048, 10)
+
+
+def mlp_onnx(path: Path) -> Path:
+    """A tensor model whose cost is its weights: x [N, 512] -> three ReLU
+    layers of 2048 -> 10 logits, 9.4 M float32 parameters (38 MB), as an
+    embedding or recommendation head. One row is a matrix-vector product per
+    layer that streams every weight from memory; N rows reuse each weight N times."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(7)
+    nodes, inits, prev = [], [], "x"
+    for i, (a, b) in enumerate(zip(MLP_WIDTHS, MLP_WIDTHS[1:])):
+        inits += [numpy_helper.from_array((rng.normal(size=(a, b)) / np.sqrt(a)).astype(np.float32), f"w{i}"),
+                  numpy_helper.from_array(np.zeros(b, np.float32), f"b{i}")]
+        nodes.append(helper.make_node("Gemm", [prev, f"w{i}", f"b{i}"], [f"g{i}"]))
+        prev = f"g{i}"
+        if b != MLP_WIDTHS[-1]:
+            nodes.append(helper.make_node("Relu", [prev], [f"r{i}"]))
+            prev = f"r{i}"
+    nodes.append(helper.make_node("Identity", [prev], ["logits"]))
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 512])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, path)
+    return path
+
+
+def measure_batching(agents: dict[str, Any], jpegs: list[str], bodies: list[bytes], expected: list[int] | None,
+                     args: argparse.Namespace) -> dict[str, Any]:
+    if expected is None:  # MobileNetV2: the in-process answer for each photo
+        with agents["unbatched"].models.acquire(MODEL_NAME) as model:
+            frames = [cv2.imdecode(np.frombuffer(base64.b64decode(j), np.uint8), cv2.IMREAD_COLOR) for j in jpegs]
+            expected = [model.process(f).payload["top"][0]["index"] for f in frames]
     addresses = {v: a.http.address for v, a in agents.items()}
     for v in BATCHING_VARIANTS:  # warm-up
         _clients_round(addresses[v], bodies, args.clients, 3)
@@ -343,7 +391,7 @@ def measure_batching(agents: dict[str, Any], jpegs: list[str], args: argparse.Na
         "settings": {"mode": "batching", "clients": args.clients, "threads": args.threads, "rounds": args.rounds,
                      "requests_per_client": args.requests, "max_batch_size": args.clients,
                      "batch_timeout_micros": args.timeout_micros, "num_batch_threads": args.batch_threads,
-                     "transport": "REST", "photos": PHOTOS},
+                     "transport": "REST", "model": args.model},
         "variants": variants,
     }
 
@@ -351,7 +399,9 @@ def measure_batching(agents: dict[str, Any], jpegs: list[str], args: argparse.Na
 def batching_table(report: dict[str, Any]) -> str:
     s = report["settings"]
     lines = [
-        f"{s['clients']} concurrent REST clients, MobileNetV2 fp32 dynamic batch, {s['threads']} runtime thread(s), "
+        f"{s['clients']} concurrent REST clients, "
+        f"{'MLP 512-2048x3-10 tensors' if s['model'] == 'mlp' else 'MobileNetV2 fp32 dynamic batch, JPEGs'}, "
+        f"{s['threads']} runtime thread(s), "
         f"{s['rounds']} rounds x {s['requests_per_client']} requests per client; batched: max_batch_size "
         f"{s['max_batch_size']}, batch_timeout_micros {s['batch_timeout_micros']}, num_batch_threads "
         f"{s['num_batch_threads']}",
