@@ -29,6 +29,20 @@ one for the same photo.
 
 ``.venv/bin/python benchmarks/http_api.py [--threads 1] [--rounds 5] [--requests 40]``
 prints a JSON object, then a table (``--json-only``: the JSON only).
+
+``--batching``: instead, what ``[batching]`` does for concurrent clients.
+``--clients`` (default 8) threads, each with its own kept-alive connection,
+send ``{"instances": [{"b64": JPEG}]}`` predicts one after the other, as fast
+as answers come, to a MobileNetV2 whose batch dimension is dynamic
+(``testassets.mobilenet.dynamic_batch_copy``, the demo's preprocessing).
+Two agents run side by side, ``unbatched`` (``[batching]`` off: each request
+its own ``session.run``, concurrently) and ``batched`` (``enabled``,
+``max_batch_size = --clients``, ``batch_timeout_micros = --timeout-micros``,
+``num_batch_threads = --batch-threads``), same runtime ``--threads``;
+interleaved in ``--rounds`` rounds of ``--requests`` requests per client.
+Per variant: requests per second (median over rounds), p50 and p99 latency
+over every request, and the rows per merged inference. Every answer's top-1
+(argmax of ``predictions``) is checked against the model run in-process.
 """
 
 from __future__ import annotations
@@ -66,9 +80,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=40, help="requests per variant and round (default 40)")
     parser.add_argument("--json-only", action="store_true", help="print the JSON object only, no table")
     parser.add_argument("--cache", type=Path, default=None, help="asset cache (default: ~/.cache/edge-agent)")
+    parser.add_argument("--batching", action="store_true",
+                        help="concurrent clients, [batching] on against off (see the module docstring)")
+    parser.add_argument("--clients", type=int, default=8, help="--batching: concurrent clients (default 8)")
+    parser.add_argument("--timeout-micros", type=int, default=2000,
+                        help="--batching: batch_timeout_micros (default 2000)")
+    parser.add_argument("--batch-threads", type=int, default=1, help="--batching: num_batch_threads (default 1)")
+    parser.add_argument("--model", choices=("mlp", "mobilenet"), default="mlp",
+                        help="--batching: the tensor MLP (default) or MobileNetV2 fed JPEGs")
     args = parser.parse_args(argv)
-    if min(args.threads, args.rounds, args.requests) < 1:
-        parser.error("--threads, --rounds and --requests must be >= 1")
+    if min(args.threads, args.rounds, args.requests, args.clients, args.batch_threads) < 1:
+        parser.error("--threads, --rounds, --requests, --clients and --batch-threads must be >= 1")
+    if args.batching:
+        return batching_main(args)
 
     from edge_agent.agent import Agent
     from edge_agent.config import parse_config
@@ -180,6 +204,212 @@ def table(report: dict[str, Any]) -> str:
     for name, v in report["variants"].items():
         kb = "-" if v["request_bytes"] is None else f"{v['request_bytes'] / 1024:.0f}"
         lines.append(f"  {name:<12} {v['median_ms']:10.2f} {v['p90_ms']:8.2f} {v['vs_direct']:9.2f} {kb:>11} "
+                     f"{v['top1_mismatches']:>11}")
+    return "\n".join(lines)
+
+
+# -- --batching: concurrent clients, [batching] on against off -----------------
+
+BATCHING_VARIANTS = ("unbatched", "batched")
+
+
+def batching_main(args: argparse.Namespace) -> int:
+    from edge_agent.agent import Agent
+    from edge_agent.bundles.pack import pack
+    from edge_agent.config import parse_config
+    from _bench import PREPROCESSING
+    from testassets.mobilenet import dynamic_batch_copy
+
+    cache = args.cache if args.cache is not None else testassets.default_cache_dir()
+    assets = testassets.build(cache, only={"mobilenet_v2", "imagenet_labels", "photos"})
+    machine = machine_info()
+    jpegs = []
+    for name in PHOTOS:
+        ok, buf = cv2.imencode(".jpg", cv2.imread(str(assets["photos"] / f"{name}.jpg")),
+                               [cv2.IMWRITE_JPEG_QUALITY, 95])
+        assert ok
+        jpegs.append(base64.b64encode(buf.tobytes()).decode())
+    with tempfile.TemporaryDirectory(prefix="edge-agent-http-batching-") as tmp:
+        work = Path(tmp)
+        if args.model == "mlp":
+            onnx = mlp_onnx(work / "mlp.onnx")
+            bundle = pack(onnx, name=MODEL_NAME, version=1, out=work / "bundle", task="tensor")
+            rng = np.random.default_rng(0)
+            inputs = [rng.normal(size=(MLP_WIDTHS[0],)).astype(np.float32) for _ in range(len(PHOTOS))]
+            bodies = [json.dumps({"instances": [x.tolist()]}).encode() for x in inputs]
+        else:
+            onnx = dynamic_batch_copy(assets["mobilenet_v2"], work / "mobilenet_v2_dynamic.onnx")
+            bundle = pack(onnx, name=MODEL_NAME, version=1, out=work / "bundle", preprocessing=dict(PREPROCESSING),
+                          labels=assets["imagenet_labels"], task="classify")
+            bodies = [json.dumps({"instances": [{"b64": j}]}).encode() for j in jpegs]
+        import onnxruntime as ort
+
+        direct = ort.InferenceSession(str(onnx), providers=["CPUExecutionProvider"])
+        if args.model == "mlp":
+            expected = [int(np.argmax(direct.run(None, {"x": x[None]})[0][0])) for x in inputs]
+        else:
+            expected = None
+        agents = {}
+        try:
+            for variant in BATCHING_VARIANTS:
+                agents[variant] = agent = Agent(parse_config({
+                    "device_id": f"http-bench-{variant}", "log_level": "warning",
+                    "store": {"path": str(work / f"store-{variant}")},
+                    "models": [{"name": MODEL_NAME, "bundle": str(bundle), "threads": args.threads}],
+                    "http": {"enabled": True, "port": 0},
+                    "batching": {"enabled": variant == "batched", "max_batch_size": args.clients,
+                                 "batch_timeout_micros": args.timeout_micros,
+                                 "num_batch_threads": args.batch_threads},
+                }))
+                agent.start()
+            report = measure_batching(agents, jpegs, bodies, expected, args)
+        finally:
+            for agent in agents.values():
+                agent.shutdown()
+    report["machine"] = machine
+    emit(report, batching_table(report), json_only=args.json_only)
+    return 0
+
+
+def _clients_round(address: tuple[str, int], bodies: list[bytes], clients: int, requests: int
+                   ) -> tuple[float, list[float], list[tuple[int, int]]]:
+    """``clients`` threads, each sending ``requests`` predicts on its own
+    connection; the wall time, every latency (ms), and (photo, top-1) pairs."""
+    import threading
+
+    latencies: list[float] = []
+    tops: list[tuple[int, int]] = []
+    errors: list[str] = []
+    lock = threading.Lock()
+    start = threading.Barrier(clients + 1)
+
+    def client(c: int) -> None:
+        conn = http.client.HTTPConnection(*address, timeout=120)
+        mine, seen = [], []
+        start.wait()
+        for k in range(requests):
+            i = (c + k) % len(bodies)
+            t0 = time.perf_counter()
+            conn.request("POST", f"/v1/models/{MODEL_NAME}:predict", body=bodies[i],
+                         headers={"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            raw = resp.read()
+            mine.append((time.perf_counter() - t0) * 1000.0)
+            if resp.status != 200:
+                errors.append(f"HTTP {resp.status}: {raw[:200]!r}")
+                continue
+            seen.append((i, int(np.argmax(json.loads(raw)["predictions"][0]))))
+        conn.close()
+        with lock:
+            latencies.extend(mine)
+            tops.extend(seen)
+
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+    for t in threads:
+        t.start()
+    start.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    if errors:
+        raise RuntimeError(f"{len(errors)} failed requests, e.g. {errors[0]}")
+    return wall, latencies, tops
+
+
+MLP_WIDTHS = (512, 2048, 2048, 2048, 10)
+
+
+def mlp_onnx(path: Path) -> Path:
+    """A tensor model whose cost is its weights: x [N, 512] -> three ReLU
+    layers of 2048 -> 10 logits, 9.4 M float32 parameters (38 MB), as an
+    embedding or recommendation head. One row is a matrix-vector product per
+    layer that streams every weight from memory; N rows reuse each weight N times."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(7)
+    nodes, inits, prev = [], [], "x"
+    for i, (a, b) in enumerate(zip(MLP_WIDTHS, MLP_WIDTHS[1:])):
+        inits += [numpy_helper.from_array((rng.normal(size=(a, b)) / np.sqrt(a)).astype(np.float32), f"w{i}"),
+                  numpy_helper.from_array(np.zeros(b, np.float32), f"b{i}")]
+        nodes.append(helper.make_node("Gemm", [prev, f"w{i}", f"b{i}"], [f"g{i}"]))
+        prev = f"g{i}"
+        if b != MLP_WIDTHS[-1]:
+            nodes.append(helper.make_node("Relu", [prev], [f"r{i}"]))
+            prev = f"r{i}"
+    nodes.append(helper.make_node("Identity", [prev], ["logits"]))
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 512])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, path)
+    return path
+
+
+def measure_batching(agents: dict[str, Any], jpegs: list[str], bodies: list[bytes], expected: list[int] | None,
+                     args: argparse.Namespace) -> dict[str, Any]:
+    if expected is None:  # MobileNetV2: the in-process answer for each photo
+        with agents["unbatched"].models.acquire(MODEL_NAME) as model:
+            frames = [cv2.imdecode(np.frombuffer(base64.b64decode(j), np.uint8), cv2.IMREAD_COLOR) for j in jpegs]
+            expected = [model.process(f).payload["top"][0]["index"] for f in frames]
+    addresses = {v: a.http.address for v, a in agents.items()}
+    for v in BATCHING_VARIANTS:  # warm-up
+        _clients_round(addresses[v], bodies, args.clients, 3)
+    rps: dict[str, list[float]] = {v: [] for v in BATCHING_VARIANTS}
+    latencies: dict[str, list[float]] = {v: [] for v in BATCHING_VARIANTS}
+    mismatches = {v: 0 for v in BATCHING_VARIANTS}
+    before = {v: dict(agents[v].predictor.batcher.stats()) if agents[v].predictor.batcher else None
+              for v in BATCHING_VARIANTS}
+    for r in range(args.rounds):
+        for v in BATCHING_VARIANTS:
+            wall, lat, tops = _clients_round(addresses[v], bodies, args.clients, args.requests)
+            rps[v].append(len(lat) / wall)
+            latencies[v].extend(lat)
+            mismatches[v] += sum(top != expected[i] for i, top in tops)
+        progress(f"round {r + 1}/{args.rounds}: " + ", ".join(
+            f"{v} {rps[v][-1]:.1f} req/s" for v in BATCHING_VARIANTS))
+    variants = {}
+    for v in BATCHING_VARIANTS:
+        flat = sorted(latencies[v])
+        batcher = agents[v].predictor.batcher
+        rows_per_batch = None
+        if batcher is not None:
+            after = batcher.stats()
+            batches = after["batches"] - before[v]["batches"]
+            rows_per_batch = round((after["rows"] - before[v]["rows"]) / batches, 2) if batches else None
+        variants[v] = {
+            "requests_per_s": round(statistics.median(rps[v]), 2),
+            "requests_per_s_rounds": [round(x, 2) for x in rps[v]],
+            "p50_ms": round(float(np.percentile(flat, 50)), 2),
+            "p99_ms": round(float(np.percentile(flat, 99)), 2),
+            "requests": len(flat),
+            "rows_per_batch": rows_per_batch,
+            "top1_mismatches": mismatches[v],
+        }
+    return {
+        "settings": {"mode": "batching", "clients": args.clients, "threads": args.threads, "rounds": args.rounds,
+                     "requests_per_client": args.requests, "max_batch_size": args.clients,
+                     "batch_timeout_micros": args.timeout_micros, "num_batch_threads": args.batch_threads,
+                     "transport": "REST", "model": args.model},
+        "variants": variants,
+    }
+
+
+def batching_table(report: dict[str, Any]) -> str:
+    s = report["settings"]
+    lines = [
+        f"{s['clients']} concurrent REST clients, "
+        f"{'MLP 512-2048x3-10 tensors' if s['model'] == 'mlp' else 'MobileNetV2 fp32 dynamic batch, JPEGs'}, "
+        f"{s['threads']} runtime thread(s), "
+        f"{s['rounds']} rounds x {s['requests_per_client']} requests per client; batched: max_batch_size "
+        f"{s['max_batch_size']}, batch_timeout_micros {s['batch_timeout_micros']}, num_batch_threads "
+        f"{s['num_batch_threads']}",
+        f"  {'variant':<10} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'rows/batch':>11} {'top-1 diff':>11}",
+    ]
+    for name, v in report["variants"].items():
+        rows = "-" if v["rows_per_batch"] is None else f"{v['rows_per_batch']:.2f}"
+        lines.append(f"  {name:<10} {v['requests_per_s']:8.1f} {v['p50_ms']:8.1f} {v['p99_ms']:8.1f} {rows:>11} "
                      f"{v['top1_mismatches']:>11}")
     return "\n".join(lines)
 

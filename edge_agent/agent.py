@@ -54,6 +54,12 @@ class Agent:
         # [mqtt] section added by a reload starts publishing at once).
         # One batching point per model with batch_size > 1 (models change at a restart only).
         self.batching = Batching(self.models, config.models)
+        # The serving core HTTP and gRPC requests go through; with [batching]
+        # enabled it merges concurrent requests (its batcher is replaced by a reload).
+        from edge_agent.serving.batching import request_batcher
+        from edge_agent.serving.predict import Predictor
+
+        self.predictor = Predictor(self.models, batcher=request_batcher(config.batching))
         # The per-result log line only for sources with `log_results` (a
         # frozenset replaced whole by a reload, read without a lock).
         self._logged_sources = frozenset(s.name for s in config.sources if s.log_results)
@@ -170,7 +176,7 @@ class Agent:
         from edge_agent.http.api import Api
         from edge_agent.http.server import HttpServer
 
-        api = Api(self.models, ready=self.readiness, stats=self._http_stats)
+        api = Api(self.models, ready=self.readiness, stats=self._http_stats, predictor=self.predictor)
         http = HttpServer(api.handle, cfg.host, cfg.port, max_body_bytes=int(cfg.max_body_mb * 1e6),
                           idle_timeout_s=cfg.idle_timeout_s)
         http.start()
@@ -287,7 +293,7 @@ class Agent:
         (``labels``, ``thresholds``, ``min_box_area``, ``track``, ``zones``,
         ``events``) changed on the running worker, its tracks kept), the MQTT connection and everything riding on it (``mqtt``,
         ``groups``, ``commands``, ``spool``, ``download``, ``transfer``),
-        ``http`` and the log level. ``device_id``, ``store`` and ``models``
+        ``http``, ``batching`` and the log level. ``device_id``, ``store`` and ``models``
         take effect at the next start (logged). Raises ConfigError, changing
         nothing, when a source names a model this agent does not serve.
         """
@@ -324,6 +330,11 @@ class Agent:
                     built[1].close()
                 raise ConfigError([f"http: cannot serve on {new.http.host}:{new.http.port}: {exc}"]) from None
             changes.append("http restarted" if new.http.enabled else "http off")
+        if old.batching != new.batching:
+            from edge_agent.serving.batching import request_batcher
+
+            self.predictor.batcher = request_batcher(new.batching)  # requests in flight finish on the old one
+            changes.append("batching " + ("on" if new.batching.enabled else "off"))
         if old.log_level != new.log_level:
             logging.getLogger().setLevel(new.log_level.upper())
             changes.append(f"log_level {new.log_level}")

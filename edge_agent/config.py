@@ -422,6 +422,22 @@ class HttpConfig(_Section):
     idle_timeout_s: float = Field(30.0, gt=0, description="A connection idle (or stalled mid-request) this long is closed.")
 
 
+class BatchingConfig(_Section):
+    """Batching of predict requests (HTTP and gRPC), TF Serving's batching
+    parameters by their names (edge_agent.serving.batching)."""
+
+    enabled: bool = Field(False, description="Merge concurrent predict requests to one model version into one "
+                          "inference (models whose inputs and outputs have a dynamic first dimension).")
+    max_batch_size: int = Field(32, ge=1, le=4096, description="Most rows (first-dimension entries) in one merged "
+                                "inference; a request with more runs alone.")
+    batch_timeout_micros: int = Field(2000, ge=0, le=10_000_000, description="Longest the first request of a batch "
+                                      "waits for others, in microseconds (a batch waiting for a thread takes more meanwhile).")
+    num_batch_threads: int = Field(1, ge=1, le=64, description="Merged inferences that may run at once.")
+    max_enqueued_batches: int = Field(16, ge=1, le=100_000, description="Batches per model version and input "
+                                      "shape waiting to run (the open one included); a request finding them all "
+                                      "taken is refused with UNAVAILABLE (HTTP 503), as TF Serving does.")
+
+
 class LoggingConfig(_Section):
     format: Literal["text", "json"] = Field(
         "text", description="text: one readable line per record (the journal's default); json: one JSON object "
@@ -445,6 +461,7 @@ class AgentConfig(_Section):
     models: list[ModelConfig] = Field(default_factory=list, description="Models the agent serves.")
     sources: list[SourceConfig] = Field(default_factory=list, description="Cameras and streams.")
     http: HttpConfig = Field(default_factory=HttpConfig, description="Local HTTP API.")
+    batching: BatchingConfig = Field(default_factory=BatchingConfig, description="Batching of predict requests.")
     commands: CommandsConfig = Field(default_factory=CommandsConfig, description="The MQTT command plane.")
     spool: SpoolConfig = Field(default_factory=SpoolConfig, description="Store-and-forward while the broker is away.")
     download: DownloadConfig = Field(default_factory=DownloadConfig, description="Bundle downloads by URL.")

@@ -30,6 +30,8 @@ if [ "$mode" = dev ]; then
   command -v ffmpeg >/dev/null || apt_missing+=(ffmpeg)
   command -v npm >/dev/null || apt_missing+=(npm)   # testassets fetch npm tarballs with `npm pack`
   command -v gst-launch-1.0 >/dev/null || apt_missing+=(gstreamer1.0-tools)
+  # promtool (Debian's prometheus package) lints a live agent's /metrics.
+  command -v promtool >/dev/null || apt_missing+=(prometheus)
   dpkg -s gstreamer1.0-plugins-good >/dev/null 2>&1 || apt_missing+=(gstreamer1.0-plugins-base gstreamer1.0-plugins-good)
   # systemd-analyze verifies the unit; debootstrap and qemu-user-static build
   # and run the emulated arm64 system of scripts/arm64_check.sh.

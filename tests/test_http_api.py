@@ -23,6 +23,9 @@ class FakeModels:
     def model_stats(self) -> dict[str, dict[str, Any]]:
         return {"m": {"version": None}}
 
+    def inference_histogram(self, name: str) -> None:
+        return None  # no version serves
+
     def acquire(self, name: str, label: str | None = None, version: int | None = None) -> Any:
         raise AssertionError("no request here reaches a model")
 

@@ -190,7 +190,7 @@ class Api:
                                      {"error": f"internal error: {type(exc).__name__}: {exc}"})
         self.metrics.requests.labels(endpoint, str(response.status)).inc()
         if endpoint == "predict":
-            self.metrics.predict_seconds.labels(match.group("name")).observe(time.perf_counter() - started)
+            self.metrics.observe_predict(match.group("name"), time.perf_counter() - started)
         return response
 
     def _route(self, method: str, path: str, match: re.Match[str] | None, request: Request) -> Response:

@@ -54,15 +54,31 @@ class ModelStats(Protocol):
 
     def model_stats(self) -> dict[str, dict[str, Any]]: ...
 
+    def inference_histogram(self, name: str) -> tuple[int, list[tuple[float, int]], float] | None: ...
+
+
+UNKNOWN_MODEL = "unknown"
+"""The ``model`` label of requests naming a model that is not configured: a
+client chooses the name, and a label per name would let any client add
+series without bound (configured names are checked by the config, and
+``unknown`` may be one of them: then its requests and the unknown ones share it)."""
+
+PREDICT_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
 
 class Metrics:
     """Prometheus metrics: request counters and latencies kept here, the rest
-    read from the manager and ``stats()`` at scrape time (no per-frame work)."""
+    read from the manager and ``stats()`` at scrape time (no per-frame work).
+
+    Every label value is bounded: models by the configuration, endpoints and
+    status codes by the API; a request's own words (an unknown model's name)
+    never become one."""
 
     def __init__(self, models: ModelStats, stats: Callable[[], AgentStats]) -> None:
         from prometheus_client import CollectorRegistry, Counter, Histogram
         from prometheus_client import ProcessCollector
 
+        self._known = frozenset(models.model_stats())  # the configured models: the manager serves exactly these
         self.registry = CollectorRegistry(auto_describe=True)
         ProcessCollector(registry=self.registry)
         self.registry.register(_AgentCollector(models, stats))
@@ -70,9 +86,16 @@ class Metrics:
                                 ["endpoint", "code"], registry=self.registry)
         self.predict_seconds = Histogram(
             "edge_agent_http_predict_seconds", "Predict request time (decode, preprocess, inference, postprocess).",
-            ["model"], registry=self.registry,
-            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+            ["model"], registry=self.registry, buckets=PREDICT_BUCKETS_S,
         )
+
+    def model_label(self, name: str) -> str:
+        """The ``model`` label of a request for ``name``: itself when configured, else ``unknown``."""
+        return name if name in self._known else UNKNOWN_MODEL
+
+    def observe_predict(self, name: str, seconds: float) -> None:
+        """One predict request for model ``name`` (as the client spelt it) answered in ``seconds``."""
+        self.predict_seconds.labels(self.model_label(name)).observe(seconds)
 
     def render(self) -> tuple[bytes, str]:
         """The text exposition and its content type."""
@@ -92,7 +115,8 @@ class _AgentCollector:
         return []  # metric names depend on the configuration; collected on each scrape
 
     def collect(self) -> Iterator[Any]:
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
+        from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily,
+                                           InfoMetricFamily)
 
         agent = self.stats()
         info = InfoMetricFamily("edge_agent", "The agent's version and device id.")
@@ -121,9 +145,9 @@ class _AgentCollector:
                                          labels=["model", "version"])
         failures = CounterMetricFamily("edge_agent_model_errors", "Failed inferences of the serving version.",
                                        labels=["model", "version"])
-        p50 = GaugeMetricFamily("edge_agent_model_inference_ms_p50",
-                                "Median inference time of the serving version over its last 200 runs.",
-                                labels=["model", "version"])
+        seconds = HistogramMetricFamily("edge_agent_model_inference_seconds",
+                                        "Inference time of the serving version (the runtime call; a batch's "
+                                        "time shared among its items).", labels=["model", "version"])
         status = self.models.status()
         for name, stats in self.models.model_stats().items():
             active.add_metric([name], float(stats["version"] or 0))
@@ -133,11 +157,20 @@ class _AgentCollector:
             v = str(stats["version"])
             inferences.add_metric([name, v], stats["frames"])
             failures.add_metric([name, v], stats["errors"])
-            if stats["infer_ms_p50"] is not None:
-                p50.add_metric([name, v], stats["infer_ms_p50"])
-        yield from (active, loaded, inferences, failures, p50)
+            histogram = self.models.inference_histogram(name)
+            if histogram is not None:  # (a version that started serving since model_stats has its own label)
+                version, buckets, total = histogram
+                seconds.add_metric([name, str(version)], [(_le(b), c) for b, c in buckets], total)
+        yield from (active, loaded, inferences, failures, seconds)
 
         if agent.mqtt_connected is not None:
             connected = GaugeMetricFamily("edge_agent_mqtt_connected", "1 while connected to the broker.")
             connected.add_metric([], 1.0 if agent.mqtt_connected else 0.0)
             yield connected
+
+
+def _le(bound: float) -> str:
+    """A bucket's ``le`` as prometheus_client writes its own histograms' (``0.5``, ``1.0``, ``+Inf``)."""
+    from prometheus_client.utils import floatToGoString
+
+    return floatToGoString(bound)

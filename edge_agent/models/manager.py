@@ -372,6 +372,18 @@ class ModelManager:
             }
         return out
 
+    def inference_histogram(self, name: str) -> tuple[int, list[tuple[float, int]], float] | None:
+        """The serving version of ``name`` and its inference times so far
+        (:meth:`ModelStats.histogram`: cumulative counts per upper bound in
+        seconds, and their sum); None while no version serves."""
+        slot = self._slot(name)
+        with self._cond:
+            serving = slot.serving
+        if serving is None:
+            return None
+        buckets, total = serving.stats.histogram()
+        return serving.version, buckets, total
+
     # -- transactions ------------------------------------------------------
 
     @contextmanager

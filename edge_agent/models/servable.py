@@ -16,7 +16,9 @@ and written only under its condition (see :class:`LoadedModel`).
 
 from __future__ import annotations
 
+import bisect
 import collections
+import itertools
 import os
 import statistics
 import threading
@@ -50,19 +52,31 @@ class Inference:
     pre_ms: float = 0.0  # preprocessing in this thread (about 0 when the capture thread did it)
 
 
+INFER_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+"""Upper bounds (seconds) of the inference-time histogram ``/metrics`` exposes."""
+
+
 class ModelStats:
-    """Frames, errors and recent inference times of one loaded version."""
+    """Frames, errors and inference times of one loaded version: the recent
+    times (probation's median) and a cumulative histogram of all of them
+    (Prometheus' ``edge_agent_model_inference_seconds``)."""
 
     def __init__(self, window: int = 200) -> None:
         self._lock = threading.Lock()
         self.frames = 0
         self.errors = 0
         self.infer_ms: collections.deque[float] = collections.deque(maxlen=window)
+        self._bucket_counts = [0] * (len(INFER_BUCKETS_S) + 1)  # the last one: above every bound
+        self._infer_s_sum = 0.0
 
     def ok(self, infer_ms: float) -> None:
+        seconds = infer_ms / 1000.0
+        slot = bisect.bisect_left(INFER_BUCKETS_S, seconds)
         with self._lock:
             self.frames += 1
             self.infer_ms.append(infer_ms)
+            self._bucket_counts[slot] += 1
+            self._infer_s_sum += seconds
 
     def error(self) -> None:
         with self._lock:
@@ -71,6 +85,13 @@ class ModelStats:
     def snapshot(self) -> tuple[int, int, list[float]]:
         with self._lock:
             return self.frames, self.errors, list(self.infer_ms)
+
+    def histogram(self) -> tuple[list[tuple[float, int]], float]:
+        """The inference times so far: cumulative counts per upper bound
+        (``inf`` last, equal to the successful frames) and their sum in seconds."""
+        with self._lock:
+            counts, total = list(self._bucket_counts), self._infer_s_sum
+        return list(zip((*INFER_BUCKETS_S, float("inf")), itertools.accumulate(counts))), total
 
 
 @dataclass
