@@ -29,7 +29,7 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -67,6 +67,12 @@ class SlowRuntime(Runtime):
         with self._lock:
             self.calls += 1
         return self.inner.infer(tensor)
+
+    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        time.sleep(self.delay_s)
+        with self._lock:
+            self.calls += 1
+        return self.inner.run(inputs)
 
     def close(self) -> None:
         self.inner.close()

@@ -38,7 +38,7 @@ class Quantization(_Strict):
 class TensorSpec(_Strict):
     name: str
     shape: list[int | None] = Field(description="None (or -1 in JSON) marks a dynamic dimension.")
-    dtype: Literal["float32", "float16", "int8", "uint8", "int32", "int64"]
+    dtype: Literal["float32", "float16", "float64", "int8", "uint8", "int16", "int32", "int64", "bool", "string"]
     quantization: Quantization | None = None
 
     @field_validator("shape", mode="before")

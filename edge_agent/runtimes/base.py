@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import abc
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -47,14 +47,33 @@ class Runtime(abc.ABC):
         """Run one input; raises InferenceError."""
 
     @abc.abstractmethod
+    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run named inputs (every input of the model, by its name; a
+        dynamic dimension takes any size) and give back every output by
+        name, in the manifest's order and the model's own dtypes
+        (dequantized to float32 where the model emits quantized ints).
+        Float inputs of a quantized tensor are quantized here. Raises
+        InferenceError."""
+
+    @abc.abstractmethod
     def close(self) -> None:
         """Release the model; safe to call twice."""
 
     def warm_up(self) -> None:
-        spec = self.inputs[0]
-        shape = [d if d is not None else 1 for d in spec.shape]
-        dtype = np.float32 if spec.quantization is not None else np.dtype(spec.dtype)
-        self.infer(np.zeros(shape, dtype=dtype))
+        """One inference on zeros (dynamic dimensions at 1), every input fed."""
+        if len(self.inputs) == 1 and self.inputs[0].dtype != "string":
+            self.infer(warm_up_tensor(self.inputs[0]))
+        else:
+            self.run({spec.name: warm_up_tensor(spec) for spec in self.inputs})
+
+
+def warm_up_tensor(spec: TensorSpec) -> np.ndarray:
+    """Zeros (empty strings) of ``spec``'s shape, dynamic dimensions at 1."""
+    shape = [d if d is not None else 1 for d in spec.shape]
+    if spec.dtype == "string":
+        return np.full(shape, "", dtype=object)
+    dtype = np.float32 if spec.quantization is not None else np.dtype(spec.dtype)
+    return np.zeros(shape, dtype=dtype)
 
 
 def quantize(x: np.ndarray, q: Quantization, dtype: np.dtype) -> np.ndarray:
@@ -66,6 +85,8 @@ def quantize(x: np.ndarray, q: Quantization, dtype: np.dtype) -> np.ndarray:
 def prepare_input(tensor: np.ndarray, spec: TensorSpec) -> np.ndarray:
     """Bring a preprocessed float tensor to the model's input type: quantize
     it when the input is int8/uint8 with a scale/zero-point, else cast."""
+    if spec.dtype == "string":
+        return tensor if tensor.dtype == object else tensor.astype(object)
     dtype = np.dtype(spec.dtype)
     if tensor.dtype == dtype:
         return tensor

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -36,6 +36,8 @@ def interpreter_class() -> Any:
 def _spec(detail: dict[str, Any]) -> TensorSpec:
     scale, zero_point = detail.get("quantization", (0.0, 0))
     dtype = np.dtype(detail["dtype"]).name
+    if np.dtype(detail["dtype"]).kind in "OSU":
+        dtype = "string"
     quant = Quantization(scale=float(scale), zero_point=int(zero_point)) if scale else None
     shape = [int(d) if d > 0 else None for d in detail.get("shape_signature", detail["shape"])]
     return TensorSpec(name=detail["name"], shape=shape, dtype=dtype, quantization=quant)
@@ -65,7 +67,8 @@ class LiteRTRuntime(Runtime):
     def load(self) -> None:
         self._lock = threading.Lock()
         self._interp = self._open(self.model_path, threads=self.threads)
-        self._in = self._interp.get_input_details()[0]
+        details = self._interp.get_input_details()
+        self._in = details[0]
         by_name = {d["name"]: d for d in self._interp.get_output_details()}
         try:
             self._out = [by_name[o.name] for o in self.outputs]
@@ -73,27 +76,56 @@ class LiteRTRuntime(Runtime):
             raise ModelLoadError(f"{self.model_path.name}: manifest names output {exc} the model lacks") from None
         # The interpreter's own quant params are the truth; the manifest's are
         # used where the interpreter reports none.
-        actual = _spec(self._in)
-        self._in_spec = actual.model_copy(update={"quantization": actual.quantization or self.inputs[0].quantization})
+        manifest = {spec.name: spec for spec in self.inputs}
+        self._inputs: dict[str, tuple[dict[str, Any], TensorSpec]] = {}
+        for k, detail in enumerate(details):
+            actual = _spec(detail)
+            declared = manifest.get(detail["name"]) or (self.inputs[0] if k == 0 else None)
+            quant = actual.quantization or (declared.quantization if declared is not None else None)
+            self._inputs[detail["name"]] = (detail, actual.model_copy(update={"quantization": quant}))
+        self._in_spec = self._inputs[self._in["name"]][1]
+        self._shapes = {d["name"]: tuple(int(x) for x in d["shape"]) for d in details}  # as allocated now
         self.warm_up()
 
     def infer(self, tensor: np.ndarray) -> list[np.ndarray]:
+        outs = self.run({self._in["name"]: tensor})
+        return [np.asarray(outs[d["name"]], dtype=np.float32) for d in self._out]
+
+    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Named inputs in, every output out. An input of another shape than
+        the interpreter's tensor (a batch on a dynamic dimension) resizes
+        it first, and the next call of another shape resizes it again."""
         if self._interp is None:
             raise InferenceError("model is not loaded")
-        tensor = prepare_input(tensor, self._in_spec)
+        try:
+            prepared = {}
+            for name, tensor in inputs.items():
+                detail, spec = self._inputs[name]
+                prepared[name] = (detail, prepare_input(tensor, spec))
+        except KeyError as exc:
+            raise InferenceError(f"{self.model_path.name} has no input {exc}") from None
         try:
             with self._lock:
-                self._interp.set_tensor(self._in["index"], tensor)
+                resized = False
+                for detail, tensor in prepared.values():
+                    if self._shapes[detail["name"]] != tensor.shape:
+                        self._interp.resize_tensor_input(detail["index"], list(tensor.shape), strict=True)
+                        self._shapes[detail["name"]] = tensor.shape
+                        resized = True
+                if resized:
+                    self._interp.allocate_tensors()
+                for detail, tensor in prepared.values():
+                    self._interp.set_tensor(detail["index"], tensor)
                 self._interp.invoke()
-                raw = [self._interp.get_tensor(d["index"]) for d in self._out]
+                raw = [(d, self._interp.get_tensor(d["index"])) for d in self._out]
         except Exception as exc:
             raise InferenceError(f"LiteRT failed on {self.model_path.name}: {exc}") from None
-        outs = []
-        for detail, value in zip(self._out, raw):
+        outs = {}
+        for detail, value in raw:
             scale, zero_point = detail.get("quantization", (0.0, 0))
             if value.dtype.kind in "iu" and scale:
                 value = (value.astype(np.float32) - zero_point) * scale
-            outs.append(np.asarray(value, dtype=np.float32))
+            outs[detail["name"]] = value
         return outs
 
     def close(self) -> None:

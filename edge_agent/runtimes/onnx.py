@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Mapping
 
 import numpy as np
 import onnxruntime as ort
@@ -21,6 +22,10 @@ _ORT_TYPES = {
     "tensor(uint8)": "uint8",
     "tensor(int32)": "int32",
     "tensor(int64)": "int64",
+    "tensor(double)": "float64",
+    "tensor(int16)": "int16",
+    "tensor(bool)": "bool",
+    "tensor(string)": "string",
 }
 
 
@@ -81,6 +86,7 @@ class OnnxRuntime(Runtime):
         self._input_name = self._session.get_inputs()[0].name
         self._input = self.inputs[0]
         self._output_names = [o.name for o in self.outputs]
+        self._specs = {spec.name: spec for spec in self.inputs}
         self.warm_up()
 
     def infer(self, tensor: np.ndarray) -> list[np.ndarray]:
@@ -92,6 +98,19 @@ class OnnxRuntime(Runtime):
         except Exception as exc:
             raise InferenceError(f"onnxruntime failed on {self.model_path.name}: {exc}") from None
         return [np.asarray(o, dtype=np.float32) for o in outs]
+
+    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self._session is None:
+            raise InferenceError("model is not loaded")
+        feeds = {}
+        for name, tensor in inputs.items():
+            spec = self._specs.get(name)
+            feeds[name] = prepare_input(tensor, spec) if spec is not None else tensor
+        try:
+            outs = self._session.run(self._output_names, feeds)
+        except Exception as exc:
+            raise InferenceError(f"onnxruntime failed on {self.model_path.name}: {exc}") from None
+        return {name: np.asarray(out) for name, out in zip(self._output_names, outs)}
 
     def close(self) -> None:
         self._session = None
