@@ -103,6 +103,8 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer, 
         for key, proto in request.inputs.items():
             try:
                 inputs[key] = tensors.to_numpy(proto)
+                if proto.dtype == tensors.DT.DT_STRING:
+                    inputs[key] = tensors.as_text(inputs[key])
             except tensors.TensorError as exc:
                 raise ServingError("INVALID_ARGUMENT", f"input '{key}': {exc}") from None
         result = self.predictor.predict(
