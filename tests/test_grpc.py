@@ -379,3 +379,82 @@ def test_a_shape_must_be_known() -> None:
     t.tensor_shape.dim.add(size=-1)
     with pytest.raises(tensors.TensorError, match="negative dimension"):
         tensors.to_numpy(t)
+
+
+# -- [grpc] config -------------------------------------------------------------
+
+
+def test_grpc_config_defaults_and_mistakes(tmp_path: Path) -> None:
+    """[grpc] is off by default on TF Serving's port 8500 bound to loopback; a typo, a quoted port or TLS
+    without its key is a config error naming the key."""
+    from edge_agent.config import parse_config
+    from edge_agent.errors import ConfigError
+
+    cfg = parse_config({}).grpc
+    assert (cfg.enabled, cfg.host, cfg.port, cfg.max_message_mb, cfg.tls) == (False, "127.0.0.1", 8500, 32.0, None)
+    cfg = parse_config({"grpc": {"enabled": True, "tls": {"certfile": "c.pem", "keyfile": "k.pem"}}},
+                       base_dir=tmp_path).grpc
+    assert cfg.tls.certfile == tmp_path / "c.pem" and cfg.tls.client_ca_certs is None
+    for bad, words in [({"enabeld": True}, "grpc.enabeld: unknown key"), ({"port": "8500"}, "grpc.port"),
+                       ({"tls": {"certfile": "c.pem"}}, "grpc.tls.keyfile: required key is missing"),
+                       ({"max_message_mb": 0}, "grpc.max_message_mb")]:
+        with pytest.raises(ConfigError) as err:
+            parse_config({"grpc": bad}, source="agent.toml")
+        assert f"agent.toml: {words}" in str(err.value), err.value
+
+
+def test_tls_with_a_client_certificate(models: dict[str, Path], tmp_path: Path) -> None:
+    """[grpc.tls]: the port speaks TLS with the configured certificate; with client_ca_certs a client
+    without a certificate of that CA is refused, one with it is served."""
+    pytest.importorskip("cryptography")
+    from edge_agent.config import ServerTlsConfig
+
+    ca_key, ca_cert = _cert(tmp_path, "ca", None)
+    _cert(tmp_path, "server", (ca_key, ca_cert), dns="localhost")
+    _cert(tmp_path, "client", (ca_key, ca_cert))
+    tls = ServerTlsConfig(certfile=tmp_path / "server.pem", keyfile=tmp_path / "server.key",
+                          client_ca_certs=tmp_path / "ca.pem")
+    predictor = Predictor(Manager(linear=loaded(models["linear"], "linear")))
+    srv = GrpcServer(predictor, "127.0.0.1", 0, max_message_bytes=1_000_000, tls=tls)
+    srv.start()
+    try:
+        target = f"localhost:{srv.address[1]}"
+        root = (tmp_path / "ca.pem").read_bytes()
+        no_cert = grpc.ssl_channel_credentials(root_certificates=root)
+        with grpc.secure_channel(target, no_cert) as ch, pytest.raises(grpc.RpcError) as err:
+            prediction_service_pb2_grpc.PredictionServiceStub(ch).Predict(request("linear", input=X), timeout=10)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        creds = grpc.ssl_channel_credentials(root_certificates=root,
+                                             private_key=(tmp_path / "client.key").read_bytes(),
+                                             certificate_chain=(tmp_path / "client.pem").read_bytes())
+        with grpc.secure_channel(target, creds) as ch:
+            out = prediction_service_pb2_grpc.PredictionServiceStub(ch).Predict(request("linear", input=X), timeout=10)
+        assert out.model_spec.version.value == 1
+    finally:
+        srv.stop()
+
+
+def _cert(tmp: Path, name: str, issuer: tuple[Any, Any] | None, dns: str | None = None) -> tuple[Any, Any]:
+    """A P-256 key and certificate (a CA when ``issuer`` is None), written to tmp/name.key and name.pem."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    builder = (x509.CertificateBuilder().subject_name(subject)
+               .issuer_name(subject if issuer is None else issuer[1].subject)
+               .public_key(key.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+               .add_extension(x509.BasicConstraints(ca=issuer is None, path_length=None), critical=True))
+    if dns:
+        builder = builder.add_extension(x509.SubjectAlternativeName([x509.DNSName(dns)]), critical=False)
+    cert = builder.sign(key if issuer is None else issuer[0], hashes.SHA256())
+    (tmp / f"{name}.key").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                        serialization.NoEncryption()))
+    (tmp / f"{name}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return key, cert
