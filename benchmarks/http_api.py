@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""What the local HTTP API costs: a predict request against the same work
-done in-process.
+"""What the local HTTP and gRPC APIs cost: a predict request against the
+same work done in-process.
 
 One process, the real MobileNetV2 (fp32 ONNX, the demo's bundle and
 preprocessing) and real photos (the 9 photos of things of
@@ -21,6 +21,16 @@ requests per round, one client, one after the other):
     the same request with the preprocessed tensor (3×224×224 floats as JSON,
     about 3 MB) instead of the JPEG: what a client that preprocesses itself
     pays.
+``direct_tensor``
+    in-process, what the gRPC API does for a tensor: the serving core's
+    ``Predictor.predict`` on the preprocessed tensor (no decoding, no
+    preprocessing): the floor for ``grpc_tensor``.
+``grpc_tensor``
+    the preprocessed tensor over gRPC (``[grpc] enabled``): TF Serving's
+    ``PredictionService.Predict`` through the generated stub on a kept-open
+    channel, the tensor as ``tensor_content`` (600 KB of float32, what
+    ``tf.make_tensor_proto`` sends), the logits answered as a TensorProto;
+    top-1 is their argmax. Left out (with a note) when grpcio is missing.
 
 Per variant: median and p90 latency over all requests, and the median over
 rounds of (variant / direct) within the round: the overhead ratio. The
@@ -52,11 +62,20 @@ import numpy as np  # noqa: E402
 import testassets  # noqa: E402
 
 PHOTOS = ["chelsea", "coffee", "dog", "eagle", "rocket", "horses", "china", "kite", "camera"]
-VARIANTS = ("direct", "http_b64", "http_tensor")
+VARIANTS = ("direct", "http_b64", "http_tensor", "direct_tensor", "grpc_tensor")
 
 
 def progress(message: str) -> None:
     print(f"[http] {message}", file=sys.stderr, flush=True)
+
+
+def has_grpc() -> bool:
+    try:
+        import grpc  # noqa: F401
+    except ImportError:
+        progress("grpcio is not installed (pip install 'edge-agent[grpc]'): the grpc variant is left out")
+        return False
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             "store": {"path": str(Path(tmp) / "store")},
             "models": [{"name": MODEL_NAME, "bundle": str(bundle), "threads": args.threads}],
             "http": {"enabled": True, "port": 0},
+            "grpc": {"enabled": has_grpc(), "port": 0},
         }))
         agent.start()
         try:
@@ -131,13 +151,26 @@ def measure(agent: Any, jpegs: list[str], args: argparse.Namespace) -> dict[str,
         return call
 
     run = {"direct": direct, "http_b64": over_http("http_b64"), "http_tensor": over_http("http_tensor")}
-    for variant in VARIANTS:  # warm-up: connection, caches
+    channel = None
+    if agent.grpc is not None:
+        channel, run["grpc_tensor"], bodies["grpc_tensor"] = over_grpc(agent, tensors)
+        predictor, arrays = agent.grpc.predictor, [np.asarray([t], np.float32) for t in tensors]
+        with agent.models.acquire(MODEL_NAME) as m:
+            input_name = m.manifest.inputs[0].name
+
+        def direct_tensor(i: int) -> int:
+            outputs = predictor.predict(MODEL_NAME, {input_name: arrays[i]}).outputs
+            return int(np.argmax(next(iter(outputs.values())).reshape(-1)))
+
+        run["direct_tensor"] = direct_tensor
+    variants_run = [v for v in VARIANTS if v in run]
+    for variant in variants_run:  # warm-up: connection, caches
         for i in range(len(jpegs)):
             run[variant](i)
     times: dict[str, list[list[float]]] = {v: [] for v in VARIANTS}
     mismatches = {v: 0 for v in VARIANTS}
     for r in range(args.rounds):
-        for variant in VARIANTS:
+        for variant in variants_run:
             this = []
             for k in range(args.requests):
                 i = k % len(jpegs)
@@ -147,10 +180,12 @@ def measure(agent: Any, jpegs: list[str], args: argparse.Namespace) -> dict[str,
                 mismatches[variant] += top != expected[i]
             times[variant].append(this)
         progress(f"round {r + 1}/{args.rounds}: " + ", ".join(
-            f"{v} {statistics.median(times[v][-1]):.2f} ms" for v in VARIANTS))
+            f"{v} {statistics.median(times[v][-1]):.2f} ms" for v in variants_run))
     conn.close()
+    if channel is not None:
+        channel.close()
     variants = {}
-    for v in VARIANTS:
+    for v in variants_run:
         flat = sorted(t for rnd in times[v] for t in rnd)
         ratio = statistics.median(
             statistics.median(a) / statistics.median(b) for a, b in zip(times[v], times["direct"])
@@ -161,7 +196,7 @@ def measure(agent: Any, jpegs: list[str], args: argparse.Namespace) -> dict[str,
             "requests": len(flat),
             "vs_direct": round(ratio, 3),
             "top1_mismatches": mismatches[v],
-            "request_bytes": None if v == "direct" else int(statistics.median(len(b) for b in bodies[v])),
+            "request_bytes": None if v.startswith("direct") else int(statistics.median(len(b) for b in bodies[v])),
         }
     return {
         "settings": {"threads": args.threads, "rounds": args.rounds, "requests": args.requests,
@@ -170,10 +205,38 @@ def measure(agent: Any, jpegs: list[str], args: argparse.Namespace) -> dict[str,
     }
 
 
+def over_grpc(agent: Any, tensors: list[Any]) -> tuple[Any, Callable[[int], int], list[bytes]]:
+    """A channel to the agent's gRPC API, the call for the ``grpc_tensor``
+    variant, and its serialized requests (for their size)."""
+    import grpc
+
+    from edge_agent.grpc.protos import predict_pb2, prediction_service_pb2_grpc
+    from edge_agent.grpc.tensors import from_numpy, to_numpy
+
+    host, port = agent.grpc.address
+    channel = grpc.insecure_channel(f"{host}:{port}")
+    stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+    with agent.models.acquire(MODEL_NAME) as model:
+        input_name = model.manifest.inputs[0].name
+    requests = []
+    for t in tensors:
+        req = predict_pb2.PredictRequest()
+        req.model_spec.name = MODEL_NAME
+        from_numpy(np.asarray([t], np.float32), req.inputs[input_name])
+        requests.append(req)
+
+    def call(i: int) -> int:
+        response = stub.Predict(requests[i], timeout=60)
+        logits = to_numpy(next(iter(response.outputs.values())))
+        return int(np.argmax(logits.reshape(-1)))
+
+    return channel, call, [r.SerializeToString() for r in requests]
+
+
 def table(report: dict[str, Any]) -> str:
     s = report["settings"]
     lines = [
-        f"HTTP predict against in-process, MobileNetV2 fp32, {s['threads']} thread(s), "
+        f"HTTP and gRPC predict against in-process, MobileNetV2 fp32, {s['threads']} thread(s), "
         f"{s['rounds']} rounds x {s['requests']} requests per variant",
         f"  {'variant':<12} {'median ms':>10} {'p90 ms':>8} {'x direct':>9} {'request KB':>11} {'top-1 diff':>11}",
     ]
