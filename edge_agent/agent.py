@@ -35,7 +35,8 @@ log = logging.getLogger(__name__)
 class Agent:
     """Owns every long-lived component. ``stop_event`` is shared by all."""
 
-    def __init__(self, config: AgentConfig, *, extra_sinks: list[Sink] | None = None) -> None:
+    def __init__(self, config: AgentConfig, *, extra_sinks: list[Sink] | None = None,
+                 config_file: str = "<config>") -> None:
         from edge_agent.runtimes import limit_malloc_arenas
 
         limit_malloc_arenas()
@@ -47,6 +48,8 @@ class Agent:
         self.models = ModelManager(
             self.store, config.models, trusted_keys=config.store.trusted_keys, on_event=self._on_event
         )
+        self.config_file = config_file  # named in a config error found at start
+        self.models.framed = lambda: {s.model for s in self.config.sources}
         # Results go to the MQTT plane's outbox whenever one runs (an
         # [mqtt] section added by a reload starts publishing at once).
         # One batching point per model with batch_size > 1 (models change at a restart only).
@@ -82,7 +85,7 @@ class Agent:
         """Start everything; on failure, stop what was started and re-raise."""
         try:
             self._step("store lock", self._lock_store, self.store_lock.release)
-            self._step("models", self.models.start, self.models.stop)
+            self._step("models", self._start_models, self.models.stop)
             self._step("control socket", self.local_server.start, self.local_server.stop)
             self._step("http", self._start_http, self._stop_http)
             self._step("grpc", self._start_grpc, self._stop_grpc)
@@ -96,6 +99,21 @@ class Agent:
             raise EdgeAgentError("no source could be started (see the errors above)", code="no_sources")
         if self.config.mqtt is None and self.config.sources and not self._logged_sources:
             log.warning("offline (no [mqtt]) and no source has log_results = true: results are not written anywhere")
+
+    def _start_models(self) -> None:
+        """Load the models; a tensor model that a source is bound to is a
+        config error naming the file and the source's ``model`` key."""
+        from edge_agent.errors import ConfigError, TaskMismatch
+
+        try:
+            self.models.start()
+        except TaskMismatch as exc:
+            name = exc.model
+            raise ConfigError([
+                f"{self.config_file}: sources[{i}] ({s.name}).model: {s.model!r} is a tensor model (task 'tensor'), "
+                "served over HTTP and gRPC only; a source needs a classify or detect model"
+                for i, s in enumerate(self.config.sources) if s.model == name
+            ] or [str(exc)]) from None
 
     # -- components that a reload may replace -------------------------------
 
@@ -130,6 +148,18 @@ class Agent:
             # stuck in a read or an inference: still the watchdog's business
             log.error("source %s: its threads did not stop; the watchdog keeps watching them", worker.source.name)
             self.lingering = [*self.lingering, worker]
+
+    def _tensor_models(self) -> set[str]:
+        """The served models whose serving version is a tensor model."""
+        out = set()
+        for m in self.config.models:
+            try:
+                with self.models.acquire(m.name) as model:
+                    if model.manifest.task == "tensor":
+                        out.add(m.name)
+            except EdgeAgentError:
+                continue
+        return out
 
     def _stop_sources(self) -> None:
         for worker in reversed(self.workers):
@@ -296,6 +326,9 @@ class Agent:
         served = {m.name for m in old.models}
         problems = [f"sources ({s.name}).model: {s.model!r} is not served by the running agent (models change "
                     "at the next restart)" for s in new.sources if s.model not in served]
+        tensor = self._tensor_models()
+        problems += [f"sources ({s.name}).model: {s.model!r} is a tensor model (task 'tensor'), served over HTTP "
+                     "and gRPC only; a source needs a classify or detect model" for s in new.sources if s.model in tensor]
         if problems:
             raise ConfigError(problems)
         changes = []
@@ -550,7 +583,7 @@ def run_agent(config: AgentConfig, config_path: Path | str | None = None) -> int
     """
     from edge_agent.service import Notifier, RateMeter, StartupExtender, Supervisor
 
-    agent = Agent(config)
+    agent = Agent(config, config_file=str(config_path) if config_path is not None else "<config>")
     notifier = Notifier()
     hangup = threading.Event()
 

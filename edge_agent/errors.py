@@ -74,6 +74,19 @@ class BundleError(EdgeAgentError):
     exit_code = 2
 
 
+class TaskMismatch(EdgeAgentError):
+    """A tensor model (task ``tensor``) where a source would feed it camera
+    frames: the config binds a source to it, or a deploy would put one
+    there (exit code 2: the config or the deploy is wrong, not the device)."""
+
+    code = "task_mismatch"
+    exit_code = 2
+
+    def __init__(self, message: str, *, model: str) -> None:
+        super().__init__(message)
+        self.model = model
+
+
 class RuntimeUnavailable(EdgeAgentError):
     """No Python package can run this model format (e.g. no LiteRT installed)."""
 

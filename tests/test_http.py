@@ -157,7 +157,7 @@ def test_predict_a_jpeg_a_tensor_and_columnar_give_the_same_answer(served, mobil
     assert status == 200, cols
     assert np.asarray(cols["outputs"]).shape == (2, 1000)
     np.testing.assert_allclose(cols["outputs"][1], logits, atol=1e-3)
-    assert len(cols["predictions"]) == 2
+    assert "predictions" not in cols  # TF Serving answers the columnar format with "outputs" only (issue 15)
 
     # Several pictures in one request, each answered in order.
     coffee = jpeg_b64(agent_photo(agent, "coffee"))
@@ -211,7 +211,9 @@ def test_predict_on_a_tflite_detector_maps_boxes_to_the_picture(served) -> None:
     photo = agent_photo(agent, "astronaut")
     status, body = call(base, "/v1/models/blazeface:predict", {"inputs": {"b64": jpeg_b64(photo)}})
     assert status == 200, body
-    assert set(body["predictions"][0]) == {t.name for t in _manifest(agent, "blazeface").outputs}
+    # columnar: TF Serving's "outputs" (by output name), no "predictions" (both were answered before issue 15)
+    assert set(body["outputs"]) == {t.name for t in _manifest(agent, "blazeface").outputs}
+    assert "predictions" not in body
     (faces,) = [r["detections"] for r in body["results"]]
     assert len(faces) == 1 and faces[0]["score"] > 0.5
     x0, y0, x1, y1 = faces[0]["box"]
@@ -230,7 +232,9 @@ def test_bad_requests_get_a_clear_error_and_serving_goes_on(served) -> None:
     cases = [
         (b"{not json", 400, "not valid JSON"),
         (json.dumps({"instances": [], "inputs": []}).encode(), 400, "not both"),
-        (json.dumps({"signature_name": "x"}).encode(), 400, '"instances"'),
+        # signature_name was ignored before issue 15 ("x" reached the "instances" check): refused as TF Serving does
+        (json.dumps({"signature_name": "x"}).encode(), 400, 'Serving signature name: "x" not found'),
+        (json.dumps({"signature_name": "serving_default"}).encode(), 400, '"instances"'),
         (json.dumps({"instances": []}).encode(), 400, "no instances"),
         (json.dumps({"instances": {"b64": "x"}}).encode(), 400, "must be a list"),
         (json.dumps({"instances": [{"b64": "%%%"}]}).encode(), 400, "base64"),

@@ -261,9 +261,14 @@ class Manifest(_Strict):
     files: list[FileEntry] = Field(min_length=1)
     inputs: list[TensorSpec] = Field(min_length=1)
     outputs: list[TensorSpec] = Field(min_length=1)
-    preprocessing: Preprocessing
-    task: Literal["classify", "detect"]
-    postprocessing: ClassifyParams | YoloParams | SsdParams | TflitePostprocessParams | AnchorGridParams
+    preprocessing: Preprocessing | None = Field(
+        None, description="How a camera frame becomes the input; required for classify and detect, "
+        "absent (null) for tensor."
+    )
+    task: Literal["classify", "detect", "tensor"]
+    postprocessing: ClassifyParams | YoloParams | SsdParams | TflitePostprocessParams | AnchorGridParams | None = Field(
+        None, description="How the outputs become a result; absent (null) for tensor, whose answer is the outputs."
+    )
     labels: str | None = Field(None, description="Bundle file with one label per line, in class order.")
     samples: str | None = Field(
         None,
@@ -302,6 +307,15 @@ class Manifest(_Strict):
             raise ValueError(f"labels {self.labels!r} is not among the listed files")
         if self.samples is not None and self.samples not in listed:
             raise ValueError(f"samples {self.samples!r} is not among the listed files")
+        if self.task == "tensor":
+            # Any model: tensors in, tensors out; no camera frame, no result.
+            if self.preprocessing is not None or self.postprocessing is not None:
+                raise ValueError("task 'tensor' takes no preprocessing or postprocessing (they must be null)")
+            if self.samples is not None:
+                raise ValueError("task 'tensor' records no samples")
+            return self
+        if self.preprocessing is None:
+            raise ValueError(f"task {self.task!r} needs preprocessing")
         want = DetectParams if self.task == "detect" else ClassifyParams
         if not isinstance(self.postprocessing, want):
             raise ValueError(f"postprocessing does not match task {self.task!r}")

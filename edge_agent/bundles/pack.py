@@ -119,16 +119,24 @@ def pack(
         # The file given to pack is not a model its runtime can read: the
         # user's mistake (exit 2), not a runtime failure on the device.
         raise BundleError(f"model {model}: not a usable model file ({exc})", code="unsupported_model") from None
-    if len(inputs) != 1:
-        raise BundleError(
-            f"model {model}: has {len(inputs)} inputs; a camera model takes exactly one image", code="unsupported_model"
-        )
-    pre_opts = dict(preprocessing or {})
-    if task == "detect":
-        pre_opts = _pixel_range(inputs[0], pre_opts, notes)
-    pre = default_preprocessing(inputs[0], **pre_opts)
+    pre: Preprocessing | None = None
+    post: ClassifyParams | DetectParams | None = None
     names: list[str] | None = None
-    if task == "detect":
+    if task == "tensor":
+        _check_tensor_options(model, preprocessing, postprocessing, labels, sample_images)
+    elif len(inputs) != 1:
+        raise BundleError(
+            f"model {model}: has {len(inputs)} inputs; a camera model takes exactly one image "
+            "(--task tensor serves any model, its inputs and outputs as tensors)", code="unsupported_model"
+        )
+    else:
+        pre_opts = dict(preprocessing or {})
+        if task == "detect":
+            pre_opts = _pixel_range(inputs[0], pre_opts, notes)
+        pre = default_preprocessing(inputs[0], **pre_opts)
+    if task == "tensor":
+        pass
+    elif task == "detect":
         post, names = _detect_params(model, runtime, inputs, outputs, pre, postprocessing, labels, decoder, anchors,
                                      notes)
     else:
@@ -189,6 +197,23 @@ def pack(
             sign_dir(stage, private_key)
         write_bundle(stage, out)
     return out
+
+
+def _check_tensor_options(model: Path, preprocessing: dict[str, Any] | None, postprocessing: dict[str, Any] | None,
+                          labels: Path | str | None, sample_images: Sequence[Path | str]) -> None:
+    """A tensor model takes no frame and gives no result: options about
+    those are a mistake, said rather than ignored."""
+    given = sorted(k for k, v in (preprocessing or {}).items() if v is not None)
+    given += sorted(f"postprocessing {k}" for k, v in (postprocessing or {}).items() if v is not None)
+    if labels is not None:
+        given.append("labels")
+    if sample_images:
+        given.append("samples")
+    if given:
+        raise BundleError(
+            f"cannot pack {model} as --task tensor: {', '.join(given)} do not apply (a tensor model takes its "
+            "inputs as tensors and answers its outputs; no preprocessing, labels or samples)", code="bad_usage"
+        )
 
 
 def _pixel_range(inp: TensorSpec, opts: dict[str, Any], notes: Callable[[str], None] | None) -> dict[str, Any]:

@@ -43,7 +43,7 @@ def run(config_path: str, log_format: str | None) -> None:
 
     from edge_agent.agent import run_agent
     from edge_agent.config import load_config
-    from edge_agent.errors import EdgeAgentError
+    from edge_agent.errors import ConfigError, EdgeAgentError
     from edge_agent.logs import setup_logging
 
     config = load_config(config_path)
@@ -53,6 +53,11 @@ def run(config_path: str, log_format: str | None) -> None:
     faulthandler.enable(all_threads=True)
     try:
         code = run_agent(config, config_path)
+    except ConfigError as exc:
+        # Found only once the models are read (a source bound to a tensor model): still the config's fault.
+        for problem in exc.problems:
+            click.echo(f"error: {problem}", err=True)
+        sys.exit(exc.exit_code)
     except EdgeAgentError as exc:
         # The config was valid: whatever stops the agent now is a runtime failure.
         logging.getLogger("edge_agent").error("cannot run: %s", exc)
@@ -134,7 +139,9 @@ def preprocessing_options(func: F) -> F:
 @click.option("--out", required=True, type=click.Path(), help="Bundle directory, or .tar / .tar.gz archive.")
 @preprocessing_options
 @click.option("--labels", type=click.Path(dir_okay=False), help="Text file, one label per line in class order.")
-@click.option("--task", type=click.Choice(["classify", "detect"]), default="classify", show_default=True)
+@click.option("--task", type=click.Choice(["classify", "detect", "tensor"]), default="classify", show_default=True,
+              help="classify or detect: a camera model; tensor: any model, its inputs and outputs as tensors, "
+              "served over HTTP and gRPC only (no preprocessing options).")
 @click.option("--top-k", type=click.IntRange(min=1), help="Classes reported per result (classify).")
 @click.option("--threshold", type=click.FloatRange(0, 1), help="Minimum score reported.")
 @click.option(

@@ -12,23 +12,30 @@ Served by the running agent on ``[http] host:port`` (default
     names, dtypes, shapes), plus ``edge_agent``: task, runtime,
     preprocessing, labels, the way the agent runs the model.
 ``POST /v1/models/<name>[/versions/<v>|/labels/<l>]:predict``
-    ``{"instances": [...]}`` (row format) or ``{"inputs": ...}`` (columnar).
-    An instance is ``{"b64": "<JPEG or PNG>"}``, decoded and preprocessed
-    exactly as camera frames are, or an already preprocessed tensor (nested
-    lists, the model input's shape without the batch axis). The answer is
-    ``{"predictions": [...]}``: per instance the model's raw output (a list,
-    or an object by output name when the model has several); columnar
-    requests also get TF Serving's ``outputs``. As an extension each answer
-    carries ``model_spec`` (the version that answered) and ``results``: per
-    instance what a camera frame would have published (top classes with
-    labels, or detections in the picture's pixels).
+    TF Serving's predict (its ``api_rest.md``), for any model:
+    ``{"instances": [...]}`` (row format: per instance a value, or an
+    object by input name) answered ``{"predictions": [...]}``, or
+    ``{"inputs": ...}`` (columnar: a value, or an object by input name)
+    answered ``{"outputs": ...}``; several outputs as objects by name;
+    ``signature_name`` ``serving_default`` (another is refused). JSON is
+    typed by the signature (:mod:`.rest`). For a camera model (classify,
+    detect) an image input's value may be ``{"b64": "<JPEG or PNG>"}``,
+    decoded and preprocessed exactly as camera frames are, and its answer
+    carries, as an extension, ``model_spec`` (the version that answered),
+    ``batch_size`` and ``results``: per instance what a camera frame would
+    have published (top classes with labels, or detections in the
+    picture's pixels). A tensor model's answer is exactly TF Serving's.
+``POST ...:classify`` / ``:regress``
+    501: not supported (no TensorFlow classify/regress signatures here).
 ``GET /healthz``, ``GET /readyz``, ``GET /metrics``
     alive; ready (every model has a loaded version and every source runs);
     Prometheus text format.
 
 Errors are ``{"error": "<message>"}`` with a 4xx/5xx status, as TF Serving
-answers them. Inference goes through the model manager's ``acquire``, the
-same per-request handle frames use, so a hot swap never fails a request.
+answers them: the serving core's status code mapped as TF Serving's HTTP
+server maps it (:data:`HTTP_STATUS`). Inference goes through the serving
+core (:class:`edge_agent.serving.Predictor`), which acquires the model per
+request as frames do, so a hot swap never fails a request.
 
 This module is the API as a pure request -> response layer:
 :meth:`Api.handle` takes a :class:`Request` (method, target, headers, the
@@ -44,8 +51,6 @@ collaborators allow being called from any thread.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import logging
 import re
@@ -58,8 +63,11 @@ from urllib.parse import unquote, urlsplit
 
 import numpy as np
 
-from edge_agent.errors import EdgeAgentError, ModelNotAvailable
+from edge_agent.http import rest
 from edge_agent.http.metrics import AgentStats, Metrics
+from edge_agent.http.rest import tensor_info_json
+from edge_agent.serving import SIGNATURE_NAME, Predictor, ServingError, TensorInfo
+from edge_agent.serving.predict import Session
 
 if TYPE_CHECKING:
     from edge_agent.models.servable import LoadedModel
@@ -85,15 +93,18 @@ MAX_INSTANCES = 64  # per predict request; more is a 400, not a stalled camera l
 _MODEL_PATH = re.compile(
     r"^/v1/models/(?P<name>[^/:]+)"
     r"(?:/versions/(?P<version>[^/:]+)|/labels/(?P<label>[^/:]+))?"
-    r"(?P<what>/metadata|:predict)?/?$"
+    r"(?P<what>/metadata|:predict|:classify|:regress)?/?$"
 )
 
 _PLAIN_PATHS = ("/healthz", "/readyz", "/metrics")
-_ENDPOINTS = {":predict": "predict", "/metadata": "metadata", None: "status"}  # the metrics' endpoint label
+_ENDPOINTS = {":predict": "predict", "/metadata": "metadata", None: "status",
+              ":classify": "classify", ":regress": "regress"}  # the metrics' endpoint label
 
-_TF_DTYPES = {
-    "float32": "DT_FLOAT", "float16": "DT_HALF", "int8": "DT_INT8", "uint8": "DT_UINT8",
-    "int32": "DT_INT32", "int64": "DT_INT64",
+#: A serving status code -> the HTTP status TF Serving's HTTP server answers it with
+#: (tensorflow_serving/model_servers/http_server.cc, ToHTTPStatusCode).
+HTTP_STATUS = {
+    "INVALID_ARGUMENT": 400, "FAILED_PRECONDITION": 400, "NOT_FOUND": 404, "UNIMPLEMENTED": 501,
+    "UNAVAILABLE": 503, "RESOURCE_EXHAUSTED": 429, "INTERNAL": 500, "DEADLINE_EXCEEDED": 504,
 }
 
 
@@ -142,12 +153,16 @@ class Api:
     ``models``: the model manager the API serves through; ``ready``: the
     readiness check of ``/readyz`` (ready, and the problems when not);
     ``stats``: what ``/metrics`` reads of the agent at each scrape;
-    ``max_instances``: instances one predict request may carry.
+    ``max_instances``: instances one predict request may carry;
+    ``predictor``: the serving core the API predicts through (shared with
+    gRPC; by default one over ``models``).
     """
 
     def __init__(self, models: Models, *, ready: Callable[[], tuple[bool, list[str]]],
-                 stats: Callable[[], AgentStats], max_instances: int = MAX_INSTANCES) -> None:
+                 stats: Callable[[], AgentStats], max_instances: int = MAX_INSTANCES,
+                 predictor: Predictor | None = None) -> None:
         self.models = models
+        self.predictor = predictor if predictor is not None else Predictor(models)
         self.ready = ready
         self.max_instances = max_instances
         self.metrics = Metrics(models, stats)
@@ -167,6 +182,8 @@ class Api:
             response = self._route(method, path, match, request)
         except ApiError as exc:
             response = Response.json(exc.status, {"error": exc.message})
+        except ServingError as exc:
+            response = Response.json(HTTP_STATUS.get(exc.code, 500), {"error": exc.message})
         except Exception as exc:  # a bug must give a 500, not a dropped connection
             log.exception("http %s %s failed", method, path)
             response = Response.json(HTTPStatus.INTERNAL_SERVER_ERROR,
@@ -193,6 +210,11 @@ class Api:
         if what == ":predict":
             _expect(method, "POST")
             return Response.json(HTTPStatus.OK, self.predict(name, version, label, request.body()))
+        if what in (":classify", ":regress"):
+            _expect(method, "POST")
+            verb = what[1:]
+            raise ServingError("UNIMPLEMENTED", f"{verb.capitalize()} is not supported here: models are ONNX or "
+                               f"TFLite, without TensorFlow's {verb} signatures; use :predict (docs/http.md)")
         _expect(method, "GET")
         if what == "/metadata":
             return Response.json(HTTPStatus.OK, self.metadata(name, version, label))
@@ -245,21 +267,22 @@ class Api:
         return {"model_version_status": entries}
 
     def metadata(self, name: str, version: str | None, label: str | None) -> dict[str, Any]:
-        with self._acquire(name, version, label) as model:
+        with self.predictor.session(name, *self._pick(name, version, label)) as session:
+            model, sig = session.model, session.signature
             m = model.manifest
-            labels = model.postprocess.labels
+            labels = model.postprocess.labels if model.postprocess is not None else None
             return {
                 "model_spec": {"name": name, "signature_name": "", "version": str(model.version)},
-                "metadata": {"signature_def": {"signature_def": {"serving_default": {
-                    "inputs": {t.name: _tensor_info(t) for t in model.runtime.inputs},
-                    "outputs": {t.name: _tensor_info(t) for t in m.outputs},
-                    "method_name": "tensorflow/serving/predict",
+                "metadata": {"signature_def": {"signature_def": {SIGNATURE_NAME: {
+                    "inputs": {n: tensor_info_json(t) for n, t in sig.inputs.items()},
+                    "outputs": {n: tensor_info_json(t) for n, t in sig.outputs.items()},
+                    "method_name": sig.method_name,
                 }}}},
                 "edge_agent": {
                     "task": m.task,
                     "runtime": m.runtime,
-                    "preprocessing": m.preprocessing.model_dump(mode="json"),
-                    "postprocessing": m.postprocessing.model_dump(mode="json"),
+                    "preprocessing": m.preprocessing.model_dump(mode="json") if m.preprocessing else None,
+                    "postprocessing": m.postprocessing.model_dump(mode="json") if m.postprocessing else None,
                     "labels": len(labels) if labels else 0,
                     "created_by": m.created_by,
                 },
@@ -267,64 +290,210 @@ class Api:
 
     # predict ------------------------------------------------------------
 
+    @staticmethod
+    def _pick(name: str, version: str | None, label: str | None) -> tuple[int | None, str | None]:
+        """The version and label a path names, as the Predictor takes them."""
+        if version is None:
+            return None, label
+        try:
+            return int(version), None
+        except ValueError:
+            raise ServingError("INVALID_ARGUMENT", f"Failed to convert version: {version} to numeric "
+                                                   "(a version is an integer)") from None
+
     def predict(self, name: str, version: str | None, label: str | None, body: bytes) -> dict[str, Any]:
+        """TF Serving's predict: the row (``instances``) or columnar
+        (``inputs``) format in, ``predictions`` or ``outputs`` out. A camera
+        model's answer also carries, as an extension, ``model_spec``,
+        ``batch_size`` and ``results`` (what a camera frame would have
+        published); a tensor model's is exactly TF Serving's."""
         request = _parse_json(body)
-        if not isinstance(request, dict) or ("instances" in request) == ("inputs" in request):
-            raise ApiError(HTTPStatus.BAD_REQUEST, 'the body must be an object with "instances" (row format) '
-                           'or "inputs" (columnar), not both')
-        columnar = "inputs" in request
-        with self._acquire(name, version, label) as model:
-            instances = _instances(request, model, columnar)
-            if not instances:
-                raise ApiError(HTTPStatus.BAD_REQUEST, "no instances to predict")
-            if len(instances) > self.max_instances:
-                raise ApiError(HTTPStatus.BAD_REQUEST,
-                               f"{len(instances)} instances in one request; at most {self.max_instances}")
-            prepared = [_prepare(model, instance, i) for i, instance in enumerate(instances)]
-            batch = len(prepared) if _batches(model) else 1
-            if batch > 1:
-                rows = _split(self._infer(model, np.concatenate([t for t, _ in prepared]), "the batch"), batch)
+        if not isinstance(request, dict):
+            raise ServingError("INVALID_ARGUMENT", f"JSON Value: {str(request)[:40]} Is not object "
+                               '(the body must be an object with "instances" or "inputs")')
+        signature_name = request.get("signature_name")
+        if signature_name is not None and not isinstance(signature_name, str):
+            raise ServingError("INVALID_ARGUMENT", "'signature_name' key must be a string value.")
+        with self.predictor.session(name, *self._pick(name, version, label)) as session:
+            if signature_name not in (None, "", SIGNATURE_NAME):
+                raise ServingError("INVALID_ARGUMENT",
+                                   f'Serving signature name: "{signature_name}" not found in signature def')
+            if "instances" in request and "inputs" in request:
+                raise ServingError("INVALID_ARGUMENT", "Not formatted correctly expecting only one of 'inputs' "
+                                   "or 'instances' keys to exist, not both")
+            if "instances" not in request and "inputs" not in request:
+                raise ServingError("INVALID_ARGUMENT", "Missing 'inputs' or 'instances' key: the body must be an "
+                                   'object with "instances" (row format) or "inputs" (columnar)')
+            columnar = "inputs" in request
+            call = _Call(session, self.max_instances)
+            if columnar:
+                feeds = call.columnar(request["inputs"])
             else:
-                rows = [self._infer(model, t, f"instance {i}") for i, (t, _) in enumerate(prepared)]
-            results = [model.postprocess(out, transform) for out, (_, transform) in zip(rows, prepared)]
-            spec = {"name": model.name, "version": str(model.version)}
-        names = [t.name for t in model.manifest.outputs]
-        predictions = [
-            r[0][0].tolist() if len(r) == 1 else {n: o[0].tolist() for n, o in zip(names, r)} for r in rows
-        ]
-        answer: dict[str, Any] = {"predictions": predictions, "model_spec": spec, "results": results,
-                                  "batch_size": batch}
-        if columnar:
-            stacked = [np.concatenate([r[k] for r in rows]) for k in range(len(names))]
-            answer["outputs"] = stacked[0].tolist() if len(names) == 1 else {
-                n: o.tolist() for n, o in zip(names, stacked)
-            }
+                feeds = call.rows(request["instances"])
+            outputs = call.run(feeds)
+            model = session.model
+            if columnar:
+                answer: dict[str, Any] = {"outputs": rest.columnar_answer(outputs)}
+            else:
+                answer = {"predictions": rest.row_answer(outputs)}
+            if model.postprocess is not None:
+                names = list(outputs)
+                n = call.batch_size(outputs)
+                results = [model.postprocess([outputs[k][i:i + 1] for k in names], call.transform(i))
+                           for i in range(n)]
+                answer.update(model_spec={"name": model.name, "version": str(model.version)},
+                              results=results, batch_size=call.ran_batch)
         return answer
 
-    @staticmethod
-    def _infer(model: "LoadedModel", tensor: np.ndarray, what: str) -> list[np.ndarray]:
-        """One runtime call, counted in the model's stats (per instance, as frames are)."""
-        t0 = time.perf_counter()
-        try:
-            outputs = model.runtime.infer(tensor)
-        except EdgeAgentError as exc:
-            model.stats.error()
-            raise ApiError(HTTPStatus.INTERNAL_SERVER_ERROR, f"{what}: inference failed: {exc}") from None
-        n = tensor.shape[0] if tensor.ndim else 1
-        per_instance = (time.perf_counter() - t0) * 1000.0 / max(1, n)
-        for _ in range(n):
-            model.stats.ok(per_instance)
-        return outputs
 
-    @contextmanager
-    def _acquire(self, name: str, version: str | None, label: str | None) -> Iterator["LoadedModel"]:
-        """The model version a path names, for one request; 503 while none is loaded."""
-        wanted = self._version(name, version, label)
+class _Call:
+    """One predict request's inputs, made into tensors under one acquired
+    version (a picture decoded and preprocessed by that version's own
+    preprocessing), and run: as one batch, or one instance at a time where
+    the model takes one (a static batch of 1, or a LiteRT camera model)."""
+
+    def __init__(self, session: Session, max_instances: int) -> None:
+        self.session = session
+        self.model = session.model
+        self.sig = session.signature
+        self.max_instances = max_instances
+        self.transforms: dict[int, Any] = {}
+        self.ran_batch = 1
+        first = next(iter(self.sig.inputs.values()))
+        self._picture_input = first.name if self.model.preprocess is not None else None
+
+    def transform(self, i: int) -> Any:
+        from edge_agent.pipeline.preprocess import Transform
+
+        return self.transforms.get(i) or Transform()
+
+    # -- the two formats ----------------------------------------------------
+
+    def rows(self, instances: Any) -> dict[str, np.ndarray]:
+        if not isinstance(instances, list):
+            raise ServingError("INVALID_ARGUMENT", "Excepting 'instances' to be an list/array: "
+                               '"instances" must be a list')
+        if not instances:
+            raise ServingError("INVALID_ARGUMENT", "no instances to predict: 'instances' is an empty list")
+        if len(instances) > self.max_instances:
+            raise ServingError("INVALID_ARGUMENT",
+                               f"{len(instances)} instances in one request; at most {self.max_instances}")
+        names = list(self.sig.inputs)
+        named = isinstance(instances[0], dict) and not rest.is_b64(instances[0])
+        if not named and len(names) > 1:
+            raise ServingError("INVALID_ARGUMENT", "instances is a plain list, but expecting list of objects as "
+                               f"multiple input tensors required as per tensorinfo_map: {','.join(names)}")
+        columns: dict[str, list[np.ndarray]] = {n: [] for n in names}
+        for i, item in enumerate(instances):
+            if named:
+                if not isinstance(item, dict) or rest.is_b64(item):
+                    raise ServingError("INVALID_ARGUMENT", f"Expecting object but got list at item {i} of input list")
+                if set(item) != set(names):
+                    raise ServingError("INVALID_ARGUMENT",
+                                       f"Failed to process element: {i} of 'instances' list. JSON object: "
+                                       f"{_short(item)} must only have keys: {','.join(sorted(names))}")
+                values = item
+            else:
+                if isinstance(item, dict) and not rest.is_b64(item):
+                    raise ServingError("INVALID_ARGUMENT",
+                                       f"Expecting value/list but got object at item {i} of input list")
+                values = {names[0]: item}
+            for n in names:
+                columns[n].append(self._instance(values[n], self.sig.inputs[n], i))
+        return {n: self._stack(n, arrays) for n, arrays in columns.items()}
+
+    def columnar(self, inputs: Any) -> dict[str, np.ndarray]:
+        names = list(self.sig.inputs)
+        if not isinstance(inputs, dict) or rest.is_b64(inputs):
+            if len(names) > 1:
+                raise ServingError("INVALID_ARGUMENT", "inputs is a plain value/list, but expecting an object as "
+                                   f"multiple input tensors required as per tensorinfo_map: {','.join(names)}")
+            inputs = {names[0]: inputs}
+        missing = [n for n in names if n not in inputs]
+        if missing:
+            extra = sorted(set(inputs) - set(names))
+            have = f"the model has one input, {names[0]!r}" if len(names) == 1 else \
+                f"the model's inputs are {', '.join(map(repr, names))}"
+            raise ServingError("INVALID_ARGUMENT", f"Missing named input: {missing[0]} in 'inputs' object "
+                               f"({have}; sent {', '.join(map(repr, extra)) or 'nothing else'})")
+        feeds = {}
+        for n in names:
+            value = inputs[n]
+            if n == self._picture_input and (rest.is_b64(value) or
+                                             (isinstance(value, list) and value and rest.is_b64(value[0]))):
+                # pictures: one, or a list of them (mixed with tensors), each an instance
+                feeds[n] = self.rows(value if isinstance(value, list) else [value])[n]
+            else:
+                feeds[n] = rest.to_array(value, self.sig.inputs[n])
+                if n == self._picture_input and feeds[n].ndim and feeds[n].shape[0] > self.max_instances:
+                    raise ServingError("INVALID_ARGUMENT", f"{feeds[n].shape[0]} instances in one request; "
+                                       f"at most {self.max_instances}")
+        return feeds
+
+    def _instance(self, value: Any, info: TensorInfo, i: int) -> np.ndarray:
+        """One instance's value of one input, without the batch dimension."""
+        if info.name == self._picture_input and rest.is_b64(value):
+            tensor, transform = self.model.preprocess(_decode_image(value, i))
+            self.transforms[i] = transform
+            return tensor[0]
         try:
-            with self.models.acquire(name, version=wanted) as model:
-                yield model
-        except ModelNotAvailable as exc:
-            raise ApiError(HTTPStatus.SERVICE_UNAVAILABLE, str(exc)) from None
+            array = rest.to_array(value, info)
+        except ServingError as exc:
+            hint = ""
+            if info.name == self._picture_input:
+                hint = f' (expected {{"b64": ...}} or a numeric tensor of shape {info.shape[1:]})'
+            raise ServingError(exc.code, f"Failed to process element: {i} of 'instances' list. "
+                               f"Error: {exc.message}{hint}") from None
+        want = TensorInfo(info.name, info.dtype, info.shape[1:])
+        if not want.accepts(array.shape):
+            raise ServingError("INVALID_ARGUMENT",
+                               f"instance {i}: shape {list(array.shape)}, the model's input {info.name!r} takes "
+                               f"{want.shape} per instance (-1: any size)")
+        if info.name == self._picture_input and array.dtype.kind == "f" and not np.all(np.isfinite(array)):
+            raise ServingError("INVALID_ARGUMENT", f"instance {i}: the tensor holds NaN or infinite values")
+        return array
+
+    @staticmethod
+    def _stack(name: str, arrays: list[np.ndarray]) -> np.ndarray:
+        first = arrays[0].shape
+        for i, a in enumerate(arrays[1:], 1):
+            if a.shape != first:
+                raise ServingError("INVALID_ARGUMENT", f"Failed to process element: {i} key: {name} of "
+                                   f"'instances' list. Error: Expecting shape {list(first)} but got: {list(a.shape)}")
+        return np.stack(arrays)
+
+    # -- running ---------------------------------------------------------------
+
+    def _one_at_a_time(self, feeds: dict[str, np.ndarray]) -> bool:
+        first = next(iter(self.sig.inputs.values()))
+        n = feeds[first.name].shape[0] if feeds[first.name].ndim else 1
+        if n <= 1:
+            return False
+        static_one = bool(first.shape) and first.shape[0] == 1
+        # LiteRT would resize its tensors for the request and back for the next frame
+        camera_tflite = self.model.preprocess is not None and self.model.manifest.runtime == "tflite"
+        return static_one or camera_tflite
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        feeds = self.session.validate(feeds) if not self._one_at_a_time(feeds) else feeds
+        if not self._one_at_a_time(feeds):
+            first = next(iter(feeds.values()))
+            self.ran_batch = int(first.shape[0]) if first.ndim else 1
+            return self.session.run(feeds)
+        n = next(iter(feeds.values())).shape[0]
+        parts = [self.session.run(self.session.validate({k: v[i:i + 1] for k, v in feeds.items()}))
+                 for i in range(n)]
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    @staticmethod
+    def batch_size(outputs: dict[str, np.ndarray]) -> int:
+        first = next(iter(outputs.values()))
+        return int(first.shape[0]) if first.ndim else 1
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _expect(method: str, allowed: str) -> None:
@@ -332,100 +501,23 @@ def _expect(method: str, allowed: str) -> None:
         raise ApiError(HTTPStatus.METHOD_NOT_ALLOWED, f"{method} is not allowed here; use {allowed}")
 
 
-def _prepare(model: "LoadedModel", instance: Any, index: int) -> tuple[np.ndarray, Any]:
-    """One instance as the model's batch-1 input and the transform back to
-    the picture (identity for a preprocessed tensor: boxes stay in
-    model-input pixels)."""
-    if isinstance(instance, dict) and set(instance) == {"b64"}:
-        return model.preprocess(_decode_image(instance["b64"], index))
-    from edge_agent.pipeline.preprocess import Transform
-
-    return _tensor(instance, model, index), Transform()
-
-
-def _batches(model: "LoadedModel") -> bool:
-    """Instances of one request run as one batch where the model allows it:
-    an ONNX model whose batch dimension is dynamic (LiteRT would have to
-    resize its input tensors, and back, for every request)."""
-    spec = model.manifest.inputs[0]
-    return model.manifest.runtime == "onnx" and len(spec.shape) > 0 and spec.shape[0] is None
-
-
-def _split(outputs: list[np.ndarray], n: int) -> list[list[np.ndarray]]:
-    """Batched outputs back into one batch-1 list per instance."""
-    for out in outputs:
-        if out.shape[:1] != (n,):
-            raise ApiError(HTTPStatus.INTERNAL_SERVER_ERROR,
-                           f"the model answered a batch of {n} with an output of shape {list(out.shape)}")
-    return [[out[i : i + 1] for out in outputs] for i in range(n)]
-
-
-def _tensor_info(spec: Any) -> dict[str, Any]:
-    return {
-        "dtype": _TF_DTYPES.get(spec.dtype, "DT_INVALID"),
-        "tensor_shape": {"dim": [{"size": str(-1 if d is None else d), "name": ""} for d in spec.shape],
-                         "unknown_rank": False},
-        "name": spec.name,
-    }
-
-
 def _parse_json(body: bytes) -> Any:
     try:
         return json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ApiError(HTTPStatus.BAD_REQUEST, f"the body is not valid JSON: {exc}") from None
+        raise ApiError(HTTPStatus.BAD_REQUEST, f"JSON Parse error: the body is not valid JSON: {exc}") from None
 
 
-def _instances(request: dict[str, Any], model: "LoadedModel", columnar: bool) -> list[Any]:
-    """The request as a list of instances (row format), whatever its form."""
-    input_name = model.runtime.inputs[0].name
-    if not columnar:
-        items = request["instances"]
-        if not isinstance(items, list):
-            raise ApiError(HTTPStatus.BAD_REQUEST, '"instances" must be a list')
-        # Row format with named inputs: {"<input name>": value} per instance.
-        return [it[input_name] if isinstance(it, dict) and set(it) == {input_name} else it for it in items]
-    inputs = request["inputs"]
-    if isinstance(inputs, dict) and "b64" not in inputs:
-        if set(inputs) != {input_name}:
-            raise ApiError(HTTPStatus.BAD_REQUEST,
-                           f'"inputs" names {sorted(inputs)}; the model has one input, {input_name!r}')
-        inputs = inputs[input_name]
-    if isinstance(inputs, dict):  # one b64 picture
-        return [inputs]
-    if not isinstance(inputs, list):
-        raise ApiError(HTTPStatus.BAD_REQUEST, '"inputs" must be a list (batch first) or an object')
-    return inputs
-
-
-def _decode_image(data: Any, index: int) -> np.ndarray:
+def _decode_image(value: dict[str, str], index: int) -> np.ndarray:
+    """A ``{"b64": ...}`` instance of a camera model: the JPEG or PNG it holds."""
     import cv2
 
-    if not isinstance(data, str):
-        raise ApiError(HTTPStatus.BAD_REQUEST, f'instance {index}: "b64" must be a base64 string')
     try:
-        raw = base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError):
-        raise ApiError(HTTPStatus.BAD_REQUEST, f"instance {index}: not valid base64") from None
+        raw = rest.decode_b64(value)
+    except ServingError:
+        raise ServingError("INVALID_ARGUMENT", f"instance {index}: Unable to base64 decode (not valid base64)") from None
     image = cv2.imdecode(np.frombuffer(raw, np.uint8), cv2.IMREAD_COLOR) if raw else None
     if image is None:
-        raise ApiError(HTTPStatus.BAD_REQUEST, f"instance {index}: not a picture OpenCV can decode (JPEG or PNG)")
+        raise ServingError("INVALID_ARGUMENT",
+                           f"instance {index}: not a picture OpenCV can decode (JPEG or PNG)")
     return image
-
-
-def _tensor(instance: Any, model: "LoadedModel", index: int) -> np.ndarray:
-    """A preprocessed instance as the model's batch-1 input tensor."""
-    spec = model.runtime.inputs[0]
-    try:
-        array = np.asarray(instance, dtype=np.float32)
-    except (TypeError, ValueError):
-        raise ApiError(HTTPStatus.BAD_REQUEST,
-                       f'instance {index}: expected {{"b64": ...}} or a numeric tensor of shape {spec.shape[1:]}') from None
-    want = spec.shape[1:]
-    if array.ndim != len(want) or any(d is not None and d != s for d, s in zip(want, array.shape)):
-        raise ApiError(HTTPStatus.BAD_REQUEST,
-                       f"instance {index}: shape {list(array.shape)}, the model's input {spec.name!r} takes "
-                       f"{['?' if d is None else d for d in want]} per instance")
-    if not np.all(np.isfinite(array)):
-        raise ApiError(HTTPStatus.BAD_REQUEST, f"instance {index}: the tensor holds NaN or infinite values")
-    return array[None]  # the runtime quantizes it where the model's input is int8

@@ -50,11 +50,11 @@ import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Collection, Iterator, Sequence
 
 from edge_agent.bundles import Bundle
 from edge_agent.config import ModelConfig
-from edge_agent.errors import BundleError, EdgeAgentError, ModelNotAvailable
+from edge_agent.errors import BundleError, EdgeAgentError, ModelNotAvailable, TaskMismatch
 from edge_agent.faults import checkpoint
 from edge_agent.models import policy
 from edge_agent.models.probation import Supervisor, baseline_ms, judge
@@ -141,6 +141,9 @@ class ModelManager:
         # Off for the offline `models` CLI: with no frames flowing there is
         # nothing to judge, and the operator chose the version.
         self.probation_enabled = probation
+        # The models sources feed camera frames to (set by the agent, read
+        # at each load): a tensor model cannot serve those.
+        self.framed: Callable[[], Collection[str]] = lambda: ()
 
     # -- events ------------------------------------------------------------
 
@@ -646,6 +649,11 @@ class ModelManager:
                 raise BundleError(
                     f"{self.store.path(name, version)} holds {bundle.manifest.name} v{bundle.manifest.version}",
                     code="bad_manifest",
+                )
+            if bundle.manifest.task == "tensor" and name in self.framed():
+                raise TaskMismatch(
+                    f"model {name} v{version} is a tensor model (task 'tensor': inputs and outputs as tensors, "
+                    f"served over HTTP and gRPC only); a source feeds camera frames to {name}", model=name
                 )
             model = LoadedModel.load(bundle, slot.cfg)
             try:

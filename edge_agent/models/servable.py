@@ -102,8 +102,8 @@ class LoadedModel:
     version: int
     manifest: Manifest
     runtime: Runtime
-    preprocess: Preprocessor
-    postprocess: Postprocessor
+    preprocess: Preprocessor | None  # None for a tensor model (task "tensor"): no frame, no result
+    postprocess: Postprocessor | None
     refs: int = field(default=0, repr=False)
     stats: ModelStats = field(default_factory=ModelStats, repr=False)
     warm_ms: float = 0.0
@@ -115,7 +115,9 @@ class LoadedModel:
         """Create the runtime, warm it up and time a few runs (the latency
         baseline probation compares against)."""
         m = bundle.manifest
-        inputs = [concrete_input(m.inputs[0], m.preprocessing)]
+        # A tensor model runs the inputs a request brings (all of them, any
+        # size on a dynamic dimension); a camera model its one frame input.
+        inputs = list(m.inputs) if m.preprocessing is None else [concrete_input(m.inputs[0], m.preprocessing)]
         runtime = create_runtime(
             m.runtime, bundle.model_path, inputs, m.outputs, threads=cfg.threads, providers=cfg.providers
         )
@@ -131,8 +133,8 @@ class LoadedModel:
                 version=m.version,
                 manifest=m,
                 runtime=runtime,
-                preprocess=Preprocessor(m.preprocessing, m.inputs[0]),
-                postprocess=make_postprocessor(m, bundle.labels()),
+                preprocess=None if m.preprocessing is None else Preprocessor(m.preprocessing, m.inputs[0]),
+                postprocess=None if m.task == "tensor" else make_postprocessor(m, bundle.labels()),
                 warm_ms=statistics.median(times),
             )
         except BaseException:
@@ -145,6 +147,9 @@ class LoadedModel:
         bundle carries samples, the same outputs as when it was packed, within
         ``tolerance`` (a fraction of each output's range)."""
         m = self.manifest
+        if m.preprocessing is None:
+            self._smoke_test_tensors()
+            return
         w, h = m.preprocessing.size
         frame = np.full((h, w, 3), 128, np.uint8)
         tensor, _ = self.preprocess(frame)
@@ -181,7 +186,23 @@ class LoadedModel:
                         f"{diff:.4g} (allowed {tol:g} of its range {span:.4g})"
                     )
 
-    def _check_outputs(self, outs: Sequence[np.ndarray], what: str) -> None:
+    def _smoke_test_tensors(self) -> None:
+        """A tensor model: zeros in every input (dynamic dimensions at 1)
+        must give every declared output, each of its declared rank and
+        static sizes (their values are the model's business: zeros may
+        well be outside what it was made for)."""
+        from edge_agent.runtimes.base import warm_up_tensor
+
+        try:
+            outs = self.runtime.run({spec.name: warm_up_tensor(spec) for spec in self.manifest.inputs})
+        except EdgeAgentError as exc:
+            raise SmokeTestFailed(f"{self.name} v{self.version}: cannot run zeros through it: {exc}") from None
+        missing = [spec.name for spec in self.manifest.outputs if spec.name not in outs]
+        if missing:
+            raise SmokeTestFailed(f"{self.name} v{self.version}: no output {missing[0]!r} for zeros")
+        self._check_outputs([outs[spec.name] for spec in self.manifest.outputs], "zeros", finite=False)
+
+    def _check_outputs(self, outs: Sequence[np.ndarray], what: str, *, finite: bool = True) -> None:
         specs = self.manifest.outputs
         if len(outs) != len(specs):
             raise SmokeTestFailed(f"{self.name} v{self.version}: {len(outs)} outputs for {what}, declared {len(specs)}")
@@ -193,7 +214,7 @@ class LoadedModel:
                     f"{self.name} v{self.version}: output {spec.name!r} has shape {list(out.shape)} for {what}, "
                     f"declared {spec.shape}"
                 )
-            if not np.all(np.isfinite(out)):
+            if finite and not np.all(np.isfinite(out)):
                 raise SmokeTestFailed(f"{self.name} v{self.version}: output {spec.name!r} is not finite for {what}")
 
     def process(
