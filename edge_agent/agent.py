@@ -172,7 +172,7 @@ class Agent:
         from edge_agent.http.api import Api
         from edge_agent.http.server import HttpServer
 
-        api = Api(self.models, ready=self.readiness, stats=self._http_stats)
+        api = Api(self.models, ready=self.readiness, stats=self._http_stats, predictor=self._serving())
         http = HttpServer(api.handle, cfg.host, cfg.port, max_body_bytes=int(cfg.max_body_mb * 1e6),
                           idle_timeout_s=cfg.idle_timeout_s)
         http.start()
@@ -184,8 +184,9 @@ class Agent:
             http.stop()
 
     def _serving(self) -> Any:
-        """The serving core's Predictor over this agent's models (what the
-        REST and gRPC APIs answer through)."""
+        """The serving core's Predictor over this agent's models: one for the
+        REST and the gRPC API, so that both go through the same checks (and,
+        with batching, into the same batches)."""
         predictor = getattr(self, "predictor", None)
         if predictor is None:
             from edge_agent.serving.predict import Predictor
