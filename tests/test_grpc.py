@@ -458,3 +458,25 @@ def _cert(tmp: Path, name: str, issuer: tuple[Any, Any] | None, dns: str | None 
                                                         serialization.NoEncryption()))
     (tmp / f"{name}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return key, cert
+
+
+def test_a_taken_port_stops_the_agent_with_a_clear_message(tmp_path: Path) -> None:
+    """`edge-agent run` with [grpc] on a port that is taken exits 1 naming the address, no traceback (as
+    [http] does): a second agent must not silently share the port."""
+    import socket
+    import subprocess
+    import sys
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(1)
+    port = sock.getsockname()[1]
+    config = tmp_path / "agent.toml"
+    config.write_text(f'device_id = "x"\n[store]\npath = "{tmp_path / "store"}"\n[grpc]\nenabled = true\nport = {port}\n')
+    try:
+        proc = subprocess.run([sys.executable, "-m", "edge_agent", "run", "--config", str(config)],
+                              capture_output=True, text=True, timeout=60)
+    finally:
+        sock.close()
+    assert proc.returncode == 1, proc.stderr
+    assert f"grpc: cannot serve on 127.0.0.1:{port}" in proc.stderr and "Traceback" not in proc.stderr

@@ -49,7 +49,7 @@ class GrpcServer:
         self._server: Any = None
 
     def start(self) -> None:
-        """Bind and serve. Raises EdgeAgentError (``grpc_bind``) when the
+        """Bind and serve. Raises EdgeAgentError (``grpc_bind_failed``) when the
         address cannot be bound or the TLS files cannot be read."""
         grpc = _import_grpc()
         from edge_agent.grpc.service import add_services
@@ -72,7 +72,7 @@ class GrpcServer:
             detail = "address in use or not available"
         if not bound:
             server.stop(None)
-            raise EdgeAgentError(f"grpc: cannot serve on {self.host}:{self.port}: {detail}", code="grpc_bind")
+            raise EdgeAgentError(f"grpc: cannot serve on {self.host}:{self.port}: {detail}", code="grpc_bind_failed")
         server.start()
         self._server = server
         self.address = (self.host, bound)
@@ -85,7 +85,7 @@ class GrpcServer:
             key, cert = tls.keyfile.read_bytes(), tls.certfile.read_bytes()
             ca = tls.client_ca_certs.read_bytes() if tls.client_ca_certs is not None else None
         except OSError as exc:
-            raise EdgeAgentError(f"grpc.tls: cannot read {exc.filename}: {exc.strerror}", code="grpc_bind") from None
+            raise EdgeAgentError(f"grpc.tls: cannot read {exc.filename}: {exc.strerror}", code="grpc_bind_failed") from None
         return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
 
     def stop(self, grace_s: float = 5.0) -> None:
