@@ -480,3 +480,48 @@ def test_a_taken_port_stops_the_agent_with_a_clear_message(tmp_path: Path) -> No
         sock.close()
     assert proc.returncode == 1, proc.stderr
     assert f"grpc: cannot serve on 127.0.0.1:{port}" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_reload_restarts_the_grpc_api_with_its_new_settings(tmp_path: Path) -> None:
+    """SIGHUP's path (Agent.reload): a changed [grpc] restarts the server with it; a port it cannot bind is
+    refused and the running server comes back; enabled = false turns it off."""
+    import socket
+
+    from edge_agent.agent import Agent
+    from edge_agent.config import parse_config
+    from edge_agent.errors import ConfigError
+
+    def config(**grpc_keys: Any) -> Any:
+        return parse_config({"device_id": "grpc-test", "log_level": "warning", "store": {"path": str(tmp_path / "s")},
+                             "grpc": {"enabled": True, "port": 0, **grpc_keys}})
+
+    def answers(agent: Agent) -> grpc.StatusCode:
+        host, port = agent.grpc.address
+        with grpc.insecure_channel(f"{host}:{port}") as ch:
+            stub = model_service_pb2_grpc.ModelServiceStub(ch)
+            req = get_model_status_pb2.GetModelStatusRequest()
+            req.model_spec.name = "junk"
+            with pytest.raises(grpc.RpcError) as err:
+                stub.GetModelStatus(req, timeout=10)
+            return err.value.code()
+
+    agent = Agent(config())
+    agent.start()
+    try:
+        first = agent.grpc
+        assert answers(agent) == grpc.StatusCode.NOT_FOUND
+        assert agent.reload(config(workers=2)) == ["grpc restarted"]
+        assert agent.grpc is not first and agent.grpc.workers == 2 and answers(agent) == grpc.StatusCode.NOT_FOUND
+        taken = socket.socket()
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        try:
+            with pytest.raises(ConfigError, match="grpc: cannot serve on"):
+                agent.reload(config(port=taken.getsockname()[1]))
+        finally:
+            taken.close()
+        assert agent.grpc.workers == 2 and answers(agent) == grpc.StatusCode.NOT_FOUND  # the running settings
+        assert agent.reload(config(enabled=False)) == ["grpc off"]
+        assert agent.grpc is None
+    finally:
+        agent.shutdown()
