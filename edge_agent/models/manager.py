@@ -218,6 +218,8 @@ class ModelManager:
                 fresh = verified if verified is not None and verified.manifest.version == version else None
                 serving = self._load_version(slot, version, fresh)
                 break
+            except TaskMismatch:
+                raise  # the config's fault (a source on a tensor model), not the version's: nothing recorded
             except EdgeAgentError as exc:
                 state.failed[version] = f"{exc.code}: {exc}"
                 state.record("load_failed", version, reason=str(exc))
