@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""What the local HTTP API costs: a predict request against the same work
-done in-process.
+"""What the local HTTP and gRPC APIs cost: a predict request against the
+same work done in-process.
 
 One process, the real MobileNetV2 (fp32 ONNX, the demo's bundle and
 preprocessing) and real photos (the 9 photos of things of
@@ -21,11 +21,23 @@ requests per round, one client, one after the other):
     the same request with the preprocessed tensor (3×224×224 floats as JSON,
     about 3 MB) instead of the JPEG: what a client that preprocesses itself
     pays.
+``direct_tensor``
+    in-process, what the gRPC API does for a tensor: the serving core's
+    ``Predictor.predict`` on the preprocessed tensor (no decoding, no
+    preprocessing): the floor for ``grpc_tensor``.
+``grpc_tensor``
+    the preprocessed tensor over gRPC (``[grpc] enabled``): TF Serving's
+    ``PredictionService.Predict`` through the generated stub on a kept-open
+    channel, the tensor as ``tensor_content`` (600 KB of float32, what
+    ``tf.make_tensor_proto`` sends), the logits answered as a TensorProto;
+    top-1 is their argmax. Left out (with a note) when grpcio is missing.
 
 Per variant: median and p90 latency over all requests, and the median over
-rounds of (variant / direct) within the round: the overhead ratio. The
-answers are checked: the top-1 of every HTTP answer must equal the direct
-one for the same photo.
+rounds of (variant / floor) within the round: the overhead ratio, where the
+floor is ``direct_tensor`` for ``grpc_tensor`` (the same work in-process:
+no decoding) and ``direct`` for the rest. The answers are checked: the
+top-1 of every HTTP and gRPC answer must equal the direct one for the same
+photo.
 
 ``.venv/bin/python benchmarks/http_api.py [--threads 1] [--rounds 5] [--requests 40]``
 prints a JSON object, then a table (``--json-only``: the JSON only).
@@ -66,11 +78,23 @@ import numpy as np  # noqa: E402
 import testassets  # noqa: E402
 
 PHOTOS = ["chelsea", "coffee", "dog", "eagle", "rocket", "horses", "china", "kite", "camera"]
-VARIANTS = ("direct", "http_b64", "http_tensor")
+VARIANTS = ("direct", "http_b64", "http_tensor", "direct_tensor", "grpc_tensor")
+# What each variant is compared with: the same work in-process (a tensor
+# sent over gRPC skips the decoding and preprocessing ``direct`` does).
+FLOOR = {"grpc_tensor": "direct_tensor", "direct_tensor": "direct_tensor"}
 
 
 def progress(message: str) -> None:
     print(f"[http] {message}", file=sys.stderr, flush=True)
+
+
+def has_grpc() -> bool:
+    try:
+        import grpc  # noqa: F401
+    except ImportError:
+        progress("grpcio is not installed (pip install 'edge-agent[grpc]'): the grpc variant is left out")
+        return False
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
             "store": {"path": str(Path(tmp) / "store")},
             "models": [{"name": MODEL_NAME, "bundle": str(bundle), "threads": args.threads}],
             "http": {"enabled": True, "port": 0},
+            "grpc": {"enabled": has_grpc(), "port": 0},
         }))
         agent.start()
         try:
@@ -155,13 +180,26 @@ def measure(agent: Any, jpegs: list[str], args: argparse.Namespace) -> dict[str,
         return call
 
     run = {"direct": direct, "http_b64": over_http("http_b64"), "http_tensor": over_http("http_tensor")}
-    for variant in VARIANTS:  # warm-up: connection, caches
+    channel = None
+    if agent.grpc is not None:
+        channel, run["grpc_tensor"], bodies["grpc_tensor"] = over_grpc(agent, tensors)
+        predictor, arrays = agent.grpc.predictor, [np.asarray([t], np.float32) for t in tensors]
+        with agent.models.acquire(MODEL_NAME) as m:
+            input_name = m.manifest.inputs[0].name
+
+        def direct_tensor(i: int) -> int:
+            outputs = predictor.predict(MODEL_NAME, {input_name: arrays[i]}).outputs
+            return int(np.argmax(next(iter(outputs.values())).reshape(-1)))
+
+        run["direct_tensor"] = direct_tensor
+    variants_run = [v for v in VARIANTS if v in run]
+    for variant in variants_run:  # warm-up: connection, caches
         for i in range(len(jpegs)):
             run[variant](i)
     times: dict[str, list[list[float]]] = {v: [] for v in VARIANTS}
     mismatches = {v: 0 for v in VARIANTS}
     for r in range(args.rounds):
-        for variant in VARIANTS:
+        for variant in variants_run:
             this = []
             for k in range(args.requests):
                 i = k % len(jpegs)
@@ -171,21 +209,25 @@ def measure(agent: Any, jpegs: list[str], args: argparse.Namespace) -> dict[str,
                 mismatches[variant] += top != expected[i]
             times[variant].append(this)
         progress(f"round {r + 1}/{args.rounds}: " + ", ".join(
-            f"{v} {statistics.median(times[v][-1]):.2f} ms" for v in VARIANTS))
+            f"{v} {statistics.median(times[v][-1]):.2f} ms" for v in variants_run))
     conn.close()
+    if channel is not None:
+        channel.close()
     variants = {}
-    for v in VARIANTS:
+    for v in variants_run:
         flat = sorted(t for rnd in times[v] for t in rnd)
+        floor = FLOOR.get(v, "direct")
         ratio = statistics.median(
-            statistics.median(a) / statistics.median(b) for a, b in zip(times[v], times["direct"])
+            statistics.median(a) / statistics.median(b) for a, b in zip(times[v], times[floor])
         )
         variants[v] = {
             "median_ms": round(statistics.median(flat), 3),
             "p90_ms": round(flat[int(0.9 * (len(flat) - 1))], 3),
             "requests": len(flat),
-            "vs_direct": round(ratio, 3),
+            "vs_floor": round(ratio, 3),
+            "floor": floor,
             "top1_mismatches": mismatches[v],
-            "request_bytes": None if v == "direct" else int(statistics.median(len(b) for b in bodies[v])),
+            "request_bytes": None if v.startswith("direct") else int(statistics.median(len(b) for b in bodies[v])),
         }
     return {
         "settings": {"threads": args.threads, "rounds": args.rounds, "requests": args.requests,
@@ -194,16 +236,45 @@ def measure(agent: Any, jpegs: list[str], args: argparse.Namespace) -> dict[str,
     }
 
 
+def over_grpc(agent: Any, tensors: list[Any]) -> tuple[Any, Callable[[int], int], list[bytes]]:
+    """A channel to the agent's gRPC API, the call for the ``grpc_tensor``
+    variant, and its serialized requests (for their size)."""
+    import grpc
+
+    from edge_agent.grpc.protos import predict_pb2, prediction_service_pb2_grpc
+    from edge_agent.grpc.tensors import from_numpy, to_numpy
+
+    host, port = agent.grpc.address
+    channel = grpc.insecure_channel(f"{host}:{port}")
+    stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+    with agent.models.acquire(MODEL_NAME) as model:
+        input_name = model.manifest.inputs[0].name
+    requests = []
+    for t in tensors:
+        req = predict_pb2.PredictRequest()
+        req.model_spec.name = MODEL_NAME
+        from_numpy(np.asarray([t], np.float32), req.inputs[input_name])
+        requests.append(req)
+
+    def call(i: int) -> int:
+        response = stub.Predict(requests[i], timeout=60)
+        logits = to_numpy(next(iter(response.outputs.values())))
+        return int(np.argmax(logits.reshape(-1)))
+
+    return channel, call, [r.SerializeToString() for r in requests]
+
+
 def table(report: dict[str, Any]) -> str:
     s = report["settings"]
     lines = [
-        f"HTTP predict against in-process, MobileNetV2 fp32, {s['threads']} thread(s), "
+        f"HTTP and gRPC predict against in-process, MobileNetV2 fp32, {s['threads']} thread(s), "
         f"{s['rounds']} rounds x {s['requests']} requests per variant",
-        f"  {'variant':<12} {'median ms':>10} {'p90 ms':>8} {'x direct':>9} {'request KB':>11} {'top-1 diff':>11}",
+        f"  {'variant':<13} {'median ms':>10} {'p90 ms':>8} {'x floor':>8} {'floor':<14} {'request KB':>11} "
+        f"{'top-1 diff':>11}",
     ]
     for name, v in report["variants"].items():
         kb = "-" if v["request_bytes"] is None else f"{v['request_bytes'] / 1024:.0f}"
-        lines.append(f"  {name:<12} {v['median_ms']:10.2f} {v['p90_ms']:8.2f} {v['vs_direct']:9.2f} {kb:>11} "
+        lines.append(f"  {name:<13} {v['median_ms']:10.2f} {v['p90_ms']:8.2f} {v['vs_floor']:8.2f} {v['floor']:<14} {kb:>11} "
                      f"{v['top1_mismatches']:>11}")
     return "\n".join(lines)
 

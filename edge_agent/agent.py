@@ -2,7 +2,7 @@
 stops them in reverse, from one list.
 
 Order: model store and manager (models must be loaded before frames flow),
-MQTT transport, then per source its capture thread and its inference worker.
+the local APIs (HTTP, gRPC), MQTT transport, then per source its capture thread and its inference worker.
 The agent runs until SIGTERM/SIGINT, or until every source has ended (a file
 or folder without ``loop``); then each worker finishes the frame in flight,
 ``stopped`` is published, and ``run`` returns 0.
@@ -84,6 +84,7 @@ class Agent:
         self.workers: list[SourceWorker] = []
         self.lingering: list[SourceWorker] = []  # stopped by a reload, threads not ended
         self.http: Any = None
+        self.grpc: Any = None
         self._started: list[tuple[str, Callable[[], None]]] = []
 
     def start(self) -> None:
@@ -93,6 +94,7 @@ class Agent:
             self._step("models", self._start_models, self.models.stop)
             self._step("control socket", self.local_server.start, self.local_server.stop)
             self._step("http", self._start_http, self._stop_http)
+            self._step("grpc", self._start_grpc, self._stop_grpc)
             self._step("mqtt", self._start_mqtt, self._stop_mqtt)
             self._step("sources", self._start_sources, self._stop_sources)
         except BaseException:
@@ -186,6 +188,23 @@ class Agent:
         http, self.http = self.http, None
         if http is not None:
             http.stop()
+
+    def _start_grpc(self, cfg: Any = None) -> None:
+        """TF Serving's gRPC API; grpcio is imported here only, when enabled."""
+        cfg = cfg or self.config.grpc
+        if not cfg.enabled:
+            return
+        from edge_agent.grpc.server import GrpcServer
+
+        server = GrpcServer(self.predictor, cfg.host, cfg.port, max_message_bytes=int(cfg.max_message_mb * 1e6),
+                            workers=cfg.workers, tls=cfg.tls)
+        server.start()
+        self.grpc = server
+
+    def _stop_grpc(self) -> None:
+        server, self.grpc = self.grpc, None
+        if server is not None:
+            server.stop()
 
     def _start_mqtt(self) -> None:
         if self.config.mqtt is None:
@@ -293,7 +312,7 @@ class Agent:
         (``labels``, ``thresholds``, ``min_box_area``, ``track``, ``zones``,
         ``events``) changed on the running worker, its tracks kept), the MQTT connection and everything riding on it (``mqtt``,
         ``groups``, ``commands``, ``spool``, ``download``, ``transfer``),
-        ``http``, ``batching`` and the log level. ``device_id``, ``store`` and ``models``
+        ``http``, ``grpc``, ``batching`` and the log level. ``device_id``, ``store`` and ``models``
         take effect at the next start (logged). Raises ConfigError, changing
         nothing, when a source names a model this agent does not serve.
         """
@@ -330,6 +349,16 @@ class Agent:
                     built[1].close()
                 raise ConfigError([f"http: cannot serve on {new.http.host}:{new.http.port}: {exc}"]) from None
             changes.append("http restarted" if new.http.enabled else "http off")
+        if old.grpc != new.grpc:
+            self._stop_grpc()
+            try:
+                self._start_grpc(new.grpc)
+            except Exception as exc:
+                self._start_grpc(old.grpc)  # the running one comes back
+                if built is not None:
+                    built[1].close()
+                raise ConfigError([f"grpc: cannot serve on {new.grpc.host}:{new.grpc.port}: {exc}"]) from None
+            changes.append("grpc restarted" if new.grpc.enabled else "grpc off")
         if old.batching != new.batching:
             from edge_agent.serving.batching import request_batcher
 

@@ -438,6 +438,25 @@ class BatchingConfig(_Section):
                                       "taken is refused with UNAVAILABLE (HTTP 503), as TF Serving does.")
 
 
+class ServerTlsConfig(_Section):
+    certfile: ConfigPath = Field(description="The server's certificate chain (PEM).")
+    keyfile: ConfigPath = Field(description="The server certificate's private key (PEM).")
+    client_ca_certs: ConfigPath | None = Field(
+        None, description="CA bundle of the client certificates to require (mutual TLS); absent: any client may call."
+    )
+
+
+class GrpcConfig(_Section):
+    enabled: bool = Field(False, description="Serve TF Serving's gRPC API (PredictionService, ModelService); "
+                          "needs the grpc extra (grpcio, protobuf).")
+    host: str = Field("127.0.0.1", description="Address to bind.")
+    port: int = Field(8500, ge=0, le=65535, description="Port to bind (0: any free port, logged at start).")
+    max_message_mb: float = Field(32.0, gt=0, description="Largest request message accepted, in MB "
+                                  "(a larger one is refused with RESOURCE_EXHAUSTED).")
+    workers: int = Field(8, ge=1, le=256, description="Requests served at once; more wait for a free worker.")
+    tls: ServerTlsConfig | None = Field(None, description="TLS settings; absent means plain TCP (h2c).")
+
+
 class LoggingConfig(_Section):
     format: Literal["text", "json"] = Field(
         "text", description="text: one readable line per record (the journal's default); json: one JSON object "
@@ -462,6 +481,7 @@ class AgentConfig(_Section):
     sources: list[SourceConfig] = Field(default_factory=list, description="Cameras and streams.")
     http: HttpConfig = Field(default_factory=HttpConfig, description="Local HTTP API.")
     batching: BatchingConfig = Field(default_factory=BatchingConfig, description="Batching of predict requests.")
+    grpc: GrpcConfig = Field(default_factory=GrpcConfig, description="TF Serving's gRPC API.")
     commands: CommandsConfig = Field(default_factory=CommandsConfig, description="The MQTT command plane.")
     spool: SpoolConfig = Field(default_factory=SpoolConfig, description="Store-and-forward while the broker is away.")
     download: DownloadConfig = Field(default_factory=DownloadConfig, description="Bundle downloads by URL.")

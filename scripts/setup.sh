@@ -66,3 +66,7 @@ fi
 echo "setup: ready ($("$VENV/bin/edge-agent" --version))"
 # dev: the ONNX -> int8 TFLite converter env (Python >= 3.12, onnx2tf, TensorFlow); optional, its tests skip without it.
 if [ "$mode" = dev ]; then scripts/setup_onnx2tf.sh || echo "setup: warning: the onnx2tf converter env was not created (exit $?); int8 TFLite builds and tests are skipped until scripts/setup_onnx2tf.sh succeeds" >&2; fi
+# dev: TF Serving's own Python client beside it (the gRPC tests' real client); needs the converter env.
+if [ "$mode" = dev ] && [ -x "${EDGE_AGENT_ONNX2TF_VENV:-$HOME/.cache/edge-agent/onnx2tf-venv}/bin/python" ]; then
+  scripts/setup_tfserving_client.sh || echo "setup: warning: the TF Serving client env was not created (exit $?); the gRPC test with TF Serving's client fails until scripts/setup_tfserving_client.sh succeeds" >&2
+fi

@@ -1,0 +1,1 @@
+"""Generated from the .proto files beside this module by scripts/gen_protos.sh: do not edit."""
