@@ -27,17 +27,25 @@ both mixed-precision searches (ONNX and TFLite).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
 from edge_agent.bundles.manifest import DetectParams, TensorSpec, detect_params
 from edge_agent.pipeline.preprocess import Transform
 
-if TYPE_CHECKING:
-    from quantize.evaluate import Runner
-
 IOU = 0.5
+
+
+class Runner(Protocol):
+    """What a judge needs of a loaded model (:class:`quantize.evaluate.Runner`)."""
+
+    artifact: Any  # .preprocessing.size: the model's input size
+    output_specs: Sequence[TensorSpec]
+
+    def outputs(self, tensors: np.ndarray, progress: Callable[[int], None] | None = None) -> np.ndarray: ...
+
+    def all_outputs(self, tensors: np.ndarray, progress: Callable[[int], None] | None = None) -> list[list[np.ndarray]]: ...
 
 
 class Judge(Protocol):
@@ -45,7 +53,7 @@ class Judge(Protocol):
 
     metric: str  # the agreement's name in reports: "top1" or "map50"
 
-    def collect(self, runner: "Runner", tensors: np.ndarray, progress: Any = None) -> Any:
+    def collect(self, runner: Runner, tensors: np.ndarray, progress: Any = None) -> Any:
         """What is compared, for every tensor of ``tensors`` (batch axis first)."""
 
     def agreement(self, reference: Any, candidate: Any) -> float:
@@ -60,7 +68,7 @@ class Judge(Protocol):
     def details(self, reference: Any, candidate: Any) -> dict[str, float]:
         """Further figures for the report."""
 
-    def raw(self, runner: "Runner", tensors: np.ndarray) -> Any:
+    def raw(self, runner: Runner, tensors: np.ndarray) -> Any:
         """What the sensitivity ranking compares."""
 
     def divergence(self, reference: Any, candidate: Any) -> float:
@@ -87,7 +95,7 @@ class TopOne:
 
     metric = "top1"
 
-    def collect(self, runner: "Runner", tensors: np.ndarray, progress: Any = None) -> np.ndarray:
+    def collect(self, runner: Runner, tensors: np.ndarray, progress: Any = None) -> np.ndarray:
         return runner.outputs(tensors, progress)
 
     def agreement(self, reference: np.ndarray, candidate: np.ndarray) -> float:
@@ -105,7 +113,7 @@ class TopOne:
         top5 = np.argpartition(-candidate, k - 1, axis=1)[:, :k]
         return {"fp32_top1_in_top5": float(np.mean([ref_top1[i] in top5[i] for i in range(len(ref_top1))]))}
 
-    def raw(self, runner: "Runner", tensors: np.ndarray) -> np.ndarray:
+    def raw(self, runner: Runner, tensors: np.ndarray) -> np.ndarray:
         return runner.outputs(tensors)
 
     def divergence(self, reference: np.ndarray, candidate: np.ndarray) -> float:
@@ -272,7 +280,7 @@ class DetectionAgreement:
             params = detect_params(map_output_names(params.model_dump(), self.reference_outputs, outputs))
         return DETECTORS[params.decoder](params, outputs, self.labels, size)
 
-    def collect(self, runner: "Runner", tensors: np.ndarray, progress: Any = None) -> list[Boxes]:
+    def collect(self, runner: Runner, tensors: np.ndarray, progress: Any = None) -> list[Boxes]:
         decoder = self._decoder(runner.output_specs, runner.artifact.preprocessing.size)
         found = []
         for outs in runner.all_outputs(tensors, progress):
@@ -298,7 +306,7 @@ class DetectionAgreement:
         figures = detection_agreement(reference, candidate, self.threshold)
         return {k: v for k, v in figures.items() if k != "map50"}
 
-    def raw(self, runner: "Runner", tensors: np.ndarray) -> list[np.ndarray]:
+    def raw(self, runner: Runner, tensors: np.ndarray) -> list[np.ndarray]:
         per_sample = runner.all_outputs(tensors)
         return [np.stack([outs[i] for outs in per_sample]) for i in range(len(per_sample[0]))]
 
