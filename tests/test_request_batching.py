@@ -306,3 +306,35 @@ def test_agent_gives_its_predictor_the_configured_batcher_and_a_reload_replaces_
     assert isinstance(agent.predictor.batcher, RequestBatcher) and agent.predictor.batcher.max_batch_size == 4
     assert agent.reload(config(enabled=False)) == ["batching off"]
     assert agent.predictor.batcher is None
+
+
+def test_inference_time_is_the_model_run_not_the_wait_for_a_batch(tmp_path: Path) -> None:
+    """``edge_agent_model_inference_seconds`` (and probation's median) read
+    the version's inference times: with [batching] on, a request that waits
+    ``batch_timeout_micros`` for company must not be counted as a slow model,
+    or a roll-out's probation would blame the new version for the queue. The
+    time recorded is the merged run's, shared by its rows."""
+    from test_serving import FakeManager, loaded, two_inputs
+
+    from edge_agent.serving import Predictor
+
+    model = loaded(two_inputs(tmp_path / "two.onnx"), "two")
+    real_run = model.runtime.run
+
+    def slow(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        time.sleep(0.04)
+        return real_run(inputs)
+
+    model.runtime.run = slow
+    predictor = Predictor(FakeManager(two=model), batcher=batcher(max_batch_size=64, batch_timeout_micros=400_000))
+    rng = np.random.default_rng(9)
+    requests = [(rng.normal(size=(n, 3)).astype(np.float32), rng.integers(-5, 5, size=(n, 3))) for n in (1, 2, 1, 4)]
+    t0 = time.perf_counter()
+    out = concurrently(lambda ab: predictor.predict("two", {"a": ab[0], "b": ab[1]}), requests)
+    assert time.perf_counter() - t0 >= 0.4  # every request waited for the batch to fill
+    assert not any(isinstance(r, Exception) for r in out), out
+    frames, errors, times_ms = model.stats.snapshot()
+    assert (frames, errors) == (8, 0)
+    assert max(times_ms) < 40.0, times_ms  # per row: a share of one model run (~40 ms), not 400 ms of waiting
+    assert sum(times_ms) == pytest.approx(sum(times_ms[:1]) * 8, rel=0.5)  # shared evenly among rows
+    assert 35.0 <= sum(times_ms) < 200.0, sum(times_ms)  # the merged runs' time, once

@@ -67,6 +67,8 @@ class _Task:
     rows: int
     outputs: dict[str, np.ndarray] | None = None
     error: BaseException | None = None
+    infer_s: float = 0.0
+    """This request's share of the merged inference's time (its rows' part)."""
 
 
 @dataclass(eq=False)
@@ -113,9 +115,19 @@ class RequestBatcher:
         requests where it can be; every output by name, this request's rows
         only. Raises what the inference raised, or ServingError UNAVAILABLE
         when the model's queue is full."""
+        return self.run_timed(model, inputs)[0]
+
+    def run_timed(self, model: "LoadedModel", inputs: Mapping[str, np.ndarray]
+                  ) -> tuple[dict[str, np.ndarray], float]:
+        """As :meth:`run`, with the seconds of model run that are this
+        request's: the merged inference's time times its share of the rows.
+        The time spent waiting for the batch to fill or for a batch thread is
+        not in it (it is queueing, not inference)."""
         rows = self._rows(model, inputs)
         if rows is None or rows == 0 or rows > self.max_batch_size:
-            return model.runtime.run(inputs)
+            t0 = time.perf_counter()
+            outputs = model.runtime.run(inputs)
+            return outputs, time.perf_counter() - t0
         key = (id(model), tuple(sorted((n, a.dtype.str, a.shape[1:]) for n, a in inputs.items())))
         task = _Task(inputs, rows)
         with self._cond:
@@ -134,7 +146,7 @@ class RequestBatcher:
         if task.error is not None:
             raise task.error
         assert task.outputs is not None
-        return task.outputs
+        return task.outputs, task.infer_s
 
     def _rows(self, model: "LoadedModel", inputs: Mapping[str, np.ndarray]) -> int | None:
         """The rows the request carries, or None when it cannot be merged:
@@ -205,10 +217,14 @@ class RequestBatcher:
         tasks = batch.tasks
         try:
             if len(tasks) == 1:
+                t0 = time.perf_counter()
                 tasks[0].outputs = model.runtime.run(tasks[0].inputs)
+                tasks[0].infer_s = time.perf_counter() - t0
             else:
                 merged = {name: np.concatenate([t.inputs[name] for t in tasks]) for name in tasks[0].inputs}
+                t0 = time.perf_counter()
                 outputs = model.runtime.run(merged)
+                elapsed = time.perf_counter() - t0
                 for name, out in outputs.items():
                     if out.ndim == 0 or out.shape[0] != batch.rows:
                         raise ServingError("INTERNAL", f"output {name!r} has shape {list(out.shape)} for a batch "
@@ -216,6 +232,7 @@ class RequestBatcher:
                 start = 0
                 for t in tasks:
                     t.outputs = {name: out[start:start + t.rows] for name, out in outputs.items()}
+                    t.infer_s = elapsed * t.rows / batch.rows
                     start += t.rows
         except BaseException as exc:  # every request of the batch gets the error (a bug too)
             for t in tasks:

@@ -12,8 +12,11 @@ a model between requests, so a hot swap never fails a request.
 
 Batching: a ``batcher`` (the ``[batching]`` section's
 :class:`edge_agent.serving.batching.RequestBatcher`) may be handed in; when it
-is, :meth:`Session.run` asks it (``batcher.run(model, inputs)``, called while
-the model is held) instead of calling the runtime itself.
+is, :meth:`Session.run` asks it (``batcher.run_timed(model, inputs)``, called
+while the model is held) instead of calling the runtime itself. The
+version's inference time (Prometheus' ``edge_agent_model_inference_seconds``)
+counts the model run only, never the wait for a batch: the batcher says how
+much of the merged run was this request's.
 
 Thread-safety: every method may be called from any number of threads at
 once; the Predictor keeps no per-request state.
@@ -49,7 +52,11 @@ class Models(Protocol):
 
 
 class Batcher(Protocol):
-    def run(self, model: "LoadedModel", inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+    def run_timed(self, model: "LoadedModel", inputs: dict[str, np.ndarray]
+                  ) -> tuple[dict[str, np.ndarray], float]:
+        """The outputs, and the seconds of model run that were this request's
+        (not the time it waited for its batch)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -171,12 +178,18 @@ class Session:
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Already validated inputs through the runtime (or the batcher),
-        counted in the version's stats per batch element, as frames are."""
+        counted in the version's stats per batch element, as frames are: the
+        time of the model run (a merged run's time shared by rows), never the
+        wait for a batch."""
         model = self.model
-        t0 = time.perf_counter()
         try:
             batcher = self._predictor.batcher
-            outputs = batcher.run(model, feeds) if batcher is not None else model.runtime.run(feeds)
+            if batcher is not None:
+                outputs, seconds = batcher.run_timed(model, feeds)
+            else:
+                t0 = time.perf_counter()
+                outputs = model.runtime.run(feeds)
+                seconds = time.perf_counter() - t0
         except ServingError:
             model.stats.error()
             raise
@@ -185,7 +198,7 @@ class Session:
             raise ServingError("INTERNAL", f"inference failed: {exc}") from None
         first = next(iter(feeds.values()), None)
         n = int(first.shape[0]) if first is not None and first.ndim else 1
-        per_item = (time.perf_counter() - t0) * 1000.0 / max(1, n)
+        per_item = seconds * 1000.0 / max(1, n)
         for _ in range(max(1, n)):
             model.stats.ok(per_item)
         return outputs
