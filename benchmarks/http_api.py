@@ -55,6 +55,17 @@ interleaved in ``--rounds`` rounds of ``--requests`` requests per client.
 Per variant: requests per second (median over rounds), p50 and p99 latency
 over every request, and the rows per merged inference. Every answer's top-1
 (argmax of ``predictions``) is checked against the model run in-process.
+
+``--transport`` picks how the clients reach the agents (``--batching`` only):
+``rest`` (the default; the client threads run in the benchmark's process,
+beside the agents), ``grpc`` (TF Serving's ``Predict`` with the tensor as
+``tensor_content``; the client threads run in **a process of their own**,
+started once, so their Python work does not hold the agents' GIL; the
+agents run ``[grpc] enabled`` with their default 8 workers), or
+``inprocess`` (no transport: the client threads call the agent's serving
+core, ``Agent.predictor.predict``, directly, in the benchmark's process:
+what batching does where the model alone is the bottleneck). ``grpc`` and
+``inprocess`` need the tensor MLP (``--model mlp``).
 """
 
 from __future__ import annotations
@@ -112,6 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-threads", type=int, default=1, help="--batching: num_batch_threads (default 1)")
     parser.add_argument("--model", choices=("mlp", "mobilenet"), default="mlp",
                         help="--batching: the tensor MLP (default) or MobileNetV2 fed JPEGs")
+    parser.add_argument("--transport", choices=("rest", "grpc", "inprocess"), default="rest",
+                        help="--batching: REST (default), gRPC from a client process apart, or the serving "
+                             "core called in-process (see the module docstring)")
     args = parser.parse_args(argv)
     if min(args.threads, args.rounds, args.requests, args.clients, args.batch_threads) < 1:
         parser.error("--threads, --rounds, --requests, --clients and --batch-threads must be >= 1")
@@ -285,6 +299,10 @@ BATCHING_VARIANTS = ("unbatched", "batched")
 
 
 def batching_main(args: argparse.Namespace) -> int:
+    if args.transport != "rest" and args.model != "mlp":
+        raise SystemExit(f"--transport {args.transport} needs --model mlp (tensors, not JPEGs)")
+    if args.transport == "grpc" and not has_grpc():
+        raise SystemExit("--transport grpc needs grpcio (pip install 'edge-agent[grpc]')")
     from edge_agent.agent import Agent
     from edge_agent.bundles.pack import pack
     from edge_agent.config import parse_config
@@ -308,6 +326,10 @@ def batching_main(args: argparse.Namespace) -> int:
             rng = np.random.default_rng(0)
             inputs = [rng.normal(size=(MLP_WIDTHS[0],)).astype(np.float32) for _ in range(len(PHOTOS))]
             bodies = [json.dumps({"instances": [x.tolist()]}).encode() for x in inputs]
+            if args.transport == "grpc":
+                bodies = grpc_requests(inputs)
+            elif args.transport == "inprocess":
+                bodies = [x[None] for x in inputs]  # type: ignore[misc]
         else:
             onnx = dynamic_batch_copy(assets["mobilenet_v2"], work / "mobilenet_v2_dynamic.onnx")
             bundle = pack(onnx, name=MODEL_NAME, version=1, out=work / "bundle", preprocessing=dict(PREPROCESSING),
@@ -328,6 +350,7 @@ def batching_main(args: argparse.Namespace) -> int:
                     "store": {"path": str(work / f"store-{variant}")},
                     "models": [{"name": MODEL_NAME, "bundle": str(bundle), "threads": args.threads}],
                     "http": {"enabled": True, "port": 0},
+                    **({"grpc": {"enabled": True, "port": 0}} if args.transport == "grpc" else {}),
                     "batching": {"enabled": variant == "batched", "max_batch_size": args.clients,
                                  "batch_timeout_micros": args.timeout_micros,
                                  "num_batch_threads": args.batch_threads},
@@ -388,6 +411,110 @@ def _clients_round(address: tuple[str, int], bodies: list[bytes], clients: int, 
     return wall, latencies, tops
 
 
+def grpc_requests(inputs: list[np.ndarray]) -> list[bytes]:
+    """Serialized PredictRequests, one per input row (x [1, 512] as ``tensor_content``)."""
+    from edge_agent.grpc.protos import predict_pb2
+    from edge_agent.grpc.tensors import from_numpy
+
+    out = []
+    for x in inputs:
+        req = predict_pb2.PredictRequest()
+        req.model_spec.name = MODEL_NAME
+        from_numpy(x[None], req.inputs["x"])
+        out.append(req.SerializeToString())
+    return out
+
+
+def _grpc_clients_round(address: tuple[str, int], requests_bytes: list[bytes], clients: int, requests: int
+                        ) -> tuple[float, list[float], list[tuple[int, int]]]:
+    """(In the client process.) ``clients`` threads, each with its own
+    channel (its own connection), sending ``requests`` Predicts one after
+    the other; as :func:`_clients_round`."""
+    import threading
+
+    import grpc
+
+    from edge_agent.grpc.protos import predict_pb2, prediction_service_pb2_grpc
+    from edge_agent.grpc.tensors import to_numpy
+
+    reqs = [predict_pb2.PredictRequest.FromString(b) for b in requests_bytes]
+    latencies: list[float] = []
+    tops: list[tuple[int, int]] = []
+    errors: list[str] = []
+    lock = threading.Lock()
+    start = threading.Barrier(clients + 1)
+    channels = [grpc.insecure_channel(f"{address[0]}:{address[1]}", options=[("grpc.use_local_subchannel_pool", 1)])
+                for _ in range(clients)]
+
+    def client(c: int) -> None:
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(channels[c])
+        stub.Predict(reqs[c % len(reqs)], timeout=60)  # the connection is up before the clock starts
+        mine, seen = [], []
+        start.wait()
+        for k in range(requests):
+            i = (c + k) % len(reqs)
+            t0 = time.perf_counter()
+            try:
+                response = stub.Predict(reqs[i], timeout=120)
+            except grpc.RpcError as exc:
+                errors.append(f"{exc.code()}: {exc.details()}")
+                continue
+            mine.append((time.perf_counter() - t0) * 1000.0)
+            seen.append((i, int(np.argmax(to_numpy(response.outputs["logits"]).reshape(-1)))))
+        with lock:
+            latencies.extend(mine)
+            tops.extend(seen)
+
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+    for t in threads:
+        t.start()
+    start.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    for ch in channels:
+        ch.close()
+    if errors:
+        raise RuntimeError(f"{len(errors)} failed requests, e.g. {errors[0]}")
+    return wall, latencies, tops
+
+
+def _inprocess_round(agent: Any, inputs: list[np.ndarray], clients: int, requests: int
+                     ) -> tuple[float, list[float], list[tuple[int, int]]]:
+    """``clients`` threads calling the agent's serving core directly
+    (``Predictor.predict``: validation, the batcher when enabled, the
+    runtime), as :func:`_clients_round`."""
+    import threading
+
+    latencies: list[float] = []
+    tops: list[tuple[int, int]] = []
+    lock = threading.Lock()
+    start = threading.Barrier(clients + 1)
+
+    def client(c: int) -> None:
+        mine, seen = [], []
+        start.wait()
+        for k in range(requests):
+            i = (c + k) % len(inputs)
+            t0 = time.perf_counter()
+            out = agent.predictor.predict(MODEL_NAME, {"x": inputs[i]}).outputs["logits"]
+            mine.append((time.perf_counter() - t0) * 1000.0)
+            seen.append((i, int(np.argmax(out[0]))))
+        with lock:
+            latencies.extend(mine)
+            tops.extend(seen)
+
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+    for t in threads:
+        t.start()
+    start.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - t0, latencies, tops
+
+
 MLP_WIDTHS = (512, 2048, 2048, 2048, 10)
 
 
@@ -424,9 +551,36 @@ def measure_batching(agents: dict[str, Any], jpegs: list[str], bodies: list[byte
         with agents["unbatched"].models.acquire(MODEL_NAME) as model:
             frames = [cv2.imdecode(np.frombuffer(base64.b64decode(j), np.uint8), cv2.IMREAD_COLOR) for j in jpegs]
             expected = [model.process(f).payload["top"][0]["index"] for f in frames]
-    addresses = {v: a.http.address for v, a in agents.items()}
+    pool = None
+    if args.transport == "grpc":  # the clients in a process of their own, started once
+        import multiprocessing
+
+        pool = multiprocessing.get_context("spawn").Pool(1)
+        addresses = {v: a.grpc.address for v, a in agents.items()}
+
+        def one_round(v: str, n: int) -> tuple[float, list[float], list[tuple[int, int]]]:
+            return pool.apply(_grpc_clients_round, (addresses[v], bodies, args.clients, n))
+    elif args.transport == "inprocess":
+        def one_round(v: str, n: int) -> tuple[float, list[float], list[tuple[int, int]]]:
+            return _inprocess_round(agents[v], bodies, args.clients, n)  # type: ignore[arg-type]
+    else:
+        addresses = {v: a.http.address for v, a in agents.items()}
+
+        def one_round(v: str, n: int) -> tuple[float, list[float], list[tuple[int, int]]]:
+            return _clients_round(addresses[v], bodies, args.clients, n)
+    try:
+        return _measure_rounds(agents, expected, args, one_round)
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
+
+
+def _measure_rounds(agents: dict[str, Any], expected: list[int], args: argparse.Namespace,
+                    one_round: Callable[[str, int], tuple[float, list[float], list[tuple[int, int]]]]
+                    ) -> dict[str, Any]:
     for v in BATCHING_VARIANTS:  # warm-up
-        _clients_round(addresses[v], bodies, args.clients, 3)
+        one_round(v, 3)
     rps: dict[str, list[float]] = {v: [] for v in BATCHING_VARIANTS}
     latencies: dict[str, list[float]] = {v: [] for v in BATCHING_VARIANTS}
     mismatches = {v: 0 for v in BATCHING_VARIANTS}
@@ -434,7 +588,7 @@ def measure_batching(agents: dict[str, Any], jpegs: list[str], bodies: list[byte
               for v in BATCHING_VARIANTS}
     for r in range(args.rounds):
         for v in BATCHING_VARIANTS:
-            wall, lat, tops = _clients_round(addresses[v], bodies, args.clients, args.requests)
+            wall, lat, tops = one_round(v, args.requests)
             rps[v].append(len(lat) / wall)
             latencies[v].extend(lat)
             mismatches[v] += sum(top != expected[i] for i, top in tops)
@@ -462,15 +616,21 @@ def measure_batching(agents: dict[str, Any], jpegs: list[str], bodies: list[byte
         "settings": {"mode": "batching", "clients": args.clients, "threads": args.threads, "rounds": args.rounds,
                      "requests_per_client": args.requests, "max_batch_size": args.clients,
                      "batch_timeout_micros": args.timeout_micros, "num_batch_threads": args.batch_threads,
-                     "transport": "REST", "model": args.model},
+                     "transport": args.transport, "model": args.model,
+                     "clients_in": {"rest": "the benchmark's process (beside the agents)",
+                                    "grpc": "a process of their own",
+                                    "inprocess": "the benchmark's process, no transport"}[args.transport]},
         "variants": variants,
     }
+
+
+TRANSPORT_NAMES = {"rest": "REST", "grpc": "gRPC", "inprocess": "in-process (Predictor.predict)"}
 
 
 def batching_table(report: dict[str, Any]) -> str:
     s = report["settings"]
     lines = [
-        f"{s['clients']} concurrent REST clients, "
+        f"{s['clients']} concurrent {TRANSPORT_NAMES[s['transport']]} clients (in {s['clients_in']}), "
         f"{'MLP 512-2048x3-10 tensors' if s['model'] == 'mlp' else 'MobileNetV2 fp32 dynamic batch, JPEGs'}, "
         f"{s['threads']} runtime thread(s), "
         f"{s['rounds']} rounds x {s['requests_per_client']} requests per client; batched: max_batch_size "
