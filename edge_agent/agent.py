@@ -85,6 +85,7 @@ class Agent:
         self.lingering: list[SourceWorker] = []  # stopped by a reload, threads not ended
         self.http: Any = None
         self.grpc: Any = None
+        self._metrics: Any = None  # the Prometheus metrics HTTP and gRPC count in (made when either starts)
         self._started: list[tuple[str, Callable[[], None]]] = []
 
     def start(self) -> None:
@@ -178,11 +179,21 @@ class Agent:
         from edge_agent.http.api import Api
         from edge_agent.http.server import HttpServer
 
-        api = Api(self.models, ready=self.readiness, stats=self._http_stats, predictor=self.predictor)
+        api = Api(self.models, ready=self.readiness, stats=self._http_stats, predictor=self.predictor,
+                  metrics=self.metrics())
         http = HttpServer(api.handle, cfg.host, cfg.port, max_body_bytes=int(cfg.max_body_mb * 1e6),
                           idle_timeout_s=cfg.idle_timeout_s)
         http.start()
         self.http = http
+
+    def metrics(self) -> Any:
+        """The agent's Prometheus metrics (edge_agent.http.metrics.Metrics), one
+        for HTTP and gRPC, kept across their restarts; ``/metrics`` serves it."""
+        if self._metrics is None:
+            from edge_agent.http.metrics import Metrics
+
+            self._metrics = Metrics(self.models, self._http_stats)
+        return self._metrics
 
     def _stop_http(self) -> None:
         http, self.http = self.http, None
@@ -197,7 +208,7 @@ class Agent:
         from edge_agent.grpc.server import GrpcServer
 
         server = GrpcServer(self.predictor, cfg.host, cfg.port, max_message_bytes=int(cfg.max_message_mb * 1e6),
-                            workers=cfg.workers, tls=cfg.tls)
+                            workers=cfg.workers, tls=cfg.tls, observe=self.metrics().observe_grpc)
         server.start()
         self.grpc = server
 

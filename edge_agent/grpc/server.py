@@ -39,8 +39,9 @@ class GrpcServer:
     """Cheap to build; :meth:`start` binds and serves, :meth:`stop` ends it."""
 
     def __init__(self, predictor: Any, host: str, port: int, *, max_message_bytes: int, workers: int = 8,
-                 tls: Any = None) -> None:
+                 tls: Any = None, observe: Any = None) -> None:
         self.predictor = predictor
+        self.observe = observe  # counts each call in the agent's metrics (edge_agent.grpc.service.Observe)
         self.host, self.port = host, port
         self.max_message_bytes = max_message_bytes
         self.workers = workers
@@ -60,7 +61,7 @@ class GrpcServer:
             options=[("grpc.max_receive_message_length", self.max_message_bytes),
                      ("grpc.so_reuseport", 0)],  # a second agent on the port fails to bind, as over HTTP
         )
-        add_services(server, self.predictor)
+        add_services(server, self.predictor, self.observe)
         host = f"[{self.host}]" if ":" in self.host else self.host
         target = f"{host}:{self.port}"
         try:

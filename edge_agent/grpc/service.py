@@ -19,7 +19,8 @@ request.
 from __future__ import annotations
 
 import logging
-from typing import Any
+import time
+from typing import Any, Callable
 
 import grpc
 
@@ -64,28 +65,45 @@ def _abort(context: grpc.ServicerContext, exc: ServingError) -> None:
     context.abort(code, exc.message)
 
 
+#: ``observe(method, model name as the client spelt it, status code name, seconds)``,
+#: called once per answered call (:meth:`edge_agent.http.metrics.Metrics.observe_grpc`).
+Observe = Callable[[str, "str | None", str, float], None]
+
+
 class _Answering:
-    """Runs a call, turning the serving core's errors into gRPC statuses."""
+    """Runs a call, turning the serving core's errors into gRPC statuses,
+    and counts it (``observe``) as the HTTP API counts its requests."""
+
+    observe: Observe | None = None
 
     def _answer(self, method: str, context: grpc.ServicerContext, call: Any, request: Any) -> Any:
+        started, code = time.perf_counter(), "OK"
         try:
             return call(request)
         except ServingError as exc:
             log.debug("grpc %s: %s %s", method, exc.code, exc.message)
+            code = exc.code if hasattr(grpc.StatusCode, str(exc.code)) else "UNKNOWN"
             _abort(context, exc)
         except tensors.TensorError as exc:
-            _abort(context, ServingError("INVALID_ARGUMENT", str(exc)))
+            code = "INVALID_ARGUMENT"
+            _abort(context, ServingError(code, str(exc)))
         except Exception as exc:  # a bug or a runtime failure: said, not hidden
             log.exception("grpc %s failed", method)
+            code = "INTERNAL"
             context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+        finally:
+            if self.observe is not None:
+                self.observe(method, getattr(getattr(request, "model_spec", None), "name", None), code,
+                             time.perf_counter() - started)
         return None  # not reached: abort raises
 
 
 class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer, _Answering):
     """``tensorflow.serving.PredictionService``: Predict and GetModelMetadata."""
 
-    def __init__(self, predictor: Any) -> None:
+    def __init__(self, predictor: Any, observe: Observe | None = None) -> None:
         self.predictor = predictor
+        self.observe = observe
 
     def Predict(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802 - gRPC's naming
         return self._answer("Predict", context, self._predict, request)
@@ -156,8 +174,9 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer, 
 class ModelServicer(model_service_pb2_grpc.ModelServiceServicer, _Answering):
     """``tensorflow.serving.ModelService``: GetModelStatus."""
 
-    def __init__(self, predictor: Any) -> None:
+    def __init__(self, predictor: Any, observe: Observe | None = None) -> None:
         self.predictor = predictor
+        self.observe = observe
 
     def GetModelStatus(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
         return self._answer("GetModelStatus", context, self._status, request)
@@ -181,7 +200,7 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer, _Answering):
         return response
 
 
-def add_services(server: grpc.Server, predictor: Any) -> None:
-    """Register both services on ``server``."""
-    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(PredictionServicer(predictor), server)
-    model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(predictor), server)
+def add_services(server: grpc.Server, predictor: Any, observe: Observe | None = None) -> None:
+    """Register both services on ``server``; ``observe`` (optional) counts every call."""
+    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(PredictionServicer(predictor, observe), server)
+    model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(predictor, observe), server)

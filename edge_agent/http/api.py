@@ -155,17 +155,18 @@ class Api:
     ``stats``: what ``/metrics`` reads of the agent at each scrape;
     ``max_instances``: instances one predict request may carry;
     ``predictor``: the serving core the API predicts through (shared with
-    gRPC; by default one over ``models``).
+    gRPC; by default one over ``models``); ``metrics``: the agent's metrics
+    (shared with gRPC, kept across a restart of the API; by default its own).
     """
 
     def __init__(self, models: Models, *, ready: Callable[[], tuple[bool, list[str]]],
                  stats: Callable[[], AgentStats], max_instances: int = MAX_INSTANCES,
-                 predictor: Predictor | None = None) -> None:
+                 predictor: Predictor | None = None, metrics: Metrics | None = None) -> None:
         self.models = models
         self.predictor = predictor if predictor is not None else Predictor(models)
         self.ready = ready
         self.max_instances = max_instances
-        self.metrics = Metrics(models, stats)
+        self.metrics = metrics if metrics is not None else Metrics(models, stats)
         self._models = set(models.model_stats())  # the configured models: the manager serves exactly these
 
     # requests -----------------------------------------------------------

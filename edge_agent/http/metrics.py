@@ -1,7 +1,8 @@
 """Prometheus metrics of the HTTP API's ``GET /metrics``.
 
-The request counters and latencies are kept here (the API counts each
-answer); everything else is read at scrape time, so the cameras' frames pay
+The request counters and latencies are kept here (the HTTP API counts each
+answer, and so does the gRPC API through :meth:`Metrics.observe_grpc` when
+the agent serves both: one :class:`Metrics` for the agent); everything else is read at scrape time, so the cameras' frames pay
 nothing: the model manager's status and per-model stats, and an
 :class:`AgentStats` from a callable the agent hands over (its device id, its
 sources' counters, its broker connection).
@@ -88,6 +89,12 @@ class Metrics:
             "edge_agent_http_predict_seconds", "Predict request time (decode, preprocess, inference, postprocess).",
             ["model"], registry=self.registry, buckets=PREDICT_BUCKETS_S,
         )
+        self.grpc_requests = Counter("edge_agent_grpc_requests", "gRPC API calls by method and status code.",
+                                     ["method", "code"], registry=self.registry)
+        self.grpc_predict_seconds = Histogram(
+            "edge_agent_grpc_predict_seconds", "gRPC Predict call time (tensors in, inference, tensors out).",
+            ["model"], registry=self.registry, buckets=PREDICT_BUCKETS_S,
+        )
 
     def model_label(self, name: str) -> str:
         """The ``model`` label of a request for ``name``: itself when configured, else ``unknown``."""
@@ -96,6 +103,15 @@ class Metrics:
     def observe_predict(self, name: str, seconds: float) -> None:
         """One predict request for model ``name`` (as the client spelt it) answered in ``seconds``."""
         self.predict_seconds.labels(self.model_label(name)).observe(seconds)
+
+    def observe_grpc(self, method: str, model: str | None, code: str, seconds: float) -> None:
+        """One gRPC call answered: ``method`` (``Predict``, ``GetModelMetadata``,
+        ``GetModelStatus``: the services' own, a bounded set), the status code's
+        name (``OK``, ``NOT_FOUND``, ...), and for ``Predict`` its time under the
+        model's label (``unknown`` for a name that is not configured)."""
+        self.grpc_requests.labels(method, code).inc()
+        if method == "Predict":
+            self.grpc_predict_seconds.labels(self.model_label(model or "")).observe(seconds)
 
     def render(self) -> tuple[bytes, str]:
         """The text exposition and its content type."""
