@@ -45,6 +45,22 @@ def linear(path: Path, *, dynamic: bool) -> Path:
     return path
 
 
+def echo(path: Path) -> Path:
+    """A string model: text [N] in, the same text [N] out (StringNormalizer would need a system locale)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["text"], ["same"])], "echo",
+        [helper.make_tensor_value_info("text", TensorProto.STRING, ["N"])],
+        [helper.make_tensor_value_info("same", TensorProto.STRING, ["N"])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, path)
+    return path
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory):
     """An agent serving half_plus_two, the tutorial's Linear (dynamic and static batch) and a two-input model,
@@ -55,6 +71,7 @@ def served(tmp_path_factory: pytest.TempPathFactory):
         "linear": linear(tmp / "linear.onnx", dynamic=True),
         "linear_static": linear(tmp / "linear_static.onnx", dynamic=False),
         "two": two_inputs(tmp / "two.onnx"),
+        "echo": echo(tmp / "echo.onnx"),
     }
     models = []
     for name, path in files.items():
@@ -154,6 +171,29 @@ def test_a_model_with_two_named_inputs_row_and_columnar(served) -> None:
     status, cols = call(base, "/v1/models/two:predict", {"inputs": {"a": a, "b": b}})
     assert status == 200
     assert cols == {"outputs": {"sum": [[2.0, 3.0, 4.0], [6.0, 7.0, 8.0]], "prod": [[1.0, 2.0, 3.0], [8.0, 10.0, 12.0]]}}
+
+
+def test_string_inputs_take_text_and_b64_utf8_and_refuse_other_bytes(served) -> None:
+    """TF Serving's REST API sends binary strings as ``{"b64": ...}``; an ONNX
+    model's string tensors hold text, and onnxruntime fed raw bytes answers
+    from their repr (``"b'\\xff'"``) without a word. So b64 that is UTF-8 is
+    the text it encodes, and other bytes are refused (400, naming the input),
+    as the gRPC API refuses such a DT_STRING."""
+    import base64
+
+    _, base, _ = served
+    naive = {"b64": base64.b64encode("naïve".encode()).decode()}
+    status, rows = call(base, "/v1/models/echo:predict", {"instances": ["café", naive]})
+    assert status == 200, rows
+    assert rows == {"predictions": ["café", "naïve"]}
+    status, cols = call(base, "/v1/models/echo:predict", {"inputs": {"text": [naive, "x"]}})
+    assert (status, cols) == (200, {"outputs": ["naïve", "x"]})
+    status, answer = call(base, "/v1/models/echo:predict",
+                          {"instances": ["ok", {"b64": base64.b64encode(b"\xff\xfe").decode()}]})
+    assert status == 400, answer
+    assert "input 'text': string value 1 is not UTF-8 text" in answer["error"]
+    status, answer = call(base, "/v1/models/echo:predict", {"instances": [1.5]})
+    assert status == 400 and 'JSON Value: 1.5 Type: Number is not of expected type: string' in answer["error"]
 
 
 @pytest.mark.parametrize("path, body, status, words", [

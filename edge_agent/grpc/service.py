@@ -120,9 +120,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer, 
         inputs = {}
         for key, proto in request.inputs.items():
             try:
-                inputs[key] = tensors.to_numpy(proto)
-                if proto.dtype == tensors.DT.DT_STRING:
-                    inputs[key] = tensors.as_text(inputs[key])
+                inputs[key] = tensors.to_numpy(proto)  # DT_STRING: bytes, decoded (or refused) by the serving core
             except tensors.TensorError as exc:
                 raise ServingError("INVALID_ARGUMENT", f"input '{key}': {exc}") from None
         result = self.predictor.predict(

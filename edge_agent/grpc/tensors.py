@@ -3,8 +3,9 @@
 In: a tensor given either as ``tensor_content`` (the raw little-endian bytes,
 row-major, what ``tf.make_tensor_proto`` writes for a numpy array) or in the
 typed ``*_val`` field of its dtype (what hand-written clients fill). The
-services hand ``DT_STRING`` values on as UTF-8 text (:func:`as_text`): the
-runtimes' string tensors are text. As in
+services hand ``DT_STRING`` values on as bytes; the serving core decodes
+them as UTF-8 for the model, or refuses them, as it does REST's
+``{"b64": ...}`` (:func:`edge_agent.serving.predict.as_text`). As in
 TensorFlow's ``make_ndarray``, a typed field with fewer values than the shape
 holds repeats its last value (``float_val: 0`` with shape ``[2, 3]`` is six
 zeros); more values than the shape holds is an error. ``DT_STRING`` comes as
@@ -156,21 +157,6 @@ def from_numpy(array: np.ndarray, out: tensor_pb2.TensorProto | None = None) -> 
         proto.tensor_content = np.ascontiguousarray(array).tobytes()
     proto.tensor_shape.dim.extend(tensor_shape_pb2.TensorShapeProto.Dim(size=int(d)) for d in array.shape)
     return proto
-
-
-def as_text(array: np.ndarray) -> np.ndarray:
-    """A DT_STRING tensor's bytes as ``str`` (UTF-8), the way the runtimes take
-    strings (ONNX string tensors are text: onnxruntime would store
-    ``b'...'``'s repr). Raises :class:`TensorError` for bytes that are not UTF-8."""
-    out = np.empty(array.shape, dtype=object)
-    flat = out.reshape(-1)
-    for i, value in enumerate(array.reshape(-1).tolist()):
-        try:
-            flat[i] = value.decode("utf-8") if isinstance(value, bytes) else value
-        except UnicodeDecodeError:
-            raise TensorError(f"string value {i} is not UTF-8 text ({value[:16]!r}); the model's string "
-                              "tensors hold text") from None
-    return out
 
 
 def _as_bytes(value: Any) -> bytes:

@@ -128,11 +128,7 @@ def _strings(value: Any) -> np.ndarray:
         if isinstance(v, list):
             return [leaf(x) for x in v]
         if is_b64(v):
-            raw = decode_b64(v)
-            try:
-                return raw.decode("utf-8")
-            except UnicodeDecodeError:
-                return raw
+            return decode_b64(v)  # bytes: the serving core decodes them as UTF-8 or refuses them
         if isinstance(v, str):
             return v
         raise type_error(v, "string")

@@ -103,7 +103,7 @@ def cast_input(info: TensorInfo, value: Any) -> np.ndarray:
         if kind not in "USO":
             raise ServingError("INVALID_ARGUMENT",
                                f"input {info.name!r}: expects string but {array.dtype.name} is provided")
-        array = array.astype(object)
+        array = as_text(info.name, array)
     elif array.dtype.name != want:
         target = np.dtype(want)
         ok = False
@@ -128,6 +128,32 @@ def cast_input(info: TensorInfo, value: Any) -> np.ndarray:
                            f"input {info.name!r}: shape {list(array.shape)} does not match the signature's "
                            f"{info.shape} (-1: any size)")
     return array
+
+
+def as_text(name: str, array: np.ndarray) -> np.ndarray:
+    """A string input's values as ``str`` (an object array), the way the
+    runtimes take strings: ONNX string tensors hold text (onnxruntime would
+    store a ``bytes`` value's repr, ``"b'...'"``, and answer from that).
+    Bytes (REST's ``{"b64": ...}``, gRPC's ``DT_STRING``) are decoded as
+    UTF-8; bytes that are not UTF-8 text, or a value that is not a string,
+    are INVALID_ARGUMENT naming the input, for REST and gRPC alike."""
+    out = np.empty(array.shape, dtype=object)
+    flat = out.reshape(-1)
+    for i, value in enumerate(array.reshape(-1).tolist()):
+        if isinstance(value, str):
+            flat[i] = value
+        elif isinstance(value, bytes):
+            try:
+                flat[i] = value.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ServingError(
+                    "INVALID_ARGUMENT",
+                    f"input {name!r}: string value {i} is not UTF-8 text ({value[:16]!r}): the model's string "
+                    "inputs take text, not raw bytes") from None
+        else:
+            raise ServingError("INVALID_ARGUMENT", f"input {name!r}: expects string but value {i} is "
+                                                   f"{type(value).__name__} ({value!r:.40})")
+    return out
 
 
 class Session:
