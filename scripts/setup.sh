@@ -20,6 +20,9 @@ sudo_cmd=()
 [ "$(id -u)" -eq 0 ] || sudo_cmd=(sudo)
 
 apt_missing=()
+prometheus_server_new=0
+# systemd is running when this directory exists (sd_booted(3)); tests point it elsewhere.
+SYSTEMD_RUN_DIR=${SYSTEMD_RUN_DIR:-/run/systemd/system}
 "$PYTHON" -c 'import ensurepip, venv' 2>/dev/null || apt_missing+=(python3-venv)
 [ -f /usr/share/darknet/data/dog.jpg ] || apt_missing+=(darknet)
 if [ "$mode" = dev ]; then
@@ -30,8 +33,13 @@ if [ "$mode" = dev ]; then
   command -v ffmpeg >/dev/null || apt_missing+=(ffmpeg)
   command -v npm >/dev/null || apt_missing+=(npm)   # testassets fetch npm tarballs with `npm pack`
   command -v gst-launch-1.0 >/dev/null || apt_missing+=(gstreamer1.0-tools)
-  # promtool (Debian's prometheus package) lints a live agent's /metrics.
-  command -v promtool >/dev/null || apt_missing+=(prometheus)
+  # promtool lints a live agent's /metrics. Debian and Ubuntu ship it only in
+  # the prometheus package, which also starts and enables a Prometheus server
+  # (port 9090): a server setup installs is stopped and disabled below.
+  if ! command -v promtool >/dev/null; then
+    apt_missing+=(prometheus)
+    dpkg -s prometheus >/dev/null 2>&1 || prometheus_server_new=1
+  fi
   dpkg -s gstreamer1.0-plugins-good >/dev/null 2>&1 || apt_missing+=(gstreamer1.0-plugins-base gstreamer1.0-plugins-good)
   # systemd-analyze verifies the unit; debootstrap and qemu-user-static build
   # and run the emulated arm64 system of scripts/arm64_check.sh.
@@ -43,6 +51,18 @@ if [ ${#apt_missing[@]} -gt 0 ]; then
   echo "setup: installing Debian packages: ${apt_missing[*]}"
   "${sudo_cmd[@]}" apt-get update -qq
   DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends "${apt_missing[@]}" >/dev/null
+fi
+if [ "$prometheus_server_new" = 1 ]; then
+  # Only promtool was wanted: the server the package started is stopped and
+  # not started at boot (a Prometheus that was installed before is left alone).
+  if [ -d "$SYSTEMD_RUN_DIR" ]; then
+    "${sudo_cmd[@]}" systemctl disable --now --quiet prometheus.service \
+      || echo "setup: warning: could not stop the Prometheus server the prometheus package started (systemctl disable --now prometheus)" >&2
+  elif [ -x /etc/init.d/prometheus ]; then
+    "${sudo_cmd[@]}" invoke-rc.d prometheus stop >/dev/null 2>&1 || true
+    "${sudo_cmd[@]}" update-rc.d prometheus disable >/dev/null 2>&1 || true
+  fi
+  echo "setup: promtool installed (Debian's prometheus package); its Prometheus server is stopped and disabled"
 fi
 
 if [ ! -x "$VENV/bin/python" ]; then
