@@ -617,7 +617,7 @@ def _measure_rounds(agents: dict[str, Any], expected: list[int], args: argparse.
                      "requests_per_client": args.requests, "max_batch_size": args.clients,
                      "batch_timeout_micros": args.timeout_micros, "num_batch_threads": args.batch_threads,
                      "transport": args.transport, "model": args.model,
-                     "clients_in": {"rest": "the benchmark's process (beside the agents)",
+                     "clients_in": {"rest": "the benchmark's process, beside the agents",
                                     "grpc": "a process of their own",
                                     "inprocess": "the benchmark's process, no transport"}[args.transport]},
         "variants": variants,
