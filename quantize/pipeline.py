@@ -339,7 +339,8 @@ def _tflite_int8(
             return judge.agreement(reference_all, got)
 
         artifact = tflite.convert_int8_mixed(
-            base, calib, mean, std, out, evaluate=agreement, target=opts.min_agreement, rule="stable", **kwargs
+            base, calib, mean, std, out, evaluate=agreement, target=opts.min_agreement, rule="stable",
+            score="kl" if judge.metric == "top1" else "nsr", **kwargs
         )
     else:
         artifact = tflite.convert_int8(base, calib, mean, std, out, **kwargs)

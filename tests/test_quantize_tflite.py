@@ -236,6 +236,18 @@ def test_worker_sensitivity_score_is_the_kl_divergence_of_the_softmax() -> None:
     assert 0 < near < far
 
 
+def test_worker_sensitivity_for_detector_outputs_is_the_noise_to_signal_ratio() -> None:
+    """A detector's raw outputs (boxes and scores, no class logits) are
+    ranked by mean squared error over the float output's variance: a softmax
+    over 6300 x 85 numbers is no distribution, and a constant shift (KL's
+    blind spot) moves every box."""
+    ref = np.array([[0.2, 0.4, 0.9, 0.01], [0.5, 0.5, 0.1, 0.7]])
+    assert worker.nsr(ref, ref) == 0.0
+    assert worker.nsr(ref, ref + 0.1) > 0 and worker.kl(ref, ref + 0.1) == pytest.approx(0.0, abs=1e-12)
+    assert worker.nsr(ref, ref * 1.01) < worker.nsr(ref, ref * 1.2)
+    assert set(worker.SCORES) == {"kl", "nsr"}
+
+
 # ---------------------------------------------------------------- real converter
 
 

@@ -62,13 +62,15 @@ def convert_int8_mixed(
     cache_dir: Path | None = None,
     method: Literal["isolation", "debugger"] = "isolation",
     rule: Literal["first", "stable"] = "first",
+    score: Literal["kl", "nsr"] = "kl",
 ) -> TfliteArtifact:
     """Like :func:`convert_int8`, then automatic mixed precision: rank the
     layers by sensitivity and keep the fewest most sensitive ones in float
     (input and output stay int8) until ``evaluate(path) >= target``.
 
     ``evaluate`` runs a candidate .tflite (in this environment) and returns
-    its top-1 agreement with fp32; give it data that is not the evaluation
+    its agreement with fp32 (top-1, or a detector's mAP@0.5); ``score`` is
+    the sensitivity measure (``kl`` for class logits, ``nsr`` otherwise); give it data that is not the evaluation
     set you report on. The result's ``float_nodes``/``float_layers`` say what
     was kept in float, ``agreement``/``target_met``/``trials`` how the search
     went. See :meth:`TfliteConverter.search`.
@@ -76,5 +78,6 @@ def convert_int8_mixed(
     with TfliteConverter(env, progress=progress, cache_dir=cache_dir) as conv:
         conv.prepare(onnx_fp32, calibration, mean, std)
         return conv.search(
-            out, evaluate=evaluate, target=target, max_float_nodes=max_float_nodes, per_channel=per_channel, method=method, rule=rule
+            out, evaluate=evaluate, target=target, max_float_nodes=max_float_nodes, per_channel=per_channel,
+            method=method, rule=rule, score=score,
         )

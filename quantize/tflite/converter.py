@@ -198,6 +198,7 @@ class TfliteConverter:
         *,
         method: Literal["isolation", "debugger"] = "isolation",
         samples: int = 32,
+        score: Literal["kl", "nsr"] = "kl",
     ) -> list[Sensitivity]:
         """Rank the layers by how much their quantization hurts, most harmful
         first, on up to ``samples`` calibration images (never evaluation data).
@@ -210,11 +211,13 @@ class TfliteConverter:
         ratio ``||f - q||² / ||f||²``; faster but a much weaker predictor of
         what floating a layer buys (measured on MobileNetV2: keeping the top
         16 in float gave 84 % agreement ranked by isolation, 79 % by
-        noise-to-signal and 62 % by the debugger's rmse/scale).
+        noise-to-signal and 62 % by the debugger's rmse/scale). ``score``
+        (isolation): ``kl`` for class logits, ``nsr`` (mean squared error over
+        the float output's variance) for outputs that are not, a detector's.
         """
         if self.prepared is None:
             raise QuantizeError("prepare() a model first")
-        reply = self._worker.request("sensitivity", method=method, samples=samples)
+        reply = self._worker.request("sensitivity", method=method, samples=samples, score=score)
         by_name = {layer.name: layer for layer in self.layers()}
         return [Sensitivity(by_name[name], float(score)) for name, score in reply["ranking"] if name in by_name]
 
@@ -229,6 +232,7 @@ class TfliteConverter:
         ranking: Sequence[Sensitivity] | None = None,
         method: Literal["isolation", "debugger"] = "isolation",
         rule: Literal["first", "stable"] = "first",
+        score: Literal["kl", "nsr"] = "kl",
     ) -> TfliteArtifact:
         """Keep the fewest most sensitive layers in float until
         ``evaluate(candidate.tflite)`` reaches ``target``.
@@ -271,7 +275,7 @@ class TfliteConverter:
             best_k, met = 0, True
         else:
             if ranking is None:
-                ranking = self.sensitivity(method=method)
+                ranking = self.sensitivity(method=method, score=score)
             order = [s.layer.name for s in ranking][: max(0, max_float_nodes)]
             if rule == "stable":
                 best_k, met = first_stable(len(order), agree, target)

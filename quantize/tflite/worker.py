@@ -377,13 +377,27 @@ def kl(ref: np.ndarray, cand: np.ndarray) -> float:
     return float(np.mean(np.sum(np.exp(lp) * (lp - lq), axis=1)))
 
 
-def _isolation_scores(names: list[str], sub: np.ndarray) -> list[tuple[str, float]]:
-    """Each layer quantized alone (the rest float): KL of its outputs from fp32."""
+def nsr(ref: np.ndarray, cand: np.ndarray) -> float:
+    """Noise-to-signal ratio: mean squared difference over the variance of
+    ``ref`` (raw outputs that are no class logits, e.g. a detector's)."""
+    ref64 = ref.astype(np.float64)
+    return float(np.mean((ref64 - cand) ** 2) / max(float(np.var(ref64)), 1e-12))
+
+
+#: How far a candidate's outputs are from the float model's, by name.
+SCORES = {"kl": kl, "nsr": nsr}
+
+
+def _isolation_scores(names: list[str], sub: np.ndarray, score: str = "kl") -> list[tuple[str, float]]:
+    """Each layer quantized alone (the rest float): how far its outputs move
+    from fp32 (``score``: KL of the softmax for a classifier, noise-to-signal
+    for other outputs)."""
+    measure = SCORES[score]
     ref = run_model(STATE["float"], sub)
     scores = []
     for k, name in enumerate(names):
         cand = quantize_bytes([n for n in names if n != name], int8_io=False)
-        scores.append((name, kl(ref, run_model(cand, sub))))
+        scores.append((name, measure(ref, run_model(cand, sub))))
         if k % 8 == 7 or k == len(names) - 1:
             progress(f"sensitivity: {k + 1}/{len(names)} layers")
     return scores
@@ -418,9 +432,13 @@ def sensitivity(req: dict[str, Any]) -> dict[str, Any]:
     calibration images, most harmful first (cached beside the prepared model)."""
     method = req.get("method", "isolation")
     samples = max(1, int(req.get("samples", 32)))
+    score = req.get("score", "kl")
+    if score not in SCORES:
+        raise Refused(f"unknown sensitivity score {score!r}", "bad_input")
     cache_file = None
     if STATE.get("cache"):
-        cache_file = os.path.join(STATE["cache"], f"sensitivity-{method}-{samples}.json")
+        suffix = "" if score == "kl" else f"-{score}"
+        cache_file = os.path.join(STATE["cache"], f"sensitivity-{method}-{samples}{suffix}.json")
         if os.path.exists(cache_file):
             with open(cache_file) as f:
                 progress("sensitivity ranking taken from the cache")
@@ -430,7 +448,7 @@ def sensitivity(req: dict[str, Any]) -> dict[str, Any]:
     sub = data[np.unique(idx)]
     names = [layer["name"] for layer in STATE["meta"]["layers"]]
     if method == "isolation":
-        scores = _isolation_scores(names, sub)
+        scores = _isolation_scores(names, sub, score)
     elif method == "debugger":
         scores = _debugger_scores(names, sub)
     else:
