@@ -312,6 +312,30 @@ def test_a_request_over_the_size_limit_is_refused_and_serving_goes_on(stub: Any)
     assert stub.Predict(request("linear", input=X), timeout=10).model_spec.version.value == 1
 
 
+def test_a_few_bytes_of_shape_cannot_make_the_device_hold_gigabytes(stub: Any) -> None:
+    """TensorFlow's rule repeats a typed field's last value to fill the shape, so a 20-byte request with
+    tensor_shape [2e9] would make the agent allocate 8 GB (it did: 15 GB RSS on a live agent). The array a
+    request tensor expands to is held to the message limit: INVALID_ARGUMENT naming the shape."""
+    t = tensor_pb2.TensorProto(dtype=DT.DT_FLOAT, float_val=[1.0])
+    t.tensor_shape.dim.add(size=100_000)  # 1.6 MB as an array > the fixture's 1 MB, in a message of a few bytes
+    t.tensor_shape.dim.add(size=4)
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Predict(request("linear", input=t), timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "tensor_shape [100000, 4] of DT_FLOAT is 1600000 bytes" in err.value.details()
+    assert stub.Predict(request("linear", input=X), timeout=10).model_spec.version.value == 1
+
+
+def test_a_shape_too_large_to_count_is_refused_not_overflowed() -> None:
+    """Dimensions whose product overflows int64 must not wrap to a small count (a crash or a wrong
+    tensor): the size is counted exactly and refused."""
+    t = tensor_pb2.TensorProto(dtype=DT.DT_FLOAT)
+    t.tensor_shape.dim.add(size=2**32)
+    t.tensor_shape.dim.add(size=2**32)
+    with pytest.raises(tensors.TensorError, match="at most 1000"):
+        tensors.to_numpy(t, max_bytes=1000)
+
+
 def test_classify_and_regress_are_unimplemented(channel: Any) -> None:
     """TF Serving's Classify/Regress (tf.Example inputs) are not served: gRPC's own UNIMPLEMENTED, not a hang."""
     call = channel.unary_unary("/tensorflow.serving.PredictionService/Classify",

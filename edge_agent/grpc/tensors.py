@@ -8,7 +8,10 @@ them as UTF-8 for the model, or refuses them, as it does REST's
 ``{"b64": ...}`` (:func:`edge_agent.serving.predict.as_text`). As in
 TensorFlow's ``make_ndarray``, a typed field with fewer values than the shape
 holds repeats its last value (``float_val: 0`` with shape ``[2, 3]`` is six
-zeros); more values than the shape holds is an error. ``DT_STRING`` comes as
+zeros); more values than the shape holds is an error. The array a tensor
+expands to is bounded (``max_bytes``: the server's message limit), so a
+few bytes of ``tensor_shape`` cannot make the device allocate gigabytes.
+``DT_STRING`` comes as
 ``string_val`` and becomes a numpy object array of ``bytes``.
 
 Out: numeric tensors as ``tensor_content`` (one copy of the array's bytes,
@@ -21,6 +24,7 @@ thread. Errors are :class:`TensorError` (the caller answers INVALID_ARGUMENT).
 
 from __future__ import annotations
 
+import math
 import sys
 from typing import Any
 
@@ -88,14 +92,18 @@ def shape_of(proto: tensor_shape_pb2.TensorShapeProto) -> tuple[int, ...]:
     return dims
 
 
-def to_numpy(proto: tensor_pb2.TensorProto) -> np.ndarray:
-    """The array a TensorProto holds. Raises :class:`TensorError`."""
+def to_numpy(proto: tensor_pb2.TensorProto, max_bytes: int | None = None) -> np.ndarray:
+    """The array a TensorProto holds. Raises :class:`TensorError`, also when
+    that array would take more than ``max_bytes`` (None: no bound)."""
     dt = NUMPY_OF.get(proto.dtype)
     if dt is None:
         raise TensorError(f"dtype {dtype_name(proto.dtype)} is not supported (supported: "
                           + ", ".join(dtype_name(d) for d in NUMPY_OF) + ")")
     shape = shape_of(proto.tensor_shape)
-    n = int(np.prod(shape, dtype=np.int64))
+    n = math.prod(shape)  # Python ints: a huge shape cannot overflow to a small count
+    if max_bytes is not None and n * dt.itemsize > max_bytes:
+        raise TensorError(f"tensor_shape {list(shape)} of {dtype_name(proto.dtype)} is {n * dt.itemsize} bytes "
+                          f"as an array; at most {max_bytes} ([grpc] max_message_mb)")
     if proto.tensor_content and proto.dtype != DT.DT_STRING:
         content = proto.tensor_content
         if len(content) != n * dt.itemsize:
