@@ -507,6 +507,9 @@ def _parse_json(body: bytes) -> Any:
         return json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ApiError(HTTPStatus.BAD_REQUEST, f"JSON Parse error: the body is not valid JSON: {exc}") from None
+    except RecursionError:  # [[[[... nested past Python's stack: the client's fault, not a 500 and a traceback
+        raise ApiError(HTTPStatus.BAD_REQUEST, "JSON Parse error: the body nests arrays or objects too deeply "
+                       "(a tensor has at most 64 dimensions)") from None
 
 
 def _decode_image(value: dict[str, str], index: int) -> np.ndarray:

@@ -94,7 +94,7 @@ def to_array(value: Any, info: TensorInfo) -> np.ndarray:
     try:
         array = np.asarray(value)
     except ValueError:
-        raise invalid(f"input {info.name!r}: the lists are not all of one size (a tensor is rectangular)") from None
+        raise invalid(_not_a_tensor(value, info.name)) from None
     kind = array.dtype.kind
     target = np.dtype(dtype)
     if target.kind == "f":
@@ -121,6 +121,21 @@ def to_array(value: Any, info: TensorInfo) -> np.ndarray:
             raise invalid(f"Cannot convert JSON value: {float(np.abs(finite).max())} to "
                           f"{_TF_TYPE_WORD[dtype]} without loss of precision.")
     return array.astype(target)
+
+
+def _depth(value: Any) -> int:
+    depth = 0
+    while isinstance(value, list) and value:
+        value, depth = value[0], depth + 1
+    return depth
+
+
+def _not_a_tensor(value: Any, name: str) -> str:
+    """Why nested lists numpy refused are not a tensor: too deep, or ragged."""
+    depth = _depth(value)
+    if depth > 32:
+        return f"input {name!r}: the lists nest {depth} levels deep: too many dimensions for a tensor"
+    return f"input {name!r}: the lists are not all of one size (a tensor is rectangular)"
 
 
 def _strings(value: Any) -> np.ndarray:
