@@ -90,13 +90,14 @@ def echo_strings(path: Path) -> Path:
 
 class Manager:
     """The model manager's reads and ``acquire`` over real runtimes: version 1
-    of each model loaded and labelled ``stable``, version 2 installed only."""
+    of each model loaded and labelled ``stable``, version 2 installed only (labelled ``next``)."""
 
     def __init__(self, **models: Any) -> None:
         self.models = models
 
     def status(self) -> dict[str, Any]:
-        return {n: {"versions": [1, 2], "labels": {"stable": 1}, "loaded": [1], "failed": {}} for n in self.models}
+        return {n: {"versions": [1, 2], "labels": {"stable": 1, "next": 2}, "loaded": [1], "failed": {}}
+                for n in self.models}
 
     def model_stats(self) -> dict[str, dict[str, Any]]:
         return {n: {"version": 1} for n in self.models}
@@ -244,6 +245,11 @@ def test_get_model_status_lists_versions_and_states(channel: Any) -> None:
     assert [s.version for s in stub.GetModelStatus(req, timeout=10).model_version_status] == [1]
     req.model_spec.version_label = "stable"
     assert [s.version for s in stub.GetModelStatus(req, timeout=10).model_version_status] == [1]
+    # a label on a version that is installed but not loaded is reported (END), not NOT_FOUND: status reads
+    # the store, it does not acquire a model
+    req.model_spec.version_label = "next"
+    assert [(s.version, s.state) for s in stub.GetModelStatus(req, timeout=10).model_version_status] == [
+        (2, states.END)]
     req.model_spec.name = "junk"
     with pytest.raises(grpc.RpcError) as err:
         stub.GetModelStatus(req, timeout=10)

@@ -60,7 +60,10 @@ def test_health_readiness_and_status_answer_as_json() -> None:
     assert resp.status == 200 and resp.body == (b'{"model_version_status":[{"version":"1","state":"END",'
                                                 b'"status":{"error_code":"OK","error_message":""}}]}')
     resp, _ = get(api, "GET", "/v1/models/%6D/versions/2")  # the path is percent-decoded
-    assert (resp.status, resp.body) == (404, b"{\"error\":\"model 'm' has no version 2\"}")
+    # TF Serving's GetModelStatus words, the same as the gRPC API's (one serving core answers both)
+    assert (resp.status, resp.body) == (404, b'{"error":"Could not find version 2 of model m"}')
+    resp, _ = get(api, "GET", "/v1/models/junk")
+    assert (resp.status, resp.body) == (404, b'{"error":"Could not find any versions of model junk"}')
 
 
 def test_a_refused_request_never_reads_its_body() -> None:

@@ -184,11 +184,9 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer, _Answering):
         spec = request.model_spec
         name = _model_name(spec)
         version, label = _version_choice(spec)
-        if label is not None:
-            version, _ = self.predictor.resolve(name, label=label)
         response = get_model_status_pb2.GetModelStatusResponse()
         states = get_model_status_pb2.ModelVersionStatus.State
-        for vs in self.predictor.status(name, version=version):
+        for vs in self.predictor.status(name, version=version, label=label):
             entry = response.model_version_status.add()
             entry.version = int(vs.version)
             entry.state = states.Value(vs.state) if vs.state in states.keys() else states.UNKNOWN
