@@ -224,9 +224,8 @@ class Session:
             raise ServingError("INTERNAL", f"inference failed: {exc}") from None
         first = next(iter(feeds.values()), None)
         n = int(first.shape[0]) if first is not None and first.ndim else 1
-        per_item = seconds * 1000.0 / max(1, n)
-        for _ in range(max(1, n)):
-            model.stats.ok(per_item)
+        n = max(1, n)
+        model.stats.ok(seconds * 1000.0 / n, count=n)
         return outputs
 
 
