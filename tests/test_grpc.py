@@ -555,3 +555,13 @@ def test_a_reload_restarts_the_grpc_api_with_its_new_settings(tmp_path: Path) ->
         assert agent.grpc is None
     finally:
         agent.shutdown()
+
+
+def test_rest_and_grpc_metadata_name_every_signature_dtype_alike() -> None:
+    """One dtype table serves both APIs: a client reading metadata over REST (DT_* as text) and gRPC (the
+    enum) sees the same TensorFlow dtype for every dtype a signature can hold."""
+    from edge_agent.http.rest import tensor_info_json
+    from edge_agent.serving.signature import DTYPES, TensorInfo
+
+    for dtype in DTYPES:
+        assert DT.Name(tensors.DTYPE_OF_NAME[dtype]) == tensor_info_json(TensorInfo("t", dtype, [-1]))["dtype"]

@@ -158,7 +158,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer, 
             target = getattr(sig, side)
             for key, info in infos.items():
                 target[key].CopyFrom(meta_graph_pb2.TensorInfo(
-                    name=info.name, dtype=tensors.DTYPE_OF_NAME.get(str(info.dtype), 0),
+                    name=info.name, dtype=tensors.DTYPE_OF_NAME[info.dtype],
                     tensor_shape=tensors.shape_proto(info.shape),
                 ))
         sigmap = get_model_metadata_pb2.SignatureDefMap()

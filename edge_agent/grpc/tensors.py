@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from edge_agent.grpc.protos import tensor_pb2, tensor_shape_pb2, types_pb2
+from edge_agent.serving.signature import TF_DTYPES
 
 DT = types_pb2.DataType
 
@@ -52,13 +53,13 @@ NUMPY_OF: dict[int, np.dtype] = {
     DT.DT_COMPLEX128: np.dtype(np.complex128),
     DT.DT_STRING: np.dtype(object),
 }
-#: numpy dtype name (as the serving core's signatures spell it) -> TensorFlow dtype.
+#: numpy dtype name -> TensorFlow dtype: the signature's dtypes (one table with REST's metadata), and the
+#: others a model's output may have.
 DTYPE_OF_NAME: dict[str, int] = {
-    "float32": DT.DT_FLOAT, "float64": DT.DT_DOUBLE, "float16": DT.DT_HALF,
-    "int8": DT.DT_INT8, "int16": DT.DT_INT16, "int32": DT.DT_INT32, "int64": DT.DT_INT64,
-    "uint8": DT.DT_UINT8, "uint16": DT.DT_UINT16, "uint32": DT.DT_UINT32, "uint64": DT.DT_UINT64,
-    "bool": DT.DT_BOOL, "complex64": DT.DT_COMPLEX64, "complex128": DT.DT_COMPLEX128,
-    "string": DT.DT_STRING, "object": DT.DT_STRING, "bytes": DT.DT_STRING, "str": DT.DT_STRING,
+    **{name: DT.Value(tf) for name, tf in TF_DTYPES.items()},
+    "uint16": DT.DT_UINT16, "uint32": DT.DT_UINT32, "uint64": DT.DT_UINT64,
+    "complex64": DT.DT_COMPLEX64, "complex128": DT.DT_COMPLEX128,
+    "object": DT.DT_STRING, "bytes": DT.DT_STRING, "str": DT.DT_STRING,
 }
 # The typed field each dtype's values travel in (TensorFlow's tensor.proto).
 _VAL_FIELD = {

@@ -24,15 +24,10 @@ from typing import Any
 import numpy as np
 
 from edge_agent.serving.errors import ServingError
-from edge_agent.serving.signature import TensorInfo
+from edge_agent.serving.signature import TF_DTYPES, TensorInfo
 
-#: numpy dtype name -> TF Serving's DataType name, as metadata reports it
-TF_DTYPES = {
-    "float32": "DT_FLOAT", "float16": "DT_HALF", "float64": "DT_DOUBLE", "int8": "DT_INT8", "uint8": "DT_UINT8",
-    "int16": "DT_INT16", "int32": "DT_INT32", "int64": "DT_INT64", "bool": "DT_BOOL", "string": "DT_STRING",
-}
-_TF_TYPE_WORD = {"float32": "float", "float16": "half", "float64": "double", "int8": "int8", "uint8": "uint8",
-                 "int16": "int16", "int32": "int32", "int64": "int64", "bool": "bool", "string": "string"}
+#: a signature dtype -> TF Serving's word for it in its JSON errors (DT_FLOAT: float)
+_TF_TYPE_WORD = {name: tf[3:].lower() for name, tf in TF_DTYPES.items()}
 
 
 def invalid(message: str) -> ServingError:
