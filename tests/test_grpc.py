@@ -90,13 +90,14 @@ def echo_strings(path: Path) -> Path:
 
 class Manager:
     """The model manager's reads and ``acquire`` over real runtimes: version 1
-    of each model loaded and labelled ``stable``, version 2 installed only."""
+    of each model loaded and labelled ``stable``, version 2 installed only (labelled ``next``)."""
 
     def __init__(self, **models: Any) -> None:
         self.models = models
 
     def status(self) -> dict[str, Any]:
-        return {n: {"versions": [1, 2], "labels": {"stable": 1}, "loaded": [1], "failed": {}} for n in self.models}
+        return {n: {"versions": [1, 2], "labels": {"stable": 1, "next": 2}, "loaded": [1], "failed": {}}
+                for n in self.models}
 
     def model_stats(self) -> dict[str, dict[str, Any]]:
         return {n: {"version": 1} for n in self.models}
@@ -244,6 +245,11 @@ def test_get_model_status_lists_versions_and_states(channel: Any) -> None:
     assert [s.version for s in stub.GetModelStatus(req, timeout=10).model_version_status] == [1]
     req.model_spec.version_label = "stable"
     assert [s.version for s in stub.GetModelStatus(req, timeout=10).model_version_status] == [1]
+    # a label on a version that is installed but not loaded is reported (END), not NOT_FOUND: status reads
+    # the store, it does not acquire a model
+    req.model_spec.version_label = "next"
+    assert [(s.version, s.state) for s in stub.GetModelStatus(req, timeout=10).model_version_status] == [
+        (2, states.END)]
     req.model_spec.name = "junk"
     with pytest.raises(grpc.RpcError) as err:
         stub.GetModelStatus(req, timeout=10)
@@ -310,6 +316,30 @@ def test_a_request_over_the_size_limit_is_refused_and_serving_goes_on(stub: Any)
         stub.Predict(request("linear", input=big), timeout=10)
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert stub.Predict(request("linear", input=X), timeout=10).model_spec.version.value == 1
+
+
+def test_a_few_bytes_of_shape_cannot_make_the_device_hold_gigabytes(stub: Any) -> None:
+    """TensorFlow's rule repeats a typed field's last value to fill the shape, so a 20-byte request with
+    tensor_shape [2e9] would make the agent allocate 8 GB (it did: 15 GB RSS on a live agent). The array a
+    request tensor expands to is held to the message limit: INVALID_ARGUMENT naming the shape."""
+    t = tensor_pb2.TensorProto(dtype=DT.DT_FLOAT, float_val=[1.0])
+    t.tensor_shape.dim.add(size=100_000)  # 1.6 MB as an array > the fixture's 1 MB, in a message of a few bytes
+    t.tensor_shape.dim.add(size=4)
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Predict(request("linear", input=t), timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "tensor_shape [100000, 4] of DT_FLOAT is 1600000 bytes" in err.value.details()
+    assert stub.Predict(request("linear", input=X), timeout=10).model_spec.version.value == 1
+
+
+def test_a_shape_too_large_to_count_is_refused_not_overflowed() -> None:
+    """Dimensions whose product overflows int64 must not wrap to a small count (a crash or a wrong
+    tensor): the size is counted exactly and refused."""
+    t = tensor_pb2.TensorProto(dtype=DT.DT_FLOAT)
+    t.tensor_shape.dim.add(size=2**32)
+    t.tensor_shape.dim.add(size=2**32)
+    with pytest.raises(tensors.TensorError, match="at most 1000"):
+        tensors.to_numpy(t, max_bytes=1000)
 
 
 def test_classify_and_regress_are_unimplemented(channel: Any) -> None:
@@ -525,3 +555,13 @@ def test_a_reload_restarts_the_grpc_api_with_its_new_settings(tmp_path: Path) ->
         assert agent.grpc is None
     finally:
         agent.shutdown()
+
+
+def test_rest_and_grpc_metadata_name_every_signature_dtype_alike() -> None:
+    """One dtype table serves both APIs: a client reading metadata over REST (DT_* as text) and gRPC (the
+    enum) sees the same TensorFlow dtype for every dtype a signature can hold."""
+    from edge_agent.http.rest import tensor_info_json
+    from edge_agent.serving.signature import DTYPES, TensorInfo
+
+    for dtype in DTYPES:
+        assert DT.Name(tensors.DTYPE_OF_NAME[dtype]) == tensor_info_json(TensorInfo("t", dtype, [-1]))["dtype"]

@@ -60,7 +60,10 @@ def test_health_readiness_and_status_answer_as_json() -> None:
     assert resp.status == 200 and resp.body == (b'{"model_version_status":[{"version":"1","state":"END",'
                                                 b'"status":{"error_code":"OK","error_message":""}}]}')
     resp, _ = get(api, "GET", "/v1/models/%6D/versions/2")  # the path is percent-decoded
-    assert (resp.status, resp.body) == (404, b"{\"error\":\"model 'm' has no version 2\"}")
+    # TF Serving's GetModelStatus words, the same as the gRPC API's (one serving core answers both)
+    assert (resp.status, resp.body) == (404, b'{"error":"Could not find version 2 of model m"}')
+    resp, _ = get(api, "GET", "/v1/models/junk")
+    assert (resp.status, resp.body) == (404, b'{"error":"Could not find any versions of model junk"}')
 
 
 def test_a_refused_request_never_reads_its_body() -> None:
@@ -115,3 +118,28 @@ def test_metrics_read_the_stats_callable_at_each_scrape() -> None:
             assert "edge_agent_mqtt_connected" not in text
         else:
             assert line in text
+
+
+def test_json_nested_past_the_stack_is_a_400_not_a_500() -> None:
+    """A body of 100 000 nested brackets (15 bytes of curl) made json.loads raise RecursionError, answered
+    500 with a traceback in the log per request: a client's malformed body must be its 400, counted as such."""
+    api, _ = make_api()
+    body = b'{"inputs":' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    resp, _ = get(api, "POST", "/v1/models/m:predict", body)
+    assert resp.status == 400
+    assert b"JSON Parse error: the body nests arrays or objects too deeply" in resp.body
+
+
+def test_lists_nested_deeper_than_a_tensor_say_so() -> None:
+    """900 nested lists around one number are rectangular; numpy refuses them for their rank, and the
+    answer must say that, not that the lists are ragged."""
+    import pytest
+
+    from edge_agent.http import rest
+    from edge_agent.serving import ServingError, TensorInfo
+
+    value: Any = 1.0
+    for _ in range(900):
+        value = [value]
+    with pytest.raises(ServingError, match="nest 900 levels deep: too many dimensions"):
+        rest.to_array(value, TensorInfo("x", "float32", [-1]))

@@ -4,7 +4,8 @@ TF Serving's gRPC port).
 grpcio's server with a pool of ``workers`` threads; requests beyond that
 wait for a free worker. Request messages larger than ``max_message_bytes``
 are refused by gRPC itself with RESOURCE_EXHAUSTED before they reach the
-services. With ``tls``, the port speaks TLS (and, with ``client_ca_certs``,
+services, and an input tensor whose typed values expand (TensorFlow's
+repeat-the-last-value rule) to an array larger than that is INVALID_ARGUMENT. With ``tls``, the port speaks TLS (and, with ``client_ca_certs``,
 requires a client certificate signed by that CA).
 
 This module and :mod:`edge_agent.grpc.service` are the only ones that import
@@ -61,7 +62,7 @@ class GrpcServer:
             options=[("grpc.max_receive_message_length", self.max_message_bytes),
                      ("grpc.so_reuseport", 0)],  # a second agent on the port fails to bind, as over HTTP
         )
-        add_services(server, self.predictor, self.observe)
+        add_services(server, self.predictor, self.observe, self.max_message_bytes)
         host = f"[{self.host}]" if ":" in self.host else self.host
         target = f"{host}:{self.port}"
         try:

@@ -101,9 +101,10 @@ class _Answering:
 class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer, _Answering):
     """``tensorflow.serving.PredictionService``: Predict and GetModelMetadata."""
 
-    def __init__(self, predictor: Any, observe: Observe | None = None) -> None:
+    def __init__(self, predictor: Any, observe: Observe | None = None, max_tensor_bytes: int | None = None) -> None:
         self.predictor = predictor
         self.observe = observe
+        self.max_tensor_bytes = max_tensor_bytes  # the largest array one input tensor may expand to
 
     def Predict(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802 - gRPC's naming
         return self._answer("Predict", context, self._predict, request)
@@ -120,7 +121,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer, 
         inputs = {}
         for key, proto in request.inputs.items():
             try:
-                inputs[key] = tensors.to_numpy(proto)  # DT_STRING: bytes, decoded (or refused) by the serving core
+                inputs[key] = tensors.to_numpy(proto, self.max_tensor_bytes)  # DT_STRING: bytes, decoded (or refused) by the serving core
             except tensors.TensorError as exc:
                 raise ServingError("INVALID_ARGUMENT", f"input '{key}': {exc}") from None
         result = self.predictor.predict(
@@ -157,7 +158,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer, 
             target = getattr(sig, side)
             for key, info in infos.items():
                 target[key].CopyFrom(meta_graph_pb2.TensorInfo(
-                    name=info.name, dtype=tensors.DTYPE_OF_NAME.get(str(info.dtype), 0),
+                    name=info.name, dtype=tensors.DTYPE_OF_NAME[info.dtype],
                     tensor_shape=tensors.shape_proto(info.shape),
                 ))
         sigmap = get_model_metadata_pb2.SignatureDefMap()
@@ -183,11 +184,9 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer, _Answering):
         spec = request.model_spec
         name = _model_name(spec)
         version, label = _version_choice(spec)
-        if label is not None:
-            version, _ = self.predictor.resolve(name, label=label)
         response = get_model_status_pb2.GetModelStatusResponse()
         states = get_model_status_pb2.ModelVersionStatus.State
-        for vs in self.predictor.status(name, version=version):
+        for vs in self.predictor.status(name, version=version, label=label):
             entry = response.model_version_status.add()
             entry.version = int(vs.version)
             entry.state = states.Value(vs.state) if vs.state in states.keys() else states.UNKNOWN
@@ -198,7 +197,10 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer, _Answering):
         return response
 
 
-def add_services(server: grpc.Server, predictor: Any, observe: Observe | None = None) -> None:
-    """Register both services on ``server``; ``observe`` (optional) counts every call."""
-    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(PredictionServicer(predictor, observe), server)
+def add_services(server: grpc.Server, predictor: Any, observe: Observe | None = None,
+                 max_tensor_bytes: int | None = None) -> None:
+    """Register both services on ``server``; ``observe`` (optional) counts every call;
+    ``max_tensor_bytes`` bounds the array one request tensor may expand to."""
+    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
+        PredictionServicer(predictor, observe, max_tensor_bytes), server)
     model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(predictor, observe), server)

@@ -8,7 +8,10 @@ them as UTF-8 for the model, or refuses them, as it does REST's
 ``{"b64": ...}`` (:func:`edge_agent.serving.predict.as_text`). As in
 TensorFlow's ``make_ndarray``, a typed field with fewer values than the shape
 holds repeats its last value (``float_val: 0`` with shape ``[2, 3]`` is six
-zeros); more values than the shape holds is an error. ``DT_STRING`` comes as
+zeros); more values than the shape holds is an error. The array a tensor
+expands to is bounded (``max_bytes``: the server's message limit), so a
+few bytes of ``tensor_shape`` cannot make the device allocate gigabytes.
+``DT_STRING`` comes as
 ``string_val`` and becomes a numpy object array of ``bytes``.
 
 Out: numeric tensors as ``tensor_content`` (one copy of the array's bytes,
@@ -21,12 +24,14 @@ thread. Errors are :class:`TensorError` (the caller answers INVALID_ARGUMENT).
 
 from __future__ import annotations
 
+import math
 import sys
 from typing import Any
 
 import numpy as np
 
 from edge_agent.grpc.protos import tensor_pb2, tensor_shape_pb2, types_pb2
+from edge_agent.serving.signature import TF_DTYPES
 
 DT = types_pb2.DataType
 
@@ -48,13 +53,13 @@ NUMPY_OF: dict[int, np.dtype] = {
     DT.DT_COMPLEX128: np.dtype(np.complex128),
     DT.DT_STRING: np.dtype(object),
 }
-#: numpy dtype name (as the serving core's signatures spell it) -> TensorFlow dtype.
+#: numpy dtype name -> TensorFlow dtype: the signature's dtypes (one table with REST's metadata), and the
+#: others a model's output may have.
 DTYPE_OF_NAME: dict[str, int] = {
-    "float32": DT.DT_FLOAT, "float64": DT.DT_DOUBLE, "float16": DT.DT_HALF,
-    "int8": DT.DT_INT8, "int16": DT.DT_INT16, "int32": DT.DT_INT32, "int64": DT.DT_INT64,
-    "uint8": DT.DT_UINT8, "uint16": DT.DT_UINT16, "uint32": DT.DT_UINT32, "uint64": DT.DT_UINT64,
-    "bool": DT.DT_BOOL, "complex64": DT.DT_COMPLEX64, "complex128": DT.DT_COMPLEX128,
-    "string": DT.DT_STRING, "object": DT.DT_STRING, "bytes": DT.DT_STRING, "str": DT.DT_STRING,
+    **{name: DT.Value(tf) for name, tf in TF_DTYPES.items()},
+    "uint16": DT.DT_UINT16, "uint32": DT.DT_UINT32, "uint64": DT.DT_UINT64,
+    "complex64": DT.DT_COMPLEX64, "complex128": DT.DT_COMPLEX128,
+    "object": DT.DT_STRING, "bytes": DT.DT_STRING, "str": DT.DT_STRING,
 }
 # The typed field each dtype's values travel in (TensorFlow's tensor.proto).
 _VAL_FIELD = {
@@ -88,14 +93,18 @@ def shape_of(proto: tensor_shape_pb2.TensorShapeProto) -> tuple[int, ...]:
     return dims
 
 
-def to_numpy(proto: tensor_pb2.TensorProto) -> np.ndarray:
-    """The array a TensorProto holds. Raises :class:`TensorError`."""
+def to_numpy(proto: tensor_pb2.TensorProto, max_bytes: int | None = None) -> np.ndarray:
+    """The array a TensorProto holds. Raises :class:`TensorError`, also when
+    that array would take more than ``max_bytes`` (None: no bound)."""
     dt = NUMPY_OF.get(proto.dtype)
     if dt is None:
         raise TensorError(f"dtype {dtype_name(proto.dtype)} is not supported (supported: "
                           + ", ".join(dtype_name(d) for d in NUMPY_OF) + ")")
     shape = shape_of(proto.tensor_shape)
-    n = int(np.prod(shape, dtype=np.int64))
+    n = math.prod(shape)  # Python ints: a huge shape cannot overflow to a small count
+    if max_bytes is not None and n * dt.itemsize > max_bytes:
+        raise TensorError(f"tensor_shape {list(shape)} of {dtype_name(proto.dtype)} is {n * dt.itemsize} bytes "
+                          f"as an array; at most {max_bytes} ([grpc] max_message_mb)")
     if proto.tensor_content and proto.dtype != DT.DT_STRING:
         content = proto.tensor_content
         if len(content) != n * dt.itemsize:

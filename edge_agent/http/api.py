@@ -167,7 +167,6 @@ class Api:
         self.ready = ready
         self.max_instances = max_instances
         self.metrics = metrics if metrics is not None else Metrics(models, stats)
-        self._models = set(models.model_stats())  # the configured models: the manager serves exactly these
 
     # requests -----------------------------------------------------------
 
@@ -223,48 +222,12 @@ class Api:
 
     # model status -------------------------------------------------------
 
-    def _status(self, name: str) -> dict[str, Any]:
-        """The manager's status of one configured model (404 for another)."""
-        if name not in self._models:
-            raise ApiError(HTTPStatus.NOT_FOUND, f"Servable not found for request: model {name!r} is not served here")
-        return self.models.status()[name]
-
-    def _version(self, name: str, version: str | None, label: str | None,
-                 status: dict[str, Any] | None = None) -> int | None:
-        """The version a path names (None: the active one). The store is
-        looked at only when the path names a version or a label: a plain
-        predict goes straight to the serving model."""
-        if version is None and label is None:
-            if name not in self._models:
-                self._status(name)  # raises the 404
-            return None
-        status = status or self._status(name)
-        if label is not None:
-            if label not in status["labels"]:
-                raise ApiError(HTTPStatus.NOT_FOUND, f"model {name!r} has no version labelled {label!r}")
-            return int(status["labels"][label])
-        try:
-            v = int(version)  # type: ignore[arg-type]
-        except ValueError:
-            raise ApiError(HTTPStatus.BAD_REQUEST, f"version {version!r} is not an integer") from None
-        if v not in status["versions"]:
-            raise ApiError(HTTPStatus.NOT_FOUND, f"model {name!r} has no version {v}")
-        return v
-
     def model_status(self, name: str, version: str | None, label: str | None) -> dict[str, Any]:
-        status = self._status(name)
-        wanted = self._version(name, version, label, status)
-        versions = [wanted] if wanted is not None else sorted(status["versions"], reverse=True)
-        entries = []
-        for v in versions:
-            failed = status["failed"].get(str(v))
-            if v in status["loaded"]:
-                state, code, message = "AVAILABLE", "OK", ""
-            elif failed:
-                state, code, message = "END", "FAILED_PRECONDITION", str(failed)
-            else:
-                state, code, message = "END", "OK", ""
-            entries.append({"version": str(v), "state": state, "status": {"error_code": code, "error_message": message}})
+        """TF Serving's GetModelStatus as JSON: the serving core's answer
+        (the same versions, states and NOT_FOUND words as over gRPC)."""
+        entries = [{"version": str(vs.version), "state": vs.state,
+                    "status": {"error_code": vs.error_code, "error_message": vs.error_message}}
+                   for vs in self.predictor.status(name, *self._pick(name, version, label))]
         return {"model_version_status": entries}
 
     def metadata(self, name: str, version: str | None, label: str | None) -> dict[str, Any]:
@@ -507,6 +470,9 @@ def _parse_json(body: bytes) -> Any:
         return json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ApiError(HTTPStatus.BAD_REQUEST, f"JSON Parse error: the body is not valid JSON: {exc}") from None
+    except RecursionError:  # [[[[... nested past Python's stack: the client's fault, not a 500 and a traceback
+        raise ApiError(HTTPStatus.BAD_REQUEST, "JSON Parse error: the body nests arrays or objects too deeply "
+                       "(a tensor has at most 64 dimensions)") from None
 
 
 def _decode_image(value: dict[str, str], index: int) -> np.ndarray:

@@ -24,15 +24,10 @@ from typing import Any
 import numpy as np
 
 from edge_agent.serving.errors import ServingError
-from edge_agent.serving.signature import TensorInfo
+from edge_agent.serving.signature import TF_DTYPES, TensorInfo
 
-#: numpy dtype name -> TF Serving's DataType name, as metadata reports it
-TF_DTYPES = {
-    "float32": "DT_FLOAT", "float16": "DT_HALF", "float64": "DT_DOUBLE", "int8": "DT_INT8", "uint8": "DT_UINT8",
-    "int16": "DT_INT16", "int32": "DT_INT32", "int64": "DT_INT64", "bool": "DT_BOOL", "string": "DT_STRING",
-}
-_TF_TYPE_WORD = {"float32": "float", "float16": "half", "float64": "double", "int8": "int8", "uint8": "uint8",
-                 "int16": "int16", "int32": "int32", "int64": "int64", "bool": "bool", "string": "string"}
+#: a signature dtype -> TF Serving's word for it in its JSON errors (DT_FLOAT: float)
+_TF_TYPE_WORD = {name: tf[3:].lower() for name, tf in TF_DTYPES.items()}
 
 
 def invalid(message: str) -> ServingError:
@@ -94,7 +89,7 @@ def to_array(value: Any, info: TensorInfo) -> np.ndarray:
     try:
         array = np.asarray(value)
     except ValueError:
-        raise invalid(f"input {info.name!r}: the lists are not all of one size (a tensor is rectangular)") from None
+        raise invalid(_not_a_tensor(value, info.name)) from None
     kind = array.dtype.kind
     target = np.dtype(dtype)
     if target.kind == "f":
@@ -121,6 +116,21 @@ def to_array(value: Any, info: TensorInfo) -> np.ndarray:
             raise invalid(f"Cannot convert JSON value: {float(np.abs(finite).max())} to "
                           f"{_TF_TYPE_WORD[dtype]} without loss of precision.")
     return array.astype(target)
+
+
+def _depth(value: Any) -> int:
+    depth = 0
+    while isinstance(value, list) and value:
+        value, depth = value[0], depth + 1
+    return depth
+
+
+def _not_a_tensor(value: Any, name: str) -> str:
+    """Why nested lists numpy refused are not a tensor: too deep, or ragged."""
+    depth = _depth(value)
+    if depth > 32:
+        return f"input {name!r}: the lists nest {depth} levels deep: too many dimensions for a tensor"
+    return f"input {name!r}: the lists are not all of one size (a tensor is rectangular)"
 
 
 def _strings(value: Any) -> np.ndarray:

@@ -224,9 +224,8 @@ class Session:
             raise ServingError("INTERNAL", f"inference failed: {exc}") from None
         first = next(iter(feeds.values()), None)
         n = int(first.shape[0]) if first is not None and first.ndim else 1
-        per_item = seconds * 1000.0 / max(1, n)
-        for _ in range(max(1, n)):
-            model.stats.ok(per_item)
+        n = max(1, n)
+        model.stats.ok(seconds * 1000.0 / n, count=n)
         return outputs
 
 
@@ -297,12 +296,15 @@ class Predictor:
 
     # -- status ----------------------------------------------------------------
 
-    def status(self, name: str, version: int | None = None) -> list[VersionStatus]:
-        """Every installed version, newest first (only ``version`` when
-        given), as GetModelStatus reports them. NOT_FOUND for an unknown
-        model or version."""
+    def status(self, name: str, version: int | None = None, label: str | None = None) -> list[VersionStatus]:
+        """Every installed version, newest first (only ``version``, or the
+        one ``label`` names, when given), as GetModelStatus reports them, for
+        REST and gRPC alike. NOT_FOUND for an unknown model, version or label.
+        Reads the store only: a version need not be loaded to be reported."""
         if name not in self._names:
             raise ServingError("NOT_FOUND", f"Could not find any versions of model {name}")
+        if label is not None and version is None:
+            version = self._label_version(name, label)
         st = self.models.status()[name]
         if version is not None and version not in st["versions"]:
             raise ServingError("NOT_FOUND", f"Could not find version {version} of model {name}")
