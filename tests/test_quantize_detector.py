@@ -47,33 +47,29 @@ def yolo(assets: dict[str, Path]) -> Path:
         pytest.skip(f"detector model unavailable: {exc}")
 
 
-@pytest.mark.parametrize("target", ["onnx", "tflite"])
-def test_int8_yolov5s_agrees_with_fp32_on_boxes_and_still_finds_the_dog(
-    yolo: Path, assets: dict[str, Path], tmp_path: Path, target: str
-) -> None:
-    """The report judges a detector by its boxes: mAP@0.5 against fp32's
-    boxes (the gate's number), recall and precision at the bundle's
-    threshold, and fp32's own noise floor in mAP; a weight-only int8 source
-    is expanded to float first. The int8 bundle keeps the decoder (its
-    output renamed by the TFLite converter followed) and finds the
-    hand-measured objects of dog.jpg."""
-    if target == "tflite":
-        from quantize.errors import QuantizeError
-        from quantize.tflite import find_converter_env
-
-        try:
-            find_converter_env()
-        except QuantizeError as exc:
-            pytest.skip(f"{exc} (scripts/test.sh creates it)")
+def _quantize(yolo: Path, assets: dict[str, Path], tmp_path: Path, *options: str) -> tuple[object, dict, Path]:
     bundle = pack(yolo / "yolov5s.onnx", name="yolov5s", version=1, out=tmp_path / "fp32",
                   labels=yolo / "labels.txt", task="detect")
     cal = _views(assets["photos"], CALIBRATION, tmp_path / "cal", 6)
     ev = _views(assets["photos"], EVALUATION, tmp_path / "eval", 5)
     out = tmp_path / "out"
     result = CliRunner().invoke(main, ["quantize", str(bundle), "--calibration", str(cal), "--eval", str(ev),
-                                       "--out", str(out), "--target", target, "--min-agreement", "0.8"])
+                                       "--out", str(out), *options])
+    report = json.loads((out / "report.json").read_text()) if (out / "report.json").is_file() else {}
+    return result, report, out
+
+
+def test_int8_yolov5s_agrees_with_fp32_on_boxes_and_still_finds_the_dog(
+    yolo: Path, assets: dict[str, Path], tmp_path: Path
+) -> None:
+    """The report judges a detector by its boxes: mAP@0.5 against fp32's
+    boxes (the gate's number), recall and precision at the bundle's
+    threshold, and fp32's own noise floor in mAP; a weight-only int8 source
+    is expanded to float first. The int8 bundle keeps the decoder and finds
+    the hand-measured objects of dog.jpg."""
+    target = "onnx"
+    result, report, out = _quantize(yolo, assets, tmp_path, "--target", target, "--min-agreement", "0.8")
     assert result.exit_code == 0, result.output
-    report = json.loads((out / "report.json").read_text())
     assert report["gate"]["metric"] == "map50" and report["gate"]["passed"]
     assert report["model"]["weights_expanded_from_int8"] > 50
     arts = {a["label"]: a for a in report["artifacts"]}
@@ -95,3 +91,32 @@ def test_int8_yolov5s_agrees_with_fp32_on_boxes_and_still_finds_the_dog(
         check_dog_jpg(model.process(dog(assets)).payload["detections"])
     finally:
         model.close()
+
+
+def test_a_full_int8_tflite_yolo_that_loses_boxes_fails_the_gate_on_detection_agreement(
+    yolo: Path, assets: dict[str, Path], tmp_path: Path
+) -> None:
+    """Without mixed precision, the full-integer TFLite YOLOv5s (int8 in and
+    out, every layer int8) loses many of fp32's boxes on these pictures (43 %
+    mAP@0.5 on the benchmark's calibration views): the gate reads the
+    detection agreement, says so in its words, and writes no bundle. (Mixed
+    precision, which brings it to the target, searches for minutes on 2
+    cores: measured in benchmarks/detector_quantize.py, not here.)"""
+    from quantize.errors import QuantizeError
+    from quantize.tflite import find_converter_env
+
+    try:
+        find_converter_env()
+    except QuantizeError as exc:
+        pytest.skip(f"{exc} (scripts/test.sh creates it)")
+    result, report, out = _quantize(yolo, assets, tmp_path, "--target", "tflite", "--min-agreement", "0.9",
+                                    "--no-mixed-precision")
+    assert result.exit_code == 1, result.output
+    assert "quality gate failed: detection agreement with fp32 (mAP@0.5 against fp32's boxes) below 90.0% for int8 tflite" \
+        in result.output
+    assert report["gate"] == {"min_agreement": 0.9, "metric": "map50", "passed": False, "failing": ["int8 tflite"]}
+    int8 = {a["label"]: a for a in report["artifacts"]}["int8 tflite"]
+    assert int8["detection_map50"] < 0.9 and int8["detection_recall50"] < 1.0
+    assert "bundles" not in report and not list(out.glob("*-int8-*"))
+    ops = report["details"]["tflite"]["ops"]
+    assert "CONV_2D" in ops and not [o for o in ops if o.startswith("Flex")]
