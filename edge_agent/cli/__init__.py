@@ -256,8 +256,9 @@ def keygen(prefix: str) -> None:
 @preprocessing_options
 @click.option("--labels", type=click.Path(dir_okay=False), help="Labels file (for a plain .onnx input).")
 @click.option("--task", type=click.Choice(["classify", "detect"]), help="Task (for a plain .onnx input; default classify).")
-@click.option("--method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax", show_default=True,
-              help="Calibration method for activation ranges.")
+@click.option("--method", type=click.Choice(["minmax", "entropy", "percentile"]), default=None,
+              help="Calibration method for activation ranges (default: minmax for a classifier, percentile for a "
+                   "detector).")
 @click.option("--per-tensor", is_flag=True, help="Per-tensor weights instead of per-channel.")
 @click.option("--min-agreement", type=click.FloatRange(0, 1), default=0.95, show_default=True,
               help="Quality gate: minimum agreement with fp32 of every int8 artifact: top-1 agreement (classifiers), mAP@0.5 against the fp32 boxes (detectors).")
