@@ -57,18 +57,24 @@ from typing import Any, Iterator
 
 import cv2
 
-from _bench import REPO, emit, loadavg, machine_info  # noqa: F401  (REPO puts the checkout on sys.path)
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from _bench import emit, loadavg, machine_info  # noqa: E402  (puts the checkout on sys.path)
 
-import testassets
-from edge_agent.bundles import open_bundle
-from edge_agent.bundles.pack import pack
-from edge_agent.config import ModelConfig
-from edge_agent.models.servable import LoadedModel
-from quantize import pipeline as pipeline_mod
-from quantize.data import Sample, make_views
-from quantize.errors import QualityGateFailed
-from quantize.evaluate import Artifact, interleaved_latency
-from quantize.pipeline import QuantizeOptions
+# benchmarks/quantize.py would shadow the quantize package: drop this folder
+# from the path once the helper module is imported.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
+
+import testassets  # noqa: E402
+from edge_agent.bundles import open_bundle  # noqa: E402
+from edge_agent.bundles.pack import pack  # noqa: E402
+from edge_agent.config import ModelConfig  # noqa: E402
+from edge_agent.models.servable import LoadedModel  # noqa: E402
+from quantize import pipeline as pipeline_mod  # noqa: E402
+from quantize.data import Sample, make_views  # noqa: E402
+from quantize.errors import QualityGateFailed  # noqa: E402
+from quantize.evaluate import Artifact, interleaved_latency  # noqa: E402
+from quantize.pipeline import QuantizeOptions  # noqa: E402
 
 CALIBRATION_PHOTOS = ["astronaut", "motorcycle_left", "motorcycle_right", "giraffe", "eagle", "coffee", "china",
                       "rocket", "camera"]
