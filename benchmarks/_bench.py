@@ -3,11 +3,13 @@ model's preprocessing, and a description of the machine for the JSON."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
+import shutil
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # the checkout's packages (and testassets), even without installing
@@ -30,6 +32,33 @@ def pack_mobilenet(assets: dict[str, Path], out: Path, *, version: int = 1) -> P
 
     return pack(assets["mobilenet_v2"], name=MODEL_NAME, version=version, out=out,
                 preprocessing=dict(PREPROCESSING), labels=assets["imagenet_labels"], task="classify")
+
+
+@contextlib.contextmanager
+def keeping_artifacts(dest: Path, kept: list[Any]) -> Iterator[None]:
+    """Copy every model file a quantize job evaluates into ``dest`` (the
+    job's own work folder is deleted when it ends, bundles are written only
+    when the gate passes), appending an ``Artifact`` for each copy to
+    ``kept``, so they can be timed again afterwards. The job itself runs
+    unchanged: only its call to ``evaluate`` is wrapped."""
+    import quantize.pipeline as pipeline_mod
+    from quantize.evaluate import Artifact
+
+    original = pipeline_mod.evaluate
+
+    def evaluate(artifacts: Any, samples: Any, **kwargs: Any) -> Any:
+        dest.mkdir(parents=True, exist_ok=True)
+        for i, art in enumerate(artifacts):
+            copy = dest / f"{i}-{art.path.name}"
+            shutil.copyfile(art.path, copy)
+            kept.append(Artifact(art.label, copy, art.preprocessing))
+        return original(artifacts, samples, **kwargs)
+
+    pipeline_mod.evaluate = evaluate
+    try:
+        yield
+    finally:
+        pipeline_mod.evaluate = original
 
 
 def emit(report: dict[str, Any], table: str, *, json_only: bool) -> None:

@@ -45,7 +45,6 @@ float model (29 MB) and the registry file's own size is given beside it.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import shutil
 import statistics
@@ -53,13 +52,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import cv2
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _bench import emit, loadavg, machine_info  # noqa: E402  (puts the checkout on sys.path)
+from _bench import emit, keeping_artifacts, loadavg, machine_info  # noqa: E402  (puts the checkout on sys.path)
 
 # benchmarks/quantize.py would shadow the quantize package: drop this folder
 # from the path once the helper module is imported.
@@ -106,27 +105,6 @@ def build_views(photos: Path, root: Path, seed: int) -> tuple[Path, Path]:
                 cv2.imwrite(str(folder / f"{name}_{i:02d}.jpg"), view, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
     stamp.write_text(json.dumps(params))
     return cal, ev
-
-
-@contextlib.contextmanager
-def keeping_artifacts(dest: Path, kept: list[Artifact]) -> Iterator[None]:
-    """Copies of every model file the job evaluates (its work folder goes
-    when it ends), for the timing afterwards; the job runs unchanged."""
-    original = pipeline_mod.evaluate
-
-    def evaluate(artifacts: Any, samples: Any, **kwargs: Any) -> Any:
-        dest.mkdir(parents=True, exist_ok=True)
-        for i, art in enumerate(artifacts):
-            copy = dest / f"{i}-{art.path.name}"
-            shutil.copyfile(art.path, copy)
-            kept.append(Artifact(art.label, copy, art.preprocessing))
-        return original(artifacts, samples, **kwargs)
-
-    pipeline_mod.evaluate = evaluate
-    try:
-        yield
-    finally:
-        pipeline_mod.evaluate = original
 
 
 def float_tflite(fp32: Artifact, calibration: Path, dest: Path) -> Artifact | None:

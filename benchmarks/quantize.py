@@ -99,7 +99,7 @@ import cv2
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _bench import PREPROCESSING, emit, loadavg, machine_info as _machine_info, pack_mobilenet  # noqa: E402
+from _bench import PREPROCESSING, emit, keeping_artifacts, loadavg, machine_info as _machine_info, pack_mobilenet  # noqa: E402
 
 # This file is named like the ``quantize`` package: when run as a script its
 # own folder is sys.path[0] and would shadow the package, so drop it (the
@@ -113,7 +113,6 @@ from testassets.fashion_mnist import (FASHION_MNIST_LABELS_PATH, FASHION_MNIST_M
 from quantize.data import Sample, make_views  # noqa: E402
 from quantize.errors import QualityGateFailed  # noqa: E402
 from quantize.evaluate import Artifact, interleaved_latency  # noqa: E402
-import quantize.pipeline as pipeline_mod  # noqa: E402
 from quantize.pipeline import QuantizeOptions, run as run_quantize  # noqa: E402
 from quantize.report import floor_text  # noqa: E402
 
@@ -282,29 +281,6 @@ class Timeline:
             "evaluation_s": span(*ev) if ev else None,
             "report_and_bundles_s": span(ev[1] if ev else None, end),
         }
-
-
-@contextlib.contextmanager
-def keeping_artifacts(dest: Path, kept: list[Artifact]) -> Iterator[None]:
-    """Copy every model file the job evaluates into ``dest`` (the job's own
-    work folder is deleted when it ends, bundles are written only when the
-    gate passes), so they can be timed again afterwards. The job itself runs
-    unchanged: only its call to ``evaluate`` is wrapped."""
-    original = pipeline_mod.evaluate
-
-    def evaluate(artifacts: Any, samples: Any, **kwargs: Any) -> Any:
-        dest.mkdir(parents=True, exist_ok=True)
-        for i, art in enumerate(artifacts):
-            copy = dest / f"{i}-{art.path.name}"
-            shutil.copyfile(art.path, copy)
-            kept.append(Artifact(art.label, copy, art.preprocessing))
-        return original(artifacts, samples, **kwargs)
-
-    pipeline_mod.evaluate = evaluate
-    try:
-        yield
-    finally:
-        pipeline_mod.evaluate = original
 
 
 def run_job(tag: str, opts: QuantizeOptions, keep: Path | None = None) -> dict[str, Any]:
