@@ -45,6 +45,7 @@ float model (29 MB) and the registry file's own size is given beside it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import statistics
@@ -175,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
         kept: list[Artifact] = []
         t0 = time.perf_counter()
         gate = None
-        with keeping_artifacts(work / "kept", kept):
+        # stdout carries the JSON only: ONNX Runtime's calibrators print() their progress.
+        with keeping_artifacts(work / "kept", kept), contextlib.redirect_stdout(sys.stderr):
             try:
                 pipeline_mod.run(opts, echo=progress)
             except QualityGateFailed as exc:
