@@ -36,9 +36,13 @@ def load(bundle: Path) -> LoadedModel:
         return LoadedModel.load(b, ModelConfig(name="clf", threads=1))
 
 
-def pictures(n: int) -> list[np.ndarray]:
-    rng = np.random.default_rng(3)
-    return [rng.integers(0, 256, (48, 64, 3), dtype=np.uint8) for _ in range(n)]
+PHOTOS = ("chelsea", "coffee", "astronaut", "horses")
+
+
+def pictures(assets: dict[str, Path], n: int) -> list[np.ndarray]:
+    """``n`` different real photos, at a camera-ish 64 x 48."""
+    return [cv2.resize(cv2.imread(str(assets["photos"] / f"{name}.jpg")), (64, 48), interpolation=cv2.INTER_AREA)
+            for name in PHOTOS[:n]]
 
 
 def submit_all(batcher: Batcher, images: list[np.ndarray]) -> list:
@@ -56,7 +60,7 @@ def submit_all(batcher: Batcher, images: list[np.ndarray]) -> list:
     return out
 
 
-def test_each_source_gets_its_own_result_from_one_batch(tmp_path: Path) -> None:
+def test_each_source_gets_its_own_result_from_one_batch(assets: dict[str, Path], tmp_path: Path) -> None:
     model = load(dynamic_bundle(tmp_path))
     try:
         assert model.batchable
@@ -64,7 +68,7 @@ def test_each_source_gets_its_own_result_from_one_batch(tmp_path: Path) -> None:
         batcher = Batcher(models, "clf", None, size=SOURCES, wait_s=5.0)
         for _ in range(SOURCES):
             batcher.attach()
-        images = pictures(SOURCES)
+        images = pictures(assets, SOURCES)
         want = [model.process(img).payload for img in images]
         assert len({str(w) for w in want}) == SOURCES  # different answers: a mix-up would show
         got = submit_all(batcher, images)
@@ -76,14 +80,14 @@ def test_each_source_gets_its_own_result_from_one_batch(tmp_path: Path) -> None:
         model.close()
 
 
-def test_a_lone_frame_waits_at_most_the_max_wait(tmp_path: Path) -> None:
+def test_a_lone_frame_waits_at_most_the_max_wait(assets: dict[str, Path], tmp_path: Path) -> None:
     model = load(dynamic_bundle(tmp_path))
     try:
         batcher = Batcher(StaticModels(model), "clf", None, size=SOURCES, wait_s=0.3)
         for _ in range(SOURCES):
             batcher.attach()  # four sources, only one sends a frame
         t0 = time.monotonic()
-        out, _ = batcher.run(Frame(pictures(1)[0], 0, 0.0), None, None)
+        out, _ = batcher.run(Frame(pictures(assets, 1)[0], 0, 0.0), None, None)
         waited = time.monotonic() - t0
         assert 0.3 <= waited < 2.0, waited
         assert out.payload["top"] and batcher.batches == 1
@@ -92,13 +96,13 @@ def test_a_lone_frame_waits_at_most_the_max_wait(tmp_path: Path) -> None:
         quick.attach()
         quick.attach()
         t0 = time.monotonic()
-        submit_all(quick, pictures(2))
+        submit_all(quick, pictures(assets, 2))
         assert time.monotonic() - t0 < 10.0 and quick.batches == 1
     finally:
         model.close()
 
 
-def test_a_model_without_a_dynamic_batch_goes_frame_by_frame(tmp_path: Path) -> None:
+def test_a_model_without_a_dynamic_batch_goes_frame_by_frame(assets: dict[str, Path], tmp_path: Path) -> None:
     (tmp_path / "s").mkdir()
     static = tiny_onnx_classifier(tmp_path / "s" / "clf-v1.onnx", size=(32, 32), seed=1)
     model = load(pack(static, name="clf", version=1, out=tmp_path / "s" / "clf-v1", preprocessing=dict(PRE)))
@@ -107,7 +111,7 @@ def test_a_model_without_a_dynamic_batch_goes_frame_by_frame(tmp_path: Path) -> 
         batcher = Batcher(StaticModels(model), "clf", None, size=3, wait_s=5.0)
         for _ in range(3):
             batcher.attach()
-        images = pictures(3)
+        images = pictures(assets, 3)
         got = submit_all(batcher, images)
         assert [o.payload for o, _ in got] == [model.process(img).payload for img in images]
     finally:
