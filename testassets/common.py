@@ -101,6 +101,14 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def check_sha256(blob: bytes, expected: str, what: str) -> None:
+    """Raise :class:`AssetError` unless ``blob`` (``what``: the member and
+    where it came from) has the sha256 ``expected``."""
+    actual = sha256(blob)
+    if actual != expected:
+        raise AssetError(f"{what} has sha256 {actual}, expected {expected}")
+
+
 def _wheel_glob(requirement: str) -> str:
     """``"foo-bar==1.0"`` -> ``"foo_bar-1.0-*.whl"`` (wheel file-name convention)."""
     name, _, version = requirement.partition("==")

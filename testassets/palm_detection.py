@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from testassets.common import AssetError, atomic_write_bytes, log, pip_download, read_wheel_member, sha256
+from testassets.common import atomic_write_bytes, check_sha256, log, pip_download, read_wheel_member
 
 PALM_WHEEL = "mediapipe==0.10.14"
 PALM_MEMBER = "mediapipe/modules/palm_detection/palm_detection_lite.tflite"
@@ -28,8 +28,7 @@ def build_palm_detection(cache_dir: Path, force: bool = False) -> Path:
     if not force and out.is_file() and out.stat().st_size == PALM_SIZE:
         return out
     blob = read_wheel_member(pip_download(PALM_WHEEL, cache_dir / "downloads"), PALM_MEMBER)
-    if sha256(blob) != PALM_SHA256:
-        raise AssetError(f"{PALM_MEMBER} in {PALM_WHEEL} has sha256 {sha256(blob)}, expected {PALM_SHA256}")
+    check_sha256(blob, PALM_SHA256, f"{PALM_MEMBER} in {PALM_WHEEL}")
     atomic_write_bytes(out, blob)
     log(f"palm detection (lite) from {PALM_WHEEL} verified (sha256 {PALM_SHA256[:12]}...)")
     return out

