@@ -46,6 +46,7 @@ class KalmanBox:
     _F = np.eye(8)
     _F[:4, 4:] = np.eye(4)
     _H = np.eye(4, 8)
+    _I = np.eye(8)
 
     def __init__(self, box: np.ndarray) -> None:
         z = _to_cxcywh(box)
@@ -69,7 +70,7 @@ class KalmanBox:
         S = self._H @ self.P @ self._H.T + r
         K = self.P @ self._H.T @ np.linalg.inv(S)
         self.x = self.x + K @ y
-        self.P = (np.eye(8) - K @ self._H) @ self.P
+        self.P = (self._I - K @ self._H) @ self.P
 
     @property
     def box(self) -> np.ndarray:
