@@ -77,6 +77,7 @@ import json
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -365,21 +366,43 @@ def batching_main(args: argparse.Namespace) -> int:
     return 0
 
 
-def _clients_round(address: tuple[str, int], bodies: list[bytes], clients: int, requests: int
-                   ) -> tuple[float, list[float], list[tuple[int, int]]]:
+Round = tuple[float, list[float], list[tuple[int, int]]]
+#: one client thread's work: ``client(c, start)`` waits on ``start`` once connected and gives back its
+#: latencies (ms), its (input, top-1) pairs, and the errors it met
+Client = Callable[[int, threading.Barrier], tuple[list[float], list[tuple[int, int]], list[str]]]
+
+
+def _run_clients(clients: int, client: Client) -> Round:
+    """``clients`` threads running ``client``, timed from the moment all of
+    them are ready; the wall time, every latency (ms), and (input, top-1)
+    pairs. Raises when a request failed (or a client thread did)."""
+    start = threading.Barrier(clients + 1)
+    results: list[Any] = [None] * clients
+
+    def run(c: int) -> None:
+        results[c] = client(c, start)
+
+    threads = [threading.Thread(target=run, args=(c,)) for c in range(clients)]
+    for t in threads:
+        t.start()
+    start.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    errors = [e for r in results for e in (r[2] if r is not None else ["a client thread failed (see above)"])]
+    if errors:
+        raise RuntimeError(f"{len(errors)} failed requests, e.g. {errors[0]}")
+    return wall, [x for r in results for x in r[0]], [x for r in results for x in r[1]]
+
+
+def _clients_round(address: tuple[str, int], bodies: list[bytes], clients: int, requests: int) -> Round:
     """``clients`` threads, each sending ``requests`` predicts on its own
     connection; the wall time, every latency (ms), and (photo, top-1) pairs."""
-    import threading
 
-    latencies: list[float] = []
-    tops: list[tuple[int, int]] = []
-    errors: list[str] = []
-    lock = threading.Lock()
-    start = threading.Barrier(clients + 1)
-
-    def client(c: int) -> None:
+    def client(c: int, start: threading.Barrier) -> tuple[list[float], list[tuple[int, int]], list[str]]:
         conn = http.client.HTTPConnection(*address, timeout=120)
-        mine, seen = [], []
+        mine, seen, errors = [], [], []
         start.wait()
         for k in range(requests):
             i = (c + k) % len(bodies)
@@ -394,21 +417,9 @@ def _clients_round(address: tuple[str, int], bodies: list[bytes], clients: int, 
                 continue
             seen.append((i, int(np.argmax(json.loads(raw)["predictions"][0]))))
         conn.close()
-        with lock:
-            latencies.extend(mine)
-            tops.extend(seen)
+        return mine, seen, errors
 
-    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
-    for t in threads:
-        t.start()
-    start.wait()
-    t0 = time.perf_counter()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
-    if errors:
-        raise RuntimeError(f"{len(errors)} failed requests, e.g. {errors[0]}")
-    return wall, latencies, tops
+    return _run_clients(clients, client)
 
 
 def grpc_requests(inputs: list[np.ndarray]) -> list[bytes]:
@@ -426,30 +437,23 @@ def grpc_requests(inputs: list[np.ndarray]) -> list[bytes]:
 
 
 def _grpc_clients_round(address: tuple[str, int], requests_bytes: list[bytes], clients: int, requests: int
-                        ) -> tuple[float, list[float], list[tuple[int, int]]]:
+                        ) -> Round:
     """(In the client process.) ``clients`` threads, each with its own
     channel (its own connection), sending ``requests`` Predicts one after
     the other; as :func:`_clients_round`."""
-    import threading
-
     import grpc
 
     from edge_agent.grpc.protos import predict_pb2, prediction_service_pb2_grpc
     from edge_agent.grpc.tensors import to_numpy
 
     reqs = [predict_pb2.PredictRequest.FromString(b) for b in requests_bytes]
-    latencies: list[float] = []
-    tops: list[tuple[int, int]] = []
-    errors: list[str] = []
-    lock = threading.Lock()
-    start = threading.Barrier(clients + 1)
     channels = [grpc.insecure_channel(f"{address[0]}:{address[1]}", options=[("grpc.use_local_subchannel_pool", 1)])
                 for _ in range(clients)]
 
-    def client(c: int) -> None:
+    def client(c: int, start: threading.Barrier) -> tuple[list[float], list[tuple[int, int]], list[str]]:
         stub = prediction_service_pb2_grpc.PredictionServiceStub(channels[c])
         stub.Predict(reqs[c % len(reqs)], timeout=60)  # the connection is up before the clock starts
-        mine, seen = [], []
+        mine, seen, errors = [], [], []
         start.wait()
         for k in range(requests):
             i = (c + k) % len(reqs)
@@ -461,38 +465,21 @@ def _grpc_clients_round(address: tuple[str, int], requests_bytes: list[bytes], c
                 continue
             mine.append((time.perf_counter() - t0) * 1000.0)
             seen.append((i, int(np.argmax(to_numpy(response.outputs["logits"]).reshape(-1)))))
-        with lock:
-            latencies.extend(mine)
-            tops.extend(seen)
+        return mine, seen, errors
 
-    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
-    for t in threads:
-        t.start()
-    start.wait()
-    t0 = time.perf_counter()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
-    for ch in channels:
-        ch.close()
-    if errors:
-        raise RuntimeError(f"{len(errors)} failed requests, e.g. {errors[0]}")
-    return wall, latencies, tops
+    try:
+        return _run_clients(clients, client)
+    finally:
+        for ch in channels:
+            ch.close()
 
 
-def _inprocess_round(agent: Any, inputs: list[np.ndarray], clients: int, requests: int
-                     ) -> tuple[float, list[float], list[tuple[int, int]]]:
+def _inprocess_round(agent: Any, inputs: list[np.ndarray], clients: int, requests: int) -> Round:
     """``clients`` threads calling the agent's serving core directly
     (``Predictor.predict``: validation, the batcher when enabled, the
     runtime), as :func:`_clients_round`."""
-    import threading
 
-    latencies: list[float] = []
-    tops: list[tuple[int, int]] = []
-    lock = threading.Lock()
-    start = threading.Barrier(clients + 1)
-
-    def client(c: int) -> None:
+    def client(c: int, start: threading.Barrier) -> tuple[list[float], list[tuple[int, int]], list[str]]:
         mine, seen = [], []
         start.wait()
         for k in range(requests):
@@ -501,18 +488,9 @@ def _inprocess_round(agent: Any, inputs: list[np.ndarray], clients: int, request
             out = agent.predictor.predict(MODEL_NAME, {"x": inputs[i]}).outputs["logits"]
             mine.append((time.perf_counter() - t0) * 1000.0)
             seen.append((i, int(np.argmax(out[0]))))
-        with lock:
-            latencies.extend(mine)
-            tops.extend(seen)
+        return mine, seen, []
 
-    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
-    for t in threads:
-        t.start()
-    start.wait()
-    t0 = time.perf_counter()
-    for t in threads:
-        t.join()
-    return time.perf_counter() - t0, latencies, tops
+    return _run_clients(clients, client)
 
 
 MLP_WIDTHS = (512, 2048, 2048, 2048, 10)

@@ -350,26 +350,20 @@ class Agent:
                 built = self._build_mqtt(new)
             except Exception as exc:
                 raise ConfigError([f"mqtt: cannot use the new settings: {exc}"]) from None
-        if old.http != new.http:
-            self._stop_http()
+        for key, start, stop in (("http", self._start_http, self._stop_http),
+                                 ("grpc", self._start_grpc, self._stop_grpc)):
+            was, cfg = getattr(old, key), getattr(new, key)
+            if was == cfg:
+                continue
+            stop()
             try:
-                self._start_http(new.http)
+                start(cfg)
             except Exception as exc:
-                self._start_http(old.http)  # the running one comes back
+                start(was)  # the running one comes back
                 if built is not None:
                     built[1].close()
-                raise ConfigError([f"http: cannot serve on {new.http.host}:{new.http.port}: {exc}"]) from None
-            changes.append("http restarted" if new.http.enabled else "http off")
-        if old.grpc != new.grpc:
-            self._stop_grpc()
-            try:
-                self._start_grpc(new.grpc)
-            except Exception as exc:
-                self._start_grpc(old.grpc)  # the running one comes back
-                if built is not None:
-                    built[1].close()
-                raise ConfigError([f"grpc: cannot serve on {new.grpc.host}:{new.grpc.port}: {exc}"]) from None
-            changes.append("grpc restarted" if new.grpc.enabled else "grpc off")
+                raise ConfigError([f"{key}: cannot serve on {cfg.host}:{cfg.port}: {exc}"]) from None
+            changes.append(f"{key} restarted" if cfg.enabled else f"{key} off")
         if old.batching != new.batching:
             from edge_agent.serving.batching import request_batcher
 

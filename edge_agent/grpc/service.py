@@ -35,13 +35,12 @@ from edge_agent.grpc.protos import (
     prediction_service_pb2_grpc,
 )
 from edge_agent.serving.errors import ServingError
+from edge_agent.serving.signature import SIGNATURE_NAME
 
 log = logging.getLogger(__name__)
 
 #: The one metadata field TF Serving (and this agent) answers.
 SIGNATURE_DEF = "signature_def"
-#: The signature every model is served under.
-DEFAULT_SIGNATURE = "serving_default"
 
 
 def _version_choice(spec: Any) -> tuple[int | None, str | None]:
@@ -131,7 +130,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer, 
         response = predict_pb2.PredictResponse()
         response.model_spec.name = result.model
         response.model_spec.version.value = int(result.version)
-        response.model_spec.signature_name = spec.signature_name or DEFAULT_SIGNATURE
+        response.model_spec.signature_name = spec.signature_name or SIGNATURE_NAME
         for key, array in result.outputs.items():
             try:
                 tensors.from_numpy(array, response.outputs[key])
@@ -153,7 +152,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer, 
                                f"(the one supported: {SIGNATURE_DEF!r})")
         version, label = _version_choice(spec)
         resolved, signature = self.predictor.resolve(name, version=version, label=label)
-        sig = meta_graph_pb2.SignatureDef(method_name=getattr(signature, "method_name", "tensorflow/serving/predict"))
+        sig = meta_graph_pb2.SignatureDef(method_name=signature.method_name)
         for side, infos in (("inputs", signature.inputs), ("outputs", signature.outputs)):
             target = getattr(sig, side)
             for key, info in infos.items():
@@ -162,7 +161,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer, 
                     tensor_shape=tensors.shape_proto(info.shape),
                 ))
         sigmap = get_model_metadata_pb2.SignatureDefMap()
-        sigmap.signature_def[DEFAULT_SIGNATURE].CopyFrom(sig)
+        sigmap.signature_def[SIGNATURE_NAME].CopyFrom(sig)
         response = get_model_metadata_pb2.GetModelMetadataResponse()
         response.model_spec.name = name
         response.model_spec.version.value = int(resolved)
