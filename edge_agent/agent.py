@@ -32,6 +32,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+def _tensor_source(model: str) -> str:
+    """Why a source cannot be bound to ``model`` (a config error at start and at a reload)."""
+    return (f"{model!r} is a tensor model (task 'tensor'), served over HTTP and gRPC only; a source needs a "
+            "classify or detect model")
+
+
 class Agent:
     """Owns every long-lived component. ``stop_event`` is shared by all."""
 
@@ -117,8 +123,7 @@ class Agent:
         except TaskMismatch as exc:
             name = exc.model
             raise ConfigError([
-                f"{self.config_file}: sources[{i}] ({s.name}).model: {s.model!r} is a tensor model (task 'tensor'), "
-                "served over HTTP and gRPC only; a source needs a classify or detect model"
+                f"{self.config_file}: sources[{i}] ({s.name}).model: {_tensor_source(s.model)}"
                 for i, s in enumerate(self.config.sources) if s.model == name
             ] or [str(exc)]) from None
 
@@ -334,8 +339,7 @@ class Agent:
         problems = [f"sources ({s.name}).model: {s.model!r} is not served by the running agent (models change "
                     "at the next restart)" for s in new.sources if s.model not in served]
         tensor = self._tensor_models()
-        problems += [f"sources ({s.name}).model: {s.model!r} is a tensor model (task 'tensor'), served over HTTP "
-                     "and gRPC only; a source needs a classify or detect model" for s in new.sources if s.model in tensor]
+        problems += [f"sources ({s.name}).model: {_tensor_source(s.model)}" for s in new.sources if s.model in tensor]
         if problems:
             raise ConfigError(problems)
         changes = []
