@@ -164,12 +164,6 @@ def latency_cost(full: Artifact, mixed: Artifact, tensor: np.ndarray, *, threads
             "cost_ratio": round(b / a, 3) if a > 0 else None, "threads": threads}
 
 
-def agreement(reference: np.ndarray, candidate: np.ndarray) -> tuple[float, float]:
-    """(top-1 agreement, share of reference top-1 within candidate top-5)."""
-    judge = TopOne()
-    return judge.agreement(reference, candidate), judge.details(reference, candidate)["fp32_top1_in_top5"]
-
-
 @dataclass
 class NoiseFloor:
     """How stable the fp32 model's own answers are on the evaluation
