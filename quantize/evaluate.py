@@ -96,12 +96,7 @@ class Runner:
 
     def outputs(self, tensors: np.ndarray, progress: Callable[[int], None] | None = None) -> np.ndarray:
         """First output per sample, flattened: (N, classes)."""
-        rows = []
-        for x in tensors:
-            rows.append(self.runtime.infer(x[None])[0].reshape(-1))
-            if progress:
-                progress(1)
-        return np.stack(rows)
+        return np.stack([outs[0].reshape(-1) for outs in self.all_outputs(tensors, progress)])
 
     def all_outputs(self, tensors: np.ndarray, progress: Callable[[int], None] | None = None) -> list[list[np.ndarray]]:
         """Every output per sample (the runtime's arrays, in its output order)."""
