@@ -56,6 +56,7 @@ from pathlib import Path
 from typing import Any
 
 import cv2
+import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -71,6 +72,7 @@ from edge_agent.bundles.pack import pack  # noqa: E402
 from edge_agent.config import ModelConfig  # noqa: E402
 from edge_agent.models.servable import LoadedModel  # noqa: E402
 from quantize import pipeline as pipeline_mod  # noqa: E402
+from quantize.agreement import iou_matrix  # noqa: E402
 from quantize.data import Sample, make_views  # noqa: E402
 from quantize.errors import QualityGateFailed  # noqa: E402
 from quantize.evaluate import Artifact, interleaved_latency  # noqa: E402
@@ -129,13 +131,6 @@ def float_tflite(fp32: Artifact, calibration: Path, dest: Path) -> Artifact | No
     return Artifact("fp32 tflite", out, fp32.preprocessing.model_copy(update={"layout": "nhwc"}))
 
 
-def iou(a: list[float], b: list[float]) -> float:
-    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = w * h
-    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
-
-
 def dog_check(bundle: Path, frame: Any) -> dict[str, Any]:
     """The bundle loaded as the agent loads it, on dog.jpg: the best IoU with
     each hand-measured object (same label), and every detection."""
@@ -148,7 +143,8 @@ def dog_check(bundle: Path, frame: Any) -> dict[str, Any]:
     found = {}
     for name, truth in DOG_JPG.items():
         labels = VEHICLE if name == "truck" else {name}
-        found[name] = round(max([iou(d["box"], truth) for d in dets if d["label"] in labels] or [0.0]), 3)
+        mine = np.asarray([d["box"] for d in dets if d["label"] in labels], dtype=np.float64).reshape(-1, 4)
+        found[name] = round(float(iou_matrix(mine, np.asarray([truth], dtype=np.float64)).max(initial=0.0)), 3)
     return {"iou": found, "all_found": all(v >= 0.5 for v in found.values()),
             "detections": [(d["label"], d["score"]) for d in dets]}
 
@@ -201,11 +197,9 @@ def main(argv: list[str] | None = None) -> int:
         latency = {k: {"median_ms": round(statistics.median(v), 3), "fps": round(1000 / statistics.median(v), 1),
                        "speedup_vs_fp32_onnx": round(statistics.median(a / b for a, b in zip(base, v)), 3)}
                    for k, v in times.items()}
-        if "fp32 tflite" in times:
-            for k in ("int8 tflite",):
-                if k in times:
-                    latency[k]["speedup_vs_fp32_tflite"] = round(
-                        statistics.median(a / b for a, b in zip(times["fp32 tflite"], times[k])), 3)
+        if "fp32 tflite" in times and "int8 tflite" in times:
+            latency["int8 tflite"]["speedup_vs_fp32_tflite"] = round(
+                statistics.median(a / b for a, b in zip(times["fp32 tflite"], times["int8 tflite"])), 3)
         boxes = {Path(b).name: dog_check(Path(b), frame) for b in report.get("bundles", [])}
         sizes = {m.label if m.label != "fp32" else "fp32 onnx": m.path.stat().st_size for m in models.values()}
 

@@ -188,6 +188,14 @@ def average_precision(recall: np.ndarray, precision: np.ndarray) -> float:
     return float(np.sum((r[steps + 1] - r[steps]) * p[steps + 1]))
 
 
+def _matched_at(reference: Boxes, candidate: Boxes, threshold: float, iou: float = IOU) -> tuple[int, int, int]:
+    """One picture at ``threshold``: (candidate boxes matching a reference
+    box, reference boxes, candidate boxes)."""
+    ref, kept = reference.above(threshold), candidate.above(threshold)
+    matched = sum(m is not None for m in _greedy_matches(ref, kept, iou))
+    return matched, len(ref.labels), len(kept.labels)
+
+
 def detection_agreement(
     reference: Sequence[Boxes], candidate: Sequence[Boxes], threshold: float, iou: float = IOU
 ) -> dict[str, float]:
@@ -295,8 +303,8 @@ class DetectionAgreement:
         """Per picture: every fp32 box found again at the threshold and nothing else reported."""
         out = []
         for r, c in zip(reference, candidate):
-            figures = detection_agreement([r], [c], self.threshold)
-            out.append(figures["recall50"] == 1.0 and figures["precision50"] == 1.0)
+            matched, found, reported = _matched_at(r, c, self.threshold)
+            out.append(matched == found == reported)
         return np.asarray(out, dtype=bool)
 
     def subset(self, items: Sequence[Boxes], mask: np.ndarray) -> list[Boxes]:

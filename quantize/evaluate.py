@@ -96,12 +96,7 @@ class Runner:
 
     def outputs(self, tensors: np.ndarray, progress: Callable[[int], None] | None = None) -> np.ndarray:
         """First output per sample, flattened: (N, classes)."""
-        rows = []
-        for x in tensors:
-            rows.append(self.runtime.infer(x[None])[0].reshape(-1))
-            if progress:
-                progress(1)
-        return np.stack(rows)
+        return np.stack([outs[0].reshape(-1) for outs in self.all_outputs(tensors, progress)])
 
     def all_outputs(self, tensors: np.ndarray, progress: Callable[[int], None] | None = None) -> list[list[np.ndarray]]:
         """Every output per sample (the runtime's arrays, in its output order)."""
@@ -162,12 +157,6 @@ def latency_cost(full: Artifact, mixed: Artifact, tensor: np.ndarray, *, threads
     a, b = statistics.median(times["full"]), statistics.median(times["mixed"])
     return {"full_int8_ms": round(a, 3), "mixed_ms": round(b, 3), "cost_ms": round(b - a, 3),
             "cost_ratio": round(b / a, 3) if a > 0 else None, "threads": threads}
-
-
-def agreement(reference: np.ndarray, candidate: np.ndarray) -> tuple[float, float]:
-    """(top-1 agreement, share of reference top-1 within candidate top-5)."""
-    judge = TopOne()
-    return judge.agreement(reference, candidate), judge.details(reference, candidate)["fp32_top1_in_top5"]
 
 
 @dataclass

@@ -483,7 +483,7 @@ def run(opts: QuantizeOptions, *, progress: Progress = _no_progress, echo: Calla
             echo(report_mod.floor_line(floor, metrics, opts.min_agreement))
         out.mkdir(parents=True, exist_ok=True)
         if not failing and int8:
-            report["bundles"] = _package(src, artifacts, report, opts, out, work)
+            report["bundles"] = _package(src, artifacts, report, opts, out, work, fp32_outputs)
         json_path, html_path = report_mod.write(out, report, metrics)
         echo(f"report: {json_path} and {html_path}")
         if not int8:
@@ -502,7 +502,8 @@ def _source_size(path: Path) -> int | None:
     return p.stat().st_size if p.is_file() else None
 
 
-def _package(src: _Source, artifacts: Sequence[Artifact], report: dict[str, Any], opts: QuantizeOptions, out: Path, work: Path) -> list[str]:
+def _package(src: _Source, artifacts: Sequence[Artifact], report: dict[str, Any], opts: QuantizeOptions, out: Path, work: Path,
+             fp32_outputs: Sequence[TensorSpec]) -> list[str]:
     import json
 
     report_file = work / "report.json"
@@ -514,8 +515,7 @@ def _package(src: _Source, artifacts: Sequence[Artifact], report: dict[str, Any]
         runtime = art.runtime
         suffix = "onnx" if runtime == "onnx" else "tflite"
         # A converter may rename the outputs the decoder's parameters name.
-        postprocessing = map_output_names(src.postprocessing, describe_model(src.fp32, "onnx")[1],
-                                          describe_model(art.path, runtime)[1])
+        postprocessing = map_output_names(src.postprocessing, fp32_outputs, describe_model(art.path, runtime)[1])
         model_file = work / f"{src.name}_int8.{suffix}"
         shutil.copyfile(art.path, model_file)
         path = pack(

@@ -121,3 +121,35 @@ def test_mixed_precision_search_uses_the_tasks_agreement() -> None:
     result = search_stable(sets, lambda ids: len(ids), lambda n: scores[n], "fp32 boxes", 0.95, agreement=agreement)
     assert result.float_nodes == ["a", "b"] and result.met
     assert all(ref == "fp32 boxes" for ref, _ in seen)
+
+
+def test_same_is_true_only_where_every_box_is_found_again_and_nothing_else_reported() -> None:
+    """The noise floor's stable pictures are those where ``same`` holds: a
+    picture with a missed box, or with an extra box at the threshold, is no
+    stable picture; a picture without any box on either side is."""
+    from edge_agent.bundles.manifest import DetectParams
+    from quantize.agreement import DetectionAgreement
+
+    judge = DetectionAgreement(DetectParams(decoder="yolo", threshold=0.25), None)
+    ref = [_b(("dog", 0.9, DOG)), _b(("dog", 0.9, DOG)), _b(("dog", 0.9, DOG)), _b()]
+    cand = [_b(("dog", 0.8, [104, 98, 203, 224]), ("truck", 0.1, TRUCK)),  # weak extra box: not reported
+            _b(),                                                          # missed
+            _b(("dog", 0.8, DOG), ("truck", 0.5, TRUCK)),                  # extra box reported
+            _b()]                                                          # nothing on either side
+    assert judge.same(ref, cand).tolist() == [True, False, False, True]
+
+
+def test_the_converter_workers_sensitivity_scores_are_the_judges_divergences() -> None:
+    """The TFLite worker keeps its own copy of the scores (it runs in the
+    converter's environment and imports nothing of edge-agent); both mixed-
+    precision searches must rank layers by the same numbers, so the copies
+    must not drift apart."""
+    from edge_agent.bundles.manifest import DetectParams
+    from quantize.agreement import DetectionAgreement, kl_divergence
+    from quantize.tflite import worker
+
+    rng = np.random.default_rng(5)
+    ref, cand = rng.standard_normal((6, 10)), rng.standard_normal((6, 10))
+    assert worker.kl(ref, cand) == pytest.approx(kl_divergence(ref, cand), rel=1e-12)
+    judge = DetectionAgreement(DetectParams(decoder="yolo", threshold=0.25), None)
+    assert worker.nsr(ref, cand) == pytest.approx(judge.divergence([ref], [cand]), rel=1e-12)
