@@ -52,6 +52,7 @@ class Judge(Protocol):
     """What a task compares (see the module docstring)."""
 
     metric: str  # the agreement's name in reports: "top1" or "map50"
+    sensitivity_score: str  # the TFLite worker's name for divergence(): "kl" or "nsr"
 
     def collect(self, runner: Runner, tensors: np.ndarray, progress: Any = None) -> Any:
         """What is compared, for every tensor of ``tensors`` (batch axis first)."""
@@ -94,6 +95,7 @@ class TopOne:
     """Classifiers: class scores, top-1 agreement (see the module docstring)."""
 
     metric = "top1"
+    sensitivity_score = "kl"
 
     def collect(self, runner: Runner, tensors: np.ndarray, progress: Any = None) -> np.ndarray:
         return runner.outputs(tensors, progress)
@@ -266,6 +268,7 @@ class DetectionAgreement:
     """
 
     metric = "map50"
+    sensitivity_score = "nsr"
 
     def __init__(self, params: DetectParams, labels: Sequence[str] | None, *, floor: float = 0.05,
                  reference_outputs: Sequence[TensorSpec] = ()) -> None:

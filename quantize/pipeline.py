@@ -347,7 +347,7 @@ def _tflite_int8(
 
         artifact = tflite.convert_int8_mixed(
             base, calib, mean, std, out, evaluate=agreement, target=opts.min_agreement, rule="stable",
-            score="kl" if judge.metric == "top1" else "nsr", **kwargs
+            score=judge.sensitivity_score, **kwargs
         )
     else:
         artifact = tflite.convert_int8(base, calib, mean, std, out, **kwargs)
